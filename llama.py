@@ -1,0 +1,494 @@
+"""Chapter 1: the Llama model, loaded from real Hugging Face checkpoints.
+
+What this file teaches: a decoder-only transformer as Llama 2 / Llama 3 build
+it -- RMSNorm (arXiv 1910.07467), rotary position embeddings (RoFormer,
+2104.09864) with Llama 3.1's frequency scaling, grouped-query attention (GQA,
+2305.13245), the SwiGLU MLP -- and how to read and write the checkpoints that
+people actually download (Llama 2, 2307.09288). Parameter names are exactly
+those of `transformers`' LlamaForCausalLM, so loading is a copy, not a
+translation, and HF's "rotate half" RoPE convention means no weight
+permutation is needed.
+
+Shapes: B batch, T time (tokens), D hidden size, H query heads, Hkv key/value
+heads, Dh head size, V vocabulary.  Read top to bottom.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TuluError(Exception):
+    """A problem with the user's input (path, config, data): the command line
+    prints it as one line and exits non-zero, without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Configuration: the fields of Hugging Face's config.json
+
+
+@dataclass
+class LlamaConfig:
+    """Defaults are Llama-2-7b's (its config.json on the Hugging Face hub)."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None = num_attention_heads (no GQA)
+    head_dim: int | None = None             # None = hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None        # Llama 3.1: {"rope_type": "llama3", "factor": 8.0, ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    extra: dict = field(default_factory=dict, repr=False)  # other keys, written back by save_model
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "LlamaConfig":
+        d = dict(d)
+        # transformers >= 5 writes rope_theta and the scaling inside "rope_parameters"
+        rp = d.pop("rope_parameters", None) or {}
+        if rp:
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
+        names = {f.name for f in fields(cls)} - {"extra"}
+        cfg = cls(**{k: v for k, v in d.items() if k in names},
+                  extra={k: v for k, v in d.items() if k not in names})
+        cfg.check(source)
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str) -> "LlamaConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise TuluError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_dict(d, source=path)
+
+    def check(self, source: str):
+        mt = self.extra.get("model_type", "llama")
+        if mt != "llama":
+            raise TuluError(f"{source}: model_type {mt!r} is not supported (only 'llama')")
+        if self.hidden_act != "silu":
+            raise TuluError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if self.rope_scaling and kind not in ("llama3", "default"):
+            raise TuluError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise TuluError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+
+    def to_dict(self) -> dict:
+        d = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
+        d.pop("rope_parameters", None)
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps)   (Zhang & Sennrich 2019, arXiv 1910.07467, Eq. 4)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last dim. Computed in float32 and cast back before the
+    scale, in that order, because that is what HF does and bf16 results depend on it."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """theta_i = base^(-2i/Dh) for i < Dh/2 (RoFormer Eq. 15), then, for Llama 3.1
+    (rope_type "llama3"), long wavelengths are slowed down by `factor`, short ones
+    kept, and the band in between interpolated smoothly. Returns (Dh/2,) float32."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) != "llama3":
+        return inv_freq
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos/sin tables for integer positions (T,) -> two (T, Dh) tensors."""
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # (T, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh): HF pairs dim i with dim i + Dh/2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+Dh/2}) by angle position * theta_i.
+    x: (B, H, T, Dh); cos, sin: (T, Dh). Norms are preserved (a rotation)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask_4d(attention_mask, T, S, device):
+    """Boolean (B or 1, 1, T, S) mask, True = may attend: causal (query t sits at
+    position S - T + t) and, if given, the (B, S) padding mask of 1/0."""
+    q_pos = torch.arange(S - T, S, device=device)[:, None]
+    mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()
+        # A padded query may see no key at all; let it see everything so softmax
+        # stays finite (its output is ignored anyway).
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.H, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.Dh, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
+        self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=b)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)    # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # keys/values of earlier positions, for generation
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # GQA: each group of H/Hkv query heads shares one key/value head
+        k = k.repeat_interleave(self.H // self.Hkv, dim=1)  # (B, H, S, Dh)
+        v = v.repeat_interleave(self.H // self.Hkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(qk^T/sqrt(Dh)) v
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        D, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(D, I, bias=b)
+        self.up_proj = nn.Linear(D, I, bias=b)
+        self.down_proj = nn.Linear(I, D, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # pre-norm residual
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class LlamaBody(nn.Module):
+    """The `model.` prefix of HF's keys: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self._inv_freq = None  # a plain attribute, not a buffer: model.to(bf16) must not round it
+
+    def rope_tables(self, T, start_pos, device, dtype):
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inv_freq(self.config).to(device)
+        return rope_cos_sin(self._inv_freq, torch.arange(start_pos, start_pos + T, device=device), dtype)
+
+    def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0):
+        """input_ids (B, T) long -> logits (B, T, V). attention_mask (B, start_pos+T)
+        of 1/0 marks real tokens. `cache` (from new_cache()) holds keys and values
+        of the first `start_pos` positions during generation."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rope_tables(T, start_pos, x.device, x.dtype)
+        mask = attention_mask_4d(attention_mask, T, start_pos + T, x.device)
+        for i, layer in enumerate(self.model.layers):
+            c = cache[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute the layer's activations in backward instead of keeping them
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, c, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, c)
+        return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+    def new_cache(self):
+        return [{} for _ in self.model.layers]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: Hugging Face folders of safetensors files
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of an HF model folder, single or sharded."""
+    if not os.path.isdir(path):
+        raise TuluError(f"{path}: no such model folder")
+    if os.path.exists(os.path.join(path, SAFE_INDEX)):
+        with open(os.path.join(path, SAFE_INDEX)) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    if os.path.exists(os.path.join(path, SAFE_SINGLE)):
+        return [os.path.join(path, SAFE_SINGLE)]
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(path)):
+        raise TuluError(f"{path}: only pickle weights (pytorch_model.bin) found; tulu reads safetensors only "
+                        "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise TuluError(f"{path}: no model.safetensors or {SAFE_INDEX} found")
+
+
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
+    """Put a loaded tensor where `key` names it, replacing a meta placeholder."""
+    mod_name, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    old = getattr(mod, name)
+    if tuple(old.shape) != tuple(value.shape):
+        raise TuluError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}")
+    setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+def decoder_linear(key: str) -> bool:
+    return key.startswith("model.layers.") and key.endswith("_proj.weight")
+
+
+def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
+    """Load an HF Llama folder. The model is built on the `meta` device (no memory)
+    and filled one tensor at a time, so peak memory is the model plus one tensor.
+    quantize="nf4" turns each decoder linear weight into 4-bit as it is read
+    (QLoRA); embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
+    from safetensors import safe_open
+    files = checkpoint_files(path)
+    cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
+    if quantize not in (None, "nf4"):
+        raise TuluError(f"quantize={quantize!r}: only None or 'nf4'")
+    with torch.device("meta"):
+        model = Llama(cfg)
+    seen = set()
+    for fname in files:
+        with safe_open(fname, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue  # old checkpoints stored RoPE tables; we compute them
+                if key not in model.state_dict():
+                    raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
+                t = f.get_tensor(key).to(device=device, dtype=dtype)
+                set_tensor(model, key, t)
+                if quantize == "nf4" and decoder_linear(key):
+                    quantize_module(model, key.rpartition(".")[0], dtype)
+                seen.add(key)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        seen.add("lm_head.weight")
+    missing = [k for k in model.state_dict() if k not in seen and not k.endswith((".absmax", ".packed"))]
+    if missing:
+        raise TuluError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    return model.eval()
+
+
+def quantize_module(model: nn.Module, name: str, compute_dtype):
+    """Swap the nn.Linear called `name` for an NF4 Linear4bit (chapter 2)."""
+    from nf4 import Linear4bit
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), compute_dtype=compute_dtype))
+
+
+def atomic_write(path: str, write):
+    """Write via a temporary file and rename, so an interrupt never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj):
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, w)
+
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30):
+    """Write `model` as an HF folder: config.json plus model.safetensors, or
+    model-0000k-of-0000n.safetensors shards and their index when larger than
+    max_shard_bytes. A tied lm_head is not stored (HF does the same)."""
+    from safetensors.torch import save_file
+    bad = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LoRALinear")]
+    if bad:
+        raise TuluError(f"save_model: {bad[0]} is a {type(model.get_submodule(bad[0])).__name__}; merge it first (lora.merge_lora)")
+    os.makedirs(out_dir, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    shards, size = [[]], 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    names = [SAFE_SINGLE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        atomic_write(os.path.join(out_dir, name),
+                     lambda tmp, keys=keys: save_file({k: sd[k] for k in keys}, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in zip(names, shards) for k in ks}}
+        write_json(os.path.join(out_dir, SAFE_INDEX), index)
+    elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
+        os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(model.model.embed_tokens.weight.dtype, "float32")
+    write_json(os.path.join(out_dir, "config.json"), cfg)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: sentencepiece, as Llama 2 ships it
+
+
+class Tokenizer:
+    """Llama 2's sentencepiece tokenizer (tokenizer.model). encode() is plain
+    sentencepiece, which is what HF's slow LlamaTokenizer gives for text
+    without special tokens."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.dir = path if os.path.isdir(path) else os.path.dirname(path)
+        model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+        if not os.path.exists(model_file):
+            if os.path.exists(os.path.join(self.dir, "tokenizer.json")):
+                raise TuluError(f"{path}: only tokenizer.json (a Llama 3 style BPE tokenizer) found; "
+                                "tulu reads sentencepiece tokenizer.model (Llama 2) only for now")
+            raise TuluError(f"{model_file}: no such tokenizer file")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+# -----------------------------------------------------------------------------
+# Generation with a key/value cache
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from (B, V) logits: argmax when temperature is 0,
+    else sample after HF's warpers in HF's order: temperature, top-k, top-p."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p  # the smallest tokens whose mass stays under 1 - top_p
+        drop[..., -1] = False    # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             eos_id=None, on_token=None, generator=None) -> list[int]:
+    """Continue one prompt (list of ids, or a (T,) / (1, T) tensor). Returns the new
+    tokens (an EOS that stops generation is included, as HF's generate does);
+    `on_token(id)` is called for each one as it is produced, for streaming."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
+    cache, pos, out = model.new_cache(), 0, []
+    eos = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) - {None}
+    for _ in range(max_new_tokens):
+        logits = model(ids, cache=cache, start_pos=pos)[:, -1]  # (1, V): only the last position matters
+        pos += ids.shape[1]
+        nxt = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
+        out.append(nxt)
+        if on_token:
+            on_token(nxt)
+        if nxt in eos:
+            break
+        ids = torch.tensor([[nxt]], device=device)
+    return out

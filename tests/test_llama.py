@@ -1,0 +1,170 @@
+"""llama.py against transformers (golden files from tests/make_fixtures.py),
+plus the invariants a student can check by hand."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llama
+from llama import LlamaConfig, TuluError, load_model, save_model
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
+MODELS = ["llama2_sharded", "gqa", "llama31", "tied"]
+
+
+def expected(name):
+    return load_file(os.path.join(FIX, f"{name}_expected.safetensors"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_load_model_logits_match_transformers(name):
+    ref = expected(name)
+    model = load_model(os.path.join(FIX, name), dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(ref["input_ids"])
+        masked = model(ref["input_ids"], attention_mask=ref["attention_mask"])
+    torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+    keep = ref["attention_mask"].bool()  # padded positions' logits are meaningless
+    torch.testing.assert_close(masked[keep], ref["logits_masked"][keep], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_greedy_matches_transformers(name):
+    ref = expected(name)
+    model = load_model(os.path.join(FIX, name), dtype=torch.float32)
+    prompt = ref["input_ids"][0, :5].tolist()
+    new = llama.generate(model, prompt, max_new_tokens=24)
+    assert prompt + new == ref["greedy"].tolist()
+
+
+def test_generate_kv_cache_equals_full_recompute():
+    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
+    ids = expected("gqa")["input_ids"][:1, :12]
+    cache = model.new_cache()
+    with torch.no_grad():
+        full = model(ids)
+        a = model(ids[:, :7], cache=cache)
+        b = model(ids[:, 7:], cache=cache, start_pos=7)
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=0)
+
+
+def test_llama31_config_reads_rope_scaling():
+    cfg = LlamaConfig.from_json(os.path.join(FIX, "llama31", "config.json"))
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
+    assert cfg.num_key_value_heads == 2 and cfg.head_dim == 32
+    # Llama-3.1-8B's values: the highest frequencies are kept, the lowest divided
+    # by `factor`, and those between move monotonically from one to the other
+    real = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                       rope_scaling={**cfg.rope_scaling, "original_max_position_embeddings": 8192})
+    plain = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0)
+    ratio = llama.rope_inv_freq(real) / llama.rope_inv_freq(plain)
+    assert ratio[0] == 1 and torch.isclose(ratio[-1], torch.tensor(1 / 8))
+    assert (ratio[1:] <= ratio[:-1]).all()
+
+
+def test_save_model_loads_in_transformers(tmp_path):
+    """tests/make_fixtures.py checked that transformers loads saved_by_tulu/ (our
+    save_model output) with our logits; here we check save_model still writes
+    those same files, and that they reload to transformers' logits."""
+    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
+    save_model(model, tmp_path, max_shard_bytes=60_000)
+    golden = os.path.join(FIX, "saved_by_tulu")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(golden))
+    for f in os.listdir(golden):
+        if f.endswith(".safetensors"):
+            a, b = load_file(os.path.join(tmp_path, f)), load_file(os.path.join(golden, f))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            with open(os.path.join(tmp_path, f)) as x, open(os.path.join(golden, f)) as y:
+                assert json.load(x) == json.load(y), f
+    ref = expected("saved_by_tulu")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path), dtype=torch.float32)(ref["input_ids"]),
+                                   ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_save_model_tied_round_trip(tmp_path):
+    model = load_model(os.path.join(FIX, "tied"), dtype=torch.float32)
+    save_model(model, tmp_path)
+    assert "lm_head.weight" not in load_file(os.path.join(tmp_path, "model.safetensors"))
+    again = load_model(str(tmp_path), dtype=torch.float32)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    ids = expected("tied")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids), again(ids))
+
+
+def test_state_dict_keys_are_hf_keys():
+    model = load_model(os.path.join(FIX, "llama2_sharded"), dtype=torch.float32)
+    with open(os.path.join(FIX, "llama2_sharded", "model.safetensors.index.json")) as f:
+        hf_keys = set(json.load(f)["weight_map"])
+    assert set(model.state_dict()) == hf_keys
+
+
+def test_load_model_bf16():
+    ref = expected("gqa")
+    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(ref["input_ids"]).float()
+    assert (logits - ref["logits"]).abs().max() < 0.1 * ref["logits"].abs().max()
+
+
+def test_rms_norm_formula():
+    x, w = torch.randn(3, 5, 16), torch.randn(16)
+    naive = torch.stack([w * v / torch.sqrt((v * v).mean() + 1e-6) for v in x.view(-1, 16)]).view(3, 5, 16)
+    torch.testing.assert_close(llama.rms_norm(x, w, 1e-6), naive)
+
+
+def test_apply_rope_is_a_rotation_and_relative():
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4)
+    inv = llama.rope_inv_freq(cfg)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    def rot(x, p):
+        cos, sin = llama.rope_cos_sin(inv, torch.tensor([p]), torch.float32)
+        return llama.apply_rope(x, cos, sin)
+    torch.testing.assert_close(rot(q, 9).norm(), q.norm())
+    # the attention score depends only on the distance between positions (RoFormer Sec. 3.4.2)
+    torch.testing.assert_close((rot(q, 7) * rot(k, 3)).sum(), (rot(q, 14) * rot(k, 10)).sum(), atol=1e-5, rtol=0)
+
+
+def test_attention_mask_4d_causal_and_padding():
+    m = llama.attention_mask_4d(torch.tensor([[1, 1, 0]]), 3, 3, "cpu")[0, 0]
+    assert m[0].tolist() == [True, False, False] and m[1].tolist() == [True, True, False]
+    assert m[2].tolist() == [True, True, False]
+
+
+def test_sample_next_top_k_top_p():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    assert set(int(llama.sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(50)) <= {2, 3}
+    # probabilities .032 .087 .237 .644: top_p=0.7 keeps the two largest
+    assert set(int(llama.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(50)) <= {2, 3}
+    assert int(llama.sample_next(logits)) == 3
+
+
+def test_pickle_only_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(TuluError, match="safetensors"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_config_names_the_file(tmp_path):
+    cfg = json.load(open(os.path.join(FIX, "gqa", "config.json")))
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    cfg.pop("rope_parameters", None)
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(TuluError, match=str(p)):
+        LlamaConfig.from_json(str(p))
+    p.write_text(json.dumps({**cfg, "rope_scaling": None, "hidden_act": "gelu"}))
+    with pytest.raises(TuluError, match="hidden_act"):
+        LlamaConfig.from_json(str(p))
+
+
+def test_tokenizer_json_only_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TuluError, match="tokenizer.json"):
+        llama.Tokenizer(str(tmp_path))
