@@ -324,6 +324,7 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     and filled one tensor at a time, so peak memory is the model plus one tensor.
     quantize="nf4" turns each decoder linear weight into 4-bit as it is read
     (QLoRA); embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
+    import safetensors
     from safetensors import safe_open
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
@@ -331,23 +332,27 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
         raise TuluError(f"quantize={quantize!r}: only None or 'nf4'")
     with torch.device("meta"):
         model = Llama(cfg)
-    seen = set()
+    seen, expected = set(), set(model.state_dict())
+    # Quantizing, read each tensor into memory of its own (pread, safetensors >= 0.8):
+    # through mmap, the pages of every weight read stay mapped in our RSS until the file closes.
+    pread = quantize and tuple(int(v) for v in safetensors.__version__.split(".")[:2]) >= (0, 8)
     for fname in files:
-        with safe_open(fname, framework="pt", device="cpu") as f:
+        with safe_open(fname, framework="pt", device="cpu", **({"backend": "pread"} if pread else {})) as f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):
                     continue  # old checkpoints stored RoPE tables; we compute them
-                if key not in model.state_dict():
+                if key not in expected:
                     raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
-                t = f.get_tensor(key).to(device=device, dtype=dtype)
-                set_tensor(model, key, t)
+                # no local name for the tensor: once quantized, nothing holds the full-precision copy
+                set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
                 if quantize == "nf4" and decoder_linear(key):
                     quantize_module(model, key.rpartition(".")[0], dtype)
                 seen.add(key)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         seen.add("lm_head.weight")
-    missing = [k for k in model.state_dict() if k not in seen and not k.endswith((".absmax", ".packed"))]
+    nf4_buffers = (".packed", "absmax", ".nested_offset")  # Linear4bit's, made by quantizing, not read
+    missing = [k for k in model.state_dict() if k not in seen and not k.endswith(nf4_buffers)]
     if missing:
         raise TuluError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
     return model.eval()

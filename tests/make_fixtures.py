@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import sys
+import warnings
+from contextlib import contextmanager
 
 import torch
 from safetensors.torch import save_file
@@ -110,6 +112,319 @@ def make_llama():
         assert torch.allclose(ref["logits"], ours(ids), atol=1e-5), "transformers disagrees on save_model output"
     save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "saved_by_tulu_expected.safetensors"))
     record_versions(out, "transformers")
+
+
+# -----------------------------------------------------------------------------
+# nf4.py: bitsandbytes' NF4 bytes, scales and dequantized weights; a 4-bit Llama
+# in transformers (reads tests/fixtures/llama/gqa: run the llama area first)
+
+
+@contextmanager
+def nf4_exact_absmax_codes():
+    """bitsandbytes 0.50's CPU kernel for 8-bit blockwise codes (used for the
+    double-quantized scales) reads an approximate lookup table; its CUDA kernel
+    rounds to the exact nearest code, and so does bitsandbytes' own pure-torch
+    kernel. While in this block, CPU calls go to that exact kernel."""
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    lib = torch.library.Library("bitsandbytes", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        torch.library.register_kernel(op, "cpu", lambda A, code, blocksize: op.redispatch(keys, A, code, blocksize),
+                                      lib=lib)
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def nf4_crafted_blocks(g, code):
+    """Blocks where the fine print decides the code: block 0 holds the 15
+    midpoints between NF4 values exactly (absmax 1, so scaling is exact: ties);
+    each later block holds its absmax a and one x for which x/a and x*(1/a) fall
+    on the two sides of a midpoint (division and reciprocal disagree). Full
+    blocks only: bitsandbytes' CPU path divides in a shorter last block."""
+    mids = (code[:-1] + code[1:]) / 2
+    blocks = (torch.rand(32, 64, generator=g) * 1.8 - 0.9)
+    blocks[0, :16] = torch.cat([torch.ones(1), mids])
+    a = torch.rand(4096, generator=g) * 3 + 0.01
+    pairs = []
+    for m in mids:
+        for x in (m * a, torch.nextafter(m * a, 2 * m * a)):
+            split = torch.bucketize(x / a, mids) != torch.bucketize(x * (1 / a), mids)
+            pairs += [(a[i], x[i]) for i in split.nonzero().view(-1)[:2]]
+    for k, (ak, xk) in enumerate(pairs[:31], start=1):
+        blocks[k] *= ak
+        blocks[k, :2] = torch.stack([ak, xk])
+    return blocks.view(-1)
+
+
+def nf4_case_tensors(code):
+    """Normal, scaled, outlier-heavy and crafted weights, fp32 and bf16, with odd
+    counts, shorter last blocks and more than 256 blocks (so several blocks of scales)."""
+    g = torch.Generator().manual_seed(3)
+
+    def outliers(*shape):  # 1% of the values 50 times larger
+        return torch.randn(*shape, generator=g) * torch.where(torch.rand(*shape, generator=g) < 0.01, 50.0, 1.0)
+    scaled = torch.randn(48, 64, generator=g) * 10.0 ** torch.empty(48, 1).uniform_(-4, 3, generator=g)
+    scaled[5] = 0  # a whole block of zeros: absmax 0
+    return {
+        "randn_fp32": torch.randn(100, 97, generator=g) * 0.02,  # 152 blocks, the last one of 36 values
+        "randn_bf16": torch.randn(64, 130, generator=g).bfloat16(),
+        "scaled_fp32": scaled,
+        "outliers_fp32": outliers(33, 65),  # an odd count: the last byte is padded
+        "outliers_bf16": outliers(300, 70).bfloat16(),  # 329 blocks: two blocks of scales
+        "vector_bf16": torch.randn(1001, generator=g).bfloat16(),
+        "crafted_fp32": nf4_crafted_blocks(g, code),
+    }
+
+
+def nf4_transformers(out):
+    """The gqa checkpoint through transformers + bitsandbytes 4-bit (nf4, double
+    quant): logits with float32 weights and compute, and the stored NF4 state of
+    every decoder weight when loaded in bf16 (transformers quantizes the bf16 copy)."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    import llama
+    path = os.path.join(FIX, "llama", "gqa")
+    ids = load_file(os.path.join(FIX, "llama", "gqa_expected.safetensors"))["input_ids"]
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    ref = {"input_ids": ids}
+    for dtype in (torch.float32, torch.bfloat16):
+        with nf4_exact_absmax_codes():
+            hf = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=dtype, device_map="cpu").eval()
+        for name, m in hf.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                # else, on CPUs with AVX512-BF16, bitsandbytes repacks the weight and multiplies in bf16
+                m.support_avx512bf16_for_cpu = False
+                st = m.weight.quant_state
+                assert st.dtype == dtype and st.nested and st.blocksize == 64 and st.state2.blocksize == 256
+                if dtype == torch.bfloat16:
+                    ref |= {f"{name}.packed": m.weight.data.view(-1), f"{name}.absmax": st.absmax,
+                            f"{name}.nested_absmax": st.state2.absmax, f"{name}.nested_offset": st.offset}
+        if dtype == torch.float32:
+            with torch.no_grad():
+                ref["logits"] = hf(input_ids=ids).logits
+    ours = llama.load_model(path, dtype=torch.float32, quantize="nf4")
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), ref["logits"], atol=1e-4, rtol=0), "our 4-bit model disagrees with transformers"
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "gqa_nf4_expected.safetensors"))
+
+
+@area
+def make_nf4():
+    import bitsandbytes.functional as bnbF
+    import nf4
+    out = fresh_dir("nf4")
+    code = bnbF.get_4bit_type("nf4", device="cpu")
+    save_file({"nf4": code, "dynamic": bnbF.create_dynamic_map()}, os.path.join(out, "code_books.safetensors"))
+    ref, lut_diffs, n_codes = {}, 0, 0
+    for name, w in nf4_case_tensors(code).items():
+        packed, st = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        # (bitsandbytes' CPU kernel returns a 1-D weight of even length as shape (1, N))
+        ref |= {f"{name}.w": w, f"{name}.packed": packed.view(-1), f"{name}.absmax": st.absmax,
+                f"{name}.dequant": bnbF.dequantize_4bit(packed, st).view(w.shape)}
+        _, lut = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        with nf4_exact_absmax_codes():
+            packed2, st2 = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(packed2, packed), "double quantization changed the 4-bit codes"
+        ref |= {f"{name}.dq_absmax": st2.absmax, f"{name}.dq_nested_absmax": st2.state2.absmax,
+                f"{name}.dq_nested_offset": st2.offset, f"{name}.dq_dequant": bnbF.dequantize_4bit(packed2, st2).view(w.shape),
+                f"{name}.dq_absmax_bnb_cpu": lut.absmax}
+        lut_diffs, n_codes = lut_diffs + int((lut.absmax != st2.absmax).sum()), n_codes + st2.absmax.numel()
+        q = nf4.quantize_nf4(w)
+        assert torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, st2.absmax), name
+        assert torch.equal(nf4.dequantize_nf4(q), ref[f"{name}.dq_dequant"]), name
+    # The 8-bit codes alone, on as many centred scales as a 1M-weight matrix has
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(16384, 64, generator=g).abs().amax(1)
+    x -= x.mean()
+    lut, lut_st = bnbF.quantize_blockwise(x, blocksize=256)
+    with nf4_exact_absmax_codes():
+        codes, st = bnbF.quantize_blockwise(x, blocksize=256)
+    ref |= {"scales.x": x, "scales.codes": codes, "scales.absmax": st.absmax, "scales.codes_bnb_cpu": lut}
+    assert torch.equal(lut_st.absmax, st.absmax)
+    lut_diffs, n_codes = lut_diffs + int((lut != codes).sum()), n_codes + codes.numel()
+    print(f"nf4: bitsandbytes' CPU lookup table differs from exact rounding on {lut_diffs} of {n_codes} scale codes")
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "quantized.safetensors"))
+    nf4_transformers(out)
+    record_versions(out, "bitsandbytes", "transformers")
+
+
+# -----------------------------------------------------------------------------
+# lora.py: an adapter PEFT wrote and its logits, merge_and_unload, an adapter we
+# wrote read back by PEFT, and open-instruct's merge_lora.py --qlora weights
+# (reads tests/fixtures/llama/gqa: run the llama area first)
+
+LORA_CONFIG = dict(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
+                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LORA_SEED = 0                          # torch.manual_seed before PEFT's / our LoRA init
+LORA_BASE = "tests/fixtures/llama/gqa"  # base_model_name_or_path in the adapter configs (relative: portable)
+
+
+def lora_hf_base(dtype=torch.float32, quantization_config=None):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(FIX, "llama", "gqa"), dtype=dtype, device_map="cpu",
+                                              quantization_config=quantization_config).eval()
+    hf.name_or_path = LORA_BASE
+    return hf
+
+
+def lora_randomize_B(weights, seed):
+    """Nonzero B (a fresh adapter has B = 0 and changes nothing), large enough
+    that the adapter moves the logits by several units."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in weights:
+            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+
+
+def lora_decoder_weights(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if n.startswith("model.layers.") and n.endswith("_proj")}
+
+
+def lora_open_instruct_merge(adapter_dir, dtype):
+    """open-instruct's merge_lora.py --qlora, step by step on CPU: load the base
+    in 4-bit (its BitsAndBytesConfig: nf4, double quant, compute dtype; it uses
+    bf16), dequantize every Linear4bit to `dtype` into a plain nn.Linear (its
+    dequantize_model), then PeftModel.from_pretrained + merge_and_unload.
+    Returns the merged decoder weights."""
+    import copy
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import BitsAndBytesConfig
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
+                             bnb_4bit_quant_type="nf4")
+    orig = load_file(os.path.join(FIX, "llama", "gqa", "model.safetensors"))
+    with nf4_exact_absmax_codes():  # open-instruct runs on CUDA, whose kernel rounds the scales exactly
+        hf = lora_hf_base(dtype, cfg)
+        for name, m in list(hf.named_modules()):
+            if isinstance(m, bnb.nn.Linear4bit):
+                st = copy.deepcopy(m.weight.quant_state)
+                st.dtype = dtype
+                w = bnbF.dequantize_4bit(m.weight.data, quant_state=st, quant_type="nf4").to(dtype)
+                # the same as bitsandbytes' functions on the checkpoint's weight:
+                packed, st2 = bnbF.quantize_4bit(orig[f"{name}.weight"].to(dtype), blocksize=64,
+                                                 compress_statistics=True, quant_type="nf4")
+                assert torch.equal(w, bnbF.dequantize_4bit(packed, st2)), name
+                lin = torch.nn.Linear(m.in_features, m.out_features, bias=False, dtype=dtype)
+                lin.weight = torch.nn.Parameter(w)
+                parent, _, child = name.rpartition(".")
+                setattr(hf.get_submodule(parent), child, lin)
+    hf.is_loaded_in_4bit = False
+    peft = PeftModel.from_pretrained(hf, adapter_dir)
+    assert all(p.dtype == torch.float32 for n, p in peft.named_parameters() if "lora_" in n)
+    return lora_decoder_weights(peft.merge_and_unload())
+
+
+def lora_check_ours_on_peft_adapter(adapter_dir, ids, ref, merged_weights):
+    """Our load_adapter + merge_lora + save_model against PEFT and transformers."""
+    import tempfile
+    from transformers import LlamaForCausalLM
+    import llama
+    import lora
+    ours = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.float32)
+    lora.load_adapter(ours, adapter_dir)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), ref["peft_logits"], atol=1e-5, rtol=0), "load_adapter disagrees with PEFT"
+        lora.merge_lora(ours)
+        assert torch.allclose(ours(ids), ref["merged_logits"], atol=1e-5, rtol=0), "merge_lora disagrees with PEFT"
+    for n, w in merged_weights.items():
+        assert torch.allclose(ours.get_submodule(n).weight, w, atol=1e-6, rtol=0), n
+    with tempfile.TemporaryDirectory() as d:
+        llama.save_model(ours, d)
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert torch.allclose(hf(ids).logits, ref["merged_logits"], atol=1e-5, rtol=0), "merged save_model output"
+
+
+def lora_our_adapter(out, ids):
+    """An adapter made by add_lora + save_adapter, read by PEFT. Returns PEFT's
+    logits and (trainable, all) counts."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    import llama
+    import lora
+    torch.manual_seed(LORA_SEED)
+    peft = get_peft_model(lora_hf_base(), LoraConfig(**LORA_CONFIG))
+    ours = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.float32)
+    torch.manual_seed(LORA_SEED)
+    counts = lora.add_lora(ours, r=LORA_CONFIG["r"], alpha=LORA_CONFIG["lora_alpha"], dropout=LORA_CONFIG["lora_dropout"])
+    assert counts == peft.get_nb_trainable_parameters(), (counts, peft.get_nb_trainable_parameters())
+    layers = lora.lora_layers(ours)
+    for n, m in layers.items():  # same seed, same A: our init draws as PEFT's does
+        assert torch.equal(m.lora_A.weight, peft.get_submodule(f"base_model.model.{n}.lora_A.default").weight), n
+    lora_randomize_B([m.lora_B.weight for m in layers.values()], seed=2)
+    d = os.path.join(out, "tulu_adapter")
+    lora.save_adapter(ours, d, base_model_name_or_path=LORA_BASE)
+    peft = PeftModel.from_pretrained(lora_hf_base(), d).eval()
+    for n, m in layers.items():
+        for ab in ("lora_A", "lora_B"):
+            assert torch.equal(getattr(m, ab).weight, peft.get_submodule(f"base_model.model.{n}.{ab}.default").weight)
+    with torch.no_grad():
+        logits = peft(ids).logits
+        assert torch.allclose(logits, ours(ids), atol=1e-5, rtol=0), "PEFT disagrees on our adapter"
+    return logits, counts
+
+
+def lora_nf4_counts():
+    """PEFT's parameter counts on a bitsandbytes 4-bit base, and ours on NF4."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+    import llama
+    import lora
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    peft = get_peft_model(lora_hf_base(torch.bfloat16, cfg), LoraConfig(**LORA_CONFIG))
+    ours = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16, quantize="nf4")
+    counts = lora.add_lora(ours, r=LORA_CONFIG["r"], alpha=LORA_CONFIG["lora_alpha"])
+    assert counts == peft.get_nb_trainable_parameters(), (counts, peft.get_nb_trainable_parameters())
+    return counts
+
+
+@area
+def make_lora():
+    from peft import LoraConfig, get_peft_model
+    import llama
+    import lora
+    out = fresh_dir("lora")
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    ref = {"input_ids": ids}
+    torch.manual_seed(LORA_SEED)
+    peft = get_peft_model(lora_hf_base(), LoraConfig(**LORA_CONFIG)).eval()
+    lora_randomize_B([p for n, p in peft.named_parameters() if "lora_B" in n], seed=1)
+    peft_dir = os.path.join(out, "peft_adapter")
+    peft.save_pretrained(peft_dir)
+    os.remove(os.path.join(peft_dir, "README.md"))  # a model card template
+    with open(os.path.join(peft_dir, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(peft_dir, "adapter_config.json"), "w") as f:
+        # PEFT lists target_modules in set order, which changes from run to run
+        json.dump({**cfg, "target_modules": sorted(cfg["target_modules"])}, f, indent=2, sort_keys=True)
+    with torch.no_grad():
+        ref["peft_logits"] = peft(ids).logits
+        merged = peft.merge_and_unload()
+        ref["merged_logits"] = merged(ids).logits
+    # merged weights are checked here, not stored: the qlora weights below hold the same sum
+    lora_check_ours_on_peft_adapter(peft_dir, ids, ref, lora_decoder_weights(merged))
+    ref["tulu_adapter_peft_logits"], counts = lora_our_adapter(out, ids)
+    counts_nf4 = lora_nf4_counts()
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        merged = lora_open_instruct_merge(peft_dir, dtype)
+        ref |= {f"qlora_{tag}.{n}": w for n, w in merged.items()}
+        ours = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=dtype, quantize="nf4")
+        lora.load_adapter(ours, peft_dir)
+        lora.merge_lora(ours, dtype=dtype)
+        assert all(torch.equal(ours.get_submodule(n).weight, w) for n, w in merged.items()), f"qlora merge {tag}"
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"seed": LORA_SEED, **{k: v for k, v in LORA_CONFIG.items() if k != "task_type"},
+                   "peft_counts": counts, "peft_counts_nf4": counts_nf4}, f, indent=1)
+    record_versions(out, "peft", "transformers", "bitsandbytes")
 
 
 if __name__ == "__main__":

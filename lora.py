@@ -1,0 +1,297 @@
+"""Chapter 3: LoRA adapters that speak PEFT's file format, and merging them.
+
+What this file teaches: low-rank adaptation (LoRA, Hu et al. 2021, arXiv
+2106.09685). The pretrained weight W (O, D) stays frozen; each adapted layer
+learns an update (alpha/r) * B A of rank R << D, so a 7B model trains ~1% of
+its parameters. With QLoRA (arXiv 2305.14314) W is chapter 2's 4-bit NF4
+weight and only A and B, in float32, get gradients. Tulu 2 QLoRA 70B (arXiv
+2311.10702) was released as such an adapter, to be merged into Llama 2 after
+dequantizing the base. Our adapter files are PEFT's files, and merge_lora
+gives the weights open-instruct's `merge_lora.py --qlora` gives.
+
+Shapes: B batch, T time, D in features, O out features, R rank.
+Read top to bottom.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from llama import TuluError, atomic_write, write_json
+from nf4 import Linear4bit
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model: its keys gain this prefix
+
+# -----------------------------------------------------------------------------
+# The LoRA layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (nn.Linear or NF4 Linear4bit) plus a low-rank path:
+
+        y = base(x) + (alpha / r) * B(A(dropout(x)))      (LoRA Eq. 3 and Sec. 4.1)
+
+    A starts Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B at zero, so a
+    fresh adapter changes nothing. A and B stay float32 whatever the base
+    computes in: x is cast for the LoRA path and the sum cast back, as PEFT does.
+    state_dict keys are the base's own (q_proj.weight) plus q_proj.lora_A.weight
+    and q_proj.lora_B.weight: PEFT's names without its prefix and adapter name.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
+        device = (base.packed if isinstance(base, Linear4bit) else base.weight).device
+        # created in PEFT's order (A, B, then A's init), so a seed gives PEFT's A
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False      # True: the layer is its base (adapters_disabled)
+        self.train(base.training)  # a model in eval mode stays there (no dropout)
+        self.register_state_dict_post_hook(_hide_base_layer)
+        self.register_load_state_dict_pre_hook(_find_base_layer)
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        h = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return (y + h * self.scaling).to(y.dtype)
+
+
+def _hide_base_layer(module, state_dict, prefix, local_metadata):
+    # q_proj.base_layer.weight -> q_proj.weight, so the base model keeps HF's keys
+    for k in [k for k in state_dict if k.startswith(prefix + "base_layer.")]:
+        state_dict[prefix + k[len(prefix + "base_layer."):]] = state_dict.pop(k)
+
+
+def _find_base_layer(module, state_dict, prefix, *args):
+    for k in [k for k in state_dict if k.startswith(prefix) and not k[len(prefix):].startswith("lora_")]:
+        state_dict[prefix + "base_layer." + k[len(prefix):]] = state_dict.pop(k)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+# -----------------------------------------------------------------------------
+# Adding adapters to a model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) as PEFT's print_trainable_parameters counts them: an NF4
+    weight counts as its O*D values (PEFT doubles bitsandbytes' packed bytes),
+    its block scales not at all; a tied embedding once."""
+    params = list(model.parameters())
+    nf4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4
+
+
+def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
+             targets=TARGETS) -> tuple[int, int]:
+    """Wrap each linear layer whose name ends in one of `targets` in a LoRALinear
+    and freeze everything else. The defaults are Tulu 2 QLoRA's. Prints and
+    returns the (trainable, all) parameter counts."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, Linear4bit)) and n.rpartition(".")[2] in targets]
+    if not names:
+        raise TuluError(f"add_lora: no linear layer is named like {list(targets)}")
+    model.requires_grad_(False)
+    for n in names:
+        replace_module(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout))
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return trainable, total
+
+
+# -----------------------------------------------------------------------------
+# PEFT's adapter files
+
+
+def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None):
+    """adapter_model.safetensors (keys base_model.model.<layer>.lora_A.weight) and
+    an adapter_config.json that peft.PeftModel.from_pretrained accepts."""
+    from safetensors.torch import save_file
+    layers = lora_layers(model)
+    if not layers:
+        raise TuluError("save_adapter: the model has no LoRA layers (add_lora or load_adapter first)")
+    first = next(iter(layers.values()))
+    r, alpha, p = first.r, first.alpha, getattr(first.dropout, "p", 0.0)
+    if any((m.r, m.alpha) != (r, alpha) for m in layers.values()):
+        raise TuluError("save_adapter: LoRA layers with different r or alpha cannot share one adapter_config.json")
+    tensors = {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().cpu().contiguous()
+               for n, m in layers.items() for ab in ("lora_A", "lora_B")}
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=int(alpha) if alpha == int(alpha) else alpha,
+                  lora_dropout=p, target_modules=sorted({n.rpartition(".")[2] for n in layers}), bias="none",
+                  fan_in_fan_out=False, use_rslora=False, use_dora=False, modules_to_save=None,
+                  inference_mode=True, base_model_name_or_path=base_model_name_or_path)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(os.path.join(out_dir, ADAPTER_CONFIG), config)  # last: a config means its weights are complete
+
+
+# PEFT options that change what an adapter computes; each must be unset (None, False, {}, [], "none")
+UNSUPPORTED = ("bias", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "alpha_pattern",
+               "rank_pattern", "layer_replication", "trainable_token_indices", "target_parameters",
+               "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config")
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """adapter_config.json, refused if it asks for an option we do not implement."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isdir(adapter_dir):
+        raise TuluError(f"{adapter_dir}: no such adapter folder")
+    if not os.path.exists(path):
+        raise TuluError(f"{path}: not found (is {adapter_dir} a PEFT adapter folder?)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TuluError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise TuluError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (only 'LORA')")
+    for key in UNSUPPORTED:
+        if cfg.get(key) not in (None, False, {}, [], "none"):
+            raise TuluError(f"{path}: {key}={cfg[key]!r} is not supported by tulu (plain LoRA only)")
+    if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
+        raise TuluError(f"{path}: needs an integer 'r' and a number 'lora_alpha'")
+    return cfg
+
+
+def read_adapter_weights(adapter_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer name: {"lora_A": (R, D), "lora_B": (O, R)}} from PEFT's keys, with or
+    without the adapter name some versions kept (q_proj.lora_A.default.weight)."""
+    from safetensors import SafetensorError, safe_open
+    path, out = os.path.join(adapter_dir, ADAPTER_WEIGHTS), {}
+    if not os.path.exists(path) and os.path.exists(os.path.join(adapter_dir, "adapter_model.bin")):
+        raise TuluError(f"{adapter_dir}/adapter_model.bin: tulu reads safetensors only, never pickles; convert it once "
+                        "(if you trust it) with safetensors.torch.save_file(torch.load(bin), 'adapter_model.safetensors')")
+    if not os.path.exists(path):
+        raise TuluError(f"{path}: not found")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = key.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight")
+                layer, _, ab = name.removesuffix(".weight").rpartition(".")
+                if ab not in ("lora_A", "lora_B") or not name.endswith(".weight"):
+                    raise TuluError(f"{path}: tensor {key} is not a LoRA weight (lora_A/lora_B); not supported")
+                out.setdefault(layer, {})[ab] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise TuluError(f"{path}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def check_adapter(path, model, cfg, weights):
+    """Raise unless `weights` hold a rank-r adapter for layers of this model: one
+    for each of its LoRA layers and for each linear layer target_modules names."""
+    modules, r, alpha = dict(model.named_modules()), cfg["r"], cfg["lora_alpha"]
+    targets = cfg.get("target_modules") if cfg.get("layers_to_transform") is None else None
+    for n, m in modules.items():
+        if n not in weights and (isinstance(m, LoRALinear) or isinstance(m, (nn.Linear, Linear4bit))
+                                 and isinstance(targets, list) and n.rpartition(".")[2] in targets):
+            raise TuluError(f"{path}: no weights for {n}, a layer the adapter should adapt")
+    for name, t in weights.items():
+        layer = modules.get(name)
+        if not isinstance(layer, (nn.Linear, Linear4bit, LoRALinear)) or set(t) != {"lora_A", "lora_B"}:
+            raise TuluError(f"{path}: {name} is not a linear layer of this model, or lacks lora_A or lora_B: "
+                            "a different base model?")
+        a, b, base = tuple(t["lora_A"].shape), tuple(t["lora_B"].shape), getattr(layer, "base_layer", layer)
+        if a[0] != r or b[1] != r or getattr(layer, "r", r) != r or getattr(layer, "alpha", alpha) != alpha:
+            raise TuluError(f"{path}: rank mismatch at {name}: lora_A {a}, lora_B {b}, config r={r} alpha={alpha}"
+                            + (f", the model's LoRA r={layer.r} alpha={layer.alpha}" if layer is not base else ""))
+        if (a[1], b[0]) != (base.in_features, base.out_features):
+            raise TuluError(f"{path}: {name} adapts a ({b[0]}, {a[1]}) weight, this model's is "
+                            f"({base.out_features}, {base.in_features}): a different base model?")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False, dropout: float | None = None) -> dict:
+    """Load a PEFT LoRA adapter (PEFT's own, ours, the released Tulu 2 QLoRA
+    ones) into `model`, adding LoRALinear layers where it has none yet. The base
+    stays frozen, and so do A and B unless `trainable`. dropout=None takes
+    lora_dropout from the config. Returns the config."""
+    cfg, weights = read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir)
+    check_adapter(os.path.join(adapter_dir, ADAPTER_WEIGHTS), model, cfg, weights)
+    p = (cfg.get("lora_dropout") or 0.0) if dropout is None else dropout
+    model.requires_grad_(False)
+    with torch.no_grad():
+        for name, t in weights.items():
+            layer = model.get_submodule(name)
+            if not isinstance(layer, LoRALinear):
+                layer = LoRALinear(layer, cfg["r"], cfg["lora_alpha"], p)
+                replace_module(model, name, layer)
+            for ab in ("lora_A", "lora_B"):
+                getattr(layer, ab).weight.copy_(t[ab])
+                getattr(layer, ab).requires_grad_(trainable)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Merging, and the base model on demand
+
+
+def lora_delta(layer: LoRALinear) -> torch.Tensor:
+    """dW = (alpha / r) * B A, float32 (O, D): what the adapter adds to W. The
+    product is taken before the scaling, in PEFT's order, so bits agree."""
+    return (layer.lora_B.weight.float() @ layer.lora_A.weight.float()) * layer.scaling
+
+
+def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
+    """A plain nn.Linear computing what `layer` computes (LoRA Sec. 4.1):
+
+        W' = W + (alpha / r) * B A
+
+    W is the weight the base multiplies by in forward: an NF4 weight dequantized
+    to its compute dtype, as open-instruct's merge_lora.py --qlora dequantizes to
+    bf16 first. The sum is taken in float32 and rounded once to `dtype`
+    (default: the base's compute dtype)."""
+    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+    if isinstance(base, Linear4bit):
+        w, dtype = base.dequantize(base.compute_dtype), dtype or base.compute_dtype
+    else:
+        w, dtype = base.weight.detach(), dtype or base.weight.dtype
+    w = w.float() + lora_delta(layer) if isinstance(layer, LoRALinear) else w
+    with torch.device("meta"):  # no time spent initialising weights we overwrite
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+    out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    if base.bias is not None:
+        out.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
+    return out
+
+
+def merge_lora(model: nn.Module, dtype=None) -> nn.Module:
+    """Fold every LoRALinear into a plain nn.Linear (merged_linear), then
+    dequantize every NF4 layer left, so save_model can write the result.
+    Merging a merged model changes nothing."""
+    for kind in (LoRALinear, Linear4bit):  # LoRA layers first: they hold NF4 bases
+        for name in [n for n, m in model.named_modules() if isinstance(m, kind)]:
+            replace_module(model, name, merged_linear(model.get_submodule(name), dtype))
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within this block every LoRALinear is its base layer, so the model is its
+    frozen base: DPO's reference model without a second copy in memory."""
+    layers = list(lora_layers(model).values())
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(layers, before):
+            m.disabled = d

@@ -1,0 +1,350 @@
+"""Chapter 2: 4-bit NormalFloat weights and paged optimizer state.
+
+What this file teaches: the three ideas of QLoRA (Dettmers et al. 2023, arXiv
+2305.14314) that let a 70B model be fine-tuned on one GPU, byte for byte as
+bitsandbytes stores them:
+1. 4-bit NormalFloat (NF4): trained weights are close to normal, so the 16 code
+   values are quantiles of N(0, 1); each block of 64 weights is scaled by its
+   absolute maximum into [-1, 1] and each weight kept as the 4-bit index of its
+   nearest code value.
+2. Double quantization: a float32 scale per block costs 32/64 = 0.5 bit a
+   weight; quantizing the scales to 8 bits in blocks of 256 brings the total to
+   4 + 8/64 + 32/(64*256) = 4.127 bits a weight.
+3. Paged optimizers: AdamW's state lives in CPU pages and visits the
+   accelerator only while a step uses it, so its share of device memory is capped.
+`Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward
+and again in backward: gradients reach the input (and chapter 3's LoRA
+adapters), never the weight. llama.load_model(..., quantize="nf4") quantizes
+each decoder weight as it is read; the full-precision model never exists.
+
+Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Code books: NF4 for the weights, the 8-bit dynamic map for their scales
+
+
+def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
+    """The 16 NF4 values, sorted, float32 (QLoRA section 3, "4-bit NormalFloat").
+
+        q = Phi^-1(p) for evenly spaced probabilities p, then q / max(q)
+
+    Phi^-1 is the inverse CDF of N(0, 1): each code value is a quantile, so a
+    normal weight is equally likely to fall near any of them. Three details:
+    - exact zero: zero weights and padding must survive, so 0 is a code value;
+    - asymmetric halves: 8 positive quantiles (9 points from `offset` down to
+      0.5, 0.5 dropped) and 7 negative ones (8 points): 8 + 7 + zero = 16;
+    - Phi^-1(1) is infinite, so the outermost point is offset = 0.9677083, the
+      mean of 1 - 1/30 and 1 - 1/32 (the centre of the last of 15 or of 16
+      equal-probability bins).
+    Points are spaced in float32 and quantiles rounded to float32 before the
+    division, as bitsandbytes built the table it ships.
+    """
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()
+    code = torch.cat([neg, torch.zeros(1), pos]).sort().values
+    return code / code.max()
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015, arXiv 1511.04561),
+    used for the double-quantized scales: 256 sorted float32 values in [-1, 1].
+
+    For e = 0..6, 2^e magnitudes 10^(e-6) * m, m the midpoints of 2^e equal steps
+    from 0.1 to 1, each with both signs; then 0 and 1: 2*(1+2+..+64) + 2 = 256.
+    Each decade has its own exponent, so small values keep relative precision.
+    Built in float32 in bitsandbytes' order of operations: its bits decide codes.
+    """
+    vals = [torch.tensor([0.0, 1.0])]
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (e - 6)
+        vals += [mids, -mids]
+    return torch.cat(vals).sort().values
+
+
+NF4 = nf4_code_book()   # (16,); NF4[7] == 0
+DYNAMIC = dynamic_map()  # (256,)
+ZERO_CODE = 7            # index of 0.0 in NF4: pads an odd count
+DQ_BLOCKSIZE = 256       # blocks of scales in double quantization
+
+# -----------------------------------------------------------------------------
+# Blockwise absmax quantization
+
+
+def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest value of the sorted `code` for each x (uint8). x is
+    compared with the float32 midpoints between neighbouring code values, so an
+    exact tie goes to the lower code, as in bitsandbytes' NF4 kernels."""
+    code = code.to(x.device)
+    return torch.bucketize(x, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Absmax quantization per block (QLoRA Eq. 1 with one constant per block):
+
+        absmax_b = max |x_i| over block b;   c_i = nearest_code(x_i * (1 / absmax_b))
+
+    x: (N,) float32 -> codes (N,) uint8, absmax (ceil(N/blocksize),) float32.
+    A last, shorter block takes its own absmax. x is multiplied by the float32
+    reciprocal as bitsandbytes' CUDA kernel does, not divided: the two can differ
+    in the last bit, and that can move a value across a midpoint.
+    An all-zero block is scaled by 1/1e-38, not 1/0, and stays 0 (as on
+    bitsandbytes' CPU path; its CUDA kernel computes 0 * inf there).
+    """
+    n = x.numel()
+    blocks = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # zero padding never raises an absmax
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks * (1 / absmax.clamp(min=1e-38))[:, None]
+    return nearest_code(scaled.view(-1)[:n], code), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """x_i ~= code[c_i] * absmax_b, float32. codes (N,) uint8 -> (N,)."""
+    n = codes.numel()
+    vals = F.pad(code.to(codes.device)[codes.int()], (0, -n % blocksize)).view(-1, blocksize)
+    return (vals * absmax[:, None]).view(-1)[:n]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes a byte, the earlier one in the high nibble, as bitsandbytes
+    packs them; an odd count is padded with ZERO_CODE. (N,) -> (ceil(N/2),) uint8."""
+    codes = F.pad(codes, (0, codes.numel() % 2), value=ZERO_CODE)
+    return codes[0::2] << 4 | codes[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:n]
+
+
+# -----------------------------------------------------------------------------
+# NF4 with double quantization
+
+
+@dataclass
+class NF4Tensor:
+    """A weight in NF4; field names as bitsandbytes and transformers serialize them."""
+    packed: torch.Tensor       # (ceil(N/2),) uint8, two codes a byte
+    absmax: torch.Tensor       # (Bk,) float32 block scales; their uint8 codes when double-quantized
+    shape: torch.Size
+    dtype: torch.dtype         # of the original weight, and of dequantize_nf4's result
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None  # (ceil(Bk/256),) float32: the scales' own scales
+    nested_offset: torch.Tensor | None = None  # () float32: mean of the block scales
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """QLoRA's storage of a weight (section 3): NF4 codes in blocks of
+    `blocksize`, and with double_quant the block scales quantized once more:
+
+        c2, nested_absmax = quantize_blockwise(absmax - mean(absmax), DYNAMIC, 256)
+
+    (scales are all positive: taking their mean out uses both signs of the 8-bit
+    code). The same bytes as bitsandbytes' quantize_4bit(w, blocksize,
+    compress_statistics=double_quant, quant_type="nf4"), from the weight in its
+    own dtype (a bf16 weight is quantized from its bf16 values)."""
+    # 2^17 weights at a time (an even number of whole blocks: no block or byte is
+    # split), so the float32 temporaries stay at 0.5 MB each, whatever the weight's size.
+    step, code = 2 * blocksize * max(1, 2**16 // blocksize), NF4.to(w.device)
+    parts = [quantize_blockwise(c.float(), code, blocksize) for c in w.detach().reshape(-1).split(step)]
+    absmax = torch.cat([a for _, a in parts])
+    q = NF4Tensor(torch.cat([pack_nibbles(c) for c, _ in parts]), absmax, w.shape, w.dtype, blocksize)
+    if double_quant:
+        # Exact nearest codes, as bitsandbytes' CUDA kernel rounds; its 0.50 CPU
+        # kernel reads an approximate lookup table and misses on ~0.1% of them.
+        q.nested_offset = absmax.mean()
+        q.absmax, q.nested_absmax = quantize_blockwise(absmax - q.nested_offset, DYNAMIC, DQ_BLOCKSIZE)
+    return q
+
+
+def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
+    """w ~= NF4[c] * absmax_b in float32, cast to q.dtype. Double-quantized scales
+    are rebuilt first, absmax = DYNAMIC[c2] * nested_absmax + offset (QLoRA Eq. 6)."""
+    absmax = q.absmax
+    if q.nested_absmax is not None:  # double-quantized
+        absmax = dequantize_blockwise(q.absmax, q.nested_absmax, DYNAMIC, DQ_BLOCKSIZE) + q.nested_offset
+    w = dequantize_blockwise(unpack_nibbles(q.packed, math.prod(q.shape)), absmax, NF4, q.blocksize)
+    return w.view(q.shape).to(q.dtype)
+
+
+def bits_per_param(q: NF4Tensor) -> float:
+    """Storage cost: 4 + 32/64 = 4.5 bits, or with double quantization
+    4 + 8/64 + 32/(64*256) = 4.127 bits (QLoRA section 3), plus the offset."""
+    stored = [q.packed, q.absmax, q.nested_absmax, q.nested_offset]
+    return sum(8 * t.numel() * t.element_size() for t in stored if t is not None) / math.prod(q.shape)
+
+
+# -----------------------------------------------------------------------------
+# Linear4bit: a frozen NF4 weight inside the model
+
+
+class NF4Matmul(torch.autograd.Function):
+    """y = x W^T and dx = dy W for W = dequantize_nf4(q) in `dtype` (QLoRA Eq. 5
+    without its LoRA term). W is frozen, so it gets no gradient, and is rebuilt in
+    backward rather than saved: between the two only the 4-bit weight is kept."""
+
+    @staticmethod
+    def forward(ctx, x, q, dtype):
+        ctx.q, ctx.dtype = q, dtype
+        return F.linear(x, dequantize_nf4(q).to(dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ dequantize_nf4(ctx.q).to(ctx.dtype), None, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen nn.Linear whose weight is held in NF4 as buffers (packed, absmax,
+    nested_absmax, nested_offset), so `.to(device)` moves it. forward casts x to
+    compute_dtype, returns x W^T + b cast back to x's dtype (as bitsandbytes)."""
+
+    def __init__(self, q: NF4Tensor, bias=None, compute_dtype=torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.compute_dtype, self.weight_dtype, self.blocksize = compute_dtype, q.dtype, q.blocksize
+        for name in ("packed", "absmax", "nested_absmax", "nested_offset"):
+            self.register_buffer(name, getattr(q, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype=torch.bfloat16) -> "Linear4bit":
+        return cls(quantize_nf4(linear.weight.detach()), linear.bias, compute_dtype)
+
+    def quant_state(self) -> NF4Tensor:
+        return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
+                         self.weight_dtype, self.blocksize, self.nested_absmax, self.nested_offset)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The (O, D) weight bitsandbytes' dequantize_4bit gives, cast to `dtype`."""
+        return dequantize_nf4(self.quant_state()).to(dtype)
+
+    def forward(self, x):
+        y = NF4Matmul.apply(x.to(self.compute_dtype), self.quant_state(), self.compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(self.compute_dtype)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(torch.bfloat16) would cast every float buffer: the float32 scales must only move
+        scales = {k: b for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for k, b in scales.items():
+            self._buffers[k] = b.to(self._buffers[k].device)
+        return self
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+
+
+# -----------------------------------------------------------------------------
+# Paged AdamW: optimizer state in CPU pages, a bounded share on the device
+
+
+def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step in place (Loshchilov & Hutter, arXiv 1711.05101, Algorithm 2),
+    in torch.optim.AdamW's order of operations so results agree to the bit:
+
+        p = p * (1 - lr*wd);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+        p = p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+
+    All operations are elementwise, so any slice of p, g, m, v may be updated on its own."""
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    p.addcdiv_(m, denom, value=-(lr / (1 - beta1**step)))
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW whose state (exp_avg, exp_avg_sq) lives in pages of at most
+    `page_bytes` in CPU memory (pinned when CUDA is available). step() brings the
+    pages it needs to the parameters' device, keeping at most
+    `device_budget_bytes` of them there at once; the least recently used go back
+    first. `resident_bytes` and `peak_resident_bytes` show the budget is kept.
+    This is software-managed paging: we decide what moves and when, where
+    bitsandbytes' paged optimizers allocate CUDA unified memory and let the driver
+    page it. Either way a spike in device memory cannot OOM the optimizer.
+    """
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 page_bytes=1 << 20, device_budget_bytes=1 << 28):
+        if device_budget_bytes < 2 * page_bytes:
+            raise ValueError("device_budget_bytes must hold two pages (exp_avg and exp_avg_sq of a slice)")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.page_bytes, self.device_budget_bytes = page_bytes, device_budget_bytes
+        self.resident = OrderedDict()  # key -> (CPU page, device copy), least recently used first
+        self.resident_bytes = self.peak_resident_bytes = 0
+
+    def _new_pages(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        pages = flat.cpu().split(max(1, self.page_bytes // flat.element_size()))
+        return [torch.empty(len(c), dtype=c.dtype, pin_memory=torch.cuda.is_available()).copy_(c) for c in pages]
+
+    def _page_in(self, key, page: torch.Tensor, device) -> torch.Tensor:
+        if key in self.resident:
+            self.resident.move_to_end(key)
+            return self.resident[key][1]
+        nbytes = page.numel() * page.element_size()
+        while self.resident_bytes + nbytes > self.device_budget_bytes:
+            _, (home, dev) = self.resident.popitem(last=False)
+            home.copy_(dev)  # write the page back before dropping it
+            self.resident_bytes -= dev.numel() * dev.element_size()
+        self.resident[key] = (page, page.to(device, copy=True))
+        self.resident_bytes += nbytes
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        return self.resident[key][1]
+
+    def flush(self):  # write every resident page back to CPU memory, free the device copies
+        for home, dev in self.resident.values():
+            home.copy_(dev)
+        self.resident.clear()
+        self.resident_bytes = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)  # float32 on the CPU, as AdamW keeps it
+                    state.update({k: self._new_pages(torch.zeros(p.numel(), dtype=p.dtype)) for k in self.MOMENTS})
+                state["step"] += 1
+                flat_p, flat_g, start = p.view(-1), p.grad.reshape(-1), 0
+                for j, (m_page, v_page) in enumerate(zip(state["exp_avg"], state["exp_avg_sq"])):
+                    m = self._page_in((id(p), "exp_avg", j), m_page, p.device)
+                    v = self._page_in((id(p), "exp_avg_sq", j), v_page, p.device)
+                    sl = slice(start, start + len(m))
+                    adamw_update(flat_p[sl], flat_g[sl], m, v, state["step"].item(), group["lr"],
+                                 beta1, beta2, group["eps"], group["weight_decay"])
+                    start += len(m)
+        return loss
+
+    def state_dict(self):
+        """torch.optim.AdamW's format (whole exp_avg, exp_avg_sq): each resumes the other."""
+        self.flush()
+        sd, params = super().state_dict(), [p for g in self.param_groups for p in g["params"]]
+        sd["state"] = {i: {"step": s["step"].clone(),
+                           **{k: torch.cat(s[k]).view_as(params[i]) for k in self.MOMENTS}}
+                       for i, s in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        self.flush()
+        super().load_state_dict({**state_dict, "state": {}})
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, s in state_dict["state"].items():
+            p = params[int(i)]
+            self.state[p] = {"step": s["step"].detach().float().cpu().clone(),
+                             **{k: self._new_pages(s[k].detach().reshape(-1).to(p.dtype)) for k in self.MOMENTS}}

@@ -1,0 +1,368 @@
+"""nf4.py against bitsandbytes and transformers (golden files from
+tests/make_fixtures.py), plus the invariants a student can check by hand."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import llama
+import nf4
+from nf4 import Linear4bit, PagedAdamW, dequantize_nf4, quantize_nf4
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+REF = load_file(os.path.join(FIX, "nf4", "quantized.safetensors"))
+CASES = sorted({k.split(".")[0] for k in REF} - {"scales"})  # e.g. randn_fp32, outliers_bf16
+
+
+# -----------------------------------------------------------------------------
+# Code books
+
+
+def test_nf4_code_book_matches_bitsandbytes():
+    code = nf4.nf4_code_book()
+    assert torch.equal(code, load_file(os.path.join(FIX, "nf4", "code_books.safetensors"))["nf4"])
+    # exact zero, 7 negative and 8 positive values, spanning [-1, 1]
+    assert code[nf4.ZERO_CODE] == 0 and (code < 0).sum() == 7 and (code > 0).sum() == 8
+    assert code[0] == -1 and code[-1] == 1 and (code[1:] > code[:-1]).all()
+
+
+def test_nf4_code_book_values_are_normal_quantiles():
+    """Each positive value is Phi^-1(p) / Phi^-1(offset) for p evenly spaced from
+    0.5 to offset: Phi(value * Phi^-1(offset)) gives the p back."""
+    code, top = nf4.nf4_code_book().double(), torch.special.ndtri(torch.tensor(0.9677083, dtype=torch.float64))
+    p = torch.special.ndtr(code[8:] * top)
+    torch.testing.assert_close(p, torch.linspace(0.5, 0.9677083, 9, dtype=torch.float64)[1:], atol=1e-6, rtol=0)
+
+
+def test_dynamic_map_matches_bitsandbytes():
+    dyn = nf4.dynamic_map()
+    assert torch.equal(dyn, load_file(os.path.join(FIX, "nf4", "code_books.safetensors"))["dynamic"])
+    assert dyn.numel() == 256 and (dyn == 0).sum() == 1 and dyn.max() == 1
+
+
+# -----------------------------------------------------------------------------
+# Blockwise quantization, against bitsandbytes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quantize_nf4_matches_bitsandbytes(case):
+    w = REF[f"{case}.w"]
+    q = quantize_nf4(w, blocksize=64, double_quant=False)
+    assert q.packed.dtype == torch.uint8 and q.packed.numel() == math.ceil(w.numel() / 2)
+    assert torch.equal(q.packed, REF[f"{case}.packed"])
+    assert torch.equal(q.absmax, REF[f"{case}.absmax"])
+    out = dequantize_nf4(q)
+    assert out.dtype == w.dtype and out.shape == w.shape
+    assert torch.equal(out, REF[f"{case}.dequant"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quantize_nf4_double_quant_matches_bitsandbytes(case):
+    """Reference codes for the scales are bitsandbytes' exact-rounding kernel (see
+    make_fixtures.nf4_exact_absmax_codes); the 4-bit bytes do not depend on it."""
+    w = REF[f"{case}.w"]
+    q = quantize_nf4(w)
+    assert torch.equal(q.packed, REF[f"{case}.packed"])
+    assert q.absmax.dtype == torch.uint8 and torch.equal(q.absmax, REF[f"{case}.dq_absmax"])
+    assert torch.equal(q.nested_absmax, REF[f"{case}.dq_nested_absmax"])
+    assert torch.equal(q.nested_offset, REF[f"{case}.dq_nested_offset"])
+    out = dequantize_nf4(q)
+    assert out.dtype == w.dtype and torch.equal(out, REF[f"{case}.dq_dequant"])
+
+
+def test_quantize_blockwise_8bit_scales_match_bitsandbytes():
+    x = REF["scales.x"]
+    codes, absmax = nf4.quantize_blockwise(x, nf4.DYNAMIC, nf4.DQ_BLOCKSIZE)
+    assert torch.equal(codes, REF["scales.codes"]) and torch.equal(absmax, REF["scales.absmax"])
+
+
+def test_bitsandbytes_cpu_lookup_table_is_sometimes_not_nearest():
+    """bitsandbytes 0.50's CPU kernel picks 8-bit codes from a lookup table. Where
+    it disagrees with us (rarely), our code is strictly nearer to the scaled value."""
+    x, ours, lut = REF["scales.x"], REF["scales.codes"], REF["scales.codes_bnb_cpu"]
+    differ = ours != lut
+    assert 0 < differ.sum() < 0.01 * x.numel()
+    scaled = (x.view(-1, nf4.DQ_BLOCKSIZE) * (1 / REF["scales.absmax"][:, None])).view(-1)[differ].double()
+    dyn = nf4.DYNAMIC.double()
+    assert ((dyn[ours[differ].long()] - scaled).abs() < (dyn[lut[differ].long()] - scaled).abs()).all()
+
+
+def test_nearest_code_equals_argmin_and_ties_go_low():
+    x = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    naive = (x[:, None] - nf4.NF4[None, :]).abs().argmin(dim=1)  # first minimum on a tie
+    assert torch.equal(nf4.nearest_code(x, nf4.NF4).long(), naive)
+    mids = (nf4.NF4[:-1] + nf4.NF4[1:]) / 2
+    assert torch.equal(nf4.nearest_code(mids, nf4.NF4).long(), torch.arange(15))
+
+
+def test_quantize_blockwise_ties_and_reciprocal_as_bitsandbytes():
+    """crafted_fp32: block 0 holds 1.0 and the 15 midpoints between NF4 values
+    (ties); blocks 1.. hold (a, x) with x/a and x*(1/a) on two sides of a
+    midpoint. bitsandbytes sends each tie to the lower code and follows the
+    reciprocal; a division would have given other codes."""
+    ties = nf4.unpack_nibbles(REF["crafted_fp32.packed"][:8], 16)
+    assert ties.tolist() == [15] + list(range(15))
+    w = REF["crafted_fp32.w"].view(-1, 64)[1:]
+    a, x = w[:, 0], w[:, 1]
+    packed = REF["crafted_fp32.packed"].view(-1, 32)[1:]
+    bnb_code = (packed[:, 0] & 0xF).long()  # x is the second value of its block: low nibble
+    assert torch.equal(bnb_code, nf4.nearest_code(x * (1 / a), nf4.NF4).long())
+    assert (bnb_code != nf4.nearest_code(x / a, nf4.NF4).long()).all()
+
+
+def test_quantize_nf4_in_slices_equals_whole():
+    """quantize_nf4 works through long weights a slice at a time; the bytes are
+    those of quantizing the whole at once."""
+    w = torch.randn(3 * 2**17 + 1000 + 33).bfloat16()
+    codes, absmax = nf4.quantize_blockwise(w.float(), nf4.NF4, 64)
+    q = quantize_nf4(w, double_quant=False)
+    assert torch.equal(q.packed, nf4.pack_nibbles(codes)) and torch.equal(q.absmax, absmax)
+
+
+def test_pack_nibbles_order():
+    # earlier code in the high nibble; an odd count padded with the zero code 7
+    packed = nf4.pack_nibbles(torch.tensor([1, 2, 3], dtype=torch.uint8))
+    assert packed.tolist() == [0x12, 0x30 | nf4.ZERO_CODE]
+    assert nf4.unpack_nibbles(packed, 3).tolist() == [1, 2, 3]
+
+
+def test_bits_per_param():
+    """4 bits a weight, 8 bits per 64-weight block, 32 bits per 256 blocks, and
+    one 32-bit offset: 4 + 8/64 + 32/(64*256) + 32/N, about 4.127 bits."""
+    w = torch.randn(512, 512)
+    q = quantize_nf4(w)
+    bits = (8 * q.packed.numel() * q.packed.element_size() + 8 * q.absmax.numel() * q.absmax.element_size()
+            + 8 * q.nested_absmax.numel() * q.nested_absmax.element_size() + 8 * q.nested_offset.element_size())
+    assert bits / w.numel() == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / w.numel())
+    assert bits / w.numel() <= 4.13 and nf4.bits_per_param(q) == bits / w.numel()
+    assert nf4.bits_per_param(quantize_nf4(w, double_quant=False)) == 4 + 32 / 64
+
+
+def test_dequantize_nf4_error_bound():
+    """Without double quantization each weight is off by at most half the widest
+    gap between neighbouring NF4 values, times its block's absmax."""
+    w = torch.randn(96, 80) * torch.logspace(-3, 1, 96)[:, None]
+    q = quantize_nf4(w, double_quant=False)
+    half_gap = (nf4.NF4[1:] - nf4.NF4[:-1]).max() / 2
+    bound = (half_gap * q.absmax).repeat_interleave(64)
+    assert ((dequantize_nf4(q) - w).abs().view(-1) <= bound * (1 + 1e-6)).all()
+
+
+def test_nf4_beats_int4_on_normal_weights():
+    """The point of NF4 (QLoRA section 3): for normal weights, 16 normal quantiles
+    lose less than 16 evenly spaced levels with the same blocks and scales."""
+    w = torch.randn(1000 * 64, generator=torch.Generator().manual_seed(0))
+    int4 = torch.arange(-7, 8) / 7
+    err = {}
+    for name, code in (("nf4", nf4.NF4), ("int4", int4)):
+        codes, absmax = nf4.quantize_blockwise(w, code, 64)
+        err[name] = (nf4.dequantize_blockwise(codes, absmax, code, 64) - w).pow(2).mean()
+    assert err["nf4"] < err["int4"]
+
+
+# -----------------------------------------------------------------------------
+# Linear4bit
+
+
+def make_layer(dtype=torch.float32, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return Linear4bit.from_linear(nn.Linear(96, 40, bias=bias), compute_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear4bit_forward_equals_dequantized_matmul(dtype):
+    layer = make_layer(dtype)
+    x = torch.randn(3, 5, 96)
+    w = dequantize_nf4(layer.quant_state()).to(dtype)
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype and torch.equal(y, x.to(dtype) @ w.T + layer.bias.to(dtype))
+    assert layer(x).dtype == torch.float32  # cast back to the input's dtype, as bitsandbytes
+    assert torch.equal(layer.dequantize(torch.float32), dequantize_nf4(layer.quant_state()).float())
+
+
+def test_linear4bit_backward_input_grad_only():
+    layer = make_layer()
+    x = torch.randn(4, 7, 96, requires_grad=True)
+    dy = torch.randn(4, 7, 40)
+    layer(x).backward(dy)
+    w = dequantize_nf4(layer.quant_state())
+    x2 = x.detach().clone().requires_grad_()
+    (x2 @ w.T + layer.bias).backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert all(p.grad is None for p in layer.parameters())
+
+
+def saved_for_backward(fn):
+    """Shapes of the tensors autograd keeps from forward for backward while fn runs."""
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        fn()
+    return shapes
+
+
+def test_linear4bit_does_not_keep_dequantized_weight_for_backward():
+    """F.linear(x, W) keeps W (O, D) for the input gradient; Linear4bit keeps nothing
+    of that size and dequantizes again in backward."""
+    layer = make_layer(bias=False)
+    x = torch.randn(2, 96, requires_grad=True)
+    plain = saved_for_backward(lambda: torch.nn.functional.linear(x, layer.dequantize()))
+    ours = saved_for_backward(lambda: layer(x))
+    assert {(40, 96), (96, 40)} & set(plain) and not {(40, 96), (96, 40)} & set(ours)
+
+
+def test_linear4bit_to_dtype_keeps_float32_scales():
+    layer = make_layer()
+    before = layer.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.nested_absmax.dtype == torch.float32 and layer.nested_offset.dtype == torch.float32
+    assert torch.equal(layer.dequantize(), before) and layer.bias.dtype == torch.bfloat16
+
+
+def test_linear4bit_state_dict_round_trip():
+    a, b = make_layer(seed=0), make_layer(seed=1)
+    assert set(a.state_dict()) == {"packed", "absmax", "nested_absmax", "nested_offset", "bias"}
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.dequantize(), b.dequantize())
+
+
+# -----------------------------------------------------------------------------
+# Quantize while loading
+
+
+def test_load_model_nf4_matches_transformers_bitsandbytes():
+    ref = load_file(os.path.join(FIX, "nf4", "gqa_nf4_expected.safetensors"))
+    model = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.float32, quantize="nf4")
+    for name, m in model.named_modules():
+        if name.endswith("_proj"):
+            assert isinstance(m, Linear4bit), name
+    assert isinstance(model.lm_head, nn.Linear) and model.model.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_load_model_nf4_quantizes_the_load_dtype_copy():
+    """Loaded in bf16, each weight is cast to bf16 first and quantized from that,
+    as transformers does: its stored NF4 state equals ours key for key."""
+    ref = load_file(os.path.join(FIX, "nf4", "gqa_nf4_expected.safetensors"))
+    model = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16, quantize="nf4")
+    sd = model.state_dict()
+    keys = [k for k in ref if k.endswith((".packed", "absmax", ".nested_offset"))]
+    assert len(keys) == 4 * 7 * model.config.num_hidden_layers
+    for k in keys:
+        assert torch.equal(sd[k], ref[k]), k
+    assert model.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
+
+
+def test_load_model_nf4_closer_to_full_precision_than_int4():
+    """The 4-bit model's logits stay near the full-precision ones (fixture from
+    transformers), nearer than with 4-bit integers in the same blocks."""
+    path = os.path.join(FIX, "llama", "gqa")
+    ref = load_file(os.path.join(FIX, "llama", "gqa_expected.safetensors"))
+    int4 = torch.arange(-7, 8) / 7
+    model = llama.load_model(path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if llama.decoder_linear(name):
+                codes, absmax = nf4.quantize_blockwise(p.view(-1), int4, 64)
+                p.copy_(nf4.dequantize_blockwise(codes, absmax, int4, 64).view_as(p))
+        err_int4 = (model(ref["input_ids"]) - ref["logits"]).norm()
+        model = llama.load_model(path, dtype=torch.float32, quantize="nf4")
+        err_nf4 = (model(ref["input_ids"]) - ref["logits"]).norm()
+    assert err_nf4 < err_int4 < ref["logits"].norm()
+
+
+# -----------------------------------------------------------------------------
+# PagedAdamW
+
+
+def train(make_opt, steps=25, dtype=torch.float32, resume_at=None, resume_with=None):
+    """`steps` AdamW steps on fixed random gradients, lr changed each step by a
+    scheduler; params sized so pages do not divide them. After step `resume_at`
+    the optimizer is rebuilt (by `resume_with`, default make_opt) from its state dict."""
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(37, 53), (1001,), (7,), (3, 129)]]
+    opt = make_opt(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.95**t)
+    for t in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * (t + 1)).to(dtype)
+        opt.step()
+        sched.step()
+        if t == resume_at:
+            sd, ssd = opt.state_dict(), sched.state_dict()
+            opt = (resume_with or make_opt)(params)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.95**t)
+            opt.load_state_dict(sd)  # after the scheduler is built: building it resets lr
+            sched.load_state_dict(ssd)
+    return params, opt
+
+
+KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+PAGE = 4 * 97  # bytes: 97 float32 values, dividing none of the sizes above
+
+
+def adamw(ps):
+    return torch.optim.AdamW(ps, foreach=False, **KW)
+
+
+def paged(ps):
+    return PagedAdamW(ps, page_bytes=PAGE, device_budget_bytes=5 * PAGE, **KW)
+
+
+def test_adamw_update_by_slices_equals_torch_adamw():
+    """adamw_update on two halves of the tensors gives torch.optim.AdamW's step, bit for bit."""
+    p0, g = torch.randn(1001), torch.randn(1001)
+    p, ref = p0.clone(), nn.Parameter(p0.clone())
+    m, v = torch.zeros(1001), torch.zeros(1001)
+    opt = adamw([ref])
+    for step in (1, 2, 3):
+        ref.grad = g * step
+        opt.step()
+        for sl in (slice(0, 500), slice(500, None)):
+            nf4.adamw_update(p[sl], g[sl] * step, m[sl], v[sl], float(step), KW["lr"], *KW["betas"],
+                             KW["eps"], KW["weight_decay"])
+    assert torch.equal(p, ref.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_adamw_equals_adamw_bit_for_bit(dtype):
+    ref, _ = train(adamw, dtype=dtype)
+    out, opt = train(paged, dtype=dtype)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    state_bytes = sum(2 * p.numel() * p.element_size() for p in out)
+    assert opt.device_budget_bytes < state_bytes / 5  # the state does not fit: pages had to move
+    assert 0 < opt.peak_resident_bytes <= opt.device_budget_bytes
+    assert opt.resident_bytes <= opt.device_budget_bytes
+
+
+def test_paged_adamw_state_dict_round_trip():
+    ref, _ = train(adamw)
+    out, _ = train(paged, resume_at=9)  # fresh optimizer from the state dict after step 10
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+
+
+def test_paged_adamw_state_dict_is_adamw_format():
+    _, ref_opt = train(adamw, steps=6)
+    _, opt = train(paged, steps=6)
+    ours, theirs = opt.state_dict(), ref_opt.state_dict()
+    hyper = [[{k: g[k] for k in KW} for g in sd["param_groups"]] for sd in (ours, theirs)]
+    assert hyper[0] == hyper[1]
+    assert ours["state"].keys() == theirs["state"].keys()
+    for i, s in theirs["state"].items():
+        assert torch.equal(ours["state"][i]["step"], s["step"])
+        assert torch.equal(ours["state"][i]["exp_avg"], s["exp_avg"])
+        assert torch.equal(ours["state"][i]["exp_avg_sq"], s["exp_avg_sq"])
+    # either optimizer resumes from the other's state dict as if uninterrupted
+    ref, _ = train(adamw)
+    for first, then in ((paged, adamw), (adamw, paged)):
+        out, _ = train(first, resume_at=9, resume_with=then)
+        assert all(torch.equal(a, b) for a, b in zip(ref, out))
+
+
+def test_paged_adamw_rejects_budget_below_two_pages():
+    with pytest.raises(ValueError):
+        PagedAdamW([nn.Parameter(torch.zeros(10))], page_bytes=1024, device_budget_bytes=1024)
