@@ -431,9 +431,17 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30):
 class Tokenizer:
     """Llama 2's sentencepiece tokenizer (tokenizer.model). encode() is plain
     sentencepiece, which is what HF's slow LlamaTokenizer gives for text
-    without special tokens."""
+    without special tokens.
 
-    def __init__(self, path: str):
+    `legacy` is how HF's LlamaTokenizer treats text that follows a special
+    token such as "</s>" (the chat format, chapter 5): True gives it
+    sentencepiece's dummy-prefix "▁" ("</s>", "▁", "\\n"), False does not
+    ("</s>", "\\n"). It is read from tokenizer_config.json beside the model;
+    without one, or without the key, it is False: what the tokenizer_config.json
+    of Llama 2 and of the Tulu 2 models say, and transformers 5's default
+    (transformers 4 assumed True, with a warning asking to set it)."""
+
+    def __init__(self, path: str, legacy: bool | None = None):
         import sentencepiece as spm
         self.dir = path if os.path.isdir(path) else os.path.dirname(path)
         model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
@@ -446,6 +454,18 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
+        self.legacy = self.read_legacy() if legacy is None else legacy
+
+    def read_legacy(self) -> bool:
+        cfg_file = os.path.join(self.dir, "tokenizer_config.json")
+        if not os.path.exists(cfg_file):
+            return False
+        try:
+            with open(cfg_file) as f:
+                legacy = json.load(f).get("legacy")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise TuluError(f"{cfg_file}: not a JSON object ({e})") from None
+        return False if legacy is None else bool(legacy)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos

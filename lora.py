@@ -257,7 +257,7 @@ def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
     W is the weight the base multiplies by in forward: an NF4 weight dequantized
     to its compute dtype, as open-instruct's merge_lora.py --qlora dequantizes to
     bf16 first. The sum is taken in float32 and rounded once to `dtype`
-    (default: the base's compute dtype)."""
+    (default: the base weight's dtype; for NF4, its compute dtype)."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
     if isinstance(base, Linear4bit):
         w, dtype = base.dequantize(base.compute_dtype), dtype or base.compute_dtype

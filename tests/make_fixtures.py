@@ -124,7 +124,8 @@ def nf4_exact_absmax_codes():
     """bitsandbytes 0.50's CPU kernel for 8-bit blockwise codes (used for the
     double-quantized scales) reads an approximate lookup table; its CUDA kernel
     rounds to the exact nearest code, and so does bitsandbytes' own pure-torch
-    kernel. While in this block, CPU calls go to that exact kernel."""
+    kernel (the two break an exact tie differently; no fixture holds one). While
+    in this block, CPU calls go to that exact kernel."""
     op = torch.ops.bitsandbytes.quantize_blockwise.default
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     lib = torch.library.Library("bitsandbytes", "IMPL")
@@ -281,6 +282,16 @@ def lora_randomize_B(weights, seed):
             w.copy_(torch.randn(w.shape, generator=g) * 0.2)
 
 
+def lora_sort_target_modules(path):
+    """PEFT holds target_modules in a set and writes it in hash order, which
+    changes from run to run; sorted, the fixture is the same on every run."""
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
 def lora_decoder_weights(model):
     return {n: m.weight.detach().clone() for n, m in model.named_modules()
             if n.startswith("model.layers.") and n.endswith("_proj")}
@@ -400,6 +411,7 @@ def make_lora():
     peft_dir = os.path.join(out, "peft_adapter")
     peft.save_pretrained(peft_dir)
     os.remove(os.path.join(peft_dir, "README.md"))  # a model card template
+    lora_sort_target_modules(os.path.join(peft_dir, "adapter_config.json"))
     with open(os.path.join(peft_dir, "adapter_config.json")) as f:
         cfg = json.load(f)
     with open(os.path.join(peft_dir, "adapter_config.json"), "w") as f:
@@ -425,6 +437,145 @@ def make_lora():
         json.dump({"seed": LORA_SEED, **{k: v for k, v in LORA_CONFIG.items() if k != "task_type"},
                    "peft_counts": counts, "peft_counts_nf4": counts_nf4}, f, indent=1)
     record_versions(out, "peft", "transformers", "bitsandbytes")
+
+
+# -----------------------------------------------------------------------------
+# tulu_data.py: the Tulu chat format (open-instruct's encode_with_messages_format)
+# with HF's *slow* sentencepiece LlamaTokenizer, legacy=True and legacy=False.
+#
+# Runs in a venv with transformers 4 (transformers 5 ships only the fast Llama
+# tokenizer, which splits runs of spaces differently from sentencepiece):
+#   python3 -m venv /work/devvenv4 && /work/devvenv4/bin/pip install torch==2.13.0 \
+#       && /work/devvenv4/bin/pip install 'transformers<5' sentencepiece protobuf
+#   TULU_LLAMA2_TOKENIZER=/path/to/llama2/tokenizer.model /work/devvenv4/bin/python tests/make_fixtures.py chat
+# The Llama 2 tokenizer.model (e.g. from karpathy/llama2.c) is not committed;
+# only the ids it gives are. The tiny tokenizer is committed.
+
+CHAT_CONVERSATIONS = {
+    "single_turn": [{"role": "user", "content": "What is the capital of France?"},
+                    {"role": "assistant", "content": "The capital of France is Paris."}],
+    "system": [{"role": "system", "content": "Answer briefly."},
+               {"role": "user", "content": "  What is 3 + 4?\n"},
+               {"role": "assistant", "content": "\n3 + 4 = 7  "}],
+    "multi_turn": [{"role": "system", "content": "You are a helpful assistant."},
+                   {"role": "user", "content": "What is 5 + 3?"}, {"role": "assistant", "content": "5 + 3 = 8"},
+                   {"role": "user", "content": "Now add 2."}, {"role": "assistant", "content": "8 + 2 = 10"},
+                   {"role": "user", "content": "Spell the word \"cat\"."}, {"role": "assistant", "content": "c-a-t"}],
+    "unicode": [{"role": "user", "content": "Où est Reykjavík? 東京は日本の首都です。 🙂 naïve — “quotes”"},
+                {"role": "assistant", "content": "Reykjavík est en Islande. Ελληνικά, русский, עברית ✓"}],
+    "code": [{"role": "user", "content": "Fix this:\n```python\ndef f(x):\n    if x  >  1:\n\treturn x *  2\n```"},
+             {"role": "assistant", "content": "```python\ndef f(x):\n    if x > 1:\n        return x * 2\n    return x\n```\n\n  Done:   spaces    kept."}],
+    "ends_with_user": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+                       {"role": "user", "content": "Bye"}],
+    "starts_with_assistant": [{"role": "assistant", "content": "I start."}, {"role": "assistant", "content": "Twice."},
+                              {"role": "user", "content": "Ok."}, {"role": "assistant", "content": "Yes."}],
+    "special_text": [{"role": "user", "content": "Is </s> the end, <s> the start and <unk> unknown? ▁x"},
+                     {"role": "assistant", "content": " yes </s> no"}],
+    "empty_contents": [{"role": "system", "content": ""}, {"role": "user", "content": " "},
+                       {"role": "assistant", "content": ""}],
+}
+# (name, max_seq_length): long enough for all, then cuts inside the various turns
+CHAT_LENGTHS = [(name, 4096) for name in CHAT_CONVERSATIONS] + [
+    ("multi_turn", 12), ("multi_turn", 30), ("multi_turn", 45), ("code", 40), ("unicode", 25), ("system", 3)]
+CHAT_TEXTS = ["Hello world", "  two leading spaces", "a</s>b", "a </s> b", "</s>\n<|user|>", "<s>x", "x</s>",
+              "tab\tand\nnewline  and   runs    of     spaces", "▁literal underline", "", " ", "</s>", "12345 + 678",
+              "Ünïcödé 東京 🙂"]
+
+
+def chat_open_instruct_encode(messages, tok, max_seq_length):
+    """open-instruct's encode_with_messages_format (Tulu 2 era, finetune.py),
+    restated: the same text, the same tokenizer calls, the same masking."""
+    def concat(msgs):
+        heads = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+        return "".join(heads[m["role"]] + m["content"].strip() + (tok.eos_token if m["role"] == "assistant" else "")
+                       + "\n" for m in msgs)
+
+    def n_tokens(text):
+        return len(tok(text, max_length=max_seq_length, truncation=True).input_ids)
+
+    ids = tok(concat(messages).strip(), max_length=max_seq_length, truncation=True).input_ids
+    labels = list(ids)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        start = 0 if i == 0 else n_tokens(concat(messages[:i]))
+        nxt_is_assistant = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+        end = n_tokens(concat(messages[:i + 1]) + ("<|assistant|>\n" if nxt_is_assistant else ""))
+        labels[start:end] = [-100] * len(labels[start:end])
+        if end >= max_seq_length:
+            break
+    return ids, labels
+
+
+def chat_cases(model_file, legacy):
+    """Reference ids/labels for every conversation, prompt and raw text with the
+    HF slow tokenizer; also asserts that tulu_data agrees."""
+    from transformers import LlamaTokenizer
+    import llama
+    import tulu_data
+    hf = LlamaTokenizer(vocab_file=model_file, legacy=legacy)
+    ours = llama.Tokenizer(model_file, legacy=legacy)
+    cases, prompts, texts = [], [], []
+    for name, max_len in CHAT_LENGTHS:
+        msgs = CHAT_CONVERSATIONS[name]
+        ids, labels = chat_open_instruct_encode(msgs, hf, max_len)
+        cases.append({"name": name, "max_seq_length": max_len, "input_ids": ids, "labels": labels})
+        assert tulu_data.encode_messages(msgs, ours, max_len) == (ids, labels), (name, max_len, legacy)
+    for name, msgs in CHAT_CONVERSATIONS.items():
+        turns = [m for m in msgs[:next(i for i, m in enumerate(msgs) if m["role"] == "user") + 1]]
+        text = tulu_data.chat_text(turns) + "<|assistant|>\n"
+        ids = hf(text).input_ids
+        prompts.append({"name": name, "n_messages": len(turns), "input_ids": ids})
+        assert tulu_data.encode_prompt(turns, ours) == ids, (name, legacy)
+    for text in CHAT_TEXTS:
+        ids = hf(text, add_special_tokens=False).input_ids
+        texts.append({"text": text, "ids": ids})
+        assert tulu_data.tokenize(text, ours) == ids, (text, legacy, ids, tulu_data.tokenize(text, ours))
+    return {"legacy": legacy, "cases": cases, "prompts": prompts, "texts": texts}
+
+
+def chat_check_tiny_folder(d):
+    """transformers loads the folder train_tiny_tokenizer wrote, slow and fast,
+    and encodes the sample data as llama.Tokenizer does."""
+    from transformers import AutoTokenizer, LlamaTokenizer, LlamaTokenizerFast
+    import llama
+    ours = llama.Tokenizer(d)
+    slow, fast = AutoTokenizer.from_pretrained(d, use_fast=False), AutoTokenizer.from_pretrained(d)
+    assert isinstance(slow, LlamaTokenizer) and isinstance(fast, LlamaTokenizerFast) and slow.legacy is False
+    with open(os.path.join(ROOT, "data", "sft_heldout.jsonl")) as f:
+        texts = [m["content"] for line in f for m in json.loads(line)["messages"]]
+    for text in texts:
+        want = ours.encode(text, bos=True)
+        assert slow(text).input_ids == want and fast(text).input_ids == want, text
+
+
+@area
+def make_chat():
+    import tulu_data
+    out = fresh_dir("chat")
+    tiny = os.path.join(out, "tiny_tokenizer")
+    tulu_data.train_tiny_tokenizer(tiny, [os.path.join(ROOT, "data", "sft_train.jsonl")])
+    again = os.path.join(out, "tiny_again")
+    tulu_data.train_tiny_tokenizer(again, [os.path.join(ROOT, "data", "sft_train.jsonl")])
+    for name in os.listdir(tiny):
+        with open(os.path.join(tiny, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
+            assert a.read() == b.read(), f"train_tiny_tokenizer is not deterministic: {name}"
+    shutil.rmtree(again)
+    chat_check_tiny_folder(tiny)
+    llama2 = os.environ.get("TULU_LLAMA2_TOKENIZER")
+    if not llama2 or not os.path.isfile(llama2):
+        raise SystemExit("set TULU_LLAMA2_TOKENIZER to Llama 2's tokenizer.model (karpathy/llama2.c has a copy)")
+    import hashlib
+    with open(llama2, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    for tag, model_file in (("tiny", os.path.join(tiny, "tokenizer.model")), ("llama2", llama2)):
+        ref = {"conversations": CHAT_CONVERSATIONS,
+               "modes": [chat_cases(model_file, legacy) for legacy in (True, False)]}
+        if tag == "llama2":
+            ref["tokenizer_sha256"] = sha
+        with open(os.path.join(out, f"{tag}_expected.json"), "w") as f:
+            json.dump(ref, f, ensure_ascii=False, separators=(",", ":"))
+    record_versions(out, "transformers", "sentencepiece")
 
 
 if __name__ == "__main__":

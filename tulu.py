@@ -1,0 +1,729 @@
+"""Chapter 5: the Tulu 2 recipe -- supervised fine-tuning, DPO, merging, chat.
+
+What this file teaches: how the pieces of the earlier chapters become the
+training runs of Tulu 2 (Ivison et al. 2023, arXiv 2311.10702): the chat
+format and which tokens are learned, batches, the optimiser and learning-rate
+schedule of the model cards, gradient accumulation that weighs every token
+equally, QLoRA's memory savings (arXiv 2305.14314), DPO's preference loss
+(arXiv 2305.18290), checkpoints that resume exactly, and the command line.
+
+Shapes: B batch, T time (tokens), V vocabulary.  Read top to bottom; the
+command line is at the bottom.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dpo
+import llama
+from llama import TuluError, Tokenizer, load_model, save_model, atomic_write, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+# -----------------------------------------------------------------------------
+# The chat format and the data files (Tulu 2 / open-instruct formats)
+
+from tulu_data import encode_messages, encode_prompt, read_jsonl  # noqa: E402  (folded in below once written)
+
+
+def load_sft_data(path, tok, max_seq_length):
+    """Encode every conversation; drop those with no learnable token left after
+    truncation (open-instruct does the same), and say how many."""
+    examples, n = [], 0
+    for line, obj in read_jsonl(path, "sft"):
+        n += 1
+        try:
+            ids, labels = encode_messages(obj["messages"], tok, max_seq_length)
+        except ValueError as e:
+            raise TuluError(f"{path}:{line}: {e}") from None
+        if any(l != -100 for l in labels[1:]):
+            examples.append((ids, labels))
+    print(f"{path}: {len(examples)} conversations" + (f" ({n - len(examples)} dropped: nothing left to learn)"
+                                                      if n > len(examples) else ""))
+    if not examples:
+        raise TuluError(f"{path}: no conversation with an assistant turn to learn from")
+    return examples
+
+
+
+def final_answer_start(labels):
+    """Index where the last run of learned labels begins: the final assistant
+    answer, since encode_messages masks the "<|assistant|>\n" header before it."""
+    i = len(labels)
+    while i > 0 and labels[i - 1] != -100:
+        i -= 1
+    return i
+
+
+def encode_pair(chosen, rejected, tok, max_seq_length):
+    """Encode both conversations with the SFT chat format and learn only the final
+    assistant answer (the shared turns cancel in DPO's margin anyway). None when
+    truncation would cut an answer away entirely."""
+    out = ()
+    for msgs in (chosen, rejected):
+        ids, labels = encode_messages(msgs, tok, max_seq_length=10**9)
+        start = final_answer_start(labels)
+        if start >= max_seq_length:
+            return None
+        out += (ids[:max_seq_length], ([-100] * start + labels[start:])[:max_seq_length])
+    return out
+
+
+def load_pref_data(path, tok, max_seq_length):
+    pairs, n = [], 0
+    for line, obj in read_jsonl(path, "prefs"):
+        n += 1
+        problem = dpo.check_pair(obj["chosen"], obj["rejected"])
+        if problem:
+            raise TuluError(f"{path}:{line}: {problem}")
+        try:
+            pair = encode_pair(obj["chosen"], obj["rejected"], tok, max_seq_length)
+        except ValueError as e:
+            raise TuluError(f"{path}:{line}: {e}") from None
+        if pair:
+            pairs.append(pair)
+    print(f"{path}: {len(pairs)} preference pairs" + (f" ({n - len(pairs)} dropped: answer truncated away)"
+                                                     if n > len(pairs) else ""))
+    return pairs
+
+# -----------------------------------------------------------------------------
+# The embedded default: a tiny Llama that trains on a laptop CPU in minutes
+
+TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tulu")
+
+
+def tiny_default_model() -> str:
+    """Build (once) a randomly initialised tiny Llama, as a real HF folder with a
+    sentencepiece tokenizer trained on data/, and return its path. Deterministic:
+    the same bytes on every run; rebuilt when data/ changes."""
+    import hashlib
+    from tulu_data import train_tiny_tokenizer
+    sources = [os.path.join(DATA, "sft_train.jsonl")]
+    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources) + repr(TINY).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir(), f"tiny-llama-{digest}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    print(f"building the tiny default model in {path} (once)")
+    tmp = f"{path}.tmp{os.getpid()}"
+    train_tiny_tokenizer(tmp, sources)
+    tok = Tokenizer(tmp)
+    cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **TINY)
+    g = torch.Generator().manual_seed(0)
+    model = llama.Llama(cfg)
+    for name, p in model.named_parameters():  # HF's init: N(0, 0.02) for matrices, ones for norms
+        if p.dim() == 2:
+            p.data.normal_(0.0, 0.02, generator=g)
+    save_model(model, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# The optimisation recipe of the model cards
+
+
+def linear_schedule(step, warmup_steps, total_steps):
+    """LR multiplier: 0 -> 1 linearly over the warmup steps, then 1 -> 0 linearly at
+    the last step (HF's get_linear_schedule_with_warmup, used by open-instruct)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TuluError("--device cuda: no CUDA device is available")
+    return name
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def build_policy(args, path):
+    """Load the model for training as --method says. full: every weight trains
+    (AdamW); lora: a frozen base + LoRA adapters; qlora: the base quantised to
+    NF4 while loading, LoRA adapters on top, and paged AdamW (QLoRA Sec. 3)."""
+    from lora import add_lora, load_adapter
+    model = load_model(path, dtype=args.dtype, device=args.device,
+                       quantize="nf4" if args.method == "qlora" else None)
+    if args.method == "full":
+        if getattr(args, "adapter", None):
+            raise TuluError("--adapter needs --method lora or qlora (merge it first for full fine-tuning)")
+        model.requires_grad_(True)
+    elif getattr(args, "adapter", None):
+        load_adapter(model, args.adapter, trainable=True, dropout=args.lora_dropout)
+    else:
+        add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    return model
+
+
+def build_optimizer(args, model):
+    from nf4 import PagedAdamW
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    if args.method == "qlora":
+        return PagedAdamW(params, **kw)
+    return torch.optim.AdamW(params, foreach=False, **kw)
+
+
+# -----------------------------------------------------------------------------
+# What one training example contributes: SFT (here) and DPO (dpo.py)
+
+
+class SFTTask:
+    """Next-token cross-entropy on the learned (label != -100) tokens. Gradient
+    accumulation divides the *sum* of token losses by the number of learned
+    tokens in the whole optimiser step, so every token weighs the same however
+    the step is split into micro-batches (open-instruct's reduce_loss="sum")."""
+
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+    def collate(self, examples):
+        return dpo.pad_batch(examples, self.pad_id)
+
+    def count(self, batch):  # the denominator: learned tokens
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, model, batch, denom):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                              ignore_index=-100, reduction="sum")
+        return nll / denom, {}
+
+
+class DPOTask:
+    """DPO on (chosen, rejected) pairs: both answers in one forward pass, the loss
+    summed over pairs and divided by the pairs in the optimiser step. Reference
+    log-probs come from `cached` (computed before the first update, see
+    cache_reference) or, for LoRA, from the same model with its adapters off."""
+
+    def __init__(self, args, pad_id):
+        self.args, self.pad_id, self.avg = args, pad_id, dpo.uses_average(args.loss)
+
+    def collate(self, pairs):
+        batch = dpo.collate_pairs(pairs, self.pad_id)
+        if len(pairs[0]) > 4:  # cached reference log-probs ride along with the pair
+            batch["ref"] = torch.tensor([[p[4], p[5]] for p in pairs])
+        return batch
+
+    def count(self, batch):  # the denominator: pairs
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, model, batch, denom):
+        from lora import adapters_disabled
+        pc, pr = dpo.concatenated_logps(model, batch, self.avg)
+        if "ref" in batch:
+            rc, rr = batch["ref"].unbind(-1)
+        else:
+            with torch.no_grad(), adapters_disabled(model):
+                rc, rr = dpo.concatenated_logps(model, batch, self.avg)
+        a = self.args
+        losses, cr, rj = dpo.dpo_loss(pc, pr, rc, rr, a.beta, a.loss, a.label_smoothing)
+        return losses.sum() / denom, dpo.dpo_metrics(losses, cr, rj, pc, pr, reduction="sum")
+
+
+@torch.no_grad()
+def cache_reference(model, pairs, task, args):
+    """Append the reference log-probs (rc, rr) to every pair, from the model as it is
+    now, before the first update (open-instruct's dpo_tune_cache): the reference
+    then needs no second copy of the model in memory."""
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), args.batch_size):
+        chunk = pairs[i:i + args.batch_size]
+        batch = {k: v.to(args.device) for k, v in task.collate(chunk).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16):
+            rc, rr = dpo.concatenated_logps(model, batch, task.avg)
+        out += [p[:4] + (float(c), float(r)) for p, c, r in zip(chunk, rc, rr)]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints that resume exactly: weights, optimiser, step, random state
+
+
+def pack(obj, tensors, path="s"):
+    """Split a nested state (dicts, lists, tensors, numbers) into a JSON skeleton
+    and a flat dict of tensors for safetensors: resume state without pickle."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"tensor": path}
+    if isinstance(obj, dict):
+        return {"dict": [[k, pack(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def unpack(o, tensors):
+    if "tensor" in o:
+        return tensors[o["tensor"]]
+    if "dict" in o:
+        return {k: unpack(v, tensors) for k, v in o["dict"]}
+    if "list" in o:
+        return [unpack(v, tensors) for v in o["list"]]
+    return o["value"]
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(out, step, model, opt, rng):
+    """out/checkpoint/: trainable weights, optimiser state and RNG after `step`
+    completed steps. Written beside the old one and swapped in by rename."""
+    from safetensors.torch import save_file
+    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+    tensors = {}
+    skeleton = pack({"optimizer": opt.state_dict(), "rng": rng}, tensors)
+    save_file(tensors, os.path.join(tmp, "state.safetensors"))
+    write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "state": skeleton})
+    old = f"{final}.old{os.getpid()}"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path, model, opt) -> int:
+    """Restore what save_checkpoint wrote; returns the number of completed steps."""
+    from safetensors.torch import load_file
+    ckpt = path if os.path.exists(os.path.join(path, "trainer_state.json")) else os.path.join(path, "checkpoint")
+    if not os.path.exists(os.path.join(ckpt, "trainer_state.json")):
+        raise TuluError(f"{path}: no checkpoint to resume from (trainer_state.json missing)")
+    weights = load_file(os.path.join(ckpt, "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if weights.keys() != params.keys():
+        raise TuluError(f"{ckpt}: its trainable weights do not match this model and --method")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        meta = json.load(f)
+    state = unpack(meta["state"], load_file(os.path.join(ckpt, "state.safetensors")))
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    print(f"resumed from {ckpt} after step {meta['step']}")
+    return meta["step"]
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per step; on resume, later lines are dropped."""
+
+    def __init__(self, out, start_step):
+        self.path = os.path.join(out, "metrics.jsonl")
+        rows = []
+        if start_step and os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [r for r in map(json.loads, f) if r["step"] <= start_step]
+        self.rows = rows
+        atomic_write(self.path, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
+
+    def log(self, row):
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# The training loop, shared by sft and dpo
+
+
+def step_batches(n, step, steps_per_epoch, batch_size, grad_accum, seed):
+    """Example indices of each micro-batch of optimiser step `step`. The order of
+    epoch e is a permutation seeded by seed + e, so a resumed run sees the same data."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    E = batch_size * grad_accum
+    chunk = order[i * E:(i + 1) * E]
+    return [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+
+
+def train_step(args, model, opt, params, batches, task):
+    """One optimiser step over its micro-batches; returns the step's metrics."""
+    denom = max(1, sum(task.count(b) for b in batches))
+    loss, sums = 0.0, {}
+    for b in batches:
+        b = {k: v.to(args.device) for k, v in b.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16):
+            l, m = task.loss(model, b, denom)
+        l.backward()
+        loss += l.item()
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"loss": loss, "grad_norm": float(norm), "tokens": tokens, **{k: v / denom for k, v in sums.items()}}
+
+
+def train(args, model, examples, task, out):
+    """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient
+    accumulation, clipping; tqdm, metrics.jsonl, checkpoints, Ctrl-C and --resume."""
+    from tqdm import tqdm
+    E = args.batch_size * args.grad_accum
+    steps_per_epoch = math.ceil(len(examples) / E)
+    total = args.max_steps or args.epochs * steps_per_epoch
+    warmup = int(total * args.warmup_ratio)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(args, model)
+    start = load_checkpoint(args.resume, model, opt) if args.resume else 0
+    log = MetricsLog(out, start)
+    model.train()
+    rng, done = rng_state(), start
+    bar = tqdm(range(start, total), initial=start, total=total, desc=args.command, dynamic_ncols=True)
+    try:
+        for step in bar:
+            lr = args.lr * linear_schedule(step, warmup, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            t0 = time.time()
+            idx = step_batches(len(examples), step, steps_per_epoch, args.batch_size, args.grad_accum, args.seed)
+            row = train_step(args, model, opt, params, [task.collate([examples[i] for i in c]) for c in idx], task)
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr, **row,
+                   "tokens_per_s": round(row["tokens"] / (time.time() - t0), 1)}
+            log.log(row)
+            rng, done = rng_state(), step + 1
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if args.save_every and done % args.save_every == 0 and done < total:
+                save_checkpoint(out, done, model, opt, rng)
+    except KeyboardInterrupt:
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+        save_checkpoint(out, done, model, opt, rng)
+        print(f"\ninterrupted: {done} steps are saved in {out}/checkpoint; continue with --resume {out}",
+              file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    model.eval()
+    return log.rows
+
+
+# -----------------------------------------------------------------------------
+# Commands
+
+
+def copy_tokenizer(src, out):
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(out):
+            atomic_write(os.path.join(out, name), lambda tmp, n=name: shutil.copyfile(os.path.join(src, n), tmp))
+
+
+def save_outputs(args, model, model_dir, out):
+    """lora/qlora: a PEFT adapter; full: a Hugging Face model folder. Both get the tokenizer."""
+    from lora import save_adapter
+    if args.method == "full":
+        save_model(model, out)
+    else:
+        save_adapter(model, out, base_model_name_or_path=model_dir)
+    copy_tokenizer(args.adapter if getattr(args, "adapter", None) and
+                   os.path.exists(os.path.join(args.adapter, "tokenizer.model")) else model_dir, out)
+    print(f"wrote {'model' if args.method == 'full' else 'adapter'}, tokenizer and metrics.jsonl to {out}")
+
+
+def print_config(args):
+    shown = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
+             for k, v in vars(args).items() if k not in ("func",)}
+    print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def cmd_sft(args):
+    demo = args.model is None
+    args.model = args.model or tiny_default_model()
+    args.data = args.data or os.path.join(DATA, "sft_train.jsonl")
+    fill_defaults(args, demo)
+    print_config(args)
+    torch.manual_seed(args.seed)
+    tok = Tokenizer(args.model)
+    examples = load_sft_data(args.data, tok, args.max_seq_length)
+    model = build_policy(args, args.model)
+    os.makedirs(args.output, exist_ok=True)
+    train(args, model, examples, SFTTask(pad_id=tok.eos_id), args.output)
+    save_outputs(args, model, args.model, args.output)
+    if demo:
+        show_answers(model, tok, os.path.join(DATA, "sft_heldout.jsonl"), args.device)
+
+
+def show_answers(model, tok, path, device, n=4):
+    """Print a few held-out prompts with the model's greedy answers."""
+    for _, obj in list(read_jsonl(path, "sft"))[:n]:
+        msgs = [m for m in obj["messages"] if m["role"] != "assistant"][:2]
+        ids = encode_prompt(msgs, tok)
+        out = llama.generate(model, ids, max_new_tokens=48, eos_id=tok.eos_id)
+        want = next(m["content"] for m in obj["messages"] if m["role"] == "assistant")
+        print(f"\n> {msgs[-1]['content']}\n{tok.decode(out).strip()}    (reference: {want.strip()})")
+
+
+def tiny_sft_model() -> str:
+    """DPO starts from an SFT model: the tiny default after the demo's full SFT,
+    built once and cached beside it."""
+    base = tiny_default_model()
+    path = base.replace("tiny-llama-", "tiny-sft-")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
+        tmp = f"{path}.tmp{os.getpid()}"
+        main(["sft", "--method", "full", "--output", tmp])
+        os.replace(tmp, path)
+    return path
+
+
+def cmd_dpo(args):
+    demo = args.model is None
+    args.model = args.model or tiny_sft_model()
+    args.data = args.data or os.path.join(DATA, "prefs_train.jsonl")
+    fill_defaults(args, demo)
+    print_config(args)
+    torch.manual_seed(args.seed)
+    tok = Tokenizer(args.model)
+    pairs = load_pref_data(args.data, tok, args.max_seq_length)
+    model = build_policy(args, args.model)
+    task = DPOTask(args, pad_id=tok.eos_id)
+    if args.method == "full" or args.adapter:
+        # The reference is the model as it starts: for full fine-tuning the SFT
+        # weights, with --adapter base + SFT adapter (the adapter itself trains on,
+        # so switching adapters off would give the bare base, the wrong reference).
+        # Score every pair once now; no second model is ever held in memory.
+        pairs = cache_reference(model, pairs, task, args)
+    heldout = os.path.join(DATA, "prefs_heldout.jsonl")
+    if demo:
+        held = load_pref_data(heldout, tok, args.max_seq_length)
+        held = cache_reference(model, held, task, args) if args.method == "full" else held
+        before = heldout_preferences(model, held, task, args)
+    os.makedirs(args.output, exist_ok=True)
+    train(args, model, pairs, task, args.output)
+    save_outputs(args, model, args.model, args.output)
+    if demo:
+        after = heldout_preferences(model, held, task, args)
+        print(f"held-out pairs ({heldout}): the chosen answer is the more likely one for "
+              f"{before['prefers']:.0%} before DPO, {after['prefers']:.0%} after; "
+              f"rewards/accuracy {after['rewards/accuracy']:.2f}, rewards/margin {after['rewards/margin']:.3f}")
+
+
+@torch.no_grad()
+def heldout_preferences(model, pairs, task, args):
+    """DPO's metrics on held-out pairs, plus how often log p(chosen) > log p(rejected)."""
+    model.eval()
+    sums = {}
+    for i in range(0, len(pairs), args.batch_size):
+        batch = {k: v.to(args.device) for k, v in task.collate(pairs[i:i + args.batch_size]).items()}
+        _, m = task.loss(model, batch, 1)
+        pc, pr = dpo.concatenated_logps(model, batch, task.avg)
+        m["prefers"] = float((pc > pr).sum())
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: v / len(pairs) for k, v in sums.items()}
+
+def cmd_merge(args):
+    from lora import load_adapter, merge_lora
+    dtype = resolve_dtype(args.dtype, "cpu")
+    # --qlora: quantise the base to NF4 exactly as for training, then dequantise:
+    # the adapter was trained against those weights (open-instruct merge_lora.py --qlora)
+    model = load_model(args.model, dtype=torch.float32 if not args.qlora else dtype,
+                       quantize="nf4" if args.qlora else None)
+    load_adapter(model, args.adapter)
+    merge_lora(model, dtype=dtype)
+    model.to(dtype)
+    save_model(model, args.output)
+    copy_tokenizer(args.adapter if os.path.exists(os.path.join(args.adapter, "tokenizer.model")) else args.model,
+                   args.output)
+    print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
+
+
+def cmd_chat(args):
+    from lora import load_adapter, merge_lora
+    args.device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = load_model(args.model, dtype=dtype, device=args.device)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        merge_lora(model, dtype=dtype)
+    tok = Tokenizer(args.adapter if args.adapter and os.path.exists(os.path.join(args.adapter, "tokenizer.model"))
+                    else args.model)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    while True:
+        prompt = args.prompt if args.prompt is not None else read_prompt()
+        if prompt is None:
+            return
+        history.append({"role": "user", "content": prompt})
+        reply = stream_reply(model, tok, history, args, g)
+        history.append({"role": "assistant", "content": reply})
+        if args.prompt is not None:
+            return
+
+
+def read_prompt():
+    try:
+        line = input("\n<|user|>\n")
+    except EOFError:
+        return None
+    return None if line.strip() in ("/exit", "/quit") else line
+
+
+def stream_reply(model, tok, history, args, g):
+    """Generate the assistant's answer and print it as it comes."""
+    new, shown = [], ""
+    print("<|assistant|>")
+
+    def on_token(i):
+        nonlocal shown
+        new.append(i)
+        text = tok.decode([t for t in new if t != tok.eos_id])
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    llama.generate(model, encode_prompt(history, tok), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, on_token=on_token, generator=g)
+    print()
+    return tok.decode([t for t in new if t != tok.eos_id])
+
+
+# -----------------------------------------------------------------------------
+# The command line. Defaults come from the model cards and papers; each is
+# listed with its source in --help. With no --model, the tiny demo's own
+# defaults apply (a model trained from scratch needs a far larger lr).
+
+RECIPES = {  # (command, method family) -> defaults
+    ("sft", "full"): dict(lr=2e-5, epochs=2, warmup_ratio=0.03, max_grad_norm=0.0, batch_size=4, grad_accum=32,
+                          max_seq_length=8192),   # Tulu 2 SFT: arXiv 2311.10702 Sec. 3 / model cards
+    ("sft", "lora"): dict(lr=1e-4, epochs=5, warmup_ratio=0.03, max_grad_norm=0.3, batch_size=4, grad_accum=32,
+                          max_seq_length=8192),   # Tulu 2 QLoRA 70B card; clip 0.3 from QLoRA (2305.14314)
+    ("dpo", "full"): dict(lr=5e-7, epochs=3, warmup_ratio=0.1, max_grad_norm=0.0, batch_size=4, grad_accum=8,
+                          max_seq_length=2048),   # Tulu 2 DPO: beta 0.1, lr 5e-7, batch 32, 3 epochs
+    ("dpo", "lora"): dict(lr=5e-6, epochs=3, warmup_ratio=0.1, max_grad_norm=0.3, batch_size=4, grad_accum=8,
+                          max_seq_length=2048),   # lr from alignment-handbook's zephyr-7b-dpo-qlora recipe
+    ("sft", "demo"): dict(lr=2e-3, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16, grad_accum=1,
+                          max_seq_length=256),
+    ("dpo", "demo"): dict(lr=2e-4, epochs=2, warmup_ratio=0.1, max_grad_norm=1.0, batch_size=16, grad_accum=1,
+                          max_seq_length=256),
+}
+
+
+def fill_defaults(args, demo):
+    """Replace unset (None) flags by the recipe's value; resolve device and dtype."""
+    family = "demo" if demo else ("full" if args.method == "full" else "lora")
+    for k, v in RECIPES[(args.command, family)].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.lora_dropout is None:  # DPO turns dropout off so that policy == reference at step 0 (as TRL)
+        args.lora_dropout = 0.0 if args.command == "dpo" else 0.1
+    args.device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device)
+    args.output = args.output or os.path.join("out", f"{args.command}-{args.method}")
+
+
+def training_flags(p, command):
+    r = lambda m: RECIPES[(command, m)]
+    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model, built once and cached "
+                                   "under $XDG_CACHE_HOME/tulu)")
+    p.add_argument("--output", help="output folder (default: out/%s-METHOD)" % command)
+    p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora",
+                   help="qlora: NF4 base + LoRA + paged AdamW (QLoRA); lora: LoRA on a bf16/fp32 base; "
+                        "full: every weight (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help=f"default {r('full')['epochs']} full, {r('lora')['epochs']} lora/qlora")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate; default {r('full')['lr']} full, "
+                                            f"{r('lora')['lr']} lora/qlora, {r('demo')['lr']} for the demo")
+    p.add_argument("--batch-size", type=int, help="examples per micro-batch (default %d; effective batch = "
+                   "batch-size x grad-accum = %d, as the model cards)" % (r('full')['batch_size'],
+                   r('full')['batch_size'] * r('full')['grad_accum']))
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimiser step (default {r('full')['grad_accum']})")
+    p.add_argument("--max-seq-length", type=int, help=f"truncate longer examples (default {r('full')['max_seq_length']})")
+    p.add_argument("--warmup-ratio", type=float, help=f"linear warmup fraction, then linear decay to 0 "
+                                                      f"(default {r('full')['warmup_ratio']})")
+    p.add_argument("--max-grad-norm", type=float, help=f"gradient clipping, 0 = off (default "
+                   f"{r('lora')['max_grad_norm']} lora/qlora as QLoRA, {r('full')['max_grad_norm']} full)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, Tulu 2)")
+    p.add_argument("--lora-r", type=int, default=64, help="LoRA rank (default 64, Tulu 2 QLoRA)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16, Tulu 2 QLoRA)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1 for sft as Tulu 2 QLoRA; 0 for dpo)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (QLoRA)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default 42, open-instruct's)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only on Ctrl-C)")
+    p.add_argument("--resume", help="continue from the checkpoint in this output folder")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="weights/compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="tulu.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sft", help="supervised fine-tuning on Tulu-format conversations")
+    training_flags(p, "sft")
+    p.add_argument("--data", help="JSONL of {\"messages\": [...]} (default: data/sft_train.jsonl)")
+    p.set_defaults(func=cmd_sft)
+    p = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs")
+    training_flags(p, "dpo")
+    p.add_argument("--data", help="JSONL of {\"chosen\": [...], \"rejected\": [...]} (default: data/prefs_train.jsonl)")
+    p.add_argument("--adapter", help="start from this SFT adapter; it is also the reference model")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1, Tulu 2 DPO)")
+    p.add_argument("--loss", default="sigmoid", help="sigmoid (DPO), ipo, dpo_norm (default %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon (default 0)")
+    p.set_defaults(func=cmd_dpo)
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write an HF folder")
+    p.add_argument("--model", required=True, help="the base model folder")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    p.add_argument("--output", required=True)
+    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 and back first, as the adapter "
+                   "was trained (open-instruct merge_lora.py --qlora)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default %(default)s)")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("chat", help="talk to a model in the Tulu chat format")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
+    p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.set_defaults(func=cmd_chat)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (TuluError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        msg = str(e) if isinstance(e, TuluError) else f"{e.filename}: {e.strerror}"
+        print(f"tulu {args.command}: error: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
