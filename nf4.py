@@ -10,8 +10,8 @@ bitsandbytes stores them:
 2. Double quantization: a float32 scale per block costs 32/64 = 0.5 bit a
    weight; quantizing the scales to 8 bits in blocks of 256 brings the total to
    4 + 8/64 + 32/(64*256) = 4.127 bits a weight.
-3. Paged optimizers: AdamW's state lives in CPU pages and visits the
-   accelerator only while a step uses it, so its share of device memory is capped.
+3. Paged optimizers: AdamW's state lives in CPU pages; a step brings what it
+   needs to the accelerator, never more than a fixed budget of it at once.
 `Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward
 and again in backward: gradients reach the input (and chapter 3's LoRA
 adapters), never the weight. llama.load_model(..., quantize="nf4") quantizes
@@ -76,20 +76,26 @@ NF4 = nf4_code_book()   # (16,); NF4[7] == 0
 DYNAMIC = dynamic_map()  # (256,)
 ZERO_CODE = 7            # index of 0.0 in NF4: pads an odd count
 DQ_BLOCKSIZE = 256       # blocks of scales in double quantization
+SLICE = 2**17            # weights quantized at a time: 0.5 MB float32 temporaries
 
 # -----------------------------------------------------------------------------
 # Blockwise absmax quantization
 
 
-def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest value of the sorted `code` for each x (uint8). x is
-    compared with the float32 midpoints between neighbouring code values, so an
-    exact tie goes to the lower code, as in bitsandbytes' NF4 kernels."""
+def nearest_code(x: torch.Tensor, code: torch.Tensor, even_ties: bool = False) -> torch.Tensor:
+    """Index (uint8) of the nearest value of the sorted `code` for each x, by comparing
+    x with the float32 midpoints. A tie goes to the lower code, as in bitsandbytes'
+    NF4 kernels; with even_ties to the even index, as in its CUDA kernel for 8-bit
+    codes, whose binary search from 127 in steps 64, 32, .., 1 ends on an even index."""
     code = code.to(x.device)
-    return torch.bucketize(x, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    mids = (code[:-1] + code[1:]) / 2
+    idx = torch.bucketize(x, mids, out_int32=True)  # mids[idx - 1] < x <= mids[idx]
+    if even_ties:
+        idx += (idx % 2 == 1) & (x == mids[idx.clamp(max=len(mids) - 1)])
+    return idx.to(torch.uint8)
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, even_ties: bool = False):
     """Absmax quantization per block (QLoRA Eq. 1 with one constant per block):
 
         absmax_b = max |x_i| over block b;   c_i = nearest_code(x_i * (1 / absmax_b))
@@ -97,15 +103,15 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     x: (N,) float32 -> codes (N,) uint8, absmax (ceil(N/blocksize),) float32.
     A last, shorter block takes its own absmax. x is multiplied by the float32
     reciprocal as bitsandbytes' CUDA kernel does, not divided: the two can differ
-    in the last bit, and that can move a value across a midpoint.
-    An all-zero block is scaled by 1/1e-38, not 1/0, and stays 0 (as on
-    bitsandbytes' CPU path; its CUDA kernel computes 0 * inf there).
+    in the last bit, and that can move a value across a midpoint (its CPU path
+    divides in a shorter last block). An all-zero block is scaled by 1/1e-38, so it
+    keeps the code of 0.0 as on the CPU path (CUDA's 0 * inf = NaN takes index 0).
     """
     n = x.numel()
     blocks = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # zero padding never raises an absmax
     absmax = blocks.abs().amax(dim=1)
     scaled = blocks * (1 / absmax.clamp(min=1e-38))[:, None]
-    return nearest_code(scaled.view(-1)[:n], code), absmax
+    return nearest_code(scaled.view(-1)[:n], code, even_ties), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
@@ -152,17 +158,17 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     code). The same bytes as bitsandbytes' quantize_4bit(w, blocksize,
     compress_statistics=double_quant, quant_type="nf4"), from the weight in its
     own dtype (a bf16 weight is quantized from its bf16 values)."""
-    # 2^17 weights at a time (an even number of whole blocks: no block or byte is
-    # split), so the float32 temporaries stay at 0.5 MB each, whatever the weight's size.
-    step, code = 2 * blocksize * max(1, 2**16 // blocksize), NF4.to(w.device)
+    # SLICE weights at a time, rounded to an even number of whole blocks (no block or
+    # byte is split), so the float32 temporaries stay small whatever the weight's size.
+    step, code = 2 * blocksize * max(1, SLICE // (2 * blocksize)), NF4.to(w.device)
     parts = [quantize_blockwise(c.float(), code, blocksize) for c in w.detach().reshape(-1).split(step)]
     absmax = torch.cat([a for _, a in parts])
     q = NF4Tensor(torch.cat([pack_nibbles(c) for c, _ in parts]), absmax, w.shape, w.dtype, blocksize)
     if double_quant:
-        # Exact nearest codes, as bitsandbytes' CUDA kernel rounds; its 0.50 CPU
-        # kernel reads an approximate lookup table and misses on ~0.1% of them.
+        # Exact nearest codes, ties to even, as bitsandbytes' CUDA kernel rounds; its
+        # 0.50 CPU kernel reads an approximate lookup table and misses on ~0.1% of them.
         q.nested_offset = absmax.mean()
-        q.absmax, q.nested_absmax = quantize_blockwise(absmax - q.nested_offset, DYNAMIC, DQ_BLOCKSIZE)
+        q.absmax, q.nested_absmax = quantize_blockwise(absmax - q.nested_offset, DYNAMIC, DQ_BLOCKSIZE, even_ties=True)
     return q
 
 
@@ -270,10 +276,12 @@ class PagedAdamW(torch.optim.Optimizer):
     `page_bytes` in CPU memory (pinned when CUDA is available). step() brings the
     pages it needs to the parameters' device, keeping at most
     `device_budget_bytes` of them there at once; the least recently used go back
-    first. `resident_bytes` and `peak_resident_bytes` show the budget is kept.
+    first, and pages stay between steps, so a state within the budget never moves.
+    `resident_bytes` and `peak_resident_bytes` show the budget is kept (on a CPU-only
+    machine the "device" is the CPU: pages are still copied and counted).
     This is software-managed paging: we decide what moves and when, where
     bitsandbytes' paged optimizers allocate CUDA unified memory and let the driver
-    page it. Either way a spike in device memory cannot OOM the optimizer.
+    page it. Either way the optimizer's share of device memory is bounded.
     """
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -307,8 +315,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def flush(self):  # write every resident page back to CPU memory, free the device copies
         for home, dev in self.resident.values():
             home.copy_(dev)
-        self.resident.clear()
-        self.resident_bytes = 0
+        self.resident, self.resident_bytes = OrderedDict(), 0
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -321,14 +328,13 @@ class PagedAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)  # float32 on the CPU, as AdamW keeps it
                     state.update({k: self._new_pages(torch.zeros(p.numel(), dtype=p.dtype)) for k in self.MOMENTS})
                 state["step"] += 1
-                flat_p, flat_g, start = p.view(-1), p.grad.reshape(-1), 0
+                flat_p, flat_g, n = p.view(-1), p.grad.reshape(-1), len(state["exp_avg"][0])
                 for j, (m_page, v_page) in enumerate(zip(state["exp_avg"], state["exp_avg_sq"])):
                     m = self._page_in((id(p), "exp_avg", j), m_page, p.device)
                     v = self._page_in((id(p), "exp_avg_sq", j), v_page, p.device)
-                    sl = slice(start, start + len(m))
+                    sl = slice(j * n, j * n + len(m))  # every page but the last holds n values
                     adamw_update(flat_p[sl], flat_g[sl], m, v, state["step"].item(), group["lr"],
                                  beta1, beta2, group["eps"], group["weight_decay"])
-                    start += len(m)
         return loss
 
     def state_dict(self):
@@ -346,5 +352,5 @@ class PagedAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, s in state_dict["state"].items():
             p = params[int(i)]
-            self.state[p] = {"step": s["step"].detach().float().cpu().clone(),
+            self.state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32).detach().cpu().clone(),
                              **{k: self._new_pages(s[k].detach().reshape(-1).to(p.dtype)) for k in self.MOMENTS}}

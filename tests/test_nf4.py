@@ -2,6 +2,7 @@
 tests/make_fixtures.py), plus the invariants a student can check by hand."""
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_quantize_nf4_double_quant_matches_bitsandbytes(case):
 
 def test_quantize_blockwise_8bit_scales_match_bitsandbytes():
     x = REF["scales.x"]
-    codes, absmax = nf4.quantize_blockwise(x, nf4.DYNAMIC, nf4.DQ_BLOCKSIZE)
+    codes, absmax = nf4.quantize_blockwise(x, nf4.DYNAMIC, nf4.DQ_BLOCKSIZE, even_ties=True)  # as quantize_nf4
     assert torch.equal(codes, REF["scales.codes"]) and torch.equal(absmax, REF["scales.absmax"])
 
 
@@ -98,6 +99,17 @@ def test_nearest_code_equals_argmin_and_ties_go_low():
     assert torch.equal(nf4.nearest_code(mids, nf4.NF4).long(), torch.arange(15))
 
 
+def test_nearest_code_even_ties_for_8bit_codes():
+    """bitsandbytes' CUDA kernel finds an 8-bit code by binary search from index 127
+    in steps 64, 32, .., 1: it always ends on an even index and keeps it on a tie.
+    Off the midpoints the rule changes nothing."""
+    mids = (nf4.DYNAMIC[:-1] + nf4.DYNAMIC[1:]) / 2
+    low = torch.arange(255)
+    assert torch.equal(nf4.nearest_code(mids, nf4.DYNAMIC, even_ties=True).long(), low + low % 2)
+    x = REF["scales.x"] * (1 / REF["scales.absmax"]).repeat_interleave(nf4.DQ_BLOCKSIZE)
+    assert torch.equal(nf4.nearest_code(x, nf4.DYNAMIC, even_ties=True), nf4.nearest_code(x, nf4.DYNAMIC))
+
+
 def test_quantize_blockwise_ties_and_reciprocal_as_bitsandbytes():
     """crafted_fp32: block 0 holds 1.0 and the 15 midpoints between NF4 values
     (ties); blocks 1.. hold (a, x) with x/a and x*(1/a) on two sides of a
@@ -113,10 +125,13 @@ def test_quantize_blockwise_ties_and_reciprocal_as_bitsandbytes():
     assert (bnb_code != nf4.nearest_code(x / a, nf4.NF4).long()).all()
 
 
-def test_quantize_nf4_in_slices_equals_whole():
-    """quantize_nf4 works through long weights a slice at a time; the bytes are
-    those of quantizing the whole at once."""
-    w = torch.randn(3 * 2**17 + 1000 + 33).bfloat16()
+@pytest.mark.parametrize("slice_size", [200, 4096])
+def test_quantize_nf4_in_slices_equals_whole(monkeypatch, slice_size):
+    """quantize_nf4 works through long weights nf4.SLICE weights at a time (here
+    fewer, so the test stays small; 200 rounds to 2 blocks); the bytes are those of
+    quantizing the whole at once."""
+    monkeypatch.setattr(nf4, "SLICE", slice_size)
+    w = torch.randn(3 * 4096 + 1000 + 33).bfloat16()
     codes, absmax = nf4.quantize_blockwise(w.float(), nf4.NF4, 64)
     q = quantize_nf4(w, double_quant=False)
     assert torch.equal(q.packed, nf4.pack_nibbles(codes)) and torch.equal(q.absmax, absmax)
@@ -257,6 +272,19 @@ def test_load_model_nf4_quantizes_the_load_dtype_copy():
     assert model.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
 
 
+def test_quantize_module_frees_the_full_precision_weight():
+    """load_model calls quantize_module right after reading each decoder weight;
+    afterwards nothing holds that weight (nor a view of it), so it is freed at once."""
+    model = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.float32)
+    name = "model.layers.0.mlp.up_proj"
+    weight = weakref.ref(model.get_submodule(name).weight)
+    ptr = weight().untyped_storage().data_ptr()
+    llama.quantize_module(model, name, torch.float32)
+    layer = model.get_submodule(name)
+    assert isinstance(layer, Linear4bit) and weight() is None
+    assert all(t.untyped_storage().data_ptr() != ptr for t in [*layer.buffers(), *layer.parameters()])
+
+
 def test_load_model_nf4_closer_to_full_precision_than_int4():
     """The 4-bit model's logits stay near the full-precision ones (fixture from
     transformers), nearer than with 4-bit integers in the same blocks."""
@@ -361,6 +389,15 @@ def test_paged_adamw_state_dict_is_adamw_format():
     for first, then in ((paged, adamw), (adamw, paged)):
         out, _ = train(first, resume_at=9, resume_with=then)
         assert all(torch.equal(a, b) for a, b in zip(ref, out))
+
+
+def test_paged_adamw_defaults_just_work():
+    """PagedAdamW(params, lr=...) alone: 1 MiB pages, a 256 MiB budget, so this
+    small state stays resident whole; the update is torch's AdamW with weight_decay 0."""
+    ref, _ = train(lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0, foreach=False), steps=3)
+    out, opt = train(lambda ps: PagedAdamW(ps, lr=1e-4), steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    assert opt.peak_resident_bytes == sum(2 * p.numel() * p.element_size() for p in out) <= opt.device_budget_bytes
 
 
 def test_paged_adamw_rejects_budget_below_two_pages():
