@@ -5,9 +5,8 @@ better than that one" with neither a reward model nor RL (DPO, Rafailov et al.
 2023, arXiv 2305.18290): an answer's log-probability sums its tokens', β·log(policy
 / reference) is an implicit reward, and a logistic loss lifts the chosen answer's
 reward above the rejected one's. Variants: conservative DPO, IPO (2310.12036),
-Tulu 3's length-normalized DPO (2411.15124), SimPO (2405.14734). Where reference
-log-probs come from (LoRA adapters switched off, or a cache filled before the
-first update) is tulu.py's business.
+and Tulu 3's length-normalized DPO (2411.15124). tulu.py supplies the reference
+log-probs (LoRA adapters switched off, or cached before the first update).
 
 Shapes: B pairs, T tokens, V vocabulary; a concatenated batch has 2B rows, the
 B chosen answers first.  Read top to bottom.
@@ -52,8 +51,7 @@ def pad_batch(rows, pad_id) -> dict:
     pad_id (an existing token: no vocabulary resize), labels -100, mask 0. The SFT
     loop batches with it too."""
     shape = (len(rows), max(len(x) for x, _ in rows))  # (N, T)
-    ids, labels = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, -100, dtype=torch.long)
-    mask = torch.zeros(shape, dtype=torch.long)
+    ids, labels, mask = (torch.full(shape, v, dtype=torch.long) for v in (pad_id, -100, 0))
     for i, (x, y) in enumerate(rows):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
@@ -79,12 +77,12 @@ def split_pairs(x):
 def sequence_logps(logits, labels, average=False):
     """logits (B, T, V), labels (B, T) -> (B,) float32:
         log π(y|x) = Σ_t log softmax(logits[t-1])[labels[t]]  over t with labels[t] != -100
-    (position t-1 predicts token t); average=True divides by the labelled count (min 1).
-    Sums by default: π(y|x) in DPO Eq. 7 is the whole answer's probability; averages
-    with DPO's β shrink every margin by the answer's length, and training collapsed
-    for those who tried (TRL issue #789). Losses built for averages, with a larger β,
-    say so in uses_average. Upcast first: in bf16 each log-prob is off by ~0.02 and a
-    sum between -512 and -1024 moves in steps of 4, swamping the margins DPO learns."""
+    (position t-1 predicts token t), as open-instruct's _get_batch_logps; average=True
+    divides by the labelled count (an answer with none gives 0, not open-instruct's NaN).
+    Sums by default: π(y|x) in DPO Eq. 7 is the whole answer's probability; averages with
+    DPO's β shrink every margin by the answer's length and collapse training (TRL issue
+    #789); losses made for averages (larger β) say so in uses_average. Upcast first: in
+    bf16 a sum between -512 and -1024 moves in steps of 4, swamping DPO's margins."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
     keep = labels != -100
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -101,36 +99,29 @@ def concatenated_logps(model, batch, average=False):
 # -----------------------------------------------------------------------------
 # Losses: how far the policy's margin moved from the reference's
 
-LOSS_TYPES = {"sigmoid": False, "dpo_norm": True, "ipo": True, "simpo": True}  # name -> averages log-probs?
+LOSS_TYPES = {"sigmoid": False, "dpo_norm": True, "ipo": True}  # name -> averages log-probs?
 
 
 def uses_average(loss_type) -> bool:
-    """Whether `loss_type` wants sequence_logps(..., average=True), for policy and reference."""
+    """Whether `loss_type` wants sequence_logps(..., average=True), for policy and reference
+    (open-instruct's is_average_loss; TRL's IPO); ValueError for an unknown loss_type."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss type {loss_type!r} (choose from {', '.join(LOSS_TYPES)})")
     return LOSS_TYPES[loss_type]
 
 
-def needs_reference(loss_type) -> bool:
-    """SimPO alone has no reference model: its ref_* arguments may be None."""
-    return loss_type != "simpo"
-
-
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
-             label_smoothing=0.0, gamma_beta_ratio=0.3):
+             label_smoothing=0.0):
     """Four (B,) log-probs -> (losses, chosen_rewards, rejected_rewards), each (B,). With
         h = (πc − rc) − (πr − rr)     the policy's log-ratio margin over the reference's
     sigmoid:  loss = −(1−ε)·logσ(β·h) − ε·logσ(−β·h)        DPO Eq. 7; ε = label_smoothing
               > 0 is conservative DPO (Mitchell 2023), the labels trusted with prob. 1−ε
     dpo_norm: the same on average log-probs (open-instruct's name; Tulu 3 uses β = 5)
-    ipo:      loss = (h − 1/(2β))²  on average log-probs      IPO Eq. 17 (β is its τ;
-              averaging as TRL does, the IPO authors' choice); ε is not used
-    simpo:    no reference (rc = rr = 0), h −= γ/β = gamma_beta_ratio, then sigmoid  SimPO Eq. 6
+    ipo:      loss = (h − 1/(2β))²  on average log-probs, as TRL    IPO Eq. 17, β is its τ;
+              a squared loss pulls h to a target instead of pushing it to ∞; ε unused
     rewards = β·(π − r), DPO's implicit reward, detached: they are only logged."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss type {loss_type!r} (choose from {', '.join(LOSS_TYPES)})")
-    if loss_type == "simpo":  # reference-free: as if the reference gave every answer log-prob 0
-        ref_chosen = ref_rejected = torch.zeros_like(pi_chosen)
+    uses_average(loss_type)  # fails early on an unknown loss_type
     h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)  # (B,)
-    h = h - gamma_beta_ratio if loss_type == "simpo" else h
     if loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:

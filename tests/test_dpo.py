@@ -1,4 +1,4 @@
-"""dpo.py against the formulas it cites (DPO Eq. 7, IPO, SimPO), their
+"""dpo.py against the formulas it cites (DPO Eq. 7, conservative DPO, IPO), their
 gradients worked out by hand, a naive loop for log-probabilities, and the
 invariants of the chapter (loss = ln 2 when the policy is the reference)."""
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import dpo
-from dpo import (check_pair, collate_pairs, concatenated_logps, dpo_loss, dpo_metrics,
-                 needs_reference, sequence_logps, split_pairs, uses_average)
+from dpo import (check_pair, collate_pairs, concatenated_logps, dpo_loss, dpo_metrics, pad_batch,
+                 sequence_logps, split_pairs, uses_average)
 from llama import Llama, LlamaConfig
 
 
@@ -74,44 +74,25 @@ def test_dpo_loss_ipo_matches_formula():
     torch.testing.assert_close(losses, ((pc - rc) - (pr - rr) - 1 / (2 * 0.5)) ** 2)
 
 
-def test_dpo_loss_simpo_matches_formula():
-    """SimPO has no reference: average log-probs πc = -1.0, πr = -1.5, β = 2, γ/β = 0.3:
-    h = πc - πr - γ/β = 0.5 - 0.3 = 0.2, loss = -log σ(2·0.2) = log(1 + e^-0.4);
-    rewards are β·π: -2.0 and -3.0."""
-    pc, pr = tensors([-1.0], [-1.5])
-    assert not needs_reference("simpo")
-    losses, chosen, rejected = dpo_loss(pc, pr, None, None, beta=2.0, loss_type="simpo", gamma_beta_ratio=0.3)
-    torch.testing.assert_close(losses, torch.tensor([math.log(1 + math.exp(-0.4))], dtype=torch.float64))
-    torch.testing.assert_close(chosen, torch.tensor([-2.0], dtype=torch.float64))
-    torch.testing.assert_close(rejected, torch.tensor([-3.0], dtype=torch.float64))
-
-
 @pytest.mark.parametrize("loss_type", dpo.LOSS_TYPES)
 def test_dpo_loss_gradient_matches_analytic(loss_type):
-    """With z = β·h, the logistic losses have dL/dh = -β·((1-ε)·σ(-z) - ε·σ(z)), IPO has
-    dL/dh = 2·(h - 1/(2β)); and since h = πc - rc - πr + rr (- γ/β),
-    dL/dπc = dL/dh, dL/dπr = -dL/dh, dL/drc = -dL/dh, dL/drr = dL/dh (SimPO: no reference)."""
-    beta, eps, gbr = 0.4, 0.1, 0.3
+    """With z = β·h, the logistic losses have dL/dh = -β·((1-ε)·σ(-z) - ε·σ(z)) (from
+    d/dz log σ(z) = σ(-z)), IPO has dL/dh = 2·(h - 1/(2β)); and since h = πc - rc - πr + rr,
+    dL/dπc = dL/dh, dL/dπr = -dL/dh, dL/drc = -dL/dh, dL/drr = dL/dh."""
+    beta, eps = 0.4, 0.1
     pc, pr, rc, rr = [t.requires_grad_() for t in random_logps(seed=1)]
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
-                            gamma_beta_ratio=gbr)
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps)
     losses.sum().backward()
     with torch.no_grad():
-        if loss_type == "simpo":
-            h = pc - pr - gbr
-        else:
-            h = (pc - rc) - (pr - rr)
+        h = (pc - rc) - (pr - rr)
         if loss_type == "ipo":
             dh = 2 * (h - 1 / (2 * beta))
         else:
             dh = -beta * ((1 - eps) * torch.sigmoid(-beta * h) - eps * torch.sigmoid(beta * h))
     torch.testing.assert_close(pc.grad, dh)
     torch.testing.assert_close(pr.grad, -dh)
-    if loss_type == "simpo":
-        assert rc.grad is None and rr.grad is None
-    else:
-        torch.testing.assert_close(rc.grad, -dh)
-        torch.testing.assert_close(rr.grad, dh)
+    torch.testing.assert_close(rc.grad, -dh)
+    torch.testing.assert_close(rr.grad, dh)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "dpo_norm"])
@@ -131,16 +112,17 @@ def test_dpo_loss_rewards_are_detached_and_bad_type_fails():
     pc, pr, rc, rr = [t.requires_grad_() for t in random_logps()]
     losses, chosen, rejected = dpo_loss(pc, pr, rc, rr)
     assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
-    with pytest.raises(ValueError, match="hinge"):
+    with pytest.raises(ValueError, match="'hinge' .*sigmoid, dpo_norm, ipo"):
         dpo_loss(pc, pr, rc, rr, loss_type="hinge")
 
 
-def test_uses_average_and_needs_reference_per_loss_type():
-    """open-instruct averages log-probs for dpo_norm and simpo (DPOLossType.is_average_loss),
-    TRL for ipo; plain DPO sums them (see sequence_logps)."""
+def test_uses_average_per_loss_type():
+    """open-instruct averages log-probs for dpo_norm (DPOLossType.is_average_loss), TRL for
+    ipo; plain DPO sums them (see sequence_logps). An unknown name names the valid ones."""
     assert not uses_average("sigmoid")
-    assert uses_average("dpo_norm") and uses_average("simpo") and uses_average("ipo")
-    assert needs_reference("sigmoid") and needs_reference("dpo_norm") and needs_reference("ipo")
+    assert uses_average("dpo_norm") and uses_average("ipo")
+    with pytest.raises(ValueError, match="sigmoid, dpo_norm, ipo"):
+        uses_average("dpo")
 
 
 # -----------------------------------------------------------------------------
@@ -211,7 +193,15 @@ PAIRS = [  # (chosen_ids, chosen_labels, rejected_ids, rejected_labels): prompt,
 ]
 
 
-def test_collate_pairs_and_split_pairs_round_trip():
+def test_pad_batch_right_pads():
+    """Two SFT rows, pad id 7: ids padded with 7, labels with -100, mask 1 on real tokens."""
+    batch = pad_batch([([1, 2, 3], [-100, 2, 3]), ([4], [-100])], pad_id=7)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_pad_batch_collate_pairs_and_split_pairs_round_trip():
     batch = collate_pairs(PAIRS, pad_id=0)
     B, T = len(PAIRS), max(len(p[k]) for p in PAIRS for k in (0, 2))
     for k in ("input_ids", "labels", "attention_mask"):
