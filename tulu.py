@@ -102,6 +102,9 @@ def load_pref_data(path, tok, max_seq_length):
 
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+PRETRAIN = dict(command="pretrain", method="full", lr=2e-3, max_steps=500, epochs=0, batch_size=16, grad_accum=1,
+                warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, seed=0, resume=None, save_every=0,
+                device="cpu", dtype=torch.float32)
 
 
 def cache_dir():
@@ -109,27 +112,34 @@ def cache_dir():
 
 
 def tiny_default_model() -> str:
-    """Build (once) a randomly initialised tiny Llama, as a real HF folder with a
-    sentencepiece tokenizer trained on data/, and return its path. Deterministic:
-    the same bytes on every run; rebuilt when data/ changes."""
+    """Build (once) the demo's base model and return its path: a tiny Llama as a
+    real HF folder, with a sentencepiece tokenizer trained on data/, and
+    "pretrained" for a minute on the plain text of data/ (no chat markers), so
+    that, as with a real base model, it knows the content and SFT teaches it to
+    chat. Deterministic on a given machine; rebuilt when data/ changes."""
     import hashlib
     from tulu_data import train_tiny_tokenizer
-    sources = [os.path.join(DATA, "sft_train.jsonl")]
-    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources) + repr(TINY).encode()).hexdigest()[:10]
+    source = os.path.join(DATA, "sft_train.jsonl")
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read() + repr((TINY, PRETRAIN)).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir(), f"tiny-llama-{digest}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    print(f"building the tiny default model in {path} (once)")
+    print(f"building the tiny default model in {path} (once, about a minute)")
     tmp = f"{path}.tmp{os.getpid()}"
-    train_tiny_tokenizer(tmp, sources)
+    train_tiny_tokenizer(tmp, [source])
     tok = Tokenizer(tmp)
     cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **TINY)
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     model = llama.Llama(cfg)
-    for name, p in model.named_parameters():  # HF's init: N(0, 0.02) for matrices, ones for norms
+    for p in model.parameters():  # HF's init: N(0, 0.02) for matrices, ones for norms
         if p.dim() == 2:
-            p.data.normal_(0.0, 0.02, generator=g)
+            torch.nn.init.normal_(p, 0.0, 0.02)
+    docs = [[tok.bos_id] + tok.encode("\n".join(m["content"] for m in obj["messages"])) + [tok.eos_id]
+            for _, obj in read_jsonl(source, "sft")]
+    train(argparse.Namespace(**PRETRAIN), model, [(d, d) for d in docs], SFTTask(tok.eos_id), tmp)
     save_model(model, tmp)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
 
@@ -688,7 +698,8 @@ def build_parser():
     p.add_argument("--data", help="JSONL of {\"chosen\": [...], \"rejected\": [...]} (default: data/prefs_train.jsonl)")
     p.add_argument("--adapter", help="start from this SFT adapter; it is also the reference model")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1, Tulu 2 DPO)")
-    p.add_argument("--loss", default="sigmoid", help="sigmoid (DPO), ipo, dpo_norm (default %(default)s)")
+    p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES),
+                   help="sigmoid: DPO (Tulu 2); dpo_norm: on average log-probs (Tulu 3); ipo (default %(default)s)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon (default 0)")
     p.set_defaults(func=cmd_dpo)
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write an HF folder")
