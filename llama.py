@@ -429,17 +429,17 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30):
 
 
 class Tokenizer:
-    """Llama 2's sentencepiece tokenizer (tokenizer.model). encode() is plain
-    sentencepiece, which is what HF's slow LlamaTokenizer gives for text
-    without special tokens.
+    """Llama 2's sentencepiece tokenizer (tokenizer.model), encoding as HF's slow
+    LlamaTokenizer does: the special tokens "<unk>", "<s>", "</s>" written in the
+    text become their ids (the chat format writes "</s>" after each answer) and
+    each piece of text between them is sentencepiece's.
 
-    `legacy` is how HF's LlamaTokenizer treats text that follows a special
-    token such as "</s>" (the chat format, chapter 5): True gives it
+    `legacy` is how HF treats text that follows a special token: True gives it
     sentencepiece's dummy-prefix "▁" ("</s>", "▁", "\\n"), False does not
     ("</s>", "\\n"). It is read from tokenizer_config.json beside the model;
-    without one, or without the key, it is False: what the tokenizer_config.json
-    of Llama 2 and of the Tulu 2 models say, and transformers 5's default
-    (transformers 4 assumed True, with a warning asking to set it)."""
+    without the key it is False: what the tokenizer_config.json of Llama 2 and
+    of the Tulu 2 models say, and transformers 5's default (transformers 4
+    assumed True, with a warning asking to set it)."""
 
     def __init__(self, path: str, legacy: bool | None = None):
         import sentencepiece as spm
@@ -454,7 +454,9 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
+        self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
         self.legacy = self.read_legacy() if legacy is None else legacy
+        self._sp_no_prefix = None
 
     def read_legacy(self) -> bool:
         cfg_file = os.path.join(self.dir, "tokenizer_config.json")
@@ -465,13 +467,58 @@ class Tokenizer:
                 legacy = json.load(f).get("legacy")
         except (json.JSONDecodeError, AttributeError) as e:
             raise TuluError(f"{cfg_file}: not a JSON object ({e})") from None
-        return False if legacy is None else bool(legacy)
+        return bool(legacy)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        ids = [self.specials[p] if p in self.specials else self.sp.piece_to_id(p) for p in self.pieces(text)]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def pieces(self, text: str) -> list[str]:
+        """legacy=True: every piece of text between special tokens is encoded on its
+        own, so each gets the dummy prefix "▁". legacy=False: only the start of the
+        text does; a piece after a special token is encoded as it is, except that
+        one starting with a space keeps it as "▁" (HF encodes "<unk>" + piece and
+        drops the pieces of "<unk>")."""
+        if self.legacy or not text:
+            return [p for c in split_special(text, self.specials)
+                    for p in ([c] if c in self.specials else self.sp.encode(c, out_type=str))]
+        sp, unk = self.sp_no_prefix(), self.sp.id_to_piece(self.sp.unk_id())
+        out = []
+        for c in split_special("▁" + text.replace("▁", " "), self.specials):
+            if c in self.specials:
+                out.append(c)
+            elif c.startswith(("▁", " ")):
+                out += sp.encode(unk + c, out_type=str)[len(sp.encode(unk)):]
+            else:
+                out += sp.encode(c, out_type=str)
+        return out[1:] if len(out) > 1 and out[0] == "▁" and out[1] in self.specials else out
+
+    def sp_no_prefix(self):
+        """The same model with add_dummy_prefix off, as HF builds it for legacy=False.
+        Appending these 4 bytes to the serialized ModelProto repeats field 3
+        (normalizer_spec) holding field 3 (add_dummy_prefix) = 0, and protobuf
+        merges a repeated message field into the first: no protobuf needed."""
+        if self._sp_no_prefix is None:
+            import sentencepiece as spm
+            with open(self.model_file, "rb") as f:
+                self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
+        return self._sp_no_prefix
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+def split_special(text: str, specials) -> list[str]:
+    """"a</s>b" -> ["a", "</s>", "b"]: text between special tokens, and the tokens."""
+    out, start, i = [], 0, 0
+    while i < len(text):
+        hit = next((s for s in specials if text.startswith(s, i)), None)
+        if hit:
+            out += [text[start:i], hit]
+            i = start = i + len(hit)
+        else:
+            i += 1
+    return [c for c in out + [text[start:]] if c]
 
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import shutil
 import sys
 import time
@@ -34,7 +35,104 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 # -----------------------------------------------------------------------------
 # The chat format and the data files (Tulu 2 / open-instruct formats)
 
-from tulu_data import encode_messages, encode_prompt, read_jsonl  # noqa: E402  (folded in below once written)
+ROLE_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+
+
+def chat_text(messages) -> str:
+    """The Tulu format, turn after turn, each content stripped:
+
+        <|system|>\n{c}\n   <|user|>\n{c}\n   <|assistant|>\n{c}</s>\n
+
+    "</s>" is written as text; the tokenizer turns it into the EOS id."""
+    text = ""
+    for m in messages:
+        if m["role"] not in ROLE_HEADERS:
+            raise ValueError(f"unknown role {m['role']!r} (expected system, user or assistant)")
+        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + ("</s>" if m["role"] == "assistant" else "") + "\n"
+    return text
+
+
+def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation, as open-instruct's
+    encode_with_messages_format (Tulu 2) makes them: the chat text, stripped,
+    tokenized with BOS and cut on the right to max_seq_length; labels are the
+    ids with -100 on every system and user turn and on the "<|assistant|>\n"
+    that follows one. So the model learns the replies, their "</s>" and, after
+    a non-final "</s>", the newline (with legacy=True: "▁", "\n").
+
+    Where a turn ends is found as open-instruct finds it: by tokenizing the
+    conversation up to that turn on its own. Kept on purpose, as there: BOS is
+    learned when a conversation starts with an assistant turn, and so is the
+    header of an assistant turn that follows another one."""
+    if not messages:
+        raise ValueError("no messages")
+    prefix_len = lambda text: len(tokenizer.encode(text, bos=True)[:max_seq_length])
+    ids = tokenizer.encode(chat_text(messages).strip(), bos=True)[:max_seq_length]
+    labels = list(ids)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        start = 0 if i == 0 else prefix_len(chat_text(messages[:i]))
+        header = ROLE_HEADERS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
+        end = prefix_len(chat_text(messages[:i + 1]) + header)
+        labels[start:end] = [-100] * len(labels[start:end])
+        if end >= max_seq_length:
+            break
+    return ids, labels
+
+
+def encode_prompt(messages, tokenizer) -> list[int]:
+    """Ids of a conversation ending with a user turn, then "<|assistant|>\n", for
+    the model to write the answer: tokenized exactly as in training. (open-instruct's
+    evaluation writes "<s>" into the prompt text instead, which with legacy=False
+    encodes the first "<|user|>" without "▁", unlike training.)"""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a prompt must end with a user turn")
+    return tokenizer.encode(chat_text(messages) + ROLE_HEADERS["assistant"], bos=True)
+
+
+KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
+
+
+def message_problem(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "must be a non-empty list of messages"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {j} must be an object with string 'role' and 'content'"
+        if m["role"] not in ROLE_HEADERS:
+            return f"message {j}: unknown role {m['role']!r} (expected system, user or assistant)"
+    return None
+
+
+def read_jsonl(path: str, kind: str):
+    """Yield (line_number, object) for each non-blank line of a JSONL file of kind
+    "sft" ({"messages": [...]}) or "prefs" ({"chosen": [...], "rejected": [...]});
+    other keys (dataset, id) are ignored. Problems: TuluError("path:line: ...")."""
+    if not os.path.isfile(path):
+        raise TuluError(f"{path}: no such file")
+    seen = False
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+                obj = json.loads(line) if line else None
+            except UnicodeDecodeError:
+                raise TuluError(f"{path}:{n}: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not line:
+                continue
+            if not isinstance(obj, dict):
+                raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            for key in KIND_KEYS[kind]:
+                problem = f"missing key {key!r}" if key not in obj else message_problem(obj[key])
+                if problem:
+                    raise TuluError(f"{path}:{n}: {problem if key not in obj else repr(key) + ' ' + problem}")
+            seen = True
+            yield n, obj
+    if not seen:
+        raise TuluError(f"{path}: empty")
 
 
 def load_sft_data(path, tok, max_seq_length):
@@ -111,6 +209,35 @@ def cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tulu")
 
 
+def train_tiny_tokenizer(out_dir: str, files, vocab_size: int = 768):
+    """Train a BPE sentencepiece model on the chat text of the conversations in
+    `files` (markers included, so "<|user|>" costs few tokens; cut at each "</s>",
+    which is an id, not text) and write a folder transformers loads as a
+    LlamaTokenizer. Settings as Llama 2's trainer_spec: <unk>=0, <s>=1, </s>=2,
+    byte fallback, dummy prefix, digits split; "\n" is a token of its own so
+    that no token spans the end of a turn. One thread, input in file order: the
+    same files give the same bytes."""
+    import io
+    import sentencepiece as spm
+    sentences = [s for path in files for _, obj in read_jsonl(path, "sft")
+                 for s in chat_text(obj["messages"]).strip().split("</s>") if s]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        max_sentencepiece_length=16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>",
+        bos_piece="<s>", eos_piece="</s>", user_defined_symbols=["\n"], num_threads=1,
+        shuffle_input_sentence=False, minloglevel=2)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: pathlib.Path(tmp).write_bytes(model.getvalue()))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": True,
+        "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}})
+
+
 def tiny_default_model() -> str:
     """Build (once) the demo's base model and return its path: a tiny Llama as a
     real HF folder, with a sentencepiece tokenizer trained on data/, and
@@ -118,7 +245,6 @@ def tiny_default_model() -> str:
     that, as with a real base model, it knows the content and SFT teaches it to
     chat. Deterministic on a given machine; rebuilt when data/ changes."""
     import hashlib
-    from tulu_data import train_tiny_tokenizer
     source = os.path.join(DATA, "sft_train.jsonl")
     with open(source, "rb") as f:
         digest = hashlib.sha256(f.read() + repr((TINY, PRETRAIN)).encode()).hexdigest()[:10]
@@ -355,7 +481,7 @@ class MetricsLog:
             with open(self.path) as f:
                 rows = [r for r in map(json.loads, f) if r["step"] <= start_step]
         self.rows = rows
-        atomic_write(self.path, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
+        atomic_write(self.path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     def log(self, row):
         self.rows.append(row)

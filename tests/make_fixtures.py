@@ -440,7 +440,7 @@ def make_lora():
 
 
 # -----------------------------------------------------------------------------
-# tulu_data.py: the Tulu chat format (open-instruct's encode_with_messages_format)
+# tulu.py: the Tulu chat format (open-instruct's encode_with_messages_format)
 # with HF's *slow* sentencepiece LlamaTokenizer, legacy=True and legacy=False.
 #
 # Runs in a venv with transformers 4 (transformers 5 ships only the fast Llama
@@ -509,10 +509,10 @@ def chat_open_instruct_encode(messages, tok, max_seq_length):
 
 def chat_cases(model_file, legacy):
     """Reference ids/labels for every conversation, prompt and raw text with the
-    HF slow tokenizer; also asserts that tulu_data agrees."""
+    HF slow tokenizer; also asserts that tulu agrees."""
     from transformers import LlamaTokenizer
     import llama
-    import tulu_data
+    import tulu
     hf = LlamaTokenizer(vocab_file=model_file, legacy=legacy)
     ours = llama.Tokenizer(model_file, legacy=legacy)
     cases, prompts, texts = [], [], []
@@ -520,17 +520,17 @@ def chat_cases(model_file, legacy):
         msgs = CHAT_CONVERSATIONS[name]
         ids, labels = chat_open_instruct_encode(msgs, hf, max_len)
         cases.append({"name": name, "max_seq_length": max_len, "input_ids": ids, "labels": labels})
-        assert tulu_data.encode_messages(msgs, ours, max_len) == (ids, labels), (name, max_len, legacy)
+        assert tulu.encode_messages(msgs, ours, max_len) == (ids, labels), (name, max_len, legacy)
     for name, msgs in CHAT_CONVERSATIONS.items():
         turns = [m for m in msgs[:next(i for i, m in enumerate(msgs) if m["role"] == "user") + 1]]
-        text = tulu_data.chat_text(turns) + "<|assistant|>\n"
+        text = tulu.chat_text(turns) + "<|assistant|>\n"
         ids = hf(text).input_ids
         prompts.append({"name": name, "n_messages": len(turns), "input_ids": ids})
-        assert tulu_data.encode_prompt(turns, ours) == ids, (name, legacy)
+        assert tulu.encode_prompt(turns, ours) == ids, (name, legacy)
     for text in CHAT_TEXTS:
         ids = hf(text, add_special_tokens=False).input_ids
         texts.append({"text": text, "ids": ids})
-        assert tulu_data.tokenize(text, ours) == ids, (text, legacy, ids, tulu_data.tokenize(text, ours))
+        assert ours.encode(text) == ids, (text, legacy, ids, ours.encode(text))
     return {"legacy": legacy, "cases": cases, "prompts": prompts, "texts": texts}
 
 
@@ -551,12 +551,12 @@ def chat_check_tiny_folder(d):
 
 @area
 def make_chat():
-    import tulu_data
+    import tulu
     out = fresh_dir("chat")
     tiny = os.path.join(out, "tiny_tokenizer")
-    tulu_data.train_tiny_tokenizer(tiny, [os.path.join(ROOT, "data", "sft_train.jsonl")])
+    tulu.train_tiny_tokenizer(tiny, [os.path.join(ROOT, "data", "sft_train.jsonl")])
     again = os.path.join(out, "tiny_again")
-    tulu_data.train_tiny_tokenizer(again, [os.path.join(ROOT, "data", "sft_train.jsonl")])
+    tulu.train_tiny_tokenizer(again, [os.path.join(ROOT, "data", "sft_train.jsonl")])
     for name in os.listdir(tiny):
         with open(os.path.join(tiny, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
             assert a.read() == b.read(), f"train_tiny_tokenizer is not deterministic: {name}"

@@ -1,4 +1,4 @@
-"""Tests for tulu_data.py: the Tulu chat format against open-instruct's
+"""Tests for tulu.py's data side: the Tulu chat format against open-instruct's
 encode_with_messages_format run with HF's slow LlamaTokenizer (golden files from
 tests/make_fixtures.py, area "chat"), the JSONL readers, the sample data and the
 tiny tokenizer.
@@ -14,7 +14,7 @@ import os
 import pytest
 
 import llama
-import tulu_data
+import tulu
 from llama import TuluError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +56,7 @@ def test_encode_messages_matches_open_instruct(tag):
         tok = llama.Tokenizer(model_file, legacy=mode["legacy"])
         for case in mode["cases"]:
             msgs = ref["conversations"][case["name"]]
-            ids, labels = tulu_data.encode_messages(msgs, tok, case["max_seq_length"])
+            ids, labels = tulu.encode_messages(msgs, tok, case["max_seq_length"])
             where = (case["name"], case["max_seq_length"], f"legacy={mode['legacy']}")
             assert ids == case["input_ids"], where
             assert labels == case["labels"], where
@@ -69,7 +69,7 @@ def test_encode_prompt_matches_hf_tokenizer(tag):
         tok = llama.Tokenizer(model_file, legacy=mode["legacy"])
         for p in mode["prompts"]:
             msgs = ref["conversations"][p["name"]][:p["n_messages"]]
-            assert tulu_data.encode_prompt(msgs, tok) == p["input_ids"], (p["name"], mode["legacy"])
+            assert tulu.encode_prompt(msgs, tok) == p["input_ids"], (p["name"], mode["legacy"])
 
 
 @pytest.mark.parametrize("tag", ["tiny", "llama2"])
@@ -78,7 +78,7 @@ def test_tokenize_matches_hf_slow_tokenizer(tag):
     for mode in ref["modes"]:
         tok = llama.Tokenizer(model_file, legacy=mode["legacy"])
         for t in mode["texts"]:
-            assert tulu_data.tokenize(t["text"], tok) == t["ids"], (t["text"], mode["legacy"])
+            assert tok.encode(t["text"]) == t["ids"], (t["text"], mode["legacy"])
 
 
 def test_tokenize_text_after_eos_legacy_vs_not():
@@ -86,17 +86,17 @@ def test_tokenize_text_after_eos_legacy_vs_not():
     prefix "▁", legacy=False does not. Text without special tokens is plain
     sentencepiece either way."""
     tok = llama.Tokenizer(TINY)
-    new = tulu_data.tokenize("x</s>y", llama.Tokenizer(TINY, legacy=False))
-    old = tulu_data.tokenize("x</s>y", llama.Tokenizer(TINY, legacy=True))
+    new = llama.Tokenizer(TINY, legacy=False).encode("x</s>y")
+    old = llama.Tokenizer(TINY, legacy=True).encode("x</s>y")
     assert old == tok.encode("x") + [tok.eos_id] + tok.encode("y")  # "y" as if it began a text: "▁y"
     assert new == tok.encode("x") + [tok.eos_id] + [tok.sp.piece_to_id("y")]  # "y" as it is
     for legacy in (True, False):
-        assert tulu_data.tokenize("plain text", llama.Tokenizer(TINY, legacy=legacy)) == tok.encode("plain text")
+        assert llama.Tokenizer(TINY, legacy=legacy).encode("plain text") == tok.sp.encode("plain text")
 
 
 def test_sp_without_dummy_prefix_drops_the_leading_space_piece():
     tok = llama.Tokenizer(TINY)
-    sp = tulu_data.sp_without_dummy_prefix(tok)
+    sp = tok.sp_no_prefix()
     assert sp.encode("hello", out_type=str)[0][0] != "▁"
     assert tok.sp.encode("hello", out_type=str)[0][0] == "▁"
     assert sp.get_piece_size() == tok.vocab_size
@@ -114,36 +114,36 @@ def test_encode_messages_learns_answers_and_eos_only():
     tok = llama.Tokenizer(TINY)
     msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"},
             {"role": "assistant", "content": "2 + 2 = 4"}]
-    ids, labels = tulu_data.encode_messages(msgs, tok, 512)
+    ids, labels = tulu.encode_messages(msgs, tok, 512)
     assert ids[0] == tok.bos_id and labels[0] == -100
     assert all(l in (-100, i) for i, l in zip(ids, labels))  # a label is its input id or masked
     got = learned(ids, labels)
     assert got[-1] == tok.eos_id and tok.decode(got[:-1]) == "2 + 2 = 4"
-    assert ids == [tok.bos_id] + tulu_data.tokenize(tulu_data.chat_text(msgs).strip(), tok)
+    assert ids == [tok.bos_id] + tok.encode(tulu.chat_text(msgs).strip())
 
 
 def test_encode_messages_strips_contents_and_text():
     tok = llama.Tokenizer(TINY)
     clean = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     padded = [{"role": "user", "content": "  hi\n"}, {"role": "assistant", "content": "\nhello  "}]
-    assert tulu_data.encode_messages(padded, tok, 512) == tulu_data.encode_messages(clean, tok, 512)
-    assert tulu_data.chat_text(clean).strip() == "<|user|>\nhi\n<|assistant|>\nhello</s>"
+    assert tulu.encode_messages(padded, tok, 512) == tulu.encode_messages(clean, tok, 512)
+    assert tulu.chat_text(clean).strip() == "<|user|>\nhi\n<|assistant|>\nhello</s>"
 
 
 def test_encode_messages_truncates_on_the_right():
     tok = llama.Tokenizer(TINY)
     msgs = [{"role": "user", "content": "What is the capital of France?"},
             {"role": "assistant", "content": "The capital of France is Paris."}]
-    full_ids, full_labels = tulu_data.encode_messages(msgs, tok, 4096)
+    full_ids, full_labels = tulu.encode_messages(msgs, tok, 4096)
     for n in (1, 5, len(full_ids) - 1):
-        ids, labels = tulu_data.encode_messages(msgs, tok, n)
+        ids, labels = tulu.encode_messages(msgs, tok, n)
         assert ids == full_ids[:n] and labels == full_labels[:n]
 
 
 def test_encode_messages_unknown_role_is_a_value_error():
     tok = llama.Tokenizer(TINY)
     with pytest.raises(ValueError, match="unknown role 'bot'"):
-        tulu_data.encode_messages([{"role": "bot", "content": "x"}], tok, 16)
+        tulu.encode_messages([{"role": "bot", "content": "x"}], tok, 16)
 
 
 def test_encode_prompt_is_the_training_text_up_to_the_answer():
@@ -151,10 +151,10 @@ def test_encode_prompt_is_the_training_text_up_to_the_answer():
     tokenized as in training; generation continues from there."""
     tok = llama.Tokenizer(TINY)
     msgs = [{"role": "user", "content": "Spell the word \"cat\"."}]
-    ids = tulu_data.encode_prompt(msgs, tok)
-    assert ids == [tok.bos_id] + tulu_data.tokenize("<|user|>\nSpell the word \"cat\".\n<|assistant|>\n", tok)
+    ids = tulu.encode_prompt(msgs, tok)
+    assert ids == [tok.bos_id] + tok.encode("<|user|>\nSpell the word \"cat\".\n<|assistant|>\n")
     with pytest.raises(ValueError):
-        tulu_data.encode_prompt(msgs + [{"role": "assistant", "content": "c-a-t"}], tok)
+        tulu.encode_prompt(msgs + [{"role": "assistant", "content": "c-a-t"}], tok)
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +192,7 @@ SFT_LINE = '{"dataset": "x", "id": 7, "messages": [{"role": "user", "content": "
 
 def test_read_jsonl_yields_line_numbers_and_skips_blank_lines(tmp_path):
     path = write(tmp_path, SFT_LINE + "\n\n" + SFT_LINE + "\n")
-    got = list(tulu_data.read_jsonl(path, "sft"))
+    got = list(tulu.read_jsonl(path, "sft"))
     assert [n for n, _ in got] == [1, 3]
     assert got[0][1]["messages"][1] == {"role": "assistant", "content": "b"}
 
@@ -209,7 +209,7 @@ def test_read_jsonl_yields_line_numbers_and_skips_blank_lines(tmp_path):
 def test_read_jsonl_errors_name_file_and_line(tmp_path, line, problem):
     path = write(tmp_path, SFT_LINE + "\n" + line + "\n")
     with pytest.raises(TuluError) as e:
-        list(tulu_data.read_jsonl(path, "sft"))
+        list(tulu.read_jsonl(path, "sft"))
     assert str(e.value).startswith(f"{path}:2: ") and problem in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -218,22 +218,22 @@ def test_read_jsonl_empty_and_missing_files(tmp_path):
     for text in ("", "\n  \n"):
         path = write(tmp_path, text)
         with pytest.raises(TuluError, match=r": empty$"):
-            list(tulu_data.read_jsonl(path, "sft"))
+            list(tulu.read_jsonl(path, "sft"))
     with pytest.raises(TuluError, match="no such file"):
-        list(tulu_data.read_jsonl(str(tmp_path / "nope.jsonl"), "sft"))
+        list(tulu.read_jsonl(str(tmp_path / "nope.jsonl"), "sft"))
 
 
 def test_read_jsonl_not_utf8(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(SFT_LINE.encode() + b"\n\xff\xfe\n")
     with pytest.raises(TuluError, match=r"bad.jsonl:2: not UTF-8"):
-        list(tulu_data.read_jsonl(str(p), "sft"))
+        list(tulu.read_jsonl(str(p), "sft"))
 
 
 def test_read_jsonl_prefs(tmp_path):
     conv = '[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]'
     path = write(tmp_path, f'{{"chosen": {conv}, "rejected": {conv}}}\n{{"chosen": {conv}}}\n')
-    it = tulu_data.read_jsonl(path, "prefs")
+    it = tulu.read_jsonl(path, "prefs")
     assert next(it)[0] == 1
     with pytest.raises(TuluError, match=r":2: missing key 'rejected'"):
         next(it)
@@ -248,7 +248,7 @@ def data_file(name):
 
 
 def test_read_jsonl_reads_the_sample_data():
-    sizes = {name: len(list(tulu_data.read_jsonl(data_file(name), kind)))
+    sizes = {name: len(list(tulu.read_jsonl(data_file(name), kind)))
              for name, kind in (("sft_train.jsonl", "sft"), ("sft_heldout.jsonl", "sft"),
                                 ("prefs_train.jsonl", "prefs"), ("prefs_heldout.jsonl", "prefs"))}
     spec = importlib.util.spec_from_file_location("make_data", data_file("make_data.py"))
@@ -273,17 +273,17 @@ def first_prompt(msgs):
 
 
 def test_sample_data_held_out_prompts_are_unseen():
-    train = {first_prompt(o["messages"][:2]) for _, o in tulu_data.read_jsonl(data_file("sft_train.jsonl"), "sft")}
-    held = [first_prompt(o["messages"][:2]) for _, o in tulu_data.read_jsonl(data_file("sft_heldout.jsonl"), "sft")]
+    train = {first_prompt(o["messages"][:2]) for _, o in tulu.read_jsonl(data_file("sft_train.jsonl"), "sft")}
+    held = [first_prompt(o["messages"][:2]) for _, o in tulu.read_jsonl(data_file("sft_heldout.jsonl"), "sft")]
     assert not train & set(held)
-    ptrain = {json.dumps(o["chosen"][:-1]) for _, o in tulu_data.read_jsonl(data_file("prefs_train.jsonl"), "prefs")}
-    pheld = {json.dumps(o["chosen"][:-1]) for _, o in tulu_data.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
+    ptrain = {json.dumps(o["chosen"][:-1]) for _, o in tulu.read_jsonl(data_file("prefs_train.jsonl"), "prefs")}
+    pheld = {json.dumps(o["chosen"][:-1]) for _, o in tulu.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
     assert not ptrain & pheld
 
 
 @pytest.mark.parametrize("name", ["prefs_train.jsonl", "prefs_heldout.jsonl"])
 def test_sample_prefs_share_the_prompt_and_differ_in_the_answer(name):
-    for _, o in tulu_data.read_jsonl(data_file(name), "prefs"):
+    for _, o in tulu.read_jsonl(data_file(name), "prefs"):
         c, r = o["chosen"], o["rejected"]
         assert c[:-1] == r[:-1] and c[-1]["role"] == r[-1]["role"] == "assistant"
         assert c[-1]["content"] != r[-1]["content"]
@@ -293,8 +293,8 @@ def test_encode_messages_sample_data_fits_and_has_answers():
     """Every held-out conversation, in the tiny tokenizer, is short and has
     something to learn (the demo trains with max_seq_length well above this)."""
     tok = llama.Tokenizer(TINY)
-    for n, o in tulu_data.read_jsonl(data_file("sft_heldout.jsonl"), "sft"):
-        ids, labels = tulu_data.encode_messages(o["messages"], tok, 10**9)
+    for n, o in tulu.read_jsonl(data_file("sft_heldout.jsonl"), "sft"):
+        ids, labels = tulu.encode_messages(o["messages"], tok, 10**9)
         assert len(ids) <= 128 and learned(ids, labels), n
 
 
@@ -306,7 +306,7 @@ def test_train_tiny_tokenizer_is_deterministic_and_llama_like(tmp_path):
     """Training on data/sft_train.jsonl gives the committed fixture byte for
     byte (the fixture itself was trained twice and compared), with Llama 2's
     special ids, and the chat markers come out in few tokens."""
-    tulu_data.train_tiny_tokenizer(str(tmp_path), [data_file("sft_train.jsonl")])
+    tulu.train_tiny_tokenizer(str(tmp_path), [data_file("sft_train.jsonl")])
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_bytes() == open(os.path.join(TINY, name), "rb").read(), name
     tok = llama.Tokenizer(str(tmp_path))
@@ -322,12 +322,10 @@ def test_train_tiny_tokenizer_is_deterministic_and_llama_like(tmp_path):
     assert tok.encode("a?\n<|user|>\nb").count(nl) == 2  # a newline never merges with its neighbours
 
 
-def test_train_tiny_tokenizer_reads_sft_and_prefs_files(tmp_path):
-    files = [data_file("sft_heldout.jsonl"), data_file("prefs_heldout.jsonl")]
-    sentences = tulu_data.tokenizer_sentences(files)
-    assert not any("</s>" in s for s in sentences)  # "</s>" is the EOS id, never text to learn
-    assert sentences[0].startswith(("<|user|>\n", "<|system|>\n"))
-    tulu_data.train_tiny_tokenizer(str(tmp_path), files, vocab_size=400)
-    assert llama.Tokenizer(str(tmp_path)).vocab_size == 400
+def test_train_tiny_tokenizer_vocab_size_and_errors(tmp_path):
+    tulu.train_tiny_tokenizer(str(tmp_path), [data_file("sft_heldout.jsonl")], vocab_size=400)
+    tok = llama.Tokenizer(str(tmp_path))
+    assert tok.vocab_size == 400
+    assert "</s>" not in tok.sp.id_to_piece(list(range(3, 400)))  # "</s>" is the EOS id, never text to learn
     with pytest.raises(TuluError, match="no such file"):
-        tulu_data.train_tiny_tokenizer(str(tmp_path), [str(tmp_path / "nope.jsonl")])
+        tulu.train_tiny_tokenizer(str(tmp_path), [str(tmp_path / "nope.jsonl")])
