@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import dpo
 import llama
 from llama import TuluError, Tokenizer, load_model, save_model, atomic_write, write_json
+from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -139,7 +140,7 @@ def load_sft_data(path, tok, max_seq_length):
     """Encode every conversation; drop those with no learnable token left after
     truncation (open-instruct does the same), and say how many."""
     examples, n = [], 0
-    for line, obj in read_jsonl(path, "sft"):
+    for line, obj in tqdm(read_jsonl(path, "sft"), desc=f"encoding {os.path.basename(path)}", leave=False):
         n += 1
         try:
             ids, labels = encode_messages(obj["messages"], tok, max_seq_length)
@@ -180,7 +181,7 @@ def encode_pair(chosen, rejected, tok, max_seq_length):
 
 def load_pref_data(path, tok, max_seq_length):
     pairs, n = [], 0
-    for line, obj in read_jsonl(path, "prefs"):
+    for line, obj in tqdm(read_jsonl(path, "prefs"), desc=f"encoding {os.path.basename(path)}", leave=False):
         n += 1
         problem = dpo.check_pair(obj["chosen"], obj["rejected"])
         if problem:
@@ -388,7 +389,7 @@ def cache_reference(model, pairs, task, args):
     then needs no second copy of the model in memory."""
     model.eval()
     out = []
-    for i in range(0, len(pairs), args.batch_size):
+    for i in tqdm(range(0, len(pairs), args.batch_size), desc="reference log-probs", leave=False):
         chunk = pairs[i:i + args.batch_size]
         batch = {k: v.to(args.device) for k, v in task.collate(chunk).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16):
@@ -488,6 +489,42 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def plot(self, title):
+        """loss.svg beside metrics.jsonl, at each checkpoint and at the end."""
+        if self.rows:
+            svg = loss_svg(self.rows, title)
+            atomic_write(os.path.join(os.path.dirname(self.path), "loss.svg"), lambda tmp: pathlib.Path(tmp).write_text(svg))
+
+
+
+def loss_svg(rows, title) -> str:
+    """A line chart of metrics.jsonl rows as SVG text, no plotting library: loss
+    against step on the left axis, and for DPO rewards/accuracy (0..1) on the right."""
+    W, H, L, R, T, B = 640, 360, 60, 60, 30, 45  # size and margins
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    x0, x1, y1 = min(steps), max(max(steps), min(steps) + 1), max(loss) * 1.05 or 1.0
+    X = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)
+    Y = lambda v, top: H - B - v / top * (H - T - B)
+    line = lambda vals, top, color: (f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
+                                     + " ".join(f"{X(s):.1f},{Y(v, top):.1f}" for s, v in zip(steps, vals)) + '"/>')
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
+           f'<path d="M{L},{T} V{H - B} H{W - R}" fill="none" stroke="black"/>',
+           f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">optimizer step</text>',
+           f'<text transform="translate(16,{H / 2}) rotate(-90)" text-anchor="middle" fill="#1f77b4">loss</text>']
+    for i in range(5):  # ticks: 5 on each axis
+        v, s = y1 * i / 4, x0 + (x1 - x0) * i / 4
+        out += [f'<text x="{L - 6}" y="{Y(v, y1) + 4:.1f}" text-anchor="end">{v:.2f}</text>',
+                f'<text x="{X(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.0f}</text>']
+    out.append(line(loss, y1, "#1f77b4"))
+    if "rewards/accuracy" in rows[0]:
+        out += [f'<path d="M{W - R},{T} V{H - B}" stroke="black"/>', line([r["rewards/accuracy"] for r in rows], 1.0, "#d62728"),
+                f'<text transform="translate({W - 16},{H / 2}) rotate(90)" text-anchor="middle" fill="#d62728">'
+                f'rewards/accuracy</text>']
+        out += [f'<text x="{W - R + 6}" y="{Y(v, 1.0) + 4:.1f}">{v:.1f}</text>' for v in (0, 0.5, 1.0)]
+    return "\n".join(out + ["</svg>\n"])
 
 # -----------------------------------------------------------------------------
 # The training loop, shared by sft and dpo
@@ -525,7 +562,6 @@ def train_step(args, model, opt, params, batches, task):
 def train(args, model, examples, task, out):
     """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient
     accumulation, clipping; tqdm, metrics.jsonl, checkpoints, Ctrl-C and --resume."""
-    from tqdm import tqdm
     E = args.batch_size * args.grad_accum
     steps_per_epoch = math.ceil(len(examples) / E)
     total = args.max_steps or args.epochs * steps_per_epoch
@@ -534,6 +570,7 @@ def train(args, model, examples, task, out):
     opt = build_optimizer(args, model)
     start = load_checkpoint(args.resume, model, opt) if args.resume else 0
     log = MetricsLog(out, start)
+    title = f"tulu {args.command} --method {args.method}: {os.path.basename(os.path.normpath(args.model if hasattr(args, 'model') else out))}"
     model.train()
     rng, done = rng_state(), start
     bar = tqdm(range(start, total), initial=start, total=total, desc=args.command, dynamic_ncols=True)
@@ -552,14 +589,17 @@ def train(args, model, examples, task, out):
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if args.save_every and done % args.save_every == 0 and done < total:
                 save_checkpoint(out, done, model, opt, rng)
+                log.plot(title)
     except KeyboardInterrupt:
         bar.close()
         opt.zero_grad(set_to_none=True)
         save_checkpoint(out, done, model, opt, rng)
+        log.plot(title)
         print(f"\ninterrupted: {done} steps are saved in {out}/checkpoint; continue with --resume {out}",
               file=sys.stderr)
         sys.exit(130)
     bar.close()
+    log.plot(title)
     model.eval()
     return log.rows
 
