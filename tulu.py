@@ -354,8 +354,9 @@ class SFTTask:
 class DPOTask:
     """DPO on (chosen, rejected) pairs: both answers in one forward pass, the loss
     summed over pairs and divided by the pairs in the optimiser step. Reference
-    log-probs come from `cached` (computed before the first update, see
-    cache_reference) or, for LoRA, from the same model with its adapters off."""
+    log-probs ride along with each pair when cache_reference computed them before
+    the first update; otherwise (LoRA) they come from the same model with its
+    adapters switched off: one model in memory either way."""
 
     def __init__(self, args, pad_id):
         self.args, self.pad_id, self.avg = args, pad_id, dpo.uses_average(args.loss)
@@ -387,15 +388,25 @@ def cache_reference(model, pairs, task, args):
     """Append the reference log-probs (rc, rr) to every pair, from the model as it is
     now, before the first update (open-instruct's dpo_tune_cache): the reference
     then needs no second copy of the model in memory."""
-    model.eval()
     out = []
-    for i in tqdm(range(0, len(pairs), args.batch_size), desc="reference log-probs", leave=False):
-        chunk = pairs[i:i + args.batch_size]
-        batch = {k: v.to(args.device) for k, v in task.collate(chunk).items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16):
+    for chunk, batch in eval_batches(model, pairs, task, args, desc="reference log-probs"):
+        with autocast(args):
             rc, rr = dpo.concatenated_logps(model, batch, task.avg)
         out += [p[:4] + (float(c), float(r)) for p, c, r in zip(chunk, rc, rr)]
     return out
+
+
+def eval_batches(model, examples, task, args, desc):
+    """(examples, device batch) in order, the model in eval mode (no dropout)."""
+    model.eval()
+    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False):
+        chunk = examples[i:i + args.batch_size]
+        yield chunk, {k: v.to(args.device) for k, v in task.collate(chunk).items()}
+
+
+def autocast(args):
+    """bf16 autocast on CUDA when --dtype is bf16 (QLoRA's bf16 compute); fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16)
 
 
 # -----------------------------------------------------------------------------
@@ -546,7 +557,7 @@ def train_step(args, model, opt, params, batches, task):
     loss, sums = 0.0, {}
     for b in batches:
         b = {k: v.to(args.device) for k, v in b.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16):
+        with autocast(args):
             l, m = task.loss(model, b, denom)
         l.backward()
         loss += l.item()
@@ -707,25 +718,25 @@ def cmd_dpo(args):
 @torch.no_grad()
 def heldout_preferences(model, pairs, task, args):
     """DPO's metrics, averaged over held-out pairs."""
-    model.eval()
     sums = {}
-    for i in range(0, len(pairs), args.batch_size):
-        batch = {k: v.to(args.device) for k, v in task.collate(pairs[i:i + args.batch_size]).items()}
-        _, m = task.loss(model, batch, 1)
+    for _, batch in eval_batches(model, pairs, task, args, desc="held-out pairs"):
+        with autocast(args):
+            _, m = task.loss(model, batch, 1)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
     return {k: v / len(pairs) for k, v in sums.items()}
+
 
 def cmd_merge(args):
     from lora import load_adapter, merge_lora
     dtype = resolve_dtype(args.dtype, "cpu")
     # --qlora: quantise the base to NF4 exactly as for training, then dequantise:
-    # the adapter was trained against those weights (open-instruct merge_lora.py --qlora)
-    model = load_model(args.model, dtype=torch.float32 if not args.qlora else dtype,
-                       quantize="nf4" if args.qlora else None)
+    # the adapter was trained against those weights (open-instruct merge_lora.py --qlora).
+    # The base is read in the output dtype, as open-instruct does; each sum W + delta
+    # is taken in float32 and rounded once.
+    model = load_model(args.model, dtype=dtype, quantize="nf4" if args.qlora else None)
     load_adapter(model, args.adapter)
     merge_lora(model, dtype=dtype)
-    model.to(dtype)
     save_model(model, args.output)
     copy_tokenizer(args.adapter if os.path.exists(os.path.join(args.adapter, "tokenizer.model")) else args.model,
                    args.output)
@@ -872,7 +883,9 @@ def build_parser():
     p.add_argument("--output", required=True)
     p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 and back first, as the adapter "
                    "was trained (open-instruct merge_lora.py --qlora)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default %(default)s)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="output dtype (default %(default)s); with --qlora also the dtype the base is quantized "
+                        "from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("chat", help="talk to a model in the Tulu chat format")
     p.add_argument("--model", required=True)
