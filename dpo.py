@@ -83,11 +83,13 @@ def sequence_logps(logits, labels, average=False):
     DPO's β shrink every margin by the answer's length and collapse training (TRL issue
     #789); losses made for averages (larger β) say so in uses_average. Upcast first: in
     bf16 a sum between -512 and -1024 moves in steps of 4, swamping DPO's margins."""
+    # exercise: sequence_logps
     logits, labels = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
     keep = labels != -100
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     total = (logp * keep).sum(-1)  # (B,)
     return total / keep.sum(-1).clamp(min=1) if average else total
+    # end exercise
 
 
 def concatenated_logps(model, batch, average=False):
@@ -121,6 +123,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
               a squared loss pulls h to a target instead of pushing it to ∞; ε unused
     rewards = β·(π − r), DPO's implicit reward, detached: they are only logged."""
     uses_average(loss_type)  # fails early on an unknown loss_type
+    # exercise: dpo_loss
     h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)  # (B,)
     if loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
@@ -129,6 +132,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
     chosen_rewards = (beta * (pi_chosen - ref_chosen)).detach()
     rejected_rewards = (beta * (pi_rejected - ref_rejected)).detach()
     return losses, chosen_rewards, rejected_rewards
+    # end exercise
 
 
 # -----------------------------------------------------------------------------

@@ -120,12 +120,15 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x, weight, eps):
-    """RMSNorm over the last dim. Computed in float32 and cast back before the
-    scale, in that order, because that is what HF does and bf16 results depend on it."""
+    """y = weight * x / sqrt(mean(x^2) + eps), the mean over the last dim (RMSNorm,
+    arXiv 1910.07467, Eq. 4). Computed in float32 and cast back to x's dtype before
+    the scale, in that order, because that is what HF does and bf16 results depend on it."""
+    # exercise: rms_norm
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+    # end exercise
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -154,15 +157,20 @@ def rope_cos_sin(inv_freq, positions, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+Dh/2}) by angle position * theta_i.
-    x: (B, H, T, Dh); cos, sin: (T, Dh). Norms are preserved (a rotation)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate each pair (x_i, x_{i+Dh/2}) by the angle position * theta_i (RoFormer
+    Eq. 34, with HF's pairing of dim i with dim i + Dh/2 instead of 2i with 2i+1):
+
+        out_i        = x_i cos - x_{i+Dh/2} sin
+        out_{i+Dh/2} = x_{i+Dh/2} cos + x_i sin
+
+    x: (B, H, T, Dh); cos, sin: (T, Dh), each angle twice (rope_cos_sin).
+    Norms are preserved (a rotation)."""
+    # exercise: apply_rope
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # HF's rotate_half: (x1, x2) -> (-x2, x1)
+    return x * cos + rotated * sin
+    # end exercise
 
 
 def attention_mask_4d(attention_mask, T, S, device):
@@ -176,6 +184,20 @@ def attention_mask_4d(attention_mask, T, S, device):
         # stays finite (its output is ignored anyway).
         mask = mask | ~mask.any(-1, keepdim=True)
     return mask
+
+
+def gqa_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(Dh)) v over the keys that `mask` allows, for each query
+    head; each group of H/Hkv query heads shares one key/value head, query head h
+    reading head h // (H/Hkv) (GQA, arXiv 2305.13245 Sec. 2.2; Hkv = H is plain
+    multi-head attention). q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh); mask: bool
+    (B or 1, 1, T, S), True = may attend (attention_mask_4d) -> (B, H, T, Dh)."""
+    # exercise: gqa_attention
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+    v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # end exercise
 
 
 class Attention(nn.Module):
@@ -198,10 +220,7 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        # GQA: each group of H/Hkv query heads shares one key/value head
-        k = k.repeat_interleave(self.H // self.Hkv, dim=1)  # (B, H, S, Dh)
-        v = v.repeat_interleave(self.H // self.Hkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(qk^T/sqrt(Dh)) v
+        y = gqa_attention(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
 

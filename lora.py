@@ -61,11 +61,16 @@ class LoRALinear(nn.Module):
         self.register_load_state_dict_pre_hook(_find_base_layer)
 
     def forward(self, x):
+        """y = base(x) + (alpha / r) * B(A(dropout(x)))  (LoRA Eq. 3), the LoRA path in
+        A's dtype (float32) and the sum cast back to base(x)'s dtype; a disabled layer
+        is its base. x: (B, T, D) -> (B, T, O)."""
         y = self.base_layer(x)
         if self.disabled:
             return y
+        # exercise: lora_forward
         h = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return (y + h * self.scaling).to(y.dtype)
+        # end exercise
 
 
 def _hide_base_layer(module, state_dict, prefix, local_metadata):
@@ -244,9 +249,12 @@ def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False, dr
 
 
 def lora_delta(layer: LoRALinear) -> torch.Tensor:
-    """dW = (alpha / r) * B A, float32 (O, D): what the adapter adds to W. The
-    product is taken before the scaling, in PEFT's order, so bits agree."""
+    """dW = (alpha / r) * B A, float32 (O, D): what the adapter adds to W when it is
+    merged (LoRA Sec. 4.1). The product is taken before the scaling, in PEFT's order,
+    so bits agree."""
+    # exercise: merge
     return (layer.lora_B.weight.float() @ layer.lora_A.weight.float()) * layer.scaling
+    # end exercise
 
 
 def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:

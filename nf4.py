@@ -49,10 +49,12 @@ def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
     Points are spaced in float32 and quantiles rounded to float32 before the
     division, as bitsandbytes built the table it ships.
     """
+    # exercise: nf4_code_book
     pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()
     neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()
     code = torch.cat([neg, torch.zeros(1), pos]).sort().values
     return code / code.max()
+    # end exercise
 
 
 def dynamic_map() -> torch.Tensor:
@@ -72,7 +74,10 @@ def dynamic_map() -> torch.Tensor:
     return torch.cat(vals).sort().values
 
 
-NF4 = nf4_code_book()   # (16,); NF4[7] == 0
+try:
+    NF4 = nf4_code_book()  # (16,); NF4[7] == 0
+except NotImplementedError:  # the student copy of `tulu.py exercises`: import now, fail on use
+    NF4 = None
 DYNAMIC = dynamic_map()  # (256,)
 ZERO_CODE = 7            # index of 0.0 in NF4: pads an odd count
 DQ_BLOCKSIZE = 256       # blocks of scales in double quantization
@@ -107,18 +112,24 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, even
     divides in a shorter last block). An all-zero block is scaled by 1/1e-38, so it
     keeps the code of 0.0 as on the CPU path (CUDA's 0 * inf = NaN takes index 0).
     """
+    # exercise: quantize_blockwise
     n = x.numel()
     blocks = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # zero padding never raises an absmax
     absmax = blocks.abs().amax(dim=1)
     scaled = blocks * (1 / absmax.clamp(min=1e-38))[:, None]
     return nearest_code(scaled.view(-1)[:n], code, even_ties), absmax
+    # end exercise
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
-    """x_i ~= code[c_i] * absmax_b, float32. codes (N,) uint8 -> (N,)."""
+    """x_i ~= code[c_i] * absmax_b for x_i in block b, the inverse of quantize_blockwise
+    (QLoRA Eq. 2 with one constant per block). codes (N,) uint8, absmax
+    (ceil(N/blocksize),) float32 -> (N,) float32."""
+    # exercise: dequantize_blockwise
     n = codes.numel()
     vals = F.pad(code.to(codes.device)[codes.int()], (0, -n % blocksize)).view(-1, blocksize)
     return (vals * absmax[:, None]).view(-1)[:n]
+    # end exercise
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -148,14 +159,28 @@ class NF4Tensor:
     nested_offset: torch.Tensor | None = None  # () float32: mean of the block scales
 
 
+def double_quantize(absmax: torch.Tensor):
+    """The block scales quantized once more, to 8 bits in blocks of 256 (QLoRA
+    section 3, "Double Quantization"):
+
+        offset = mean(absmax);  c2, nested_absmax = quantize_blockwise(absmax - offset, DYNAMIC, 256)
+
+    Scales are all positive: taking their mean out uses both signs of the 8-bit code.
+    Nearest codes are exact with ties to even (even_ties=True), as bitsandbytes' CUDA
+    kernel rounds; its 0.50 CPU kernel reads an approximate lookup table and misses on
+    ~0.1% of them. absmax (Bk,) float32 -> c2 (Bk,) uint8, nested_absmax
+    (ceil(Bk/256),) float32, offset () float32."""
+    # exercise: double_quant
+    offset = absmax.mean()
+    codes, nested_absmax = quantize_blockwise(absmax - offset, DYNAMIC, DQ_BLOCKSIZE, even_ties=True)
+    return codes, nested_absmax, offset
+    # end exercise
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
     """QLoRA's storage of a weight (section 3): NF4 codes in blocks of
-    `blocksize`, and with double_quant the block scales quantized once more:
-
-        c2, nested_absmax = quantize_blockwise(absmax - mean(absmax), DYNAMIC, 256)
-
-    (scales are all positive: taking their mean out uses both signs of the 8-bit
-    code). The same bytes as bitsandbytes' quantize_4bit(w, blocksize,
+    `blocksize`, and with double_quant the block scales quantized once more
+    (double_quantize). The same bytes as bitsandbytes' quantize_4bit(w, blocksize,
     compress_statistics=double_quant, quant_type="nf4"), from the weight in its
     own dtype (a bf16 weight is quantized from its bf16 values)."""
     # SLICE weights at a time, rounded to an even number of whole blocks (no block or
@@ -165,10 +190,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     absmax = torch.cat([a for _, a in parts])
     q = NF4Tensor(torch.cat([pack_nibbles(c) for c, _ in parts]), absmax, w.shape, w.dtype, blocksize)
     if double_quant:
-        # Exact nearest codes, ties to even, as bitsandbytes' CUDA kernel rounds; its
-        # 0.50 CPU kernel reads an approximate lookup table and misses on ~0.1% of them.
-        q.nested_offset = absmax.mean()
-        q.absmax, q.nested_absmax = quantize_blockwise(absmax - q.nested_offset, DYNAMIC, DQ_BLOCKSIZE, even_ties=True)
+        q.absmax, q.nested_absmax, q.nested_offset = double_quantize(absmax)
     return q
 
 

@@ -67,6 +67,7 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
     header of an assistant turn that follows another one."""
     if not messages:
         raise ValueError("no messages")
+    # exercise: encode_messages
     prefix_len = lambda text: len(tokenizer.encode(text, bos=True)[:max_seq_length])
     ids = tokenizer.encode(chat_text(messages).strip(), bos=True)[:max_seq_length]
     labels = list(ids)
@@ -80,6 +81,7 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
         if end >= max_seq_length:
             break
     return ids, labels
+    # end exercise
 
 
 def encode_prompt(messages, tokenizer) -> list[int]:
@@ -793,6 +795,18 @@ def stream_reply(model, tok, history, args, g):
     return tok.decode([t for t in new if t != tok.eos_id])
 
 
+
+def cmd_exercises(args):
+    """A student copy with the key bodies blanked, graded by the tests (tests/exercises.py)."""
+    from tests.exercises import EXERCISES, make_exercises
+    out = args.out_dir
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
+        raise TuluError(f"{out}: is not empty (--force writes the student copy over it)")
+    names = make_exercises(HERE, out)
+    file, function, _, selector = EXERCISES[names[0]]
+    print(f"wrote a student copy of tulu with {len(names)} exercises to {out}; read {out}/EXERCISES.md and "
+          f"start with {names[0]} ({file}: {function}):\n  cd {out} && python -m pytest {selector}")
+
 # -----------------------------------------------------------------------------
 # The command line. Defaults come from the model cards and papers; each is
 # listed with its source in --help. With no --model, the tiny demo's own
@@ -900,6 +914,11 @@ def build_parser():
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("exercises", help="write a student copy in which key functions are left to implement, "
+                                         "graded by the tests (see its EXERCISES.md)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
+    p.set_defaults(func=cmd_exercises)
     return ap
 
 

@@ -578,6 +578,158 @@ def make_chat():
     record_versions(out, "transformers", "sentencepiece")
 
 
+# -----------------------------------------------------------------------------
+# tulu.py's command line: a tiny Llama written by transformers (the model the
+# command-line tests train, merge and chat with, with the tiny tokenizer), and
+# what PEFT and transformers make of the outputs of our `tulu.py sft` and
+# `tulu.py merge`. (reads tests/fixtures/chat/tiny_tokenizer: run the chat area first)
+
+CLI_HF_TINY = "tests/fixtures/cli/hf_tiny"  # relative to the repository: the adapters' base_model_name_or_path
+# initializer_range 0.1, not 0.02: with 0.02 the frozen random lm_head (and RMSNorm's unit scale) bound the
+# logits so tightly that no LoRA adapter gets the loss below ~6.3 nats (ln 768 = 6.6), and a test cannot tell
+# training from noise
+CLI_CONFIG = dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.1)
+CLI_SFT_FLAGS = ["--max-steps", "3", "--lr", "1e-3", "--lora-r", "8", "--batch-size", "4", "--grad-accum", "1",
+                 "--max-seq-length", "128", "--seed", "0"]
+CLI_DATA_LINES = 16  # sft runs train on the first lines of data/sft_train.jsonl
+
+
+@contextmanager
+def cli_in_root():
+    """Run the command line from the repository root, so relative paths are portable."""
+    old = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def cli_write_hf_tiny(d):
+    """A GQA Llama as transformers writes it, in bf16 as checkpoints ship, plus the tiny tokenizer."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    import llama
+    tok_dir = os.path.join(FIX, "chat", "tiny_tokenizer")
+    assert llama.Tokenizer(tok_dir).vocab_size == CLI_CONFIG["vocab_size"]
+    torch.manual_seed(0)
+    LlamaForCausalLM(HFConfig(**CLI_CONFIG)).to(torch.bfloat16).save_pretrained(d)
+    for name in sorted(os.listdir(tok_dir)):
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(d, name))
+
+
+def cli_hf_model(path, four_bit=False):
+    """transformers' model in fp32; four_bit: bitsandbytes NF4 with double quant, as QLoRA."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32) if four_bit else None
+    with nf4_exact_absmax_codes():  # the CUDA kernel's scales, as ours (see make_nf4)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu",
+                                                  quantization_config=q).eval()
+    for m in hf.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # else bitsandbytes multiplies in bf16 on some CPUs
+    return hf
+
+
+def cli_ours(path, ids, adapter=None, nf4=False):
+    import llama
+    import lora
+    model = llama.load_model(path, dtype=torch.float32, quantize="nf4" if nf4 else None)
+    if adapter:
+        lora.load_adapter(model, adapter)
+    with torch.no_grad():
+        return model(ids)
+
+
+def cli_check_tokenizer(d):
+    """transformers (slow and fast) reads the tokenizer a command copied, as llama.Tokenizer does."""
+    from transformers import AutoTokenizer
+    import llama
+    ours, text = llama.Tokenizer(d), "Spell the word \"gold\".\n<|assistant|>\ng-o-l-d</s>"
+    for use_fast in (False, True):
+        assert AutoTokenizer.from_pretrained(d, use_fast=use_fast)(text).input_ids == ours.encode(text, bos=True), d
+
+
+def cli_sft(tmp, method, data):
+    """Our `tulu.py sft` on hf_tiny; returns its output folder."""
+    import tulu
+    out = os.path.join(tmp, f"sft_{method}")
+    with cli_in_root():
+        tulu.main(["sft", "--model", CLI_HF_TINY, "--data", data, "--method", method, "--output", out] + CLI_SFT_FLAGS)
+    cli_check_tokenizer(out)
+    return out
+
+
+def cli_check_full(out, ids):
+    """transformers loads what `sft --method full` wrote, with our logits."""
+    with open(os.path.join(out, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    with torch.no_grad():
+        ref = cli_hf_model(out)(ids).logits
+    assert torch.allclose(ref, cli_ours(out, ids), atol=1e-5, rtol=0), "transformers disagrees on sft --method full"
+
+
+def cli_check_merge(tmp, adapter, qlora, ref):
+    """transformers loads what `tulu.py merge` wrote, with the logits PEFT gives the adapter."""
+    import tulu
+    out = os.path.join(tmp, f"merged_{qlora}")
+    with cli_in_root():
+        tulu.main(["merge", "--model", CLI_HF_TINY, "--adapter", adapter, "--output", out, "--dtype", "fp32"]
+                  + (["--qlora"] if qlora else []))
+    with open(os.path.join(out, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    cli_check_tokenizer(out)
+    with torch.no_grad():
+        assert torch.allclose(cli_hf_model(out)(ref["input_ids"]).logits, ref["qlora.peft_nf4" if qlora else "lora.peft"],
+                              atol=1e-4, rtol=0), f"transformers on merge output (qlora={qlora}) disagrees with PEFT"
+
+
+@area
+def make_cli():
+    import tempfile
+    from peft import PeftModel
+    import llama
+    import tulu
+    out = fresh_dir("cli")
+    hf_tiny = os.path.join(ROOT, CLI_HF_TINY)
+    cli_write_hf_tiny(hf_tiny)
+    tok = llama.Tokenizer(hf_tiny)
+    with open(os.path.join(ROOT, "data", "sft_heldout.jsonl")) as f:
+        rows = [tulu.encode_messages(json.loads(next(f))["messages"], tok, 12)[0] for _ in range(2)]
+    ref = {"input_ids": torch.tensor(rows)}  # (2, 12): two held-out conversations, cut
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "sft.jsonl")
+        with open(os.path.join(ROOT, "data", "sft_train.jsonl")) as f, open(data, "w") as g:
+            g.writelines(next(f) for _ in range(CLI_DATA_LINES))
+        for method in ("qlora", "lora"):
+            run = cli_sft(tmp, method, data)
+            keep = os.path.join(out, f"sft_{method}")  # the adapter files only: metrics hold timings
+            os.makedirs(keep)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(os.path.join(run, name), os.path.join(keep, name))
+            for tag, four_bit in (("plain", False), ("nf4", True)):
+                if method == "lora" and four_bit:
+                    continue
+                with torch.no_grad():
+                    peft = PeftModel.from_pretrained(cli_hf_model(hf_tiny, four_bit), keep).eval()
+                    logits = peft(ref["input_ids"]).logits
+                ours = cli_ours(hf_tiny, ref["input_ids"], keep, nf4=four_bit)
+                assert torch.allclose(logits, ours, atol=1e-4 if four_bit else 1e-5, rtol=0), (method, tag)
+                assert not torch.allclose(logits, cli_ours(hf_tiny, ref["input_ids"], nf4=four_bit), atol=1e-3), \
+                    f"{method}: three sft steps did not move the adapter"
+                ref["lora.peft" if method == "lora" else f"qlora.peft_{tag}"] = logits
+        cli_check_full(cli_sft(tmp, "full", data), ref["input_ids"])
+        cli_check_merge(tmp, os.path.join(out, "sft_lora"), False, ref)
+        cli_check_merge(tmp, os.path.join(out, "sft_qlora"), True, ref)
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"hf_config": CLI_CONFIG, "sft_flags": CLI_SFT_FLAGS, "data_lines": CLI_DATA_LINES}, f, indent=1)
+    record_versions(out, "transformers", "peft", "bitsandbytes")
+
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(AREAS)
     for n in names:

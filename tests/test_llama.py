@@ -130,6 +130,26 @@ def test_apply_rope_is_a_rotation_and_relative():
     torch.testing.assert_close((rot(q, 7) * rot(k, 3)).sum(), (rot(q, 14) * rot(k, 10)).sum(), atol=1e-5, rtol=0)
 
 
+def test_gqa_attention_matches_naive_loop():
+    """Every query head h of every row b and query t, one at a time:
+    softmax over the allowed keys s of q.k_s / sqrt(Dh), then the weighted sum of the v_s,
+    with k and v taken from key/value head h // (H / Hkv). Padding hides the last key of row 1."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, S, Dh = 2, 6, 2, 3, 5, 8
+    q, k, v = (torch.randn(B, h, n, Dh, generator=g) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+    mask = llama.attention_mask_4d(torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]), T, S, "cpu")
+    out = llama.gqa_attention(q, k, v, mask)
+    assert out.shape == (B, H, T, Dh)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // Hkv)
+            for t in range(T):
+                allowed = [s for s in range(S) if mask[b, 0, t, s]]
+                scores = torch.stack([q[b, h, t] @ k[b, kv, s] / Dh ** 0.5 for s in allowed])
+                want = sum(w * v[b, kv, s] for w, s in zip(scores.softmax(0), allowed))
+                torch.testing.assert_close(out[b, h, t], want, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_mask_4d_causal_and_padding():
     m = llama.attention_mask_4d(torch.tensor([[1, 1, 0]]), 3, 3, "cpu")[0, 0]
     assert m[0].tolist() == [True, False, False] and m[1].tolist() == [True, True, False]

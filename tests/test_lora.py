@@ -125,7 +125,7 @@ def test_merge_lora_qlora_matches_open_instruct(ref, dtype, tag):
 # Invariants
 
 
-def test_lora_linear_fresh_adapter_changes_nothing():
+def test_lora_forward_fresh_adapter_changes_nothing():
     """B = 0 at initialisation, so (alpha/r) * B A x = 0, in eval and in train mode."""
     model = load_model(GQA, dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -135,7 +135,7 @@ def test_lora_linear_fresh_adapter_changes_nothing():
     assert torch.equal(logits(model.train(), ids), base)  # dropout only touches the (zero) LoRA path
 
 
-def test_lora_linear_formula_and_dtypes():
+def test_lora_forward_formula_and_dtypes():
     """y = base(x) + (alpha/r) * B(A(x)) with A and B in float32 on a bf16 base
     (plain or NF4): the LoRA path runs in float32, the sum is rounded once to bf16."""
     lin = torch.nn.Linear(16, 24, bias=True).to(torch.bfloat16)

@@ -80,6 +80,37 @@ def test_quantize_blockwise_8bit_scales_match_bitsandbytes():
     assert torch.equal(codes, REF["scales.codes"]) and torch.equal(absmax, REF["scales.absmax"])
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_quantize_blockwise_nf4_codes_match_bitsandbytes(case):
+    """The blockwise step alone, with bitsandbytes' own NF4 table: its codes and absmax."""
+    code = load_file(os.path.join(FIX, "nf4", "code_books.safetensors"))["nf4"]
+    w = REF[f"{case}.w"]
+    codes, absmax = nf4.quantize_blockwise(w.float().reshape(-1), code, 64)
+    assert codes.dtype == torch.uint8 and codes.shape == (w.numel(),)
+    assert torch.equal(nf4.pack_nibbles(codes), REF[f"{case}.packed"]) and torch.equal(absmax, REF[f"{case}.absmax"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dequantize_blockwise_matches_bitsandbytes(case):
+    """bitsandbytes' codes and absmax, with its NF4 table, give back its dequantized weight."""
+    code = load_file(os.path.join(FIX, "nf4", "code_books.safetensors"))["nf4"]
+    w = REF[f"{case}.w"]
+    codes = nf4.unpack_nibbles(REF[f"{case}.packed"], w.numel())
+    out = nf4.dequantize_blockwise(codes, REF[f"{case}.absmax"], code, 64)
+    assert out.dtype == torch.float32 and out.shape == (w.numel(),)
+    assert torch.equal(out.view(w.shape).to(w.dtype), REF[f"{case}.dequant"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_double_quantize_scales_match_bitsandbytes(case):
+    """bitsandbytes' float32 block scales, quantized once more: its 8-bit codes (exact
+    rounding, see test_quantize_nf4_double_quant_matches_bitsandbytes), scales and offset."""
+    c2, nested_absmax, offset = nf4.double_quantize(REF[f"{case}.absmax"])
+    assert c2.dtype == torch.uint8 and torch.equal(c2, REF[f"{case}.dq_absmax"])
+    assert torch.equal(nested_absmax, REF[f"{case}.dq_nested_absmax"])
+    assert torch.equal(offset, REF[f"{case}.dq_nested_offset"])
+
+
 def test_bitsandbytes_cpu_lookup_table_is_sometimes_not_nearest():
     """bitsandbytes 0.50's CPU kernel picks 8-bit codes from a lookup table. Where
     it disagrees with us (rarely), our code is strictly nearer to the scaled value."""
@@ -110,7 +141,7 @@ def test_nearest_code_even_ties_for_8bit_codes():
     assert torch.equal(nf4.nearest_code(x, nf4.DYNAMIC, even_ties=True), nf4.nearest_code(x, nf4.DYNAMIC))
 
 
-def test_quantize_blockwise_ties_and_reciprocal_as_bitsandbytes():
+def test_nearest_code_ties_and_reciprocal_as_bitsandbytes():
     """crafted_fp32: block 0 holds 1.0 and the 15 midpoints between NF4 values
     (ties); blocks 1.. hold (a, x) with x/a and x*(1/a) on two sides of a
     midpoint. bitsandbytes sends each tie to the lower code and follows the

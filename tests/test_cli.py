@@ -1,0 +1,922 @@
+"""Acceptance tests of tulu.py's command line, run as a user runs it: `sft` and
+`dpo` with each --method, micro-batches, Ctrl-C and --resume, bad input,
+`merge`, `chat`, --help, and README's `python tulu.py sft` on the tiny default.
+
+Golden files come from tests/make_fixtures.py (area "cli"): hf_tiny, a GQA
+Llama that transformers wrote with the tiny tokenizer; two adapters our `sft`
+wrote on it (qlora, lora), with the logits PEFT gives them on transformers'
+model (fp32, and bitsandbytes NF4 for QLoRA). While transformers was at hand,
+make_fixtures also checked that transformers loads what `sft --method full`
+and `merge` write, with our logits. Everything else is an invariant written
+out in the test: ln 2 at DPO's step 0, equal updates however a batch is split,
+equal losses after --resume, logits of a fresh load.
+
+Most tests call tulu.main in this process (fast); what a user sees when a
+command fails, and commands exactly as typed, run `python tulu.py` itself.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpo
+import llama
+import lora
+import tulu
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FIX = os.path.join(HERE, "fixtures", "cli")
+HF_TINY = os.path.join(FIX, "hf_tiny")
+SFT_ADAPTERS = {"qlora": os.path.join(FIX, "sft_qlora"), "lora": os.path.join(FIX, "sft_lora")}
+TULU = os.path.join(ROOT, "tulu.py")
+DATA = os.path.join(ROOT, "data")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EOS = 2  # the tiny tokenizer's </s>, also the padding id of the batches
+
+# Runs on hf_tiny: micro-batches of short conversations, rank-8 adapters
+SMALL = ["--model", HF_TINY, "--max-seq-length", "128", "--lora-r", "8", "--seed", "0"]
+PRETRAIN_STEPS = 20   # the tiny default's pretraining in tests (tulu.PRETRAIN: 500 steps, ~50 s on one core)
+DEMO_SFT_STEPS = 40   # the demo SFT that `dpo` runs first (the demo recipe: 3 epochs, ~560 steps)
+
+
+# -----------------------------------------------------------------------------
+# Helpers and shared fixtures
+
+
+def cli(*argv):
+    tulu.main([str(a) for a in argv])
+
+
+def run(*argv, cwd=None):
+    """`python tulu.py ...` in a process of its own. Its output is read as bytes and
+    decoded: text=True would translate the progress bars' "\\r" into new lines."""
+    p = subprocess.run([sys.executable, TULU, *map(str, argv)], cwd=cwd or ROOT, capture_output=True, timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(), p.stderr.decode())
+
+
+def first_lines(src, n, dst):
+    with open(src) as f:
+        lines = [next(f) for _ in range(n)]
+    with open(dst, "w") as f:
+        f.writelines(lines)
+    return str(dst)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def trained_tensors(out):
+    """The weights an output folder holds: the adapter's, or the whole model's."""
+    name = ADAPTER_FILES[1] if os.path.exists(os.path.join(out, ADAPTER_FILES[1])) else "model.safetensors"
+    return load_file(os.path.join(out, name))
+
+
+def assert_close_tensors(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def assert_close_losses(rows_a, rows_b, atol):
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        assert abs(a["loss"] - b["loss"]) <= atol, (a["step"], a["loss"], b["loss"])
+
+
+def tiny_model(nf4=False, adapter=None, path=HF_TINY):
+    model = llama.load_model(path, dtype=torch.float32, quantize="nf4" if nf4 else None)
+    if adapter:
+        lora.load_adapter(model, adapter)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+def same_bytes(a, b):
+    with open(a, "rb") as f, open(b, "rb") as g:
+        return f.read() == g.read()
+
+
+def visible_lines(stderr):
+    """The lines a terminal shows: a progress bar redraws its line after "\\r"
+    and a finished one (leave=False) blanks it."""
+    lines = (line.rsplit("\r", 1)[-1] for line in stderr.split("\n"))
+    return [line for line in lines if line.strip()]
+
+
+def one_line_error(capsys, command, argv):
+    """Run in-process; the command must exit 1 with exactly one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        cli(command, *argv)
+    assert e.value.code == 1
+    err = visible_lines(capsys.readouterr().err)
+    assert len(err) == 1, err
+    assert err[0].startswith(f"tulu {command}: error: "), err[0]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_file(os.path.join(FIX, "expected.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def meta():
+    with open(os.path.join(FIX, "meta.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory):
+    return first_lines(os.path.join(DATA, "sft_train.jsonl"), 16, tmp_path_factory.mktemp("data") / "sft.jsonl")
+
+
+@pytest.fixture(scope="session")
+def prefs_data(tmp_path_factory):
+    return first_lines(os.path.join(DATA, "prefs_train.jsonl"), 16, tmp_path_factory.mktemp("data") / "prefs.jsonl")
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """$XDG_CACHE_HOME for the session, in this process and in the `python tulu.py`
+    processes it starts, so the tiny default is built once and never in ~/.cache."""
+    d = tmp_path_factory.mktemp("xdg_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(d))
+        yield d
+
+
+def short_pretraining(steps):
+    """tulu.train, but the tiny default's pretraining stops after `steps` steps.
+    The cache key (TINY, PRETRAIN, data/) stays the real one, so a later
+    `python tulu.py sft` finds the model in the cache, as on a user's second run."""
+    train = tulu.train
+
+    def wrapper(args, *rest, **kw):
+        if args.command == "pretrain":
+            args = argparse.Namespace(**{**vars(args), "max_steps": steps})
+        return train(args, *rest, **kw)
+    return wrapper
+
+
+@pytest.fixture(scope="session")
+def tiny_default(cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tulu, "train", short_pretraining(PRETRAIN_STEPS))
+        return tulu.tiny_default_model()
+
+
+# -----------------------------------------------------------------------------
+# The fixtures: our sft outputs, read by PEFT (make_fixtures) and by us
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_sft_fixture_adapters_give_peft_logits(ref, method):
+    """The adapters our sft wrote, loaded by us, give PEFT's logits: on the NF4
+    base for QLoRA (what training saw), and on the plain base (what PEFT users
+    without bitsandbytes, and `merge` without --qlora, compute)."""
+    ids = ref["input_ids"]
+    cases = [(False, "lora.peft")] if method == "lora" else [(True, "qlora.peft_nf4"), (False, "qlora.peft_plain")]
+    for nf4, key in cases:
+        got = logits(tiny_model(nf4, SFT_ADAPTERS[method]), ids)
+        assert torch.allclose(got, ref[key], atol=1e-4, rtol=0), key
+        assert not torch.allclose(logits(tiny_model(nf4), ids), ref[key], atol=1e-3), "the adapter changes nothing"
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_sft_reproduces_the_fixture_run(tmp_path, monkeypatch, sft_data, ref, meta, method):
+    """The same command as make_fixtures ran gives the same adapter files, so
+    PEFT reads them with the stored logits: `sft` output loads in PEFT."""
+    monkeypatch.chdir(ROOT)  # the fixture ran from the root with a relative --model
+    out = tmp_path / "out"
+    data = first_lines(os.path.join(DATA, "sft_train.jsonl"), meta["data_lines"], tmp_path / "sft.jsonl")
+    model = os.path.relpath(HF_TINY, ROOT)
+    cli("sft", "--model", model, "--data", data, "--method", method, "--output", out, *meta["sft_flags"])
+    with open(out / "adapter_config.json") as f, open(os.path.join(SFT_ADAPTERS[method], "adapter_config.json")) as g:
+        assert json.load(f) == json.load(g)
+    # same seed and data, the same adapter up to float rounding: Adam moves each weight by about
+    # ±lr = 1e-3 a step, so a different run is 1e-3 away; gradients near eps = 1e-8 wobble ~1e-5
+    assert_close_tensors(trained_tensors(out), trained_tensors(SFT_ADAPTERS[method]), atol=1e-4)
+    key = "lora.peft" if method == "lora" else "qlora.peft_nf4"
+    assert torch.allclose(logits(tiny_model(method == "qlora", out), ref["input_ids"]), ref[key], atol=1e-4, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# sft: each method trains, writes its files, and the output loads back
+
+
+def sft_mean_loss(model, data):
+    """Cross-entropy per learned token over every conversation of `data`, one batch."""
+    examples = tulu.load_sft_data(data, llama.Tokenizer(HF_TINY), 128)
+    task = tulu.SFTTask(pad_id=EOS)
+    batch = task.collate(examples)
+    with torch.no_grad():
+        return float(task.loss(model, batch, task.count(batch))[0])
+
+
+@pytest.mark.parametrize("method,lr", [("qlora", 3e-2), ("lora", 3e-2), ("full", 3e-3)])
+def test_sft_trains_and_writes_outputs(tmp_path, sft_data, method, lr):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # --output may exist: other files are left alone
+    N, warmup_ratio = 10, 0.2
+    cli("sft", *SMALL, "--data", sft_data, "--method", method, "--max-steps", N, "--lr", lr,
+        "--batch-size", 4, "--grad-accum", 1, "--warmup-ratio", warmup_ratio, "--output", out)
+    files = set(os.listdir(out))
+    assert (out / "notes.txt").read_text() == "mine"
+    want = set(ADAPTER_FILES) if method != "full" else {"config.json", "model.safetensors"}
+    assert want | set(TOKENIZER_FILES) | {"metrics.jsonl"} <= files
+    assert not ({"config.json", "model.safetensors"} | set(ADAPTER_FILES)) - want & files
+    assert all(same_bytes(out / n, os.path.join(HF_TINY, n)) for n in TOKENIZER_FILES)
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, N + 1))
+    assert all({"step", "loss", "lr"} <= r.keys() for r in rows)
+    # HF's linear schedule: 0 -> lr over the warmup steps, then down to 0 at step N
+    W = int(N * warmup_ratio)
+    assert [r["lr"] for r in rows] == pytest.approx([lr * (i / W if i < W else (N - i) / (N - W)) for i in range(N)])
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
+
+    # the output loads back, and it is the trained model: a lower loss on its data than the base
+    loaded = tiny_model(path=out) if method == "full" else tiny_model(method == "qlora", out)
+    base = tiny_model(method == "qlora")
+    assert sft_mean_loss(loaded, sft_data) < sft_mean_loss(base, sft_data) - 0.1
+    if method != "full":
+        with open(out / "adapter_config.json") as f:
+            cfg = json.load(f)
+        assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.1)  # --lora-r, QLoRA's alpha and dropout
+        assert cfg["base_model_name_or_path"] == HF_TINY
+    else:
+        with open(out / "config.json") as f, open(os.path.join(HF_TINY, "config.json")) as g:
+            saved, orig = json.load(f), json.load(g)
+        assert "quantization_config" not in saved
+        assert all(saved[k] == orig[k] for k in ("hidden_size", "num_key_value_heads", "vocab_size", "rms_norm_eps"))
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation: every token weighs the same however the step is split
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_sft_micro_batches_give_the_same_step(tmp_path, sft_data, method):
+    """One optimiser step on the same 8 conversations as 1 micro-batch of 8 or
+    4 micro-batches of 2: the loss (sum of token losses / tokens in the step),
+    the gradient norm and the updated weights agree to float rounding."""
+    data = first_lines(sft_data, 8, tmp_path / "eight.jsonl")
+    outs = {}
+    for bs, ga in ((8, 1), (2, 4)):
+        outs[bs] = tmp_path / f"{bs}x{ga}"
+        cli("sft", *SMALL, "--data", data, "--method", method, "--max-steps", 1, "--lr", 1e-3, "--lora-dropout", 0,
+            "--batch-size", bs, "--grad-accum", ga, "--output", outs[bs])
+    (a,), (b,) = metrics(outs[8]), metrics(outs[2])
+    assert a["tokens"] == b["tokens"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # Adam's first step moves each weight by about ±lr = 1e-3 (g / (|g| + eps)): an update from a
+    # different gradient flips signs, 2e-3 apart. (Gradients near eps = 1e-8 wobble a little.)
+    assert_close_tensors(trained_tensors(outs[8]), trained_tensors(outs[2]), atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and --resume: the resumed run continues the uninterrupted one
+
+
+def resume_flags(sft_data, method, out):
+    # 2 micro-batches a step; qlora keeps LoRA dropout 0.1, so the random state must come back too
+    return ["sft", *SMALL, "--data", sft_data, "--method", method, "--max-steps", 6, "--lr", 1e-3,
+            "--batch-size", 2, "--grad-accum", 2, "--output", out]
+
+
+def interrupt_at_call(monkeypatch, n, task=tulu.SFTTask):
+    """Ctrl-C during the n-th micro-batch loss (after earlier micro-batches of
+    the same step ran forward, backward and dropout)."""
+    loss, calls = task.loss, []
+
+    def wrapper(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return loss(self, *a, **kw)
+    monkeypatch.setattr(task, "loss", wrapper)
+
+
+def checkpoint_step(out):
+    with open(os.path.join(out, "checkpoint", "trainer_state.json")) as f:
+        return json.load(f)["step"]
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_sft_interrupt_and_resume_continue_the_same_run(tmp_path, monkeypatch, capsys, sft_data, method):
+    full = tmp_path / "uninterrupted"
+    cli(*resume_flags(sft_data, method, full))
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, 2 * 3 + 2)  # the second micro-batch of step 4
+        with pytest.raises(SystemExit) as e:
+            cli(*resume_flags(sft_data, method, out))
+    assert e.value.code == 130
+    assert f"--resume {out}" in capsys.readouterr().err
+    assert checkpoint_step(out) == 3
+    assert_close_losses(metrics(out), metrics(full)[:3], atol=1e-5)
+    cli(*resume_flags(sft_data, method, out), "--resume", out)
+    assert_close_losses(metrics(out), metrics(full), atol=1e-5)
+    assert_close_tensors(trained_tensors(out), trained_tensors(full), atol=1e-5)
+
+
+def test_sft_save_every_writes_a_checkpoint_resume_accepts(tmp_path, monkeypatch, sft_data):
+    full = tmp_path / "uninterrupted"
+    cli(*resume_flags(sft_data, "qlora", full))
+    out = tmp_path / "saved"
+    cli(*resume_flags(sft_data, "qlora", out), "--save-every", 2)
+    assert checkpoint_step(out) == 4  # steps 2 and 4; not after the last step, which writes the adapter
+    steps, train_step = [], tulu.train_step
+    monkeypatch.setattr(tulu, "train_step", lambda *a: steps.append(1) or train_step(*a))
+    cli(*resume_flags(sft_data, "qlora", out), "--resume", out)
+    assert len(steps) == 2  # steps 5 and 6 only
+    assert_close_losses(metrics(out), metrics(full), atol=1e-5)
+    assert_close_tensors(trained_tensors(out), trained_tensors(full), atol=1e-5)
+
+
+def test_sft_epochs_set_the_number_of_steps(tmp_path, sft_data):
+    """Without --max-steps: epochs x ceil(examples / (batch-size x grad-accum)) steps."""
+    out = tmp_path / "out"
+    cli("sft", *SMALL, "--data", sft_data, "--method", "lora", "--epochs", 2, "--batch-size", 3, "--grad-accum", 2,
+        "--output", out)
+    per_epoch = math.ceil(16 / (3 * 2))
+    rows = metrics(out)
+    assert len(rows) == 2 * per_epoch
+    assert [r["epoch"] for r in rows] == pytest.approx([(i + 1) / per_epoch for i in range(2 * per_epoch)], abs=1e-3)
+    assert sum(r["tokens"] for r in rows[:per_epoch]) == sum(r["tokens"] for r in rows[per_epoch:])  # each sees all
+
+
+@pytest.mark.xfail(strict=True, reason="tulu.py fill_defaults: --resume DIR without --output writes to "
+                   "out/sft-METHOD, not DIR, although the Ctrl-C message says 'continue with --resume DIR'")
+def test_sft_resume_writes_into_the_resumed_folder(tmp_path, monkeypatch, sft_data):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, 2 * 2 + 1)
+        with pytest.raises(SystemExit):
+            cli(*resume_flags(sft_data, "qlora", out))
+    flags = resume_flags(sft_data, "qlora", out)[:-2]  # as the message says: no --output
+    cli(*flags, "--resume", out)
+    assert len(metrics(out)) == 6 and os.path.exists(out / ADAPTER_FILES[1])
+    assert not os.path.exists(tmp_path / "out")
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line naming the file (and line), exit status 1, no traceback
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+PAIR = {"chosen": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "5"}]}
+
+
+def model_folder(tmp_path, edit_config=None, weights=True):
+    """A copy of hf_tiny, its config.json edited, or with only pickle weights."""
+    d = tmp_path / "model"
+    shutil.copytree(HF_TINY, d)
+    if edit_config:
+        with open(d / "config.json") as f:
+            cfg = json.load(f)
+        edit_config(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+    if not weights:
+        os.remove(d / "model.safetensors")
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x02pickle")
+    return str(d)
+
+
+ERRORS = {}  # name -> (command, case): case(tmp_path) -> (argv, what the one line must hold)
+KNOWN_BUGS = {}  # name -> why the case fails for now
+
+
+def error_case(command, bug=None):
+    def register(case):
+        ERRORS[case.__name__] = (command, case)
+        if bug:
+            KNOWN_BUGS[case.__name__] = bug
+        return case
+    return register
+
+
+def sft_file(t, text):
+    path = t / "d.jsonl"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return str(path)
+
+
+def sft_argv(data, model=HF_TINY):
+    return ["--model", model, "--data", data]
+
+
+@error_case("sft")
+def bad_json(t):
+    d = sft_file(t, GOOD + "\n{oops\n")
+    return sft_argv(d), [f"{d}:2:", "JSON"]
+
+
+@error_case("sft")
+def not_an_object(t):
+    d = sft_file(t, "[1, 2]\n")
+    return sft_argv(d), [f"{d}:1:"]
+
+
+@error_case("sft")
+def not_utf8(t):
+    d = sft_file(t, GOOD.encode() + b"\n\xff\xfe\n")
+    return sft_argv(d), [f"{d}:2:"]
+
+
+@error_case("sft")
+def missing_messages(t):
+    d = sft_file(t, GOOD + "\n\n" + json.dumps({"dataset": "x"}) + "\n")
+    return sft_argv(d), [f"{d}:3:", "messages"]
+
+
+@error_case("sft")
+def unknown_role(t):
+    d = sft_file(t, GOOD + "\n" + GOOD.replace('"user"', '"robot"') + "\n")
+    return sft_argv(d), [f"{d}:2:", "robot"]
+
+
+@error_case("sft")
+def empty_file(t):
+    d = sft_file(t, "")
+    return sft_argv(d), [d, "empty"]
+
+
+@error_case("sft")
+def blank_lines_only(t):
+    d = sft_file(t, "\n  \n")
+    return sft_argv(d), [d, "empty"]
+
+
+@error_case("sft")
+def missing_data(t):
+    return sft_argv(str(t / "nope.jsonl")), [str(t / "nope.jsonl")]
+
+
+@error_case("sft")
+def missing_model(t):
+    return sft_argv(sft_file(t, GOOD), model=str(t / "nope")), [str(t / "nope")]
+
+
+@error_case("sft")
+def hidden_act_gelu(t):
+    m = model_folder(t, lambda c: c.update(hidden_act="gelu"))
+    return sft_argv(sft_file(t, GOOD), m), [os.path.join(m, "config.json"), "gelu"]
+
+
+@error_case("sft")
+def rope_parameters_yarn(t):  # transformers 5 writes rope settings under rope_parameters
+    m = model_folder(t, lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                            "original_max_position_embeddings": 128}))
+    return sft_argv(sft_file(t, GOOD), m), [os.path.join(m, "config.json"), "yarn"]
+
+
+@error_case("sft")
+def rope_scaling_yarn(t):  # and transformers 4 under rope_scaling
+    m = model_folder(t, lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4.0}))
+    return sft_argv(sft_file(t, GOOD), m), [os.path.join(m, "config.json"), "yarn"]
+
+
+@error_case("sft")
+def pickle_only(t):
+    m = model_folder(t, weights=False)
+    return sft_argv(sft_file(t, GOOD), m), [m, "pytorch_model.bin"]
+
+
+@error_case("sft")
+def resume_without_checkpoint(t):
+    return sft_argv(sft_file(t, GOOD)) + ["--resume", str(t)], [str(t), "checkpoint"]
+
+
+@error_case("sft")
+def resume_with_another_method(t):
+    data, out = sft_file(t, GOOD), str(t / "run")
+    cli("sft", *sft_argv(data), "--method", "qlora", "--lora-r", 8, "--max-steps", 2, "--save-every", 1, "--output", out)
+    return sft_argv(data) + ["--method", "full", "--resume", out, "--output", out], [os.path.join(out, "checkpoint")]
+
+
+def prefs_file(t, *rows):
+    return sft_file(t, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@error_case("dpo")
+def rejected_missing(t):
+    d = prefs_file(t, PAIR, {"chosen": PAIR["chosen"]})
+    return sft_argv(d), [f"{d}:2:", "rejected"]
+
+
+@error_case("dpo")
+def different_prompts(t):
+    other = [{"role": "user", "content": "3 + 3?"}, {"role": "assistant", "content": "5"}]
+    d = prefs_file(t, PAIR, {**PAIR, "rejected": other})
+    return sft_argv(d), [f"{d}:2:"]
+
+
+@error_case("dpo", bug="tulu.py load_pref_data returns [] when every answer is truncated away (load_sft_data "
+                      "raises TuluError); train() then divides by steps_per_epoch = 0 (ZeroDivisionError traceback) "
+                      "or, without --max-steps, writes an untrained adapter and exits 0")
+def all_pairs_truncated(t):
+    d = prefs_file(t, PAIR, PAIR)
+    return sft_argv(d) + ["--max-seq-length", 4, "--max-steps", 2, "--output", str(t / "o")], [d]
+
+
+@error_case("dpo")
+def adapter_with_full(t):
+    return sft_argv(prefs_file(t, PAIR)) + ["--method", "full", "--adapter", SFT_ADAPTERS["lora"]], ["--adapter"]
+
+
+@error_case("merge")
+def merge_missing_adapter(t):
+    return ["--model", HF_TINY, "--adapter", str(t / "nope"), "--output", str(t / "o")], [str(t / "nope")]
+
+
+@error_case("chat")
+def chat_missing_model(t):
+    return ["--model", str(t / "nope"), "--prompt", "hi"], [str(t / "nope")]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n]))
+                                  if n in KNOWN_BUGS else n for n in ERRORS])
+def test_bad_input_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)  # where a default --output (out/...) would go
+    command, case = ERRORS[name]
+    argv, want = case(tmp_path)
+    capsys.readouterr()  # what a case ran to set itself up
+    line = one_line_error(capsys, command, argv)
+    for w in want:
+        assert str(w) in line, (w, line)
+
+
+@pytest.mark.xfail(strict=True, reason="tulu.py training_flags: sizes are type=int with no check; 0 reaches "
+                   "train() / LoRALinear and ends in a ZeroDivisionError traceback")
+@pytest.mark.parametrize("flag", ["--batch-size", "--grad-accum", "--lora-r"])
+def test_zero_sizes_are_refused_without_traceback(tmp_path, capsys, sft_data, flag):
+    with pytest.raises(SystemExit) as e:
+        cli("sft", *SMALL, "--data", sft_data, "--max-steps", 1, flag, 0, "--output", tmp_path / "out")
+    assert e.value.code != 0
+    assert flag in visible_lines(capsys.readouterr().err)[-1]
+
+
+@pytest.mark.parametrize("name", ["bad_json", "missing_model", "different_prompts"])
+def test_bad_input_as_a_user_sees_it(tmp_path, name):
+    """In a process of its own: exit status 1, one line on stderr, no traceback."""
+    command, case = ERRORS[name]
+    argv, want = case(tmp_path)
+    p = run(command, *argv, cwd=tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = visible_lines(p.stderr)
+    assert len(lines) == 1 and all(w in lines[0] for w in want), lines
+
+
+# -----------------------------------------------------------------------------
+# dpo: policy = reference at step 0, and the reference is the right model
+
+
+def dpo_flags(prefs_data, method, out, steps=3, adapter=None):
+    return ["dpo", *SMALL, "--data", prefs_data, "--method", method, "--max-steps", steps, "--lr", 1e-2 if method != "full"
+            else 1e-3, "--batch-size", 4, "--grad-accum", 1, "--output", out] + (["--adapter", adapter] if adapter else [])
+
+
+DPO_CASES = [("qlora", None), ("lora", None), ("full", None), ("lora", "lora"), ("qlora", "qlora")]
+
+
+@pytest.mark.parametrize("method,adapter", DPO_CASES, ids=["qlora", "lora", "full", "lora+adapter", "qlora+adapter"])
+def test_dpo_step0_loss_is_ln2(tmp_path, prefs_data, method, adapter):
+    """At step 0 the policy is the reference: every reward β·(π − ref) is 0 and
+    the loss −log σ(0) = ln 2. A step later the policy has moved and the reference
+    has not, so the loss is no longer ln 2 (a reference that followed the policy
+    would keep it there)."""
+    out = tmp_path / "out"
+    cli(*dpo_flags(prefs_data, method, out, adapter=adapter and SFT_ADAPTERS[adapter]))
+    rows = metrics(out)
+    keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+            "logps/rejected", "step", "lr"}
+    assert all(keys <= r.keys() for r in rows)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+        assert rows[0][k] == pytest.approx(0, abs=1e-5), k
+    assert abs(rows[-1]["loss"] - math.log(2)) > 1e-4 and abs(rows[-1]["rewards/margin"]) > 1e-5
+    assert set(ADAPTER_FILES if method != "full" else ("config.json", "model.safetensors")) <= set(os.listdir(out))
+
+
+def record_logps(monkeypatch):
+    """Every dpo.concatenated_logps call of the run: (batch, (chosen, rejected), adapters off?)."""
+    calls, f = [], dpo.concatenated_logps
+
+    def wrapper(model, batch, average=False):
+        got = f(model, batch, average)
+        off = any(m.disabled for m in lora.lora_layers(model).values())
+        calls.append((batch, tuple(x.detach().clone() for x in got), off))
+        return got
+    monkeypatch.setattr(dpo, "concatenated_logps", wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_dpo_reference_under_adapters_disabled_is_the_base(tmp_path, monkeypatch, prefs_data, method):
+    """LoRA's reference is the model with its adapters off: at the last step, after
+    the adapters moved, its log-probs equal those of a freshly loaded base."""
+    calls = record_logps(monkeypatch)
+    cli(*dpo_flags(prefs_data, method, tmp_path / "out"))
+    (batch, policy, _), (batch_ref, reference, off) = calls[-2], calls[-1]
+    assert off and batch is batch_ref
+    fresh = dpo.concatenated_logps(tiny_model(method == "qlora"), batch)
+    for got, want in zip(reference, fresh):
+        assert torch.allclose(got, want.detach(), atol=1e-5, rtol=0)
+    assert not torch.allclose(policy[0], reference[0], atol=1e-3)  # the policy did move
+
+
+def capture_cached_reference(monkeypatch):
+    seen, f = [], tulu.cache_reference
+
+    def wrapper(*a, **kw):
+        seen.append(f(*a, **kw))
+        return seen[-1]
+    monkeypatch.setattr(tulu, "cache_reference", wrapper)
+    return seen
+
+
+@pytest.mark.parametrize("method,adapter", [("full", None), ("lora", "lora"), ("qlora", "qlora")],
+                         ids=["full", "lora+adapter", "qlora+adapter"])
+def test_dpo_cached_reference_is_the_starting_model(tmp_path, monkeypatch, prefs_data, method, adapter):
+    """Full fine-tuning and --adapter cache the reference log-probs before the
+    first update: those of the starting model, i.e. the SFT model base + adapter
+    for --adapter (not the bare base that switching adapters off would give)."""
+    seen = capture_cached_reference(monkeypatch)
+    cli(*dpo_flags(prefs_data, method, tmp_path / "out", steps=1, adapter=adapter and SFT_ADAPTERS[adapter]))
+    (pairs,) = seen
+    assert len(pairs) == 16 and all(len(p) == 6 for p in pairs)
+    cached = torch.tensor([[p[4], p[5]] for p in pairs])  # (pairs, chosen/rejected)
+    batch = dpo.collate_pairs([p[:4] for p in pairs], EOS)
+    nf4 = method == "qlora"
+    start = torch.stack(dpo.concatenated_logps(tiny_model(nf4, adapter and SFT_ADAPTERS[adapter]), batch), -1)
+    assert torch.allclose(cached, start.detach(), atol=1e-4, rtol=0)
+    if adapter:
+        bare = torch.stack(dpo.concatenated_logps(tiny_model(nf4), batch), -1)
+        assert (cached - bare).abs().max() > 1e-2  # base + adapter is not the bare base
+
+
+def test_dpo_interrupt_and_resume_keep_the_cached_reference(tmp_path, monkeypatch, prefs_data):
+    """DPO --method full caches the reference from the starting weights; a resumed
+    run must score it from those too (not from the checkpoint's trained weights)."""
+    full = tmp_path / "uninterrupted"
+    cli(*dpo_flags(prefs_data, "full", full, steps=4))
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, 3, tulu.DPOTask)  # one micro-batch a step: during step 3
+        with pytest.raises(SystemExit) as e:
+            cli(*dpo_flags(prefs_data, "full", out, steps=4))
+    assert e.value.code == 130 and checkpoint_step(out) == 2
+    cli(*dpo_flags(prefs_data, "full", out, steps=4), "--resume", out)
+    assert_close_losses(metrics(out), metrics(full), atol=1e-5)
+    assert_close_tensors(trained_tensors(out), trained_tensors(full), atol=1e-5)
+
+
+def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, tiny_default):
+    """`python tulu.py dpo` with no --model: the demo SFT of the tiny default runs
+    first (cut to DEMO_SFT_STEPS steps here), then DPO on data/ preferences.
+    Held-out accuracy (share of pairs whose chosen reward beats the rejected one)
+    is 0 at step 0, where every reward is 0, and above chance after training."""
+    main = tulu.main
+    monkeypatch.setattr(tulu, "main", lambda argv: main(argv + ["--max-steps", str(DEMO_SFT_STEPS)]
+                                                        if argv[0] == "sft" else argv))
+    held, f = [], tulu.heldout_preferences
+    monkeypatch.setattr(tulu, "heldout_preferences", lambda *a: held.append(f(*a)) or held[-1])
+    out = tmp_path / "out"
+    main(["dpo", "--max-steps", "20", "--output", str(out)])
+    sft = tiny_default.replace("tiny-llama-", "tiny-sft-")
+    assert len(metrics(sft)) == DEMO_SFT_STEPS and os.path.exists(os.path.join(sft, "model.safetensors"))
+    before, after = held
+    assert before["rewards/accuracy"] == 0 and before["rewards/margin"] == 0
+    assert after["rewards/accuracy"] > 0.5 and after["rewards/margin"] > 0, after
+    assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# merge: an HF folder computing what base + adapter computes
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_merge_writes_the_adapter_model(tmp_path, ref, qlora):
+    method = "qlora" if qlora else "lora"
+    out = tmp_path / "merged"
+    cli("merge", "--model", HF_TINY, "--adapter", SFT_ADAPTERS[method], "--output", out, "--dtype", "fp32",
+        *(["--qlora"] if qlora else []))
+    assert {"config.json", "model.safetensors", *TOKENIZER_FILES} <= set(os.listdir(out))
+    assert not set(ADAPTER_FILES) & set(os.listdir(out))
+    assert all(same_bytes(out / n, os.path.join(HF_TINY, n)) for n in TOKENIZER_FILES)
+    with open(out / "config.json") as f:
+        cfg = json.load(f)
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    ids = ref["input_ids"]
+    merged = logits(tiny_model(path=out), ids)
+    # --qlora: the adapter was trained on the NF4 base, and the merge dequantizes that base
+    adapter_model = logits(tiny_model(qlora, SFT_ADAPTERS[method]), ids)
+    assert torch.allclose(merged, adapter_model, atol=1e-4 if qlora else 1e-5, rtol=0)
+    assert torch.allclose(merged, ref["qlora.peft_nf4" if qlora else "lora.peft"], atol=1e-4, rtol=0)
+
+
+def test_merge_default_dtype_is_bf16(tmp_path):
+    out = tmp_path / "merged"
+    cli("merge", "--model", HF_TINY, "--adapter", SFT_ADAPTERS["lora"], "--output", out)
+    with open(out / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+# -----------------------------------------------------------------------------
+# chat: the Tulu prompt, a greedy answer; once, or line by line until EOF
+
+
+def greedy_answers(model, tok, prompts, max_new_tokens, system=None):
+    """What chat should print: each prompt in the Tulu format after the
+    conversation so far (tulu.encode_prompt), answered greedily."""
+    history, answers = ([{"role": "system", "content": system}] if system else []), []
+    for p in prompts:
+        history.append({"role": "user", "content": p})
+        ids = llama.generate(model, tulu.encode_prompt(history, tok), max_new_tokens, eos_id=tok.eos_id)
+        answers.append(tok.decode([i for i in ids if i != tok.eos_id]))
+        history.append({"role": "assistant", "content": answers[-1]})
+    return answers
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_default, sft_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_adapter")
+    cli("sft", "--model", tiny_default, "--data", sft_data, "--method", "lora", "--max-steps", 5, "--lr", 3e-2,
+        "--lora-r", 8, "--batch-size", 4, "--grad-accum", 1, "--output", out)
+    return str(out)
+
+
+def test_chat_prompt_prints_the_greedy_answer(tiny_default):
+    prompt = "What is 3 + 4?"
+    (want,) = greedy_answers(tiny_model(path=tiny_default), llama.Tokenizer(tiny_default), [prompt], 8)
+    p = run("chat", "--model", tiny_default, "--prompt", prompt, "--max-new-tokens", 8)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == f"<|assistant|>\n{want}\n"
+    assert want.strip()
+
+
+def test_chat_interactive_reads_lines_until_eof(tiny_default, monkeypatch, capsys):
+    prompts = ["What is 3 + 4?", "Now add 2.", "Spell the word \"cat\"."]
+    want = greedy_answers(tiny_model(path=tiny_default), llama.Tokenizer(tiny_default), prompts, 8)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(p + "\n" for p in prompts)))
+    cli("chat", "--model", tiny_default, "--max-new-tokens", 8)  # returns at EOF
+    ask = "\n<|user|>\n"
+    assert capsys.readouterr().out == "".join(f"{ask}<|assistant|>\n{a}\n" for a in want) + ask
+
+
+def test_chat_interactive_stops_at_exit(tiny_default, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\nnever read\n"))
+    cli("chat", "--model", tiny_default, "--max-new-tokens", 2)
+    assert capsys.readouterr().out.count("<|assistant|>") == 1
+
+
+@pytest.mark.parametrize("system", [None, "Answer briefly."])
+def test_chat_with_adapter_and_system(tiny_default, tiny_adapter, capsys, system):
+    """--adapter answers as base + adapter (merged in memory, as chat does), and
+    --system opens the conversation; each changes the answer."""
+    prompt, tok = "What is 3 + 4?", llama.Tokenizer(tiny_adapter)
+    model = tiny_model(adapter=tiny_adapter, path=tiny_default)
+    lora.merge_lora(model)
+    (want,) = greedy_answers(model, tok, [prompt], 8, system=system)
+    cli("chat", "--model", tiny_default, "--adapter", tiny_adapter, "--prompt", prompt, "--max-new-tokens", 8,
+        *(["--system", system] if system else []))
+    assert capsys.readouterr().out == f"<|assistant|>\n{want}\n"
+    assert want != greedy_answers(tiny_model(path=tiny_default), tok, [prompt], 8, system=system)[0]
+    assert want != greedy_answers(model, tok, [prompt], 8, system=None if system else "Answer briefly.")[0]
+
+
+@pytest.mark.xfail(strict=True, reason="tulu.py stream_reply: text held back while it ends in an incomplete "
+                   "UTF-8 character is never printed when generation stops there, yet it stays in the history")
+def test_chat_prints_the_answer_it_keeps_when_cut_inside_a_character(monkeypatch, capsys):
+    """--max-new-tokens can stop between the byte tokens of one character. What
+    chat printed as the answer must be what it keeps in the conversation (and
+    sends back to the model with the next prompt), whichever way it treats the
+    broken character."""
+    tok = llama.Tokenizer(HF_TINY)
+    cut = tok.encode("café")[:-1]  # the last byte of "é" never comes
+    prompts = []
+
+    def fake_generate(model, prompt_ids, max_new_tokens, on_token=None, eos_id=None, **kw):
+        prompts.append(list(prompt_ids))
+        out = cut if len(prompts) == 1 else [eos_id]
+        for i in out:
+            on_token(i)
+        return out
+    monkeypatch.setattr(llama, "generate", fake_generate)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nagain\n"))
+    cli("chat", "--model", HF_TINY, "--max-new-tokens", len(cut))
+    shown = capsys.readouterr().out.split("<|assistant|>\n")[1].split("\n")[0]
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": shown},
+               {"role": "user", "content": "again"}]
+    assert prompts[1] == tulu.encode_prompt(history, tok)
+
+
+def test_chat_bad_model_path_as_a_user_sees_it(tmp_path):
+    p = run("chat", "--model", tmp_path / "nope", "--prompt", "hi")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    lines = visible_lines(p.stderr)
+    assert len(lines) == 1 and str(tmp_path / "nope") in lines[0], lines
+
+
+# -----------------------------------------------------------------------------
+# --help, and README's commands on the tiny default
+
+
+def help_text(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        cli(command, "--help")
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def option_help(text, flag):
+    """The help of one option: from its name to the next option's."""
+    start = text.index(f" {flag} ")
+    nxt = text.find(" --", start + len(flag) + 2)
+    return text[start:nxt if nxt > 0 else None]
+
+
+def test_help_shows_the_recipe_defaults(capsys):
+    for command in ("sft", "dpo"):
+        text = help_text(capsys, command)
+        for family in ("full", "lora"):
+            r = tulu.RECIPES[(command, family)]
+            assert str(r["lr"]) in option_help(text, "--lr"), (command, family)
+            assert str(r["epochs"]) in option_help(text, "--epochs")
+        assert "QLoRA" in text
+    text = help_text(capsys, "sft")
+    assert "2e-05" in option_help(text, "--lr") and "0.0001" in option_help(text, "--lr")
+    for flag, value in (("--lora-r", "64"), ("--lora-alpha", "16"), ("--lora-dropout", "0.1"), ("--seed", "42")):
+        assert value in option_help(text, flag), flag
+
+
+SOURCES = ("Tulu 2", "QLoRA", "open-instruct", "model card", "arXiv", "alignment-handbook", "TRL", "DPO")
+
+
+@pytest.mark.xfail(strict=True, reason="tulu.py training_flags: --epochs, --lr, --grad-accum, --max-seq-length and "
+                   "--warmup-ratio show their defaults without saying where they come from")
+def test_help_names_the_source_of_each_default(capsys):
+    text = help_text(capsys, "sft")
+    flags = ["--epochs", "--lr", "--batch-size", "--grad-accum", "--max-seq-length", "--warmup-ratio",
+             "--max-grad-norm", "--weight-decay", "--lora-r", "--lora-alpha", "--lora-dropout", "--seed"]
+    missing = [f for f in flags if not any(s in option_help(text, f) for s in SOURCES)]
+    assert not missing, missing
+
+
+def test_tiny_default_is_cached_and_deterministic(tiny_default, tmp_path, monkeypatch):
+    """Built once: a second call finds it (train is never called); built again
+    elsewhere, the same bytes. It is a real HF folder with its tokenizer."""
+    assert {"config.json", "model.safetensors", *TOKENIZER_FILES} <= set(os.listdir(tiny_default))
+    rows = metrics(tiny_default)
+    assert len(rows) == PRETRAIN_STEPS and rows[-1]["loss"] < rows[0]["loss"]
+    cfg = llama.LlamaConfig.from_json(os.path.join(tiny_default, "config.json"))
+    assert all(getattr(cfg, k) == v for k, v in tulu.TINY.items())
+    assert cfg.vocab_size == llama.Tokenizer(tiny_default).vocab_size
+    with monkeypatch.context() as m:
+        m.setattr(tulu, "train", lambda *a: pytest.fail("rebuilt a cached model"))
+        assert tulu.tiny_default_model() == tiny_default
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(tulu, "train", short_pretraining(PRETRAIN_STEPS))
+    again = tulu.tiny_default_model()
+    assert again != tiny_default and again.startswith(str(tmp_path))
+    for name in ("model.safetensors", *TOKENIZER_FILES):
+        assert same_bytes(os.path.join(again, name), os.path.join(tiny_default, name)), name
+
+
+def test_readme_sft_runs_with_no_arguments(tiny_default, tmp_path):
+    """`python tulu.py sft` as README gives it (with --max-steps, to be quick):
+    the tiny default (found in the cache) and data/, QLoRA, output in out/sft-qlora,
+    then a few held-out prompts with the model's answers."""
+    p = run("sft", "--max-steps", 3, cwd=tmp_path)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    out = tmp_path / "out" / "sft-qlora"
+    assert {*ADAPTER_FILES, *TOKENIZER_FILES, "metrics.jsonl"} <= set(os.listdir(out))
+    assert len(metrics(out)) == 3
+    with open(out / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == tiny_default
+    with open(os.path.join(DATA, "sft_heldout.jsonl")) as f:
+        first_prompt = next(m["content"] for m in json.loads(next(f))["messages"] if m["role"] == "user")
+    assert first_prompt in p.stdout  # the held-out prompts and the model's answers
