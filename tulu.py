@@ -196,6 +196,8 @@ def load_pref_data(path, tok, max_seq_length):
             pairs.append(pair)
     print(f"{path}: {len(pairs)} preference pairs" + (f" ({n - len(pairs)} dropped: answer truncated away)"
                                                      if n > len(pairs) else ""))
+    if not pairs:
+        raise TuluError(f"{path}: no pair left: every answer is truncated away at --max-seq-length {max_seq_length}")
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -442,7 +444,7 @@ def rng_state():
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def save_checkpoint(out, step, model, opt, rng):
+def save_checkpoint(out, step, model, opt, rng, run):
     """out/checkpoint/: trainable weights, optimiser state and RNG after `step`
     completed steps. Written beside the old one and swapped in by rename."""
     from safetensors.torch import save_file
@@ -453,7 +455,7 @@ def save_checkpoint(out, step, model, opt, rng):
     tensors = {}
     skeleton = pack({"optimizer": opt.state_dict(), "rng": rng}, tensors)
     save_file(tensors, os.path.join(tmp, "state.safetensors"))
-    write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "state": skeleton})
+    write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "run": run, "state": skeleton})
     old = f"{final}.old{os.getpid()}"
     if os.path.exists(final):
         os.replace(final, old)
@@ -461,8 +463,10 @@ def save_checkpoint(out, step, model, opt, rng):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path, model, opt) -> int:
-    """Restore what save_checkpoint wrote; returns the number of completed steps."""
+def load_checkpoint(path, model, opt, run) -> int:
+    """Restore what save_checkpoint wrote; returns the number of completed steps.
+    `run` (method, schedule, batch, seed) must be the one the checkpoint was made
+    with, or the resumed run would not continue the same curve."""
     from safetensors.torch import load_file
     ckpt = path if os.path.exists(os.path.join(path, "trainer_state.json")) else os.path.join(path, "checkpoint")
     if not os.path.exists(os.path.join(ckpt, "trainer_state.json")):
@@ -476,6 +480,9 @@ def load_checkpoint(path, model, opt) -> int:
             p.copy_(weights[n])
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         meta = json.load(f)
+    changed = [f"{k}: {meta['run'].get(k)} -> {v}" for k, v in run.items() if meta["run"].get(k) != v]
+    if changed:
+        raise TuluError(f"{ckpt}: the checkpoint was made with other settings ({'; '.join(changed)})")
     state = unpack(meta["state"], load_file(os.path.join(ckpt, "state.safetensors")))
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["cpu"])
@@ -581,7 +588,9 @@ def train(args, model, examples, task, out):
     warmup = int(total * args.warmup_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
-    start = load_checkpoint(args.resume, model, opt) if args.resume else 0
+    run = {k: getattr(args, k) for k in ("method", "lr", "batch_size", "grad_accum", "warmup_ratio", "seed")}
+    run.update(total_steps=total, examples=len(examples))
+    start = load_checkpoint(args.resume, model, opt, run) if args.resume else 0
     log = MetricsLog(out, start)
     title = f"tulu {args.command} --method {args.method}: {os.path.basename(os.path.normpath(args.model if hasattr(args, 'model') else out))}"
     model.train()
@@ -601,12 +610,12 @@ def train(args, model, examples, task, out):
             rng, done = rng_state(), step + 1
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if args.save_every and done % args.save_every == 0 and done < total:
-                save_checkpoint(out, done, model, opt, rng)
+                save_checkpoint(out, done, model, opt, rng, run)
                 log.plot(title)
     except KeyboardInterrupt:
         bar.close()
         opt.zero_grad(set_to_none=True)
-        save_checkpoint(out, done, model, opt, rng)
+        save_checkpoint(out, done, model, opt, rng, run)
         log.plot(title)
         print(f"\ninterrupted: {done} steps are saved in {out}/checkpoint; continue with --resume {out}",
               file=sys.stderr)
@@ -651,6 +660,7 @@ def cmd_sft(args):
     args.data = args.data or os.path.join(DATA, "sft_train.jsonl")
     fill_defaults(args, demo)
     print_config(args)
+    llama.checkpoint_files(args.model)  # a missing or unusable folder: say so before anything else
     torch.manual_seed(args.seed)
     tok = Tokenizer(args.model)
     examples = load_sft_data(args.data, tok, args.max_seq_length)
@@ -691,6 +701,7 @@ def cmd_dpo(args):
     args.data = args.data or os.path.join(DATA, "prefs_train.jsonl")
     fill_defaults(args, demo)
     print_config(args)
+    llama.checkpoint_files(args.model)
     torch.manual_seed(args.seed)
     tok = Tokenizer(args.model)
     pairs = load_pref_data(args.data, tok, args.max_seq_length)
@@ -791,8 +802,9 @@ def stream_reply(model, tok, history, args, g):
 
     llama.generate(model, encode_prompt(history, tok), args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, on_token=on_token, generator=g)
-    print()
-    return tok.decode([t for t in new if t != tok.eos_id])
+    final = tok.decode([t for t in new if t != tok.eos_id])
+    print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
+    return final
 
 
 
@@ -838,41 +850,69 @@ def fill_defaults(args, demo):
         args.lora_dropout = 0.0 if args.command == "dpo" else 0.1
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
+    if args.resume and not args.output:  # continue in the folder being resumed
+        r = os.path.normpath(args.resume)
+        args.output = os.path.dirname(r) if os.path.basename(r) == "checkpoint" else r
     args.output = args.output or os.path.join("out", f"{args.command}-{args.method}")
 
 
+SOURCES = {("sft", "full"): "Tulu 2 SFT, arXiv 2311.10702", ("sft", "lora"): "Tulu 2 QLoRA 70B model card",
+           ("dpo", "full"): "Tulu 2 DPO, arXiv 2311.10702",
+           ("dpo", "lora"): "alignment-handbook zephyr-7b-dpo-qlora for the lr, else Tulu 2 DPO"}
+
+
+def recipe_help(command, key, what):
+    """'what (default X full [source], Y lora/qlora [source]; Z for the demo)'."""
+    r = lambda m: RECIPES[(command, m)][key]
+    return (f"{what} (default {r('full')} for full fine-tuning [{SOURCES[(command, 'full')]}], {r('lora')} "
+            f"with lora/qlora [{SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo)")
+
+
+def positive_int(s):
+    if not s.lstrip("-").isdigit() or int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    return int(s)
+
+
+def count(s):
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"{s!r} is not a non-negative integer")
+    return int(s)
+
+
 def training_flags(p, command):
-    r = lambda m: RECIPES[(command, m)]
+    b = RECIPES[(command, "full")]
     p.add_argument("--model", help="HF Llama folder (default: the tiny demo model, built once and cached "
                                    "under $XDG_CACHE_HOME/tulu)")
-    p.add_argument("--output", help="output folder (default: out/%s-METHOD)" % command)
+    p.add_argument("--output", help=f"output folder (default: out/{command}-METHOD, or the --resume folder)")
     p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora",
-                   help="qlora: NF4 base + LoRA + paged AdamW (QLoRA); lora: LoRA on a bf16/fp32 base; "
-                        "full: every weight (default: %(default)s)")
-    p.add_argument("--epochs", type=int, help=f"default {r('full')['epochs']} full, {r('lora')['epochs']} lora/qlora")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimiser steps (0: run all epochs)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate; default {r('full')['lr']} full, "
-                                            f"{r('lora')['lr']} lora/qlora, {r('demo')['lr']} for the demo")
-    p.add_argument("--batch-size", type=int, help="examples per micro-batch (default %d; effective batch = "
-                   "batch-size x grad-accum = %d, as the model cards)" % (r('full')['batch_size'],
-                   r('full')['batch_size'] * r('full')['grad_accum']))
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimiser step (default {r('full')['grad_accum']})")
-    p.add_argument("--max-seq-length", type=int, help=f"truncate longer examples (default {r('full')['max_seq_length']})")
-    p.add_argument("--warmup-ratio", type=float, help=f"linear warmup fraction, then linear decay to 0 "
-                                                      f"(default {r('full')['warmup_ratio']})")
-    p.add_argument("--max-grad-norm", type=float, help=f"gradient clipping, 0 = off (default "
-                   f"{r('lora')['max_grad_norm']} lora/qlora as QLoRA, {r('full')['max_grad_norm']} full)")
+                   help="qlora: NF4 base + LoRA + paged AdamW (QLoRA, arXiv 2305.14314); lora: LoRA on a "
+                        "bf16/fp32 base; full: every weight (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, help=recipe_help(command, "epochs", "passes over the data"))
+    p.add_argument("--max-steps", type=count, default=0, help="stop after N optimiser steps (default 0: all epochs)")
+    p.add_argument("--lr", type=float, help=recipe_help(command, "lr", "peak learning rate"))
+    p.add_argument("--batch-size", type=positive_int, help=recipe_help(command, "batch_size", "examples per micro-batch"))
+    p.add_argument("--grad-accum", type=positive_int, help=recipe_help(
+        command, "grad_accum", f"micro-batches per optimiser step; batch-size x grad-accum = "
+                               f"{b['batch_size'] * b['grad_accum']}, the model cards' batch"))
+    p.add_argument("--max-seq-length", type=positive_int, help=recipe_help(command, "max_seq_length",
+                                                                           "truncate longer examples"))
+    p.add_argument("--warmup-ratio", type=float, help=recipe_help(
+        command, "warmup_ratio", "linear warmup over this fraction of the steps, then linear decay to 0"))
+    p.add_argument("--max-grad-norm", type=float, help=recipe_help(
+        command, "max_grad_norm", "gradient clipping, 0 = off; 0.3 is QLoRA's (arXiv 2305.14314)"))
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, Tulu 2)")
-    p.add_argument("--lora-r", type=int, default=64, help="LoRA rank (default 64, Tulu 2 QLoRA)")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16, Tulu 2 QLoRA)")
-    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1 for sft as Tulu 2 QLoRA; 0 for dpo)")
+    p.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank (default 64, Tulu 2 QLoRA model card)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16, Tulu 2 QLoRA model card)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1 for sft, Tulu 2 QLoRA model card; "
+                                                      "0 for dpo so that policy = reference at step 0, as TRL)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (QLoRA)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42, open-instruct's)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only on Ctrl-C)")
+    p.add_argument("--save-every", type=count, default=0, help="checkpoint every N steps (default 0: only on Ctrl-C)")
     p.add_argument("--resume", help="continue from the checkpoint in this output folder")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="weights/compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+                   help="weights/compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU)")
 
 
 def build_parser():
@@ -930,6 +970,9 @@ def main(argv=None):
         msg = str(e) if isinstance(e, TuluError) else f"{e.filename}: {e.strerror}"
         print(f"tulu {args.command}: error: {msg}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # outside the training loop, which saves a checkpoint itself
+        print(f"\ntulu {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
