@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 class TuluError(Exception):
@@ -175,7 +176,12 @@ def apply_rope(x, cos, sin):
 
 def attention_mask_4d(attention_mask, T, S, device):
     """Boolean (B or 1, 1, T, S) mask, True = may attend: causal (query t sits at
-    position S - T + t) and, if given, the (B, S) padding mask of 1/0."""
+    position S - T + t) and, if given, the (B, S) padding mask of 1/0. None when
+    plain causal attention is the same thing: no cache, and padding (if any) only
+    on the right, where no real token can see it. SDPA then uses its fused causal
+    kernels (flash attention on a GPU) instead of a (T, S) mask."""
+    if T == S and (attention_mask is None or bool((attention_mask.cumprod(-1) == attention_mask).all())):
+        return None
     q_pos = torch.arange(S - T, S, device=device)[:, None]
     mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
@@ -191,12 +197,13 @@ def gqa_attention(q, k, v, mask):
     head; each group of H/Hkv query heads shares one key/value head, query head h
     reading head h // (H/Hkv) (GQA, arXiv 2305.13245 Sec. 2.2; Hkv = H is plain
     multi-head attention). q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh); mask: bool
-    (B or 1, 1, T, S), True = may attend (attention_mask_4d) -> (B, H, T, Dh)."""
+    (B or 1, 1, T, S), True = may attend, or None for plain causal attention
+    (attention_mask_4d) -> (B, H, T, Dh)."""
     # exercise: gqa_attention
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
     v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     # end exercise
 
 
@@ -355,6 +362,8 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     # Quantizing, read each tensor into memory of its own (pread, safetensors >= 0.8):
     # through mmap, the pages of every weight read stay mapped in our RSS until the file closes.
     pread = quantize and tuple(int(v) for v in safetensors.__version__.split(".")[:2]) >= (0, 8)
+    bar = tqdm(total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
+               leave=False, disable=len(expected) < 100)  # a real model, not a test's tiny one
     for fname in files:
         with safe_open(fname, framework="pt", device="cpu", **({"backend": "pread"} if pread else {})) as f:
             for key in f.keys():
@@ -367,6 +376,8 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
                 if quantize == "nf4" and decoder_linear(key):
                     quantize_module(model, key.rpartition(".")[0], dtype)
                 seen.add(key)
+                bar.update()
+    bar.close()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         seen.add("lm_head.weight")

@@ -151,9 +151,22 @@ def test_gqa_attention_matches_naive_loop():
 
 
 def test_attention_mask_4d_causal_and_padding():
-    m = llama.attention_mask_4d(torch.tensor([[1, 1, 0]]), 3, 3, "cpu")[0, 0]
-    assert m[0].tolist() == [True, False, False] and m[1].tolist() == [True, True, False]
-    assert m[2].tolist() == [True, True, False]
+    # left padding: the pad key is hidden; the pad query, which could see nothing, sees all
+    m = llama.attention_mask_4d(torch.tensor([[0, 1, 1]]), 3, 3, "cpu")[0, 0]
+    assert m.tolist() == [[True, True, True], [False, True, False], [False, True, True]]
+    # with a cache: 2 new queries at positions 3 and 4 of 5
+    m = llama.attention_mask_4d(None, 2, 5, "cpu")[0, 0]
+    assert m.tolist() == [[True] * 4 + [False], [True] * 5]
+    # no padding, or padding on the right only: plain causal attention (None) is the same thing
+    assert llama.attention_mask_4d(None, 3, 3, "cpu") is None
+    assert llama.attention_mask_4d(torch.tensor([[1, 1, 0], [1, 1, 1]]), 3, 3, "cpu") is None
+
+
+def test_attention_mask_4d_none_equals_the_explicit_causal_mask():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    torch.testing.assert_close(llama.gqa_attention(q, k, v, None), llama.gqa_attention(q, k, v, causal))
 
 
 def test_sample_next_top_k_top_p():
