@@ -172,11 +172,15 @@ class Outcomes:
 def modules_of(root):
     """Imports of the project's modules and tests resolve to `root` inside the
     block, as if Python had started there; sys.modules and sys.path come back after."""
-    ours = tuple({f(d) + os.sep for d in (ROOT, root) for f in (os.path.abspath, os.path.realpath)})
+    # the project's modules are the .py files at a root or in its tests/; a virtual env
+    # inside the clone (CI's .venv) is not ours: torch must never be imported twice
+    ours = {f(os.path.join(d, sub)) for d in (ROOT, root) for sub in ("", "tests")
+            for f in (os.path.abspath, os.path.realpath)}
 
-    def forget_ours():  # other modules stay: torch, for one, must never be imported twice
+    def forget_ours():
         for name, m in list(sys.modules.items()):
-            if (getattr(m, "__file__", None) or "").startswith(ours):
+            file = getattr(m, "__file__", None)
+            if file and os.path.dirname(os.path.abspath(file)) in ours:
                 del sys.modules[name]
 
     saved, path, cwd = dict(sys.modules), list(sys.path), os.getcwd()
