@@ -164,8 +164,9 @@ def exercises_md(src_root: str) -> str:
         "docstring above the `raise`: it is the contract (formula, shapes, and the details the",
         "reference libraries' numbers depend on). Write the body in place of the `raise` and run the",
         "grading command until it passes. Work in this order: an exercise's tests may use the",
-        "exercises before it, never one after it. `python -m pytest` runs every test; until all",
-        "exercises are done, other tests that call an unfinished function fail too.", "",
+        "exercises before it, never one after it. `python -m pytest` runs every test: it fails exactly",
+        "the grading tests of unfinished exercises, and skips the other tests that reach one",
+        "(\"waits on exercise NAME\", see conftest.py) until it is done.", "",
         "| # | exercise | where | graded by |", "| --- | --- | --- | --- |", *rows, "", *parts])
 
 

@@ -578,7 +578,7 @@ def test_bad_input_as_a_user_sees_it(tmp_path, name):
     argv, want = case(tmp_path)
     p = run(command, *argv, cwd=tmp_path)
     assert p.returncode == 1, p.stderr
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
     lines = visible_lines(p.stderr)
     assert len(lines) == 1 and all(w in lines[0] for w in want), lines
 

@@ -196,9 +196,10 @@ def modules_of(root):
         sys.modules.update({name: m for name, m in saved.items() if name not in sys.modules})
 
 
-def grade(root, name):
-    """{test: outcome} of exercise `name`'s grading command, run in `root`."""
-    args, rec = shlex.split(ex.EXERCISES[name][3]), Outcomes()
+def grade(root, name=None):
+    """{test: outcome} of exercise `name`'s grading command, or of the whole
+    suite (name None), run in `root`."""
+    args, rec = shlex.split(ex.EXERCISES[name][3]) if name else ["tests"], Outcomes()
     with modules_of(root):
         # no cache files in the copy; one-line tracebacks and no gc.collect() after each run: only speed
         pytest.main([*args, "-q", "--tb=line", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
@@ -216,13 +217,19 @@ def put_back(root, name):
 
 
 def test_each_exercise_fails_in_the_copy_and_passes_with_its_body(student_copy, tmp_path):
-    """In ex.EXERCISES' order: every grading test of the exercise fails on its
-    `raise`; with its body back (and those before it), every one passes."""
+    """`pytest` in the student copy fails exactly the grading tests (the others
+    pass, or skip while they wait on an exercise). In ex.EXERCISES' order: every
+    grading test of the exercise fails on its `raise`; with its body back (and
+    those before it), every one passes."""
     root = str(tmp_path / "student")
     shutil.copytree(student_copy, root)  # this test writes bodies back: a copy of the copy
+    failed = {t for t, outcome in grade(root).items() if outcome != "passed"}
+    graded = set()
     for name in ex.EXERCISES:
         before = grade(root, name)
         assert before and all(message(name) in outcome for outcome in before.values()), (name, before)
+        graded |= before.keys()
         put_back(root, name)
         after = grade(root, name)
         assert after.keys() == before.keys() and set(after.values()) == {"passed"}, (name, after)
+    assert failed == graded, (sorted(failed - graded), sorted(graded - failed))
