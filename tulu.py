@@ -654,15 +654,21 @@ def print_config(args):
     print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
 
 
-def cmd_sft(args):
+def start_run(args, default_model, default_data):
+    """Fill in the defaults (the tiny demo's when there is no --model), print the
+    settings, check the model folder, seed. Returns (demo?, tokenizer)."""
     demo = args.model is None
-    args.model = args.model or tiny_default_model()
-    args.data = args.data or os.path.join(DATA, "sft_train.jsonl")
+    args.model = args.model or default_model()
+    args.data = args.data or os.path.join(DATA, default_data)
     fill_defaults(args, demo)
     print_config(args)
     llama.checkpoint_files(args.model)  # a missing or unusable folder: say so before anything else
     torch.manual_seed(args.seed)
-    tok = Tokenizer(args.model)
+    return demo, Tokenizer(args.model)
+
+
+def cmd_sft(args):
+    demo, tok = start_run(args, tiny_default_model, "sft_train.jsonl")
     examples = load_sft_data(args.data, tok, args.max_seq_length)
     model = build_policy(args, args.model)
     os.makedirs(args.output, exist_ok=True)
@@ -696,14 +702,7 @@ def tiny_sft_model() -> str:
 
 
 def cmd_dpo(args):
-    demo = args.model is None
-    args.model = args.model or tiny_sft_model()
-    args.data = args.data or os.path.join(DATA, "prefs_train.jsonl")
-    fill_defaults(args, demo)
-    print_config(args)
-    llama.checkpoint_files(args.model)
-    torch.manual_seed(args.seed)
-    tok = Tokenizer(args.model)
+    demo, tok = start_run(args, tiny_sft_model, "prefs_train.jsonl")
     pairs = load_pref_data(args.data, tok, args.max_seq_length)
     model = build_policy(args, args.model)
     task = DPOTask(args, pad_id=tok.eos_id)
