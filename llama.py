@@ -83,6 +83,8 @@ class LlamaConfig:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise TuluError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise TuluError(f"{path}: not a model config (a JSON object)")
         return cls.from_dict(d, source=path)
 
     def check(self, source: str):
@@ -319,9 +321,17 @@ def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of an HF model folder, single or sharded."""
     if not os.path.isdir(path):
         raise TuluError(f"{path}: no such model folder")
-    if os.path.exists(os.path.join(path, SAFE_INDEX)):
-        with open(os.path.join(path, SAFE_INDEX)) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+    index = os.path.join(path, SAFE_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TuluError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        lost = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if lost:
+            raise TuluError(f"{os.path.join(path, lost[0])}: listed in {SAFE_INDEX} but missing "
+                            f"({len(lost)} of {len(shards)} shards; an incomplete download?)")
         return [os.path.join(path, s) for s in shards]
     if os.path.exists(os.path.join(path, SAFE_SINGLE)):
         return [os.path.join(path, SAFE_SINGLE)]
@@ -350,8 +360,7 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     and filled one tensor at a time, so peak memory is the model plus one tensor.
     quantize="nf4" turns each decoder linear weight into 4-bit as it is read
     (QLoRA); embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
-    import safetensors
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
     if quantize not in (None, "nf4"):
@@ -359,24 +368,27 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     with torch.device("meta"):
         model = Llama(cfg)
     seen, expected = set(), set(model.state_dict())
-    # Quantizing, read each tensor into memory of its own (pread, safetensors >= 0.8):
-    # through mmap, the pages of every weight read stay mapped in our RSS until the file closes.
-    pread = quantize and tuple(int(v) for v in safetensors.__version__.split(".")[:2]) >= (0, 8)
+    # Quantizing, read each tensor into memory of its own (pread): through mmap, the
+    # pages of every weight read would stay mapped in our RSS until the file closes.
+    backend = {"backend": "pread"} if quantize else {}
     bar = tqdm(total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
                leave=False, disable=len(expected) < 100)  # a real model, not a test's tiny one
     for fname in files:
-        with safe_open(fname, framework="pt", device="cpu", **({"backend": "pread"} if pread else {})) as f:
-            for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue  # old checkpoints stored RoPE tables; we compute them
-                if key not in expected:
-                    raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
-                # no local name for the tensor: once quantized, nothing holds the full-precision copy
-                set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
-                if quantize == "nf4" and decoder_linear(key):
-                    quantize_module(model, key.rpartition(".")[0], dtype)
-                seen.add(key)
-                bar.update()
+        try:
+            with safe_open(fname, framework="pt", device="cpu", **backend) as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue  # old checkpoints stored RoPE tables; we compute them
+                    if key not in expected:
+                        raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
+                    # no local name for the tensor: once quantized, nothing holds the full-precision copy
+                    set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
+                    if quantize == "nf4" and decoder_linear(key):
+                        quantize_module(model, key.rpartition(".")[0], dtype)
+                    seen.add(key)
+                    bar.update()
+        except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
+            raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
     bar.close()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -20,7 +20,7 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -101,6 +101,14 @@ def make_llama():
         save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, f"{name}_expected.safetensors"))
     if not any(f.startswith("model-0000") for f in os.listdir(os.path.join(out, "llama2_sharded"))):
         raise SystemExit("llama2_sharded was not sharded")
+
+    # bf16, as checkpoints ship: transformers loads gqa in bf16 and computes in bf16.
+    hf = LlamaForCausalLM.from_pretrained(os.path.join(out, "gqa"), dtype=torch.bfloat16).eval()
+    gqa_ids = load_file(os.path.join(out, "gqa_expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        logits = hf(input_ids=gqa_ids).logits
+    save_file({"input_ids": gqa_ids, "logits": logits.contiguous()},
+              os.path.join(out, "gqa_bf16_expected.safetensors"))
 
     # Our save_model's output must load in transformers with the same logits.
     ours = llama.load_model(os.path.join(out, "gqa"), dtype=torch.float32)
