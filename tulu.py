@@ -206,7 +206,8 @@ def load_pref_data(path, tok, max_seq_length):
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
 PRETRAIN = dict(command="pretrain", method="full", lr=2e-3, max_steps=500, epochs=0, batch_size=16, grad_accum=1,
-                warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, seed=0, resume=None, save_every=0,
+                warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8,
+                seed=0, resume=None, save_every=0,
                 device="cpu", dtype=torch.float32)
 
 
@@ -323,7 +324,7 @@ def build_policy(args, path):
 def build_optimizer(args, model):
     from nf4 import PagedAdamW
     params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    kw = dict(lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps, weight_decay=args.weight_decay)
     if args.method == "qlora":
         return PagedAdamW(params, **kw)
     return torch.optim.AdamW(params, foreach=False, **kw)
@@ -589,7 +590,7 @@ def train(args, model, examples, task, out):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
     run = {k: getattr(args, k) for k in ("method", "lr", "batch_size", "grad_accum", "warmup_ratio", "seed")}
-    run.update(total_steps=total, examples=len(examples))
+    run.update(adam_betas=list(args.adam_betas), adam_eps=args.adam_eps, total_steps=total, examples=len(examples))
     start = load_checkpoint(args.resume, model, opt, run) if args.resume else 0
     log = MetricsLog(out, start)
     title = f"tulu {args.command} --method {args.method}: {os.path.basename(os.path.normpath(args.model if hasattr(args, 'model') else out))}"
@@ -759,6 +760,7 @@ def cmd_chat(args):
     from lora import load_adapter, merge_lora
     args.device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
+    args.model = args.model or tiny_sft_model()
     model = load_model(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -860,11 +862,11 @@ SOURCES = {("sft", "full"): "Tulu 2 SFT, arXiv 2311.10702", ("sft", "lora"): "Tu
            ("dpo", "lora"): "alignment-handbook zephyr-7b-dpo-qlora for the lr, else Tulu 2 DPO"}
 
 
-def recipe_help(command, key, what):
+def recipe_help(command, key, what, lora_source=None):
     """'what (default X full [source], Y lora/qlora [source]; Z for the demo)'."""
     r = lambda m: RECIPES[(command, m)][key]
     return (f"{what} (default {r('full')} for full fine-tuning [{SOURCES[(command, 'full')]}], {r('lora')} "
-            f"with lora/qlora [{SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo)")
+            f"with lora/qlora [{lora_source or SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo)")
 
 
 def positive_int(s):
@@ -899,8 +901,11 @@ def training_flags(p, command):
     p.add_argument("--warmup-ratio", type=float, help=recipe_help(
         command, "warmup_ratio", "linear warmup over this fraction of the steps, then linear decay to 0"))
     p.add_argument("--max-grad-norm", type=float, help=recipe_help(
-        command, "max_grad_norm", "gradient clipping, 0 = off; 0.3 is QLoRA's (arXiv 2305.14314)"))
+        command, "max_grad_norm", "gradient clipping, 0 = off", lora_source="QLoRA, arXiv 2305.14314"))
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, Tulu 2)")
+    p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"),
+                   help="AdamW betas (default 0.9 0.999, Tulu 2)")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon (default 1e-8, Tulu 2)")
     p.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank (default 64, Tulu 2 QLoRA model card)")
     p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16, Tulu 2 QLoRA model card)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1 for sft, Tulu 2 QLoRA model card; "
@@ -941,7 +946,8 @@ def build_parser():
                         "from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("chat", help="talk to a model in the Tulu chat format")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
+                                   "demo `tulu.py dpo` starts from; built once and cached)")
     p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
     p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
     p.add_argument("--system", help="system message")
@@ -965,8 +971,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (TuluError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        msg = str(e) if isinstance(e, TuluError) else f"{e.filename}: {e.strerror}"
+    except (TuluError, OSError) as e:  # OSError: a missing file, an --output that is a file, a full disk...
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         print(f"tulu {args.command}: error: {msg}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # outside the training loop, which saves a checkpoint itself

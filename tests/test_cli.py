@@ -364,6 +364,17 @@ def test_sft_epochs_set_the_number_of_steps(tmp_path, sft_data):
     assert sum(r["tokens"] for r in rows[:per_epoch]) == sum(r["tokens"] for r in rows[per_epoch:])  # each sees all
 
 
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_adam_flags_reach_the_optimizer(method):
+    """Tulu 2's AdamW (0.9, 0.999), 1e-8 by default; --adam-betas/--adam-eps override."""
+    model = llama.Llama(llama.LlamaConfig(**tulu.TINY, vocab_size=64))
+    for extra, betas, eps in [([], (0.9, 0.999), 1e-8), (["--adam-betas", "0.8", "0.95", "--adam-eps", "1e-6"],
+                                                         (0.8, 0.95), 1e-6)]:
+        args = tulu.build_parser().parse_args(["sft", "--method", method, "--lr", "1e-3", *extra])
+        group = tulu.build_optimizer(args, model).param_groups[0]
+        assert (tuple(group["betas"]), group["eps"]) == (betas, eps)
+
+
 def test_sft_resume_writes_into_the_resumed_folder(tmp_path, monkeypatch, sft_data):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
@@ -513,6 +524,19 @@ def resume_with_another_method(t):
     return sft_argv(data) + ["--method", "full", "--resume", out, "--output", out], [os.path.join(out, "checkpoint")]
 
 
+@error_case("sft")
+def output_is_a_file(t):
+    (t / "afile").write_text("")
+    return sft_argv(sft_file(t, GOOD)) + ["--max-steps", 1, "--output", str(t / "afile")], [str(t / "afile")]
+
+
+@error_case("sft")
+def resume_with_other_adam_betas(t):
+    data, out = sft_file(t, GOOD), str(t / "run")
+    cli("sft", *sft_argv(data), "--lora-r", 8, "--max-steps", 2, "--save-every", 1, "--output", out)
+    return sft_argv(data) + ["--lora-r", 8, "--resume", out, "--adam-betas", 0.9, 0.95], ["adam_betas"]
+
+
 def prefs_file(t, *rows):
     return sft_file(t, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -544,6 +568,13 @@ def adapter_with_full(t):
 @error_case("merge")
 def merge_missing_adapter(t):
     return ["--model", HF_TINY, "--adapter", str(t / "nope"), "--output", str(t / "o")], [str(t / "nope")]
+
+
+@error_case("merge")
+def merge_output_is_a_file(t):
+    (t / "afile").write_text("")
+    return (["--model", HF_TINY, "--adapter", SFT_ADAPTERS["lora"], "--output", str(t / "afile")],
+            [str(t / "afile")])
 
 
 @error_case("chat")
@@ -800,6 +831,17 @@ def test_chat_with_adapter_and_system(tiny_default, tiny_adapter, capsys, system
     assert capsys.readouterr().out == f"<|assistant|>\n{want}\n"
     assert want != greedy_answers(tiny_model(path=tiny_default), tok, [prompt], 8, system=system)[0]
     assert want != greedy_answers(model, tok, [prompt], 8, system=None if system else "Answer briefly.")[0]
+
+
+def test_chat_defaults_to_the_demo_sft_model(tiny_default, tiny_adapter, monkeypatch, capsys):
+    """Without --model, chat talks to the model the demo DPO starts from (README:
+    `tulu.py chat --adapter out/dpo-qlora`); here that model is the tiny default."""
+    monkeypatch.setattr(tulu, "tiny_sft_model", lambda: tiny_default)
+    argv = ["--adapter", tiny_adapter, "--prompt", "What is 3 + 4?", "--max-new-tokens", 8]
+    cli("chat", "--model", tiny_default, *argv)
+    want = capsys.readouterr().out
+    cli("chat", *argv)
+    assert capsys.readouterr().out == want
 
 
 def test_chat_prints_the_answer_it_keeps_when_cut_inside_a_character(monkeypatch, capsys):

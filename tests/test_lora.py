@@ -286,3 +286,27 @@ def test_load_adapter_bad_files(tmp_path):
     (tmp_path / lora.ADAPTER_CONFIG).write_text('{\n  "r": 8,\n  oops\n}')
     with pytest.raises(TuluError, match="adapter_config.json:3: not valid JSON"):
         lora.load_adapter(model, tmp_path)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    """QLoRA's gradient checkpointing recomputes each decoder layer in backward
+    (dropout included: the RNG state is replayed): the LoRA gradients are those
+    of a plain backward, and every layer went through the checkpoint."""
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for on in (False, True):
+        model = load_model(GQA, dtype=torch.float32, quantize="nf4")
+        torch.manual_seed(0)  # the same A (initialised at random) in both models
+        lora.add_lora(model, r=4, alpha=8, dropout=0.1)
+        random_B(model)
+        model.train()
+        model.gradient_checkpointing = on
+        torch.manual_seed(1)  # the same dropout masks
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert len(calls) == len(model.model.layers)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)

@@ -289,6 +289,22 @@ def test_sample_prefs_share_the_prompt_and_differ_in_the_answer(name):
         assert c[-1]["content"] != r[-1]["content"]
 
 
+def test_load_sft_data_drops_conversations_with_nothing_to_learn(tmp_path, capsys):
+    """As open-instruct: a conversation with no assistant token left after
+    truncation (or none at all) is dropped, and the count is said."""
+    tok = llama.Tokenizer(os.path.join(TINY, "tokenizer.model"))
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    cut = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    unanswered = [{"role": "user", "content": "hi"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, cut, unanswered)))
+    assert tulu.load_sft_data(str(path), tok, 32) == [tulu.encode_messages(good, tok, 32)]
+    assert f"{path}: 1 conversations (2 dropped: nothing left to learn)" in capsys.readouterr().out
+    path.write_text(json.dumps({"messages": cut}) + "\n")
+    with pytest.raises(TuluError, match="no conversation with an assistant turn"):
+        tulu.load_sft_data(str(path), tok, 32)
+
+
 def test_encode_messages_sample_data_fits_and_has_answers():
     """Every held-out conversation, in the tiny tokenizer, is short and has
     something to learn (the demo trains with max_seq_length well above this)."""
