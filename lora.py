@@ -40,7 +40,9 @@ class LoRALinear(nn.Module):
 
     A starts Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B at zero, so a
     fresh adapter changes nothing. A and B stay float32 whatever the base
-    computes in: x is cast for the LoRA path and the sum cast back, as PEFT does.
+    computes in: x is cast for the LoRA path and the sum cast back, as PEFT does
+    over nn.Linear (over a bitsandbytes 4-bit base PEFT rounds the LoRA term to the
+    compute dtype before adding it: in bf16, one rounding apart from ours).
     state_dict keys are the base's own (q_proj.weight) plus q_proj.lora_A.weight
     and q_proj.lora_B.weight: PEFT's names without its prefix and adapter name.
     """
