@@ -13,6 +13,7 @@ command line is at the bottom.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import math
 import os
@@ -531,7 +532,7 @@ def loss_svg(rows, title) -> str:
                                      + " ".join(f"{X(s):.1f},{Y(v, top):.1f}" for s, v in zip(steps, vals)) + '"/>')
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
+           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
            f'<path d="M{L},{T} V{H - B} H{W - R}" fill="none" stroke="black"/>',
            f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">optimizer step</text>',
            f'<text transform="translate(16,{H / 2}) rotate(-90)" text-anchor="middle" fill="#1f77b4">loss</text>']
@@ -716,7 +717,7 @@ def cmd_dpo(args):
     heldout = os.path.join(DATA, "prefs_heldout.jsonl")
     if demo:
         held = load_pref_data(heldout, tok, args.max_seq_length)
-        held = cache_reference(model, held, task, args) if args.method == "full" else held
+        held = cache_reference(model, held, task, args) if args.method == "full" or args.adapter else held
         before = heldout_preferences(model, held, task, args)
     os.makedirs(args.output, exist_ok=True)
     train(args, model, pairs, task, args.output)

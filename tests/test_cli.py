@@ -794,6 +794,23 @@ def tiny_adapter(tiny_default, sft_data, tmp_path_factory):
     return str(out)
 
 
+def test_dpo_demo_with_an_sft_adapter_starts_with_zero_rewards(tmp_path, monkeypatch, tiny_default, tiny_adapter):
+    """The demo (no --model) with --adapter: the reference is base + SFT adapter on
+    the held-out pairs too, so at step 0 every held-out reward is 0."""
+    monkeypatch.setattr(tulu, "tiny_sft_model", lambda: tiny_default)  # the base tiny_adapter was trained on
+    held, f = [], tulu.heldout_preferences
+    monkeypatch.setattr(tulu, "heldout_preferences", lambda *a: held.append(f(*a)) or held[-1])
+    cli("dpo", "--adapter", tiny_adapter, "--method", "lora", "--max-steps", 1, "--output", tmp_path / "out")
+    assert held[0]["rewards/accuracy"] == 0 and held[0]["rewards/margin"] == 0, held[0]
+
+
+def test_loss_svg_escapes_its_title():
+    import xml.etree.ElementTree as ET
+    rows = [{"step": s, "loss": 1 / s} for s in range(1, 5)]
+    svg = ET.fromstring(tulu.loss_svg(rows, "R&D <llama>"))
+    assert "R&D <llama>" in "".join(svg.itertext())
+
+
 def test_chat_prompt_prints_the_greedy_answer(tiny_default):
     prompt = "What is 3 + 4?"
     (want,) = greedy_answers(tiny_model(path=tiny_default), llama.Tokenizer(tiny_default), [prompt], 8)
