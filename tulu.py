@@ -708,16 +708,17 @@ def cmd_dpo(args):
     pairs = load_pref_data(args.data, tok, args.max_seq_length)
     model = build_policy(args, args.model)
     task = DPOTask(args, pad_id=tok.eos_id)
-    if args.method == "full" or args.adapter:
-        # The reference is the model as it starts: for full fine-tuning the SFT
-        # weights, with --adapter base + SFT adapter (the adapter itself trains on,
-        # so switching adapters off would give the bare base, the wrong reference).
-        # Score every pair once now; no second model is ever held in memory.
+    # The reference is the model as it starts: for full fine-tuning the SFT
+    # weights, with --adapter base + SFT adapter (the adapter itself trains on,
+    # so switching adapters off would give the bare base, the wrong reference).
+    # Score every pair once now; no second model is ever held in memory.
+    cached = args.method == "full" or bool(args.adapter)
+    if cached:
         pairs = cache_reference(model, pairs, task, args)
     heldout = os.path.join(DATA, "prefs_heldout.jsonl")
     if demo:
         held = load_pref_data(heldout, tok, args.max_seq_length)
-        held = cache_reference(model, held, task, args) if args.method == "full" or args.adapter else held
+        held = cache_reference(model, held, task, args) if cached else held
         before = heldout_preferences(model, held, task, args)
     os.makedirs(args.output, exist_ok=True)
     train(args, model, pairs, task, args.output)
