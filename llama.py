@@ -17,8 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from itertools import chain
 
 import torch
 import torch.nn as nn
@@ -467,10 +471,10 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer: sentencepiece, as Llama 2 ships it
+# Tokenizers, part 1: sentencepiece, as Llama 2 ships it
 
 
-class Tokenizer:
+class SentencePieceTokenizer:
     """Llama 2's sentencepiece tokenizer (tokenizer.model), encoding as HF's slow
     LlamaTokenizer does: the special tokens "<unk>", "<s>", "</s>" written in the
     text become their ids (the chat format writes "</s>" after each answer) and
@@ -483,18 +487,13 @@ class Tokenizer:
     of the Tulu 2 models say, and transformers 5's default (transformers 4
     assumed True, with a warning asking to set it)."""
 
-    def __init__(self, path: str, legacy: bool | None = None):
+    def __init__(self, model_file: str, legacy: bool | None = None, sp=None):
         import sentencepiece as spm
-        self.dir = path if os.path.isdir(path) else os.path.dirname(path)
-        model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-        if not os.path.exists(model_file):
-            if os.path.exists(os.path.join(self.dir, "tokenizer.json")):
-                raise TuluError(f"{path}: only tokenizer.json (a Llama 3 style BPE tokenizer) found; "
-                                "tulu reads sentencepiece tokenizer.model (Llama 2) only for now")
-            raise TuluError(f"{model_file}: no such tokenizer file")
+        self.dir = os.path.dirname(model_file)
         self.model_file = model_file
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.sp = sp or spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.eos_text = self.sp.id_to_piece(self.eos_id)  # "</s>": what the chat format writes after answers
         self.vocab_size = self.sp.get_piece_size()
         self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
         self.legacy = self.read_legacy() if legacy is None else legacy
@@ -551,16 +550,353 @@ class Tokenizer:
 
 
 def split_special(text: str, specials) -> list[str]:
-    """"a</s>b" -> ["a", "</s>", "b"]: text between special tokens, and the tokens."""
-    out, start, i = [], 0, 0
-    while i < len(text):
-        hit = next((s for s in specials if text.startswith(s, i)), None)
-        if hit:
-            out += [text[start:i], hit]
-            i = start = i + len(hit)
+    """"a</s>b" -> ["a", "</s>", "b"]: text between special tokens, and the tokens.
+    Where two special tokens start at the same place the longer one wins (HF's rule)."""
+    return [c for c in special_pattern(tuple(specials)).split(text) if c]
+
+
+@lru_cache(maxsize=16)
+def special_pattern(specials: tuple) -> re.Pattern:
+    """One regex that finds any of `specials`, longest first; the group makes
+    re.split keep them. The regex engine scans in C, not a Python loop per character."""
+    return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers, part 2: byte-level BPE from tokenizer.json (Llama 3, SmolLM2, GPT-2)
+#
+# Byte-pair encoding (Sennrich et al. 2016, arXiv 1508.07909) over bytes, as
+# GPT-2 introduced it (Radford et al. 2019, Sec. 2.2): text is cut into
+# "words" by a regex, each word's UTF-8 bytes are spelled with 256 printable
+# stand-in characters, and merges learned in training join adjacent symbols,
+# the earliest-learned pair first. tokenizer.json (HF `tokenizers`) holds the
+# regex, the vocabulary, the merges in rank order and the special tokens.
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's map from the 256 byte values to printable characters: bytes that
+    print as themselves ('!'..'~', '¡'..'¬', '®'..'ÿ') keep their code point; the
+    68 others (controls, space, ...) take U+0100, U+0101, ... in byte order. So a
+    space is "Ġ" and a newline "Ċ" in every byte-level tokenizer.json."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
+
+
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply learned merges to one word's symbols: find the adjacent pair with the
+    lowest rank (the merge learned first), join every occurrence of it from left
+    to right, and repeat until no adjacent pair has a rank (BPE, arXiv 1508.07909,
+    Sec. 3.2, run at encoding time). ["l", "o", "w"] with ranks {("l", "o"): 0,
+    ("lo", "w"): 1} -> ["lo", "w"] -> ["low"]. The symbols always join back to the word."""
+    # exercise: bpe_merge
+    while len(symbols) > 1:
+        pairs = list(zip(symbols, symbols[1:]))
+        ranked = [ranks.get(p, math.inf) for p in pairs]
+        best = min(ranked)
+        if best == math.inf:
+            break
+        pair, out, i = pairs[ranked.index(best)], [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                out.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                out.append(symbols[i])
+                i += 1
+        symbols = out
+    return symbols
+    # end exercise
+
+
+@lru_cache(maxsize=1)
+def unicode_categories() -> bytes:
+    """The general category of every code point, as one byte per code point (an
+    index into CATEGORIES): 1.1M lookups, done once, about 0.2 s."""
+    index = {c: i for i, c in enumerate(CATEGORIES)}
+    return bytes(index[unicodedata.category(chr(c))] for c in range(0x110000))
+
+
+CATEGORIES = ("Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp "
+              "Cc Cf Cs Co Cn").split()
+
+
+# Unicode's White_Space, which is Oniguruma's \s; Python's \s adds U+001C..U+001F
+WHITE_SPACE = (*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+               0x205F, 0x3000)
+
+
+@lru_cache(maxsize=None)
+def class_body(name: str, negate: bool = False, limit: int = 0x110000) -> str:
+    r"""The inside of a Python character class for \p{name} (a Unicode general
+    category: "L" = Lu|Ll|Lt|Lm|Lo, "N", "Lu", ...) or for \s ("s": White_Space),
+    as code-point ranges "\U00000041-\U0000005a..."; with negate, every other
+    code point. Python's `re` has no \p{L}; this stands in for it. Only code
+    points below `limit` are listed: see translate_regex."""
+    if name == "s":
+        mask = bytearray(0x110000)
+        for c in WHITE_SPACE:
+            mask[c] = 1
+    else:
+        wanted = [c.startswith(name) and len(name) <= 2 for c in CATEGORIES]
+        if not any(wanted):
+            raise ValueError(f"unknown Unicode property \\p{{{name}}}")
+        mask = unicode_categories().translate(bytes(wanted) + bytes(256 - len(wanted)))
+    runs = re.compile(b"\x00+" if negate else b"\x01+")
+    return "".join(f"\\U{m.start():08x}-\\U{m.end() - 1:08x}" for m in runs.finditer(mask[:limit]))
+
+
+ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS]))")
+
+
+def translate_regex(pattern: str, limit: int = 0x110000) -> str:
+    """A tokenizer.json regex (Oniguruma syntax) as a Python `re` pattern: each
+    \\p{X} / \\P{X} becomes the code points of category X, and \\s / \\S those of
+    White_Space (inside [...], or as a class of their own). The rest of the
+    syntax these files use -- (?i:...), lookahead, {1,3} -- means the same in both.
+
+    With limit=0x10000 the classes list the Basic Multilingual Plane only: the
+    same matches on text without characters beyond it (nearly all text), and 7x
+    faster, because `re` tests a class of code points below U+10000 with one
+    bitmap lookup but scans a class reaching beyond it range by range."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        m = ESCAPE.match(pattern, i)
+        if m:
+            body = class_body(m[2] or "s", (m[1] or m[3]).isupper(), limit)
+            out.append(body if in_class else f"[{body}]")
+            i = m.end()
+        elif pattern[i] == "\\":  # any other escape: copied whole, it opens or closes nothing
+            out.append(pattern[i:i + 2])
+            i += 2
+        elif pattern[i] == "[" and not in_class:  # "[", "[^", and a "]" right after them is literal
+            j = i + 1 + pattern.startswith("^", i + 1)
+            j += pattern.startswith("]", j)
+            out.append(pattern[i:j])
+            i, in_class = j, True
         else:
+            in_class = in_class and pattern[i] != "]"
+            out.append(pattern[i])
             i += 1
-    return [c for c in out + [text[start:]] if c]
+    return "".join(out)
+
+
+BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel(use_regex)
+
+
+class WordCache(dict):
+    """word -> token ids, filled on first sight: a data set repeats its words, so
+    most are looked up, not merged again. Cleared when it grows past `limit`."""
+
+    def __init__(self, encode_word, limit=1_000_000):
+        super().__init__()
+        self.encode_word, self.limit = encode_word, limit
+
+    def __missing__(self, word):
+        if len(self) >= self.limit:
+            self.clear()
+        ids = self[word] = self.encode_word(word)
+        return ids
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer read from tokenizer.json, encoding as HF
+    `tokenizers` does: special (added) tokens written in the text become their
+    ids; the text between them is cut into words by the file's regex(es), each
+    word's bytes spelled in byte_alphabet() and merged by rank (bpe_merge); with
+    `ignore_merges`, a word that is itself in the vocabulary is one token. BOS
+    (and EOS) are added as the file's TemplateProcessing post-processor says.
+    Only what byte-level BPE files use is supported; anything else in the file
+    is a TuluError naming the field."""
+
+    def __init__(self, path: str):
+        self.file = path
+        self.dir = os.path.dirname(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TuluError(f"{path}: not a JSON tokenizer file ({e})") from None
+        model = spec.get("model") or {}
+        self.check(spec, model)
+        self.vocab = {tok: i for tok, i in model["vocab"].items()}
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        self.ranks = {pair: r for r, pair in enumerate(merges)}
+        self.ignore_merges = bool(model.get("ignore_merges"))
+        self.added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        self.id_to_text = {**{i: t for t, i in self.vocab.items()}, **{i: t for t, i in self.added.items()}}
+        self.split_patterns, self.prefix_space = self.read_pre_tokenizer(spec["pre_tokenizer"])
+        self.bos_ids, self.eos_ids = self.read_template(spec.get("post_processor"))
+        self.vocab_size = max(self.id_to_text) + 1
+        self.to_char = byte_alphabet()
+        self.to_byte = {c: b for b, c in self.to_char.items()}
+        self.byte_table = str.maketrans({chr(b): c for b, c in self.to_char.items()})  # latin-1 char -> stand-in
+        self.cache = WordCache(self.encode_word)
+        self.special = special_pattern(tuple(self.added)) if self.added else None
+        bos, eos = self.config_token("bos_token"), self.config_token("eos_token")
+        self.bos_id = self.token_id(bos) if bos else (self.bos_ids[0] if self.bos_ids else None)
+        self.eos_text = eos or (self.id_to_text[self.eos_ids[-1]] if self.eos_ids else None)
+        self.eos_id = self.token_id(self.eos_text) if self.eos_text else None
+
+    def check(self, spec, model):
+        """Refuse, by name, what this reader does not implement."""
+        def no(field, value):
+            raise TuluError(f"{self.file}: {field} {json.dumps(value)[:80]} is not supported "
+                            "(tulu reads byte-level BPE tokenizer.json files: Llama 3, GPT-2 style)")
+        if model.get("type") != "BPE":
+            no("model.type", model.get("type"))
+        for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                no(f"model.{key}", model[key])
+        if spec.get("normalizer"):
+            no("normalizer", spec["normalizer"])
+        if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            no("decoder", spec.get("decoder"))
+        for t in spec.get("added_tokens") or []:
+            for key in ("lstrip", "rstrip", "single_word"):
+                if t.get(key):
+                    no(f"added token {t['content']!r} {key}", True)
+
+    def read_pre_tokenizer(self, pre):
+        """([compiled split regexes, applied in turn], add a leading space?). A
+        Sequence of Split(regex, Isolated) steps ending in ByteLevel (Llama 3), or
+        ByteLevel alone, which splits with GPT-2's regex when use_regex is true."""
+        steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
+        if not steps or (steps[-1] or {}).get("type") != "ByteLevel":
+            raise TuluError(f"{self.file}: pre_tokenizer {json.dumps(pre)[:80]} is not supported "
+                            "(a byte-level BPE ends its pre-tokenizer with ByteLevel)")
+        patterns = []
+        for step in steps[:-1]:
+            pattern = step.get("pattern", {})
+            if step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
+                raise TuluError(f"{self.file}: pre_tokenizer step {json.dumps(step)[:80]} is not supported "
+                                "(only Split with behavior Isolated, and ByteLevel)")
+            patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
+        if steps[-1].get("use_regex", True):
+            patterns.append(GPT2_SPLIT)
+        # each regex twice: for text within the Basic Multilingual Plane (fast), and for any text
+        compiled = [(re.compile(translate_regex(p, 0x10000)), re.compile(translate_regex(p))) for p in patterns]
+        return compiled, bool(steps[-1].get("add_prefix_space"))
+
+    def read_template(self, post):
+        """(ids before the text, ids after it) of TemplateProcessing's "single"
+        template, e.g. ([128000], []) for Llama 3: BOS added, no EOS."""
+        steps = (post or {}).get("processors", [post]) if (post or {}).get("type") == "Sequence" else [post]
+        before, after, seen_text = [], [], False
+        for step in steps:
+            if step is None or step.get("type") == "ByteLevel":  # ByteLevel only adjusts offsets
+                continue
+            if step.get("type") != "TemplateProcessing":
+                raise TuluError(f"{self.file}: post_processor {step.get('type')!r} is not supported "
+                                "(only TemplateProcessing and ByteLevel)")
+            for item in step["single"]:
+                if "Sequence" in item:
+                    seen_text = True
+                else:
+                    ids = step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+                    (after if seen_text else before).extend(ids)
+        return before, after
+
+    def config_token(self, key):
+        """The text of bos_token / eos_token in tokenizer_config.json beside the
+        file (a string, or an object with "content"), or None."""
+        cfg = os.path.join(self.dir, "tokenizer_config.json")
+        if not os.path.exists(cfg):
+            return None
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                value = json.load(f).get(key)
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise TuluError(f"{cfg}: not a JSON object ({e})") from None
+        return value.get("content") if isinstance(value, dict) else value
+
+    def token_id(self, text):
+        if text in self.added:
+            return self.added[text]
+        if text in self.vocab:
+            return self.vocab[text]
+        raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the vocabulary")
+
+    def words(self, text: str) -> list[str]:
+        """Cut text into words with each Split regex in turn, then GPT-2's. A
+        Split keeps what its regex does not match as words of their own."""
+        words = [" " + text if self.prefix_space and not text.startswith(" ") else text]
+        bmp = BEYOND_BMP.search(text) is None
+        for pair in self.split_patterns:
+            pattern, out = pair[0] if bmp else pair[1], []
+            for w in words:
+                found = pattern.findall(w)
+                if sum(map(len, found)) != len(w):  # some text matched nothing: keep it between the matches
+                    found, end = [], 0
+                    for m in pattern.finditer(w):
+                        found += [w[end:m.start()], m[0]] if m.start() > end else [m[0]]
+                        end = m.end()
+                    found += [w[end:]] if end < len(w) else []
+                out += found
+            words = out
+        return words
+
+    def encode_word(self, word: str) -> list[int]:
+        """One word -> ids: spell its UTF-8 bytes in the byte alphabet, then merge."""
+        spelled = word.encode("utf-8").decode("latin-1").translate(self.byte_table)
+        if self.ignore_merges and spelled in self.vocab:
+            return [self.vocab[spelled]]
+        return [self.vocab[s] for s in bpe_merge(list(spelled), self.ranks)]
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of `text`. bos=True adds what the tokenizer adds in front by default
+        (Llama 3: <|begin_of_text|>; nothing for a file whose template adds none);
+        eos=True appends the EOS id."""
+        ids = list(self.bos_ids) if bos else []
+        for i, chunk in enumerate(self.special.split(text) if self.special else [text]):
+            if i % 2:
+                ids.append(self.added[chunk])
+            elif chunk:
+                ids.extend(chain.from_iterable(map(self.cache.__getitem__, self.words(chunk))))
+        return ids + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        """Text of `ids`: each token's stand-in characters back to bytes, UTF-8
+        decoded (a character cut in half shows as U+FFFD); added tokens as written."""
+        out, pending = [], bytearray()
+        for i in ids:
+            t = self.id_to_text[int(i)]
+            if t in self.added:
+                out += [pending.decode("utf-8", errors="replace"), t]
+                pending = bytearray()
+            else:
+                pending += bytes(self.to_byte[c] for c in t)
+        return "".join(out) + pending.decode("utf-8", errors="replace")
+
+
+def Tokenizer(path: str, legacy: bool | None = None):
+    """The tokenizer of a model folder (or a tokenizer file): Llama 2's
+    sentencepiece tokenizer.model, else a byte-level BPE tokenizer.json (Llama 3).
+    HF's Llama 2 folders ship both files and read tokenizer.model; Llama 3 ships a
+    tokenizer.model too, in tiktoken's text format, which is not sentencepiece."""
+    import sentencepiece as spm
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if path.endswith(".json"):
+        candidates = [path]
+    elif os.path.isdir(path):
+        candidates = [os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")]
+    else:
+        candidates = [path]
+    for file in candidates:
+        if not os.path.exists(file):
+            continue
+        if file.endswith(".json"):
+            return BPETokenizer(file)
+        try:
+            sp = spm.SentencePieceProcessor(model_file=file)
+        except (RuntimeError, OSError):
+            if file == candidates[-1]:
+                raise TuluError(f"{file}: not a sentencepiece model") from None
+            continue  # e.g. Llama 3's tiktoken tokenizer.model: use tokenizer.json
+        return SentencePieceTokenizer(file, legacy, sp=sp)
+    raise TuluError(f"{path}: no tokenizer.model or tokenizer.json found" if os.path.isdir(path)
+                    else f"{path}: no such tokenizer file")
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # -----------------------------------------------------------------------------
 # The chat format and the data files (Tulu 2 / open-instruct formats)
@@ -40,27 +40,36 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 ROLE_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 
 
-def chat_text(messages) -> str:
+def chat_text(messages, eos: str = "</s>") -> str:
     """The Tulu format, turn after turn, each content stripped:
 
-        <|system|>\n{c}\n   <|user|>\n{c}\n   <|assistant|>\n{c}</s>\n
+        <|system|>\n{c}\n   <|user|>\n{c}\n   <|assistant|>\n{c}{eos}\n
 
-    "</s>" is written as text; the tokenizer turns it into the EOS id."""
+    {eos} is the tokenizer's EOS token written as text ("</s>" for Llama 2,
+    "<|end_of_text|>" for Llama 3), which the tokenizer turns into the EOS id."""
     text = ""
     for m in messages:
         if m["role"] not in ROLE_HEADERS:
             raise ValueError(f"unknown role {m['role']!r} (expected system, user or assistant)")
-        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + ("</s>" if m["role"] == "assistant" else "") + "\n"
+        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + (eos if m["role"] == "assistant" else "") + "\n"
     return text
+
+
+def eos_text(tokenizer) -> str:
+    if not tokenizer.eos_text:
+        raise ValueError("the tokenizer names no EOS token (tokenizer_config.json eos_token), which the "
+                         "chat format writes after each answer")
+    return tokenizer.eos_text
 
 
 def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation, as open-instruct's
-    encode_with_messages_format (Tulu 2) makes them: the chat text, stripped,
-    tokenized with BOS and cut on the right to max_seq_length; labels are the
+    encode_with_messages_format (Tulu 2) makes them: the chat text (with the
+    tokenizer's EOS text), stripped, tokenized with BOS where the tokenizer adds
+    one, and cut on the right to max_seq_length; labels are the
     ids with -100 on every system and user turn and on the "<|assistant|>\n"
-    that follows one. So the model learns the replies, their "</s>" and, after
-    a non-final "</s>", the newline (with legacy=True: "▁", "\n").
+    that follows one. So the model learns the replies, their EOS and, after
+    a non-final EOS, the newline (Llama 2 with legacy=True: "▁", "\n").
 
     Where a turn ends is found as open-instruct finds it: by tokenizing the
     conversation up to that turn on its own. Kept on purpose, as there: BOS is
@@ -69,15 +78,16 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
     if not messages:
         raise ValueError("no messages")
     # exercise: encode_messages
+    eos = eos_text(tokenizer)
     prefix_len = lambda text: len(tokenizer.encode(text, bos=True)[:max_seq_length])
-    ids = tokenizer.encode(chat_text(messages).strip(), bos=True)[:max_seq_length]
+    ids = tokenizer.encode(chat_text(messages, eos).strip(), bos=True)[:max_seq_length]
     labels = list(ids)
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             continue
-        start = 0 if i == 0 else prefix_len(chat_text(messages[:i]))
+        start = 0 if i == 0 else prefix_len(chat_text(messages[:i], eos))
         header = ROLE_HEADERS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
-        end = prefix_len(chat_text(messages[:i + 1]) + header)
+        end = prefix_len(chat_text(messages[:i + 1], eos) + header)
         labels[start:end] = [-100] * len(labels[start:end])
         if end >= max_seq_length:
             break
@@ -92,7 +102,7 @@ def encode_prompt(messages, tokenizer) -> list[int]:
     encodes the first "<|user|>" without "▁", unlike training.)"""
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("a prompt must end with a user turn")
-    return tokenizer.encode(chat_text(messages) + ROLE_HEADERS["assistant"], bos=True)
+    return tokenizer.encode(chat_text(messages, eos_text(tokenizer)) + ROLE_HEADERS["assistant"], bos=True)
 
 
 KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
@@ -632,8 +642,30 @@ def train(args, model, examples, task, out):
 # Commands
 
 
-def copy_tokenizer(src, out):
-    for name in TOKENIZER_FILES:
+def tokenizer_source(adapter, model_dir):
+    """The folder whose tokenizer a run uses: the adapter's when it has one (sft and
+    dpo write the tokenizer beside the adapter), else the model's."""
+    if adapter and any(os.path.exists(os.path.join(adapter, n)) for n in ("tokenizer.model", "tokenizer.json")):
+        return adapter
+    return model_dir
+
+
+def stop_ids(model_dir, tok) -> list[int]:
+    """The tokenizer's EOS id and every EOS id the model folder names: config.json's
+    and generation_config.json's eos_token_id, an id or a list of them (Llama 3.1
+    Instruct stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>)."""
+    ids = [tok.eos_id]
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                value = json.load(f).get("eos_token_id")
+            ids += value if isinstance(value, list) else [value]
+    return sorted({i for i in ids if i is not None})
+
+
+def copy_tokenizer(src, out, names=TOKENIZER_FILES):
+    for name in names:
         if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(out):
             atomic_write(os.path.join(out, name), lambda tmp, n=name: shutil.copyfile(os.path.join(src, n), tmp))
 
@@ -643,10 +675,10 @@ def save_outputs(args, model, model_dir, out):
     from lora import save_adapter
     if args.method == "full":
         save_model(model, out)
+        copy_tokenizer(model_dir, out, ("generation_config.json",))
     else:
         save_adapter(model, out, base_model_name_or_path=model_dir)
-    copy_tokenizer(args.adapter if getattr(args, "adapter", None) and
-                   os.path.exists(os.path.join(args.adapter, "tokenizer.model")) else model_dir, out)
+    copy_tokenizer(tokenizer_source(getattr(args, "adapter", None), model_dir), out)
     print(f"wrote {'model' if args.method == 'full' else 'adapter'}, tokenizer and metrics.jsonl to {out}")
 
 
@@ -687,7 +719,8 @@ def show_answers(model, tok, path, device, n=4):
         ids = encode_prompt(msgs, tok)
         out = llama.generate(model, ids, max_new_tokens=48, eos_id=tok.eos_id)
         want = next(m["content"] for m in obj["messages"] if m["role"] == "assistant")
-        print(f"\n> {msgs[-1]['content']}\n{tok.decode(out).strip()}    (reference: {want.strip()})")
+        answer = tok.decode([t for t in out if t != tok.eos_id]).strip()
+        print(f"\n> {msgs[-1]['content']}\n{answer}    (reference: {want.strip()})")
 
 
 def tiny_sft_model() -> str:
@@ -753,8 +786,8 @@ def cmd_merge(args):
     load_adapter(model, args.adapter)
     merge_lora(model, dtype=dtype)
     save_model(model, args.output)
-    copy_tokenizer(args.adapter if os.path.exists(os.path.join(args.adapter, "tokenizer.model")) else args.model,
-                   args.output)
+    copy_tokenizer(args.model, args.output, ("generation_config.json",))
+    copy_tokenizer(tokenizer_source(args.adapter, args.model), args.output)
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
@@ -767,8 +800,8 @@ def cmd_chat(args):
     if args.adapter:
         load_adapter(model, args.adapter)
         merge_lora(model, dtype=dtype)
-    tok = Tokenizer(args.adapter if args.adapter and os.path.exists(os.path.join(args.adapter, "tokenizer.model"))
-                    else args.model)
+    tok = Tokenizer(tokenizer_source(args.adapter, args.model))
+    args.stop_ids = stop_ids(args.model, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     while True:
@@ -798,14 +831,14 @@ def stream_reply(model, tok, history, args, g):
     def on_token(i):
         nonlocal shown
         new.append(i)
-        text = tok.decode([t for t in new if t != tok.eos_id])
+        text = tok.decode([t for t in new if t not in args.stop_ids])
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[len(shown):], end="", flush=True)
             shown = text
 
     llama.generate(model, encode_prompt(history, tok), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, on_token=on_token, generator=g)
-    final = tok.decode([t for t in new if t != tok.eos_id])
+                   top_k=args.top_k, top_p=args.top_p, eos_id=args.stop_ids, on_token=on_token, generator=g)
+    final = tok.decode([t for t in new if t not in args.stop_ids])
     print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
     return final
 

@@ -28,6 +28,9 @@ EXERCISES = {  # name -> (file, function, what to read first, pytest selector), 
                    "llama.py: rope_inv_freq, rope_cos_sin", "tests/test_llama.py -k apply_rope"),
     "gqa_attention": ("llama.py", "gqa_attention", "GQA (arXiv 2305.13245) Sec. 2.2; llama.py: "
                       "attention_mask_4d, Attention.forward", "tests/test_llama.py -k gqa_attention"),
+    "bpe_merge": ("llama.py", "bpe_merge", "BPE (arXiv 1508.07909) Sec. 3.2; GPT-2's byte-level BPE (Radford et "
+                  "al. 2019, Sec. 2.2); llama.py: byte_alphabet, BPETokenizer.encode_word",
+                  "tests/test_tokenizer.py -k bpe_merge"),
     "nf4_code_book": ("nf4.py", "nf4_code_book", "QLoRA (arXiv 2305.14314) Sec. 3, 4-bit NormalFloat (Eq. 4); "
                       "nf4.py: the module docstring", "tests/test_nf4.py -k nf4_code_book"),
     "quantize_blockwise": ("nf4.py", "quantize_blockwise", "QLoRA Sec. 2, block-wise k-bit quantization (Eq. 1); "

