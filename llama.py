@@ -7,7 +7,10 @@ it -- RMSNorm (arXiv 1910.07467), rotary position embeddings (RoFormer,
 people actually download (Llama 2, 2307.09288). Parameter names are exactly
 those of `transformers`' LlamaForCausalLM, so loading is a copy, not a
 translation, and HF's "rotate half" RoPE convention means no weight
-permutation is needed.
+permutation is needed. Then the text side: Llama 2's sentencepiece tokenizer,
+and the byte-level BPE (arXiv 1508.07909, as GPT-2 applies it to bytes) that
+Llama 3 ships as tokenizer.json, read in plain Python, token for token with
+HF `tokenizers`.
 
 Shapes: B batch, T time (tokens), D hidden size, H query heads, Hkv key/value
 heads, Dh head size, V vocabulary.  Read top to bottom.
