@@ -493,7 +493,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_file: str, legacy: bool | None = None, sp=None):
         import sentencepiece as spm
         self.dir = os.path.dirname(model_file)
-        self.model_file = model_file
+        self.model_file = self.file = model_file
         self.sp = sp or spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.eos_text = self.sp.id_to_piece(self.eos_id)  # "</s>": what the chat format writes after answers
