@@ -763,18 +763,22 @@ class BPETokenizer:
 
     def read_pre_tokenizer(self, pre):
         """([compiled split regexes, applied in turn], add a leading space?). A
-        Sequence of Split(regex, Isolated) steps ending in ByteLevel (Llama 3), or
-        ByteLevel alone, which splits with GPT-2's regex when use_regex is true."""
+        Sequence of Split(regex, Isolated) or Digits steps ending in ByteLevel
+        (Llama 3; SmolLM2 splits off each digit first), or ByteLevel alone, which
+        splits with GPT-2's regex when use_regex is true."""
         steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
         if not steps or (steps[-1] or {}).get("type") != "ByteLevel":
             raise TuluError(f"{self.file}: pre_tokenizer {json.dumps(pre)[:80]} is not supported "
                             "(a byte-level BPE ends its pre-tokenizer with ByteLevel)")
         patterns = []
         for step in steps[:-1]:
+            if step.get("type") == "Digits":  # numbers (Rust's char::is_numeric) alone, or runs of them
+                patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+                continue
             pattern = step.get("pattern", {})
             if step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
                 raise TuluError(f"{self.file}: pre_tokenizer step {json.dumps(step)[:80]} is not supported "
-                                "(only Split with behavior Isolated, and ByteLevel)")
+                                "(only Split with behavior Isolated, Digits and ByteLevel)")
             patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
         if steps[-1].get("use_regex", True):
             patterns.append(GPT2_SPLIT)

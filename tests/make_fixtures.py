@@ -634,7 +634,8 @@ def bpe_random_texts(n, seed=0):
 def bpe_train(kind):
     """A small byte-level BPE trained on data/'s chat text. kind "llama3": Split(Llama 3's
     regex) + ByteLevel, BOS by TemplateProcessing, ignore_merges; kind "gpt2": ByteLevel with
-    GPT-2's regex and a prefix space, no BOS. Returns a transformers fast tokenizer."""
+    GPT-2's regex and a prefix space, no BOS; kind "smollm2": Digits(individual) then
+    ByteLevel with GPT-2's regex, as SmolLM2's file. Returns a transformers fast tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     import tulu
@@ -646,6 +647,12 @@ def bpe_train(kind):
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif kind == "smollm2":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         specials = ["<|endoftext|>"]
         tk = Tokenizer(models.BPE())
@@ -662,6 +669,8 @@ def bpe_train(kind):
                                           special_tokens=[(specials[0], bos)])])
         return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=specials[0], eos_token=specials[1])
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    if kind == "smollm2":  # SmolLM2's config names a BOS that its post-processor never adds
+        return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=specials[0], eos_token=specials[0])
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=specials[0], add_prefix_space=True)
 
 
@@ -775,7 +784,7 @@ def bpe_check_outputs(tmp, ids):
 @area
 def make_bpe():
     out = fresh_dir("bpe")
-    for kind in ("llama3", "gpt2"):
+    for kind in ("llama3", "gpt2", "smollm2"):
         d = os.path.join(out, f"{kind}_style")
         bpe_train(kind).save_pretrained(d)
         ref = bpe_cases(d)

