@@ -597,7 +597,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 BPE_TEXTS = [  # every branch of both regexes, and what lies between special tokens
     "", "Hello world", "I'M here, you'Re THERE, they've, we'LL, she'd, 'S, 'x, don't", "it’s a curly apostrophe",
-    "1234567 3.14159 12,345,678 ١٢٣٤ ½ Ⅻ x² ₃ 𝟘𝟙", "!!!\n\n...\r\nok?!\n", "a   b  \t\n  x   ", "  leading", "trailing\n",
+    "1234567 3.14159 12,345,678 ١٢٣٤ ½ Ⅻ x² ₃ 𝟘𝟙", "½²Ⅻ3¾ 1½", "!!!\n\n...\r\nok?!\n", "a   b  \t\n  x   ", "  leading", "trailing\n",
     "\r\n\r\n", "line\r\nbreaks\rand\nmore", "x \n \n y", "tabs\t\tand\x0bvertical\x0cfeeds", "\x1c\x1d\x1e\x1f 's",
     "nbsp\u00a0and\u2028line\u2029para\u3000ideographic\u205f\u202f\u2007\u1680\u0085", "zero\u200bwidth\ufeffbom",
     "中文没有空格。日本語のテキスト、カタカナ。ภาษาไทยไม่มีช่องว่าง", "한국어 텍스트", "👩‍👩‍👧‍👦 👍🏽 🏳️‍🌈 ❤️ 🙂🙂",
@@ -714,6 +714,9 @@ def bpe_cases(folder):
         assert ours.encode(t) == a, (folder, t, ours.encode(t), a)
         assert ours.encode(t, bos=True) == b, (folder, t, ours.encode(t, bos=True), b)
     decoded = [rust.decode(a, skip_special_tokens=False) for a in ids]  # with a prefix space: " " + t
+    # the pre-tokenizer's words, in the byte alphabet, for texts without special tokens
+    words = [None if any(s in t for s in hf.all_special_tokens) or not t else
+             [w for w, _ in rust.pre_tokenizer.pre_tokenize_str(t)] for t in texts]
     assert all(ours.decode(a) == d for a, d in zip(ids, decoded))
     chats = []
     for name, max_len in CHAT_LENGTHS:
@@ -724,7 +727,7 @@ def bpe_cases(folder):
     with open(file, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     return {"tokenizer_sha256": sha, "vocab_size": ours.vocab_size, "bos_id": ours.bos_id, "eos_id": ours.eos_id,
-            "eos_token": hf.eos_token, "texts": texts, "ids": ids, "ids_with_bos": with_bos, "decoded": decoded,
+            "eos_token": hf.eos_token, "texts": texts, "ids": ids, "ids_with_bos": with_bos, "decoded": decoded, "words": words,
             "conversations": CHAT_CONVERSATIONS, "chats": chats}
 
 
