@@ -434,3 +434,32 @@ def test_paged_adamw_defaults_just_work():
 def test_paged_adamw_rejects_budget_below_two_pages():
     with pytest.raises(ValueError):
         PagedAdamW([nn.Parameter(torch.zeros(10))], page_bytes=1024, device_budget_bytes=1024)
+
+
+# -----------------------------------------------------------------------------
+# The fast path of training steps: dequantize_nf4_fast against the reference
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dequantize_nf4_fast_is_the_reference_bit_for_bit(case):
+    """Every bitsandbytes-made case, with and without double quantization."""
+    for double_quant in (False, True):
+        q = quantize_nf4(REF[f"{case}.w"], blocksize=64, double_quant=double_quant)
+        fast = nf4.dequantize_nf4_fast(q)
+        assert fast.dtype == q.dtype and torch.equal(fast, dequantize_nf4(q)), (case, double_quant)
+
+
+@pytest.mark.parametrize("shape,blocksize", [((40, 96), 64), ((7, 64), 128), ((3, 5), 64), ((1, 130), 64)])
+def test_dequantize_nf4_fast_handles_ragged_blocks(shape, blocksize):
+    """A last block shorter than the others, or an odd number of weights, takes the plain way."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    q = quantize_nf4(w, blocksize=blocksize)
+    assert torch.equal(nf4.dequantize_nf4_fast(q), dequantize_nf4(q))
+
+
+def test_linear4bit_uses_the_fast_path(monkeypatch):
+    layer, x = make_layer(bias=False), torch.randn(2, 96, requires_grad=True)
+    calls = []
+    monkeypatch.setattr(nf4, "dequantize_nf4_fast", lambda q: calls.append(1) or dequantize_nf4(q))
+    layer(x).sum().backward()
+    assert len(calls) == 2  # forward, and again in backward

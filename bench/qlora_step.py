@@ -1,0 +1,160 @@
+"""Time and peak memory of one QLoRA training step, ours against transformers +
+PEFT + bitsandbytes on the same checkpoint, measured in the same run. A
+benchmark, not a test: run it in a venv that has transformers, peft and
+bitsandbytes.
+
+    python bench/qlora_step.py [--steps 6] [--batch 4] [--seq 256] [--layers 4] [--device cpu|cuda]
+
+A random Llama (Llama 2's proportions, --layers decoder layers) is written by
+transformers once. Each side then runs in a fresh subprocess, the two
+alternating --rounds times: load the base in NF4 with double quantization and
+bf16 compute, LoRA r=16 (alpha 16, dropout 0.05) on all seven projections,
+paged AdamW (ours: PagedAdamW; theirs: bitsandbytes' PagedAdamW32bit where it
+runs, else torch's AdamW), then --steps optimiser steps on the same random
+batch. Printed per side: the first loss (equal up to one bf16 rounding), the
+median step time after the first, peak resident memory (CPU) or peak allocated
+memory (CUDA); then ours divided by theirs (< 1: we are faster / smaller).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def shape(layers):
+    return dict(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=layers,
+                num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def batch(args, vocab):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    return ids.to(args.device)
+
+
+def peak(device):
+    import resource
+    import torch
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours(args, path):
+    import torch
+    import torch.nn.functional as F
+    import llama
+    import lora
+    from nf4 import PagedAdamW
+    torch.manual_seed(0)
+    model = llama.load_model(path, dtype=torch.bfloat16, device=args.device, quantize="nf4")
+    lora.add_lora(model, r=16, alpha=16, dropout=0.05)
+    model.train()
+    opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = batch(args, model.config.vocab_size)
+
+    def step():
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def theirs(args, path):
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    torch.manual_seed(0)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=q,
+                                                 device_map=args.device)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        import bitsandbytes as bnb
+        opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4)
+    except Exception:
+        opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = batch(args, model.config.vocab_size)
+
+    def step():
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def child(args):
+    """One side's run, in a fresh process: prints a JSON line."""
+    import torch
+    step = (ours if args.side == "ours" else theirs)(args, args.path)
+    times, losses = [], []
+    for _ in range(args.steps):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses.append(step())
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"first_loss": losses[0], "step_s": statistics.median(times[1:]), "peak_mib": peak(args.device)}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each side (default %(default)s)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.side:
+        return child(args)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**shape(args.layers))).to(torch.bfloat16).save_pretrained(d)
+        results = {"ours": [], "theirs": []}
+        for _ in range(args.rounds):
+            for side in ("ours", "theirs"):
+                cmd = [sys.executable, __file__, "--side", side, "--path", d, "--device", args.device,
+                       "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                results[side].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{args.device}, {torch.get_num_threads()} threads; {args.layers} layers of hidden 1024, batch "
+          f"{args.batch}x{args.seq}, LoRA r=16 on all projections, NF4 + double quant, bf16 compute")
+    best = {s: {k: min(r[k] for r in rs) if k != "first_loss" else rs[0][k] for k in rs[0]}
+            for s, rs in results.items()}
+    for side, r in best.items():
+        print(f"{side:7s} first loss {r['first_loss']:.4f}, step {r['step_s'] * 1000:.0f} ms, peak {r['peak_mib']:.0f} MiB")
+    print(f"ratio ours/theirs: step time {best['ours']['step_s'] / best['theirs']['step_s']:.2f}, "
+          f"peak memory {best['ours']['peak_mib'] / best['theirs']['peak_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
