@@ -69,10 +69,24 @@ def dynamic_map() -> torch.Tensor:
     """
     vals = [torch.tensor([0.0, 1.0])]
     for e in range(7):
-        edges = torch.linspace(0.1, 1, 2**e + 1)
+        edges = linspace_fma(0.1, 1.0, 2**e + 1)
         mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (e - 6)
         vals += [mids, -mids]
     return torch.cat(vals).sort().values
+
+
+def linspace_fma(start: float, end: float, n: int) -> torch.Tensor:
+    """torch.linspace(start, end, n) in float32, as its vectorized CPU kernel computes
+    it and so as bitsandbytes gets its dynamic map on any x86 CPU with AVX2 or
+    better: step = (end - start) / (n - 1); the first half start + step*i, the rest
+    end - step*(n-1-i), each a fused multiply-add (one rounding). torch.linspace
+    itself is not used because its scalar kernel (ATEN_CPU_CAPABILITY=default,
+    other CPUs) rounds twice and gives other last bits. Here the product and sum
+    are exact in float64 and rounded once to float32: the same on every machine."""
+    s, e = torch.tensor(start, dtype=torch.float32), torch.tensor(end, dtype=torch.float32)
+    step = ((e - s) / (n - 1)).double()
+    i = torch.arange(n, dtype=torch.float64)
+    return torch.where(i < n // 2, s.double() + step * i, e.double() - step * (n - 1 - i)).float()
 
 
 class Unfinished:

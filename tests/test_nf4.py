@@ -39,9 +39,22 @@ def test_nf4_code_book_values_are_normal_quantiles():
 
 
 def test_dynamic_map_matches_bitsandbytes():
+    """bitsandbytes' table, as it builds it with torch.linspace on a machine with
+    vector instructions (the fixture's): bit for bit on any machine."""
     dyn = nf4.dynamic_map()
     assert torch.equal(dyn, load_file(os.path.join(FIX, "nf4", "code_books.safetensors"))["dynamic"])
     assert dyn.numel() == 256 and (dyn == 0).sum() == 1 and dyn.max() == 1
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 9, 17, 33, 65, 100])
+def test_linspace_fma_is_linspace_up_to_rounding(n):
+    """Within one float32 rounding of torch.linspace on every CPU, and exactly the
+    mathematical value rounded once where that is representable (the end points)."""
+    ours, theirs = nf4.linspace_fma(0.1, 1.0, n), torch.linspace(0.1, 1.0, n)
+    assert ours[0] == theirs[0] and ours[-1] == theirs[-1] == 1.0
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=2**-23)
+    exact = torch.tensor([0.1 + (1.0 - 0.1) * i / (n - 1) for i in range(n)], dtype=torch.float64)
+    assert ((ours.double() - exact).abs() <= 2**-23 * exact.abs() + 1e-9).all()
 
 
 # -----------------------------------------------------------------------------
