@@ -836,29 +836,44 @@ def test_chat_interactive_stops_at_exit(tiny_default, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("system", [None, "Answer briefly."])
-def test_chat_with_adapter_and_system(tiny_default, tiny_adapter, capsys, system):
+def test_chat_with_adapter_and_system(tiny_default, tiny_adapter, monkeypatch, capsys, system):
     """--adapter answers as base + adapter (merged in memory, as chat does), and
-    --system opens the conversation; each changes the answer."""
+    --system opens the conversation: the prompt chat sends to the model is the
+    chat format of [system, user], and the model it sends it to is not the base."""
     prompt, tok = "What is 3 + 4?", llama.Tokenizer(tiny_adapter)
     model = tiny_model(adapter=tiny_adapter, path=tiny_default)
     lora.merge_lora(model)
     (want,) = greedy_answers(model, tok, [prompt], 8, system=system)
+    sent, real = [], llama.generate
+    monkeypatch.setattr(llama, "generate", lambda m, ids, *a, **kw: sent.append((m, list(ids))) or real(m, ids, *a, **kw))
     cli("chat", "--model", tiny_default, "--adapter", tiny_adapter, "--prompt", prompt, "--max-new-tokens", 8,
         *(["--system", system] if system else []))
     assert capsys.readouterr().out == f"<|assistant|>\n{want}\n"
-    assert want != greedy_answers(tiny_model(path=tiny_default), tok, [prompt], 8, system=system)[0]
-    assert want != greedy_answers(model, tok, [prompt], 8, system=None if system else "Answer briefly.")[0]
+    history = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    (chat_model, ids), = sent
+    assert ids == tulu.encode_prompt(history, tok)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(chat_model(x), model(x), atol=1e-5)
+        assert not torch.allclose(chat_model(x), tiny_model(path=tiny_default)(x), atol=1e-3)
 
 
-def test_chat_defaults_to_the_demo_sft_model(tiny_default, tiny_adapter, monkeypatch, capsys):
+def test_chat_defaults_to_the_demo_sft_model(tiny_default, sft_data, tmp_path, monkeypatch, capsys):
     """Without --model, chat talks to the model the demo DPO starts from (README:
-    `tulu.py chat --adapter out/dpo-qlora`); here that model is the tiny default."""
-    monkeypatch.setattr(tulu, "tiny_sft_model", lambda: tiny_default)
-    argv = ["--adapter", tiny_adapter, "--prompt", "What is 3 + 4?", "--max-new-tokens", 8]
-    cli("chat", "--model", tiny_default, *argv)
-    want = capsys.readouterr().out
-    cli("chat", *argv)
-    assert capsys.readouterr().out == want
+    `tulu.py chat --adapter out/dpo-qlora`), the demo SFT model, not the base. Here
+    the SFT model is a few full-SFT steps on the tiny default, which answer otherwise."""
+    sft = tmp_path / "sft"
+    cli("sft", "--model", tiny_default, "--data", sft_data, "--method", "full", "--max-steps", 3, "--lr", 1e-2,
+        "--batch-size", 4, "--grad-accum", 1, "--output", sft)
+    capsys.readouterr()
+    monkeypatch.setattr(tulu, "tiny_sft_model", lambda: str(sft))
+    monkeypatch.setattr(tulu, "tiny_default_model", lambda: tiny_default)
+    argv = ["--prompt", "What is 3 + 4?", "--max-new-tokens", 8]
+    answers = {}
+    for model in ("sft", "base", None):
+        cli("chat", *(["--model", str(sft) if model == "sft" else tiny_default] if model else []), *argv)
+        answers[model] = capsys.readouterr().out
+    assert answers[None] == answers["sft"] != answers["base"]
 
 
 def test_chat_prints_the_answer_it_keeps_when_cut_inside_a_character(monkeypatch, capsys):

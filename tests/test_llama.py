@@ -1,6 +1,7 @@
 """llama.py against transformers (golden files from tests/make_fixtures.py),
 plus the invariants a student can check by hand."""
 import json
+import math
 import os
 import re
 import shutil
@@ -182,13 +183,32 @@ def test_attention_mask_4d_none_equals_the_explicit_causal_mask():
     torch.testing.assert_close(llama.gqa_attention(q, k, v, None), llama.gqa_attention(q, k, v, causal))
 
 
-def test_sample_next_top_k_top_p():
-    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    g = torch.Generator().manual_seed(0)
-    assert set(int(llama.sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(50)) <= {2, 3}
+def sampled_frequencies(n=4000, **kw):
+    """How often each of 4 tokens is drawn in n calls, from a seeded generator."""
+    logits, g = torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([int(llama.sample_next(logits, generator=g, **kw)) for _ in range(n)]),
+                            minlength=4)
+    return counts.double() / n
+
+
+@pytest.mark.parametrize("kw,probs", [
+    # softmax([0, 1, 2, 3] / 2)
+    (dict(temperature=2.0), torch.softmax(torch.tensor([0.0, 1.0, 2.0, 3.0]) / 2, -1)),
+    # top_k=2 keeps tokens 2 and 3, renormalised: e^2, e^3 over their sum
+    (dict(temperature=1.0, top_k=2), torch.tensor([0, 0, 1 / (1 + math.e), math.e / (1 + math.e)])),
     # probabilities .032 .087 .237 .644: top_p=0.7 keeps the two largest
-    assert set(int(llama.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(50)) <= {2, 3}
-    assert int(llama.sample_next(logits)) == 3
+    (dict(temperature=1.0, top_p=0.7), torch.tensor([0, 0, 1 / (1 + math.e), math.e / (1 + math.e)])),
+])
+def test_sample_next_draws_from_the_warped_distribution(kw, probs):
+    """Frequencies over 4000 seeded draws within 5 standard errors (sqrt(p(1-p)/n) <= 0.008)
+    of the probabilities left after temperature, top-k and top-p: a sampler that
+    always takes the most likely token, or ignores a warper, is far outside."""
+    freq = sampled_frequencies(**kw)
+    assert ((freq - probs.double()).abs() <= 5 * (probs.double() * (1 - probs.double()) / 4000).sqrt() + 1e-9).all(), freq
+
+
+def test_sample_next_greedy_at_temperature_zero():
+    assert int(llama.sample_next(torch.tensor([[0.0, 1.0, 3.0, 2.0]]))) == 2
 
 
 def test_pickle_only_folder_is_a_clear_error(tmp_path):

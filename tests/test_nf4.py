@@ -127,7 +127,9 @@ def test_double_quantize_scales_match_bitsandbytes(case):
 def test_bitsandbytes_cpu_lookup_table_is_sometimes_not_nearest():
     """bitsandbytes 0.50's CPU kernel picks 8-bit codes from a lookup table. Where
     it disagrees with us (rarely), our code is strictly nearer to the scaled value."""
-    x, ours, lut = REF["scales.x"], REF["scales.codes"], REF["scales.codes_bnb_cpu"]
+    x, lut = REF["scales.x"], REF["scales.codes_bnb_cpu"]
+    ours, _ = nf4.quantize_blockwise(x, nf4.DYNAMIC, nf4.DQ_BLOCKSIZE, even_ties=True)  # as quantize_nf4
+    assert torch.equal(ours, REF["scales.codes"])  # bitsandbytes' exact-rounding kernel
     differ = ours != lut
     assert 0 < differ.sum() < 0.01 * x.numel()
     scaled = (x.view(-1, nf4.DQ_BLOCKSIZE) * (1 / REF["scales.absmax"][:, None])).view(-1)[differ].double()
@@ -159,12 +161,15 @@ def test_nearest_code_ties_and_reciprocal_as_bitsandbytes():
     (ties); blocks 1.. hold (a, x) with x/a and x*(1/a) on two sides of a
     midpoint. bitsandbytes sends each tie to the lower code and follows the
     reciprocal; a division would have given other codes."""
-    ties = nf4.unpack_nibbles(REF["crafted_fp32.packed"][:8], 16)
-    assert ties.tolist() == [15] + list(range(15))
+    bnb_ties = nf4.unpack_nibbles(REF["crafted_fp32.packed"][:8], 16)
+    ours, _ = nf4.quantize_blockwise(REF["crafted_fp32.w"].view(-1)[:64], nf4.NF4, 64)
+    assert bnb_ties.tolist() == ours[:16].tolist() == [15] + list(range(15))
     w = REF["crafted_fp32.w"].view(-1, 64)[1:]
     a, x = w[:, 0], w[:, 1]
     packed = REF["crafted_fp32.packed"].view(-1, 32)[1:]
     bnb_code = (packed[:, 0] & 0xF).long()  # x is the second value of its block: low nibble
+    ours, _ = nf4.quantize_blockwise(w.reshape(-1), nf4.NF4, 64)
+    assert torch.equal(ours.view(-1, 64)[:, 1].long(), bnb_code)
     assert torch.equal(bnb_code, nf4.nearest_code(x * (1 / a), nf4.NF4).long())
     assert (bnb_code != nf4.nearest_code(x / a, nf4.NF4).long()).all()
 
@@ -239,7 +244,17 @@ def test_linear4bit_forward_equals_dequantized_matmul(dtype):
     y = layer(x.to(dtype))
     assert y.dtype == dtype and torch.equal(y, x.to(dtype) @ w.T + layer.bias.to(dtype))
     assert layer(x).dtype == torch.float32  # cast back to the input's dtype, as bitsandbytes
-    assert torch.equal(layer.dequantize(torch.float32), dequantize_nf4(layer.quant_state()).float())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if REF[f"{c}.w"].dim() == 2])
+def test_linear4bit_dequantize_gives_bitsandbytes_weight(case):
+    """A layer made from a fixture weight holds bitsandbytes' double-quantized weight."""
+    w = REF[f"{case}.w"]
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    linear.weight.data.copy_(w)
+    layer = Linear4bit.from_linear(linear, compute_dtype=w.dtype)
+    assert torch.equal(layer.packed, REF[f"{case}.packed"])
+    assert torch.equal(layer.dequantize(w.dtype), REF[f"{case}.dq_dequant"])
 
 
 def test_linear4bit_backward_input_grad_only():
