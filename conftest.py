@@ -1,6 +1,7 @@
-"""pytest setup: the project's modules import from the repository root, and torch
-uses one thread -- the test models are tiny, and two threads on a busy 2-core
-machine are slower than one.
+"""pytest setup: the project's modules import from the repository root, torch
+uses one thread (TULU_TEST_THREADS to change it) -- the test models are tiny, and
+two threads on a busy 2-core machine are slower than one -- and every test starts
+from the same seed.
 
 In a student copy (`python tulu.py exercises`, recognised by its EXERCISES.md),
 an unfinished exercise raises NotImplementedError("exercise NAME: see
@@ -11,13 +12,14 @@ import os
 import re
 import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the command-line tests' subprocesses
+THREADS = int(os.environ.get("TULU_TEST_THREADS", "1"))  # tests/cpu_matrix.sh also runs with 2
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # inherited by the command-line tests' subprocesses
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
 
 UNFINISHED = re.compile(r"exercise (\w+): see EXERCISES\.md")
 STUDENT_COPY = os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "EXERCISES.md"))
