@@ -723,7 +723,7 @@ class BPETokenizer:
             raise TuluError(f"{path}: not a JSON tokenizer file ({e})") from None
         model = spec.get("model") or {}
         self.check(spec, model)
-        self.vocab = {tok: i for tok, i in model["vocab"].items()}
+        self.vocab = model["vocab"]
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         self.ignore_merges = bool(model.get("ignore_merges"))
@@ -737,7 +737,7 @@ class BPETokenizer:
         self.byte_table = str.maketrans({chr(b): c for b, c in self.to_char.items()})  # latin-1 char -> stand-in
         self.cache = WordCache(self.encode_word)
         self.special = special_pattern(tuple(self.added)) if self.added else None
-        bos, eos = self.config_token("bos_token"), self.config_token("eos_token")
+        bos, eos = self.config_tokens("bos_token", "eos_token")
         self.bos_id = self.token_id(bos) if bos else (self.bos_ids[0] if self.bos_ids else None)
         self.eos_text = eos or (self.id_to_text[self.eos_ids[-1]] if self.eos_ids else None)
         self.eos_id = self.token_id(self.eos_text) if self.eos_text else None
@@ -805,18 +805,19 @@ class BPETokenizer:
                     (after if seen_text else before).extend(ids)
         return before, after
 
-    def config_token(self, key):
-        """The text of bos_token / eos_token in tokenizer_config.json beside the
-        file (a string, or an object with "content"), or None."""
+    def config_tokens(self, *keys):
+        """The texts of tokens named in tokenizer_config.json beside the file (e.g.
+        bos_token, eos_token: a string, or an object with "content"), None if unnamed."""
         cfg = os.path.join(self.dir, "tokenizer_config.json")
         if not os.path.exists(cfg):
-            return None
+            return [None] * len(keys)
         try:
             with open(cfg, encoding="utf-8") as f:
-                value = json.load(f).get(key)
+                config = json.load(f)
+            values = [config.get(k) for k in keys]
         except (json.JSONDecodeError, AttributeError) as e:
             raise TuluError(f"{cfg}: not a JSON object ({e})") from None
-        return value.get("content") if isinstance(value, dict) else value
+        return [v.get("content") if isinstance(v, dict) else v for v in values]
 
     def token_id(self, text):
         if text in self.added:

@@ -391,3 +391,18 @@ def test_chat_answers_with_the_tokenizer_json_model(runs, capsys, monkeypatch):
     new = llama.generate(model, tulu.encode_prompt([{"role": "user", "content": prompt}], tok), 12, eos_id=stops)
     want = tok.decode([t for t in new if t not in stops])
     assert printed == want and want and "<|end_of_text|>" not in printed
+
+
+def test_tokenizer_config_names_bos_and_eos_as_strings_or_objects(tmp_path):
+    """transformers 4 wrote {"content": ...} objects, transformers 5 strings; a
+    tokenizer_config.json that is not an object is a one-line error naming it."""
+    src = os.path.join(FIX, "llama3_style")
+    (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(src, "tokenizer.json"), "rb").read())
+    cfg = {"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": {"content": "<|eot_id|>", "lstrip": False}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = llama.Tokenizer(str(tmp_path))
+    assert (tok.bos_id, tok.eos_id, tok.eos_text) == (tok.token_id("<|begin_of_text|>"), tok.token_id("<|eot_id|>"),
+                                                      "<|eot_id|>")
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(llama.TuluError, match="tokenizer_config.json: not a JSON object"):
+        llama.Tokenizer(str(tmp_path))
