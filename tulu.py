@@ -446,10 +446,14 @@ def check_vocab(tok, model_dir):
 
 
 def folder_tokenizer(*dirs):
-    """The tokenizer of the first folder that holds one (an adapter's, then its base's), or None."""
+    """The tokenizer of the first folder that holds one (an adapter's, then its base's), or
+    None, also for one tulu cannot read: merge only copies it, chat says so when it loads it."""
     for d in dirs:
         if d and any(os.path.exists(os.path.join(d, n)) for n in ("tokenizer.model", "tokenizer.json")):
-            return Tokenizer(d)
+            try:
+                return Tokenizer(d)
+            except TuluError:
+                return None
     return None
 
 

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -710,6 +711,16 @@ def test_embedding_larger_than_tokenizer_is_fine(tmp_path, sft_data):
     cli("sft", *SMALL, "--model", resized_model(tmp_path, 800), "--data", sft_data, "--method", "full",
         "--max-steps", 1, "--batch-size", 4, "--output", out)
     assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].shape[0] == 800
+
+
+def test_merge_does_not_need_a_tokenizer_it_cannot_read(tmp_path):
+    """merge copies a tokenizer; one tulu does not read (a tokenizer.json it cannot
+    parse) is no reason to refuse the merge, as it was not before the vocabulary check."""
+    m = model_folder(tmp_path)
+    os.remove(os.path.join(m, "tokenizer.model"))
+    pathlib.Path(m, "tokenizer.json").write_text("{}")
+    cli("merge", "--model", m, "--adapter", SFT_ADAPTERS["lora"], "--output", tmp_path / "merged")
+    assert os.path.exists(tmp_path / "merged" / "model.safetensors")
 
 
 def test_examples_beyond_the_context_warn_and_train(tmp_path, capsys, sft_data):
