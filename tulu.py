@@ -139,6 +139,7 @@ def read_jsonl(path: str, kind: str):
                 continue
             if not isinstance(obj, dict):
                 raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            check_kind(path, n, obj, kind)
             for key in KIND_KEYS[kind]:
                 problem = f"missing key {key!r}" if key not in obj else message_problem(obj[key])
                 if problem:
@@ -424,6 +425,111 @@ def autocast(args):
     """bf16 autocast on CUDA when --dtype is bf16 (QLoRA's bf16 compute); fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16)
 
+# -----------------------------------------------------------------------------
+# Failing loudly and early: mistakes that would otherwise cost a GPU-day
+
+
+def check_kind(path, n, obj, kind):
+    """A preference file given to sft, or an SFT file to dpo: say which command it is for."""
+    other = "prefs" if kind == "sft" else "sft"
+    if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
+        keys = lambda kind: " and ".join(map(repr, KIND_KEYS[kind]))
+        command = {"sft": ("sft", "a conversation"), "prefs": ("dpo", "a preference pair")}
+        raise TuluError(f"{path}:{n}: {command[other][1]} ({keys(other)}): this file is for "
+                        f"`tulu.py {command[other][0]}` ({command[kind][0]} reads {keys(kind)})")
+
+
+def check_vocab(tok, model_dir):
+    """Every id the tokenizer can produce needs a row of the embedding (config.json's
+    vocab_size, which load_model holds the weights to); otherwise training ends deep in
+    F.embedding with "index out of range". More rows than ids (padded vocabularies) is fine."""
+    if tok is None:
+        return None
+    config = os.path.join(model_dir, "config.json")
+    rows = llama.LlamaConfig.from_json(config).vocab_size
+    if tok.vocab_size > rows:
+        source = getattr(tok, "model_file", None) or tok.dir
+        raise TuluError(f"{source}: the tokenizer has {tok.vocab_size} ids "
+                        f"but the model's embedding has {rows} rows (vocab_size in {config}); a tokenizer of "
+                        f"another model, or tokens added without resizing the embedding?")
+    return tok
+
+
+def folder_tokenizer(*dirs):
+    """The tokenizer of the first folder that holds one (an adapter's, then its base's), or
+    None, also for one tulu cannot read: merge only copies it, chat says so when it loads it."""
+    for d in dirs:
+        if d and any(os.path.exists(os.path.join(d, n)) for n in ("tokenizer.model", "tokenizer.json")):
+            try:
+                return Tokenizer(d)
+            except TuluError:
+                return None
+    return None
+
+
+def check_output(output, model, adapter=None):
+    """Refuse an --output that is the folder read from: it would be written over."""
+    for flag, src in (("--model", model), ("--adapter", adapter)):
+        if src and os.path.realpath(output) == os.path.realpath(src):
+            raise TuluError(f"--output {output} is the {flag} folder: writing there would overwrite what "
+                            f"this run reads; choose another --output")
+
+
+def check_batch_size(args, examples, what):
+    n = len(examples)
+    if args.batch_size > n:
+        raise TuluError(f"--batch-size {args.batch_size} is larger than the data set ({n} {what}{'s' * (n != 1)} "
+                        f"in {args.data}): use --batch-size {n} or fewer, or more data")
+
+
+def warn_beyond_context(args, examples):
+    """Like transformers, warn (not stop) when an example is longer than the model's
+    context: RoPE still runs past max_position_embeddings, but quality usually drops."""
+    config = os.path.join(args.model, "config.json")
+    ctx = llama.LlamaConfig.from_json(config).max_position_embeddings
+    longest = max(len(x) for e in examples for x in e[:4:2])  # (ids, labels) or (c_ids, c_labels, r_ids, ...)
+    if longest > ctx:
+        print(f"tulu {args.command}: warning: examples of up to {longest} tokens (--max-seq-length "
+              f"{args.max_seq_length}) are longer than the model's context (max_position_embeddings {ctx} "
+              f"in {config}); positions beyond it were never trained", file=sys.stderr)
+
+
+def json_safe(row):
+    """NaN and ±inf are not JSON (json.dumps writes a bare NaN that jq, JavaScript and
+    most dashboards reject): write null, and name what was non-finite under "nonfinite"."""
+    bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+    return {**{k: None if k in bad else v for k, v in row.items()}, **({"nonfinite": bad} if bad else {})}
+
+
+def finite(loss, norm) -> bool:
+    return math.isfinite(loss) and math.isfinite(float(norm))
+
+
+def stop_if_diverged(row, args, out, log, title):
+    """A non-finite loss or gradient norm ends the run at its step (train_step did not
+    apply it): nothing more is saved, the last checkpoint stays, and the curve is drawn."""
+    if finite(row["loss"], row["grad_norm"]):
+        return
+    log.plot(title)
+    what = " and ".join(f"the {name} is {row[k]}" for k, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
+                        if not math.isfinite(row[k]))
+    kept, state = "", os.path.join(out, "checkpoint", "trainer_state.json")
+    if os.path.exists(state):
+        with open(state) as f:
+            kept = f"; the checkpoint of step {json.load(f)['step']} stays in {os.path.dirname(state)}"
+    clip = f"a smaller --max-grad-norm (this run: {args.max_grad_norm:g})" if args.max_grad_norm > 0 else \
+        "clipping with --max-grad-norm (off in this run)"
+    raise TuluError(f"step {row['step']}: {what}; stopped without applying this step, nothing saved{kept}; "
+                    f"try a lower --lr (this run: {args.lr:g}) or {clip}")
+
+
+def check_finite_weights(model, what):
+    """Never write non-finite weights (a step can overflow a weight with a finite loss)."""
+    for n, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            raise TuluError(f"{n} holds non-finite values: {what} not written; "
+                            f"try a lower --lr or --max-grad-norm")
+
 
 # -----------------------------------------------------------------------------
 # Checkpoints that resume exactly: weights, optimiser, step, random state
@@ -460,6 +566,7 @@ def save_checkpoint(out, step, model, opt, rng, run):
     """out/checkpoint/: trainable weights, optimiser state and RNG after `step`
     completed steps. Written beside the old one and swapped in by rename."""
     from safetensors.torch import save_file
+    check_finite_weights(model, "checkpoint")
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -517,6 +624,7 @@ class MetricsLog:
         atomic_write(self.path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     def log(self, row):
+        row = json_safe(row)
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -535,11 +643,13 @@ def loss_svg(rows, title) -> str:
     W, H, L, R, T, B = 640, 360, 60, 60, 30, 45  # size and margins
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
-    x0, x1, y1 = min(steps), max(max(steps), min(steps) + 1), max(loss) * 1.05 or 1.0
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    y1 = max((v for v in loss if v is not None), default=1.0) * 1.05 or 1.0  # null: a non-finite step
     X = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)
     Y = lambda v, top: H - B - v / top * (H - T - B)
     line = lambda vals, top, color: (f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
-                                     + " ".join(f"{X(s):.1f},{Y(v, top):.1f}" for s, v in zip(steps, vals)) + '"/>')
+                                     + " ".join(f"{X(s):.1f},{Y(v, top):.1f}" for s, v in zip(steps, vals)
+                                                if v is not None) + '"/>')
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
@@ -551,6 +661,9 @@ def loss_svg(rows, title) -> str:
         out += [f'<text x="{L - 6}" y="{Y(v, y1) + 4:.1f}" text-anchor="end">{v:.2f}</text>',
                 f'<text x="{X(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.0f}</text>']
     out.append(line(loss, y1, "#1f77b4"))
+    out += [f'<path d="M{X(s):.1f},{T} V{H - B}" stroke="#d62728" stroke-dasharray="4 3"/>'  # json_safe marked it
+            f'<text x="{X(s) - 4:.1f}" y="{T + 12}" text-anchor="end" fill="#d62728">non-finite</text>'
+            for s, r in zip(steps, rows) if "nonfinite" in r]
     if "rewards/accuracy" in rows[0]:
         out += [f'<path d="M{W - R},{T} V{H - B}" stroke="black"/>', line([r["rewards/accuracy"] for r in rows], 1.0, "#d62728"),
                 f'<text transform="translate({W - 16},{H / 2}) rotate(90)" text-anchor="middle" fill="#d62728">'
@@ -585,7 +698,8 @@ def train_step(args, model, opt, params, batches, task):
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
     norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-    opt.step()
+    if finite(loss, norm):  # a step with NaN/inf gradients is never applied; train() stops on its row
+        opt.step()
     opt.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {"loss": loss, "grad_norm": float(norm), "tokens": tokens, **{k: v / denom for k, v in sums.items()}}
@@ -619,6 +733,7 @@ def train(args, model, examples, task, out):
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr, **row,
                    "tokens_per_s": round(row["tokens"] / (time.time() - t0), 1)}
             log.log(row)
+            stop_if_diverged(row, args, out, log, title)
             rng, done = rng_state(), step + 1
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if args.save_every and done % args.save_every == 0 and done < total:
@@ -673,6 +788,7 @@ def copy_tokenizer(src, out, names=TOKENIZER_FILES):
 def save_outputs(args, model, model_dir, out):
     """lora/qlora: a PEFT adapter; full: a Hugging Face model folder. Both get the tokenizer."""
     from lora import save_adapter
+    check_finite_weights(model, "output")
     if args.method == "full":
         save_model(model, out)
         copy_tokenizer(model_dir, out, ("generation_config.json",))
@@ -697,13 +813,16 @@ def start_run(args, default_model, default_data):
     fill_defaults(args, demo)
     print_config(args)
     llama.checkpoint_files(args.model)  # a missing or unusable folder: say so before anything else
+    check_output(args.output, args.model, getattr(args, "adapter", None))
     torch.manual_seed(args.seed)
-    return demo, Tokenizer(args.model)
+    return demo, check_vocab(Tokenizer(args.model), args.model)
 
 
 def cmd_sft(args):
     demo, tok = start_run(args, tiny_default_model, "sft_train.jsonl")
     examples = load_sft_data(args.data, tok, args.max_seq_length)
+    check_batch_size(args, examples, "conversation")
+    warn_beyond_context(args, examples)
     model = build_policy(args, args.model)
     os.makedirs(args.output, exist_ok=True)
     train(args, model, examples, SFTTask(pad_id=tok.eos_id), args.output)
@@ -739,6 +858,8 @@ def tiny_sft_model() -> str:
 def cmd_dpo(args):
     demo, tok = start_run(args, tiny_sft_model, "prefs_train.jsonl")
     pairs = load_pref_data(args.data, tok, args.max_seq_length)
+    check_batch_size(args, pairs, "preference pair")
+    warn_beyond_context(args, pairs)
     model = build_policy(args, args.model)
     task = DPOTask(args, pad_id=tok.eos_id)
     # The reference is the model as it starts: for full fine-tuning the SFT
@@ -778,6 +899,8 @@ def heldout_preferences(model, pairs, task, args):
 def cmd_merge(args):
     from lora import load_adapter, merge_lora
     dtype = resolve_dtype(args.dtype, "cpu")
+    check_output(args.output, args.model)
+    check_vocab(folder_tokenizer(args.adapter, args.model), args.model)
     # --qlora: quantise the base to NF4 exactly as for training, then dequantise:
     # the adapter was trained against those weights (open-instruct merge_lora.py --qlora).
     # The base is read in the output dtype, as open-instruct does; each sum W + delta
@@ -796,6 +919,7 @@ def cmd_chat(args):
     args.device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
     args.model = args.model or tiny_sft_model()
+    check_vocab(folder_tokenizer(args.adapter, args.model), args.model)
     model = load_model(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         load_adapter(model, args.adapter)

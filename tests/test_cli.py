@@ -19,13 +19,14 @@ import io
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import dpo
 import llama
@@ -432,7 +433,7 @@ def sft_file(t, text):
 
 
 def sft_argv(data, model=HF_TINY):
-    return ["--model", model, "--data", data]
+    return ["--model", model, "--data", data, "--batch-size", 1]  # the cases' files hold a line or two
 
 
 @error_case("sft")
@@ -582,6 +583,84 @@ def chat_missing_model(t):
     return ["--model", str(t / "nope"), "--prompt", "hi"], [str(t / "nope")]
 
 
+# Mistakes caught before any step (issue 16): a tokenizer with ids the embedding lacks, a
+# file for the other command, a batch larger than the data, an --output that is an input
+
+
+def resized_model(t, rows):
+    """A copy of hf_tiny whose embedding and lm_head have `rows` rows (its tokenizer: 768 ids):
+    cut (tokens added without resizing, or a wrong tokenizer.model copied in) or padded."""
+    d = t / f"model{rows}"
+    shutil.copytree(HF_TINY, d)
+    sd = load_file(d / "model.safetensors")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = sd[k]
+        sd[k] = w[:rows].clone() if rows <= len(w) else torch.cat([w, w[:rows - len(w)]])
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": rows}))
+    return str(d)
+
+
+VOCAB_WANT = lambda m: ["768", "500", os.path.join(m, "tokenizer.model"), os.path.join(m, "config.json")]
+
+
+@error_case("chat")
+def chat_tokenizer_larger_than_embedding(t):
+    m = resized_model(t, 500)
+    return ["--model", m, "--prompt", "hi"], VOCAB_WANT(m)
+
+
+@error_case("merge")
+def merge_tokenizer_larger_than_embedding(t):
+    m = resized_model(t, 500)
+    return ["--model", m, "--adapter", SFT_ADAPTERS["lora"], "--output", str(t / "o")], VOCAB_WANT(m)
+
+
+@error_case("sft")
+def prefs_file_to_sft(t):
+    d = prefs_file(t, PAIR)
+    return sft_argv(d), [f"{d}:1:", "preference pair", "tulu.py dpo"]
+
+
+@error_case("dpo")
+def sft_file_to_dpo(t):
+    d = sft_file(t, GOOD + "\n")
+    return sft_argv(d), [f"{d}:1:", "conversation", "tulu.py sft"]
+
+
+@error_case("sft")
+def batch_larger_than_data(t):
+    d = sft_file(t, GOOD + "\n" + GOOD + "\n")
+    return sft_argv(d) + ["--batch-size", 4], ["--batch-size 4", "2 conversations", d]
+
+
+@error_case("dpo")
+def dpo_batch_larger_than_data(t):
+    d = prefs_file(t, PAIR)
+    return sft_argv(d) + ["--batch-size", 2], ["--batch-size 2", "1 preference pair ", d]
+
+
+@error_case("sft")
+def output_is_the_model(t):
+    m = model_folder(t)  # a copy: were the check missing, `full` would write over it
+    return sft_argv(sft_file(t, GOOD), m) + ["--method", "full", "--output", m + "/"], ["--output", "--model"]
+
+
+@error_case("dpo")
+def output_is_the_adapter(t):
+    a = str(t / "adapter")
+    shutil.copytree(SFT_ADAPTERS["lora"], a)
+    return (sft_argv(prefs_file(t, PAIR)) + ["--method", "lora", "--adapter", a, "--output", a],
+            ["--output", "--adapter"])
+
+
+@error_case("merge")
+def merge_output_is_the_model(t):
+    m = model_folder(t)
+    return ["--model", m, "--adapter", SFT_ADAPTERS["lora"], "--output", m], ["--output", "--model"]
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n]))
                                   if n in KNOWN_BUGS else n for n in ERRORS])
 def test_bad_input_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, name):
@@ -612,6 +691,137 @@ def test_bad_input_as_a_user_sees_it(tmp_path, name):
     assert "Traceback" not in p.stderr, p.stderr
     lines = visible_lines(p.stderr)
     assert len(lines) == 1 and all(w in lines[0] for w in want), lines
+
+
+def test_tokenizer_larger_than_embedding_stops_before_any_step(tmp_path, sft_data):
+    """The issue's case (a 32,000-piece tokenizer.model beside 500 embedding rows) on
+    hf_tiny's scale: 768 ids, 500 rows. Without the check: an IndexError traceback
+    from inside F.embedding, once training reaches an id >= 500."""
+    m, out = resized_model(tmp_path, 500), tmp_path / "out"
+    p = run("sft", "--model", m, "--data", sft_data, "--batch-size", 4, "--output", out)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    lines = visible_lines(p.stderr)
+    assert len(lines) == 1 and all(w in lines[0] for w in VOCAB_WANT(m)), lines
+    assert not os.path.exists(out)  # stopped before any step
+
+
+def test_embedding_larger_than_tokenizer_is_fine(tmp_path, sft_data):
+    """Padded vocabularies (more rows than the tokenizer has ids) train as usual."""
+    out = tmp_path / "out"
+    cli("sft", *SMALL, "--model", resized_model(tmp_path, 800), "--data", sft_data, "--method", "full",
+        "--max-steps", 1, "--batch-size", 4, "--output", out)
+    assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].shape[0] == 800
+
+
+def test_merge_does_not_need_a_tokenizer_it_cannot_read(tmp_path):
+    """merge copies a tokenizer; one tulu does not read (a tokenizer.json it cannot
+    parse) is no reason to refuse the merge, as it was not before the vocabulary check."""
+    m = model_folder(tmp_path)
+    os.remove(os.path.join(m, "tokenizer.model"))
+    pathlib.Path(m, "tokenizer.json").write_text("{}")
+    cli("merge", "--model", m, "--adapter", SFT_ADAPTERS["lora"], "--output", tmp_path / "merged")
+    assert os.path.exists(tmp_path / "merged" / "model.safetensors")
+
+
+def test_examples_beyond_the_context_warn_and_train(tmp_path, capsys, sft_data):
+    """--max-seq-length past max_position_embeddings: a warning, as transformers gives,
+    naming both lengths; RoPE runs on past the context, so training goes ahead."""
+    ctx = 32
+    m = model_folder(tmp_path, lambda c: c.update(max_position_embeddings=ctx))
+    argv = ["--data", sft_data, "--method", "lora", "--max-steps", 1, "--batch-size", 4]
+    cli("sft", *SMALL, "--model", m, *argv, "--output", tmp_path / "out")
+    warned = [line for line in visible_lines(capsys.readouterr().err) if "warning" in line]
+    assert len(warned) == 1 and f"max_position_embeddings {ctx}" in warned[0] and "--max-seq-length 128" in warned[0]
+    assert len(metrics(tmp_path / "out")) == 1
+    cli("sft", *SMALL, *argv, "--output", tmp_path / "out2")  # hf_tiny: 512 positions, no example that long
+    assert "warning" not in capsys.readouterr().err
+
+
+def strict_json(line):
+    """json.loads as strict readers (jq, JavaScript) parse: no NaN or Infinity."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def all_safetensors(out):
+    return [os.path.join(d, n) for d, _, names in os.walk(out) for n in names if n.endswith(".safetensors")]
+
+
+def test_divergence_stops_at_the_first_non_finite_step(tiny_default, tmp_path, monkeypatch, capsys):
+    """The issue's run: full fine-tuning of the tiny default at lr 1e4 goes non-finite
+    within a few steps. It must stop there, exit 1 with one line naming that step and
+    the flags to change; metrics.jsonl stays strict JSON; no file it leaves holds a
+    non-finite value; the checkpoint of the last good step stays and --resume takes it."""
+    out = tmp_path / "out"
+    argv = ["sft", "--method", "full", "--lr", "1e4", "--max-steps", 8, "--save-every", 1, "--output", out]
+    p = run(*argv, cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errors = [line for line in visible_lines(p.stderr) if line.startswith("tulu sft: error: ")]
+    assert len(errors) == 1 and errors[0] == visible_lines(p.stderr)[-1], visible_lines(p.stderr)
+    with open(out / "metrics.jsonl") as f:
+        rows = [strict_json(line) for line in f]
+    bad = [r["step"] for r in rows if r["loss"] is None or r["grad_norm"] is None]
+    assert bad and rows[-1]["step"] == bad[0] >= 2, rows  # stopped at the first one, after a good step
+    assert rows[-1]["nonfinite"] and all(math.isfinite(r["loss"]) for r in rows[:-1])
+    assert f"step {bad[0]}:" in errors[0] and "--lr" in errors[0] and "--max-grad-norm" in errors[0], errors[0]
+    assert not {"model.safetensors", "config.json"} & set(os.listdir(out))  # no model written
+    files = all_safetensors(out)
+    assert files and all(torch.isfinite(t.float()).all() for f in files for t in load_file(f).values())
+    assert checkpoint_step(out) == bad[0] - 1
+    import xml.etree.ElementTree as ET
+    assert "non-finite" in "".join(ET.parse(out / "loss.svg").getroot().itertext())
+    # the same run resumed from the kept checkpoint continues the same curve, to the same stop
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli(*argv, "--resume", out)
+    got = capsys.readouterr()
+    assert e.value.code == 1 and f"resumed from {out / 'checkpoint'} after step {bad[0] - 1}" in got.out
+    assert f"step {bad[0]}:" in visible_lines(got.err)[-1]
+    with open(out / "metrics.jsonl") as f:
+        again = [strict_json(line) for line in f]
+    assert [r["step"] for r in again] == [r["step"] for r in rows]
+    assert_close_losses(again[:-1], rows[:-1], atol=0)
+
+
+def test_train_step_never_applies_a_non_finite_step():
+    """A step whose loss or gradients are NaN leaves weights and optimiser state as they were."""
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(**tulu.TINY, vocab_size=64)).requires_grad_(True)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = tulu.SFTTask(pad_id=0)
+    nan_loss = lambda m, b, d: (tulu.SFTTask.loss(task, m, b, d)[0] * float("nan"), {})
+    task.loss = nan_loss
+    args = argparse.Namespace(device="cpu", dtype=torch.float32, max_grad_norm=1.0)
+    row = tulu.train_step(args, model, opt, params, [task.collate([([1, 5, 7, 2], [-100, 5, 7, 2])])], task)
+    assert math.isnan(row["loss"]) and math.isnan(row["grad_norm"])
+    assert not opt.state and all(p.grad is None for p in params)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    """A step can overflow a weight even with a finite loss: neither the output nor a
+    checkpoint is then written."""
+    model = tiny_model().requires_grad_(True)
+    with torch.no_grad():
+        model.lm_head.weight[3, 1] = float("inf")
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(llama.TuluError, match="lm_head.weight"):
+        tulu.save_outputs(argparse.Namespace(method="full"), model, HF_TINY, str(tmp_path))
+    with pytest.raises(llama.TuluError, match="lm_head.weight"):
+        tulu.save_checkpoint(str(tmp_path), 1, model, opt, tulu.rng_state(), {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_loss_svg_draws_a_run_that_diverged():
+    import xml.etree.ElementTree as ET
+    rows = [tulu.json_safe({"step": s, "loss": v, "grad_norm": 1.0}) for s, v in ((1, 2.0), (2, 1.5), (3, math.nan))]
+    assert rows[-1] == {"step": 3, "loss": None, "grad_norm": 1.0, "nonfinite": {"loss": "nan"}}
+    svg = ET.fromstring(tulu.loss_svg(rows, "diverged"))
+    assert "non-finite" in "".join(svg.itertext())
+    assert "non-finite" in "".join(ET.fromstring(tulu.loss_svg(rows[-1:], "at once")).itertext())
 
 
 # -----------------------------------------------------------------------------
