@@ -448,23 +448,19 @@ def check_vocab(tok, model_dir):
     config = os.path.join(model_dir, "config.json")
     rows = llama.LlamaConfig.from_json(config).vocab_size
     if tok.vocab_size > rows:
-        source = getattr(tok, "model_file", None) or tok.dir
-        raise TuluError(f"{source}: the tokenizer has {tok.vocab_size} ids "
+        raise TuluError(f"{tok.file}: the tokenizer has {tok.vocab_size} ids "
                         f"but the model's embedding has {rows} rows (vocab_size in {config}); a tokenizer of "
                         f"another model, or tokens added without resizing the embedding?")
     return tok
 
 
-def folder_tokenizer(*dirs):
-    """The tokenizer of the first folder that holds one (an adapter's, then its base's), or
-    None, also for one tulu cannot read: merge only copies it, chat says so when it loads it."""
-    for d in dirs:
-        if d and any(os.path.exists(os.path.join(d, n)) for n in ("tokenizer.model", "tokenizer.json")):
-            try:
-                return Tokenizer(d)
-            except TuluError:
-                return None
-    return None
+def folder_tokenizer(adapter, model_dir):
+    """The tokenizer a merge copies (the adapter's, else its base's), or None where there
+    is none or tulu cannot read it: merge only copies it."""
+    try:
+        return Tokenizer(tokenizer_source(adapter, model_dir))
+    except TuluError:
+        return None
 
 
 def check_output(output, model, adapter=None):
@@ -919,12 +915,11 @@ def cmd_chat(args):
     args.device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
     args.model = args.model or tiny_sft_model()
-    check_vocab(folder_tokenizer(args.adapter, args.model), args.model)
+    tok = check_vocab(Tokenizer(tokenizer_source(args.adapter, args.model)), args.model)
     model = load_model(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         load_adapter(model, args.adapter)
         merge_lora(model, dtype=dtype)
-    tok = Tokenizer(tokenizer_source(args.adapter, args.model))
     args.stop_ids = stop_ids(args.model, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     g = torch.Generator(device=args.device).manual_seed(args.seed)
