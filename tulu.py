@@ -5,7 +5,8 @@ training runs of Tulu 2 (Ivison et al. 2023, arXiv 2311.10702): the chat
 format and which tokens are learned, batches, the optimiser and learning-rate
 schedule of the model cards, gradient accumulation that weighs every token
 equally, QLoRA's memory savings (arXiv 2305.14314), DPO's preference loss
-(arXiv 2305.18290), checkpoints that resume exactly, and the command line.
+(arXiv 2305.18290), checkpoints that resume exactly, training on several GPUs
+with torchrun (DDP for LoRA, FSDP2 for full fine-tuning), and the command line.
 
 Shapes: B batch, T time (tokens), V vocabulary.  Read top to bottom; the
 command line is at the bottom.
@@ -13,14 +14,18 @@ command line is at the bottom.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import html
 import json
 import math
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -319,7 +324,8 @@ def build_policy(args, path):
     (AdamW); lora: a frozen base + LoRA adapters; qlora: the base quantised to
     NF4 while loading, LoRA adapters on top, and paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
-    model = load_model(path, dtype=args.dtype, device=args.device,
+    fsdp = args.method == "full" and dist_of(args).world > 1  # read to the CPU, then shard to the device
+    model = load_model(path, dtype=args.dtype, device="cpu" if fsdp else args.device,
                        quantize="nf4" if args.method == "qlora" else None)
     if args.method == "full":
         if getattr(args, "adapter", None):
@@ -330,7 +336,7 @@ def build_policy(args, path):
     else:
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     model.gradient_checkpointing = args.gradient_checkpointing
-    return model
+    return shard(model, dist_of(args)) if fsdp else model
 
 
 def build_optimizer(args, model):
@@ -405,20 +411,22 @@ def cache_reference(model, pairs, task, args):
     """Append the reference log-probs (rc, rr) to every pair, from the model as it is
     now, before the first update (open-instruct's dpo_tune_cache): the reference
     then needs no second copy of the model in memory."""
-    out = []
-    for chunk, batch in eval_batches(model, pairs, task, args, desc="reference log-probs"):
+    d, scores = dist_of(args), []  # under torchrun each rank scores its share of the batches (deal)
+    for chunk, batch in eval_batches(model, pairs, task, args, "reference log-probs", d):
         with autocast(args):
             rc, rr = dpo.concatenated_logps(model, batch, task.avg)
-        out += [p[:4] + (float(c), float(r)) for p, c, r in zip(chunk, rc, rr)]
-    return out
+        scores.append([(float(c), float(r)) for c, r in zip(rc, rr)])
+    scores = [s for batch in undeal(scores, math.ceil(len(pairs) / args.batch_size), d) for s in batch]
+    return [p[:4] + s for p, s in zip(pairs, scores)]
 
 
-def eval_batches(model, examples, task, args, desc):
-    """(examples, device batch) in order, the model in eval mode (no dropout)."""
+def eval_batches(model, examples, task, args, desc, d=None):
+    """(examples, device batch) in order, the model in eval mode (no dropout); under
+    torchrun (d), this rank's share (deal), the first batch standing in where short."""
     model.eval()
-    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False):
-        chunk = examples[i:i + args.batch_size]
-        yield chunk, {k: v.to(args.device) for k, v in task.collate(chunk).items()}
+    chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    for chunk in tqdm(deal(chunks, d or SINGLE), desc=desc, leave=False):
+        yield chunk, {k: v.to(args.device) for k, v in task.collate(chunk or chunks[0]).items()}
 
 
 def autocast(args):
@@ -519,10 +527,11 @@ def stop_if_diverged(row, args, out, log, title):
                     f"try a lower --lr (this run: {args.lr:g}) or {clip}")
 
 
-def check_finite_weights(model, what):
-    """Never write non-finite weights (a step can overflow a weight with a finite loss)."""
-    for n, p in model.named_parameters():
-        if p.requires_grad and not torch.isfinite(p).all():
+def check_finite_weights(named, what):
+    """Never write non-finite weights (a step can overflow a weight with a finite loss).
+    named: (name, tensor) pairs, the weights about to be written."""
+    for n, p in named:
+        if not torch.isfinite(p).all():
             raise TuluError(f"{n} holds non-finite values: {what} not written; "
                             f"try a lower --lr or --max-grad-norm")
 
@@ -562,13 +571,16 @@ def save_checkpoint(out, step, model, opt, rng, run):
     """out/checkpoint/: trainable weights, optimiser state and RNG after `step`
     completed steps. Written beside the old one and swapped in by rename."""
     from safetensors.torch import save_file
-    check_finite_weights(model, "checkpoint")
+    weights = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
+    optimizer = gathered(opt.state_dict())
+    if not rank0():
+        return  # under torchrun every rank helps gather FSDP's shards; rank 0 writes
+    check_finite_weights(weights.items(), "checkpoint")
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+    save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
     tensors = {}
-    skeleton = pack({"optimizer": opt.state_dict(), "rng": rng}, tensors)
+    skeleton = pack({"optimizer": optimizer, "rng": rng}, tensors)
     save_file(tensors, os.path.join(tmp, "state.safetensors"))
     write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "run": run, "state": skeleton})
     old = f"{final}.old{os.getpid()}"
@@ -592,14 +604,14 @@ def load_checkpoint(path, model, opt, run) -> int:
         raise TuluError(f"{ckpt}: its trainable weights do not match this model and --method")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n])
+            p.copy_(placed(weights[n], p))
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         meta = json.load(f)
     changed = [f"{k}: {meta['run'].get(k)} -> {v}" for k, v in run.items() if meta["run"].get(k) != v]
     if changed:
         raise TuluError(f"{ckpt}: the checkpoint was made with other settings ({'; '.join(changed)})")
     state = unpack(meta["state"], load_file(os.path.join(ckpt, "state.safetensors")))
-    opt.load_state_dict(state["optimizer"])
+    opt.load_state_dict(placed_state(state["optimizer"], opt))
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -668,6 +680,274 @@ def loss_svg(rows, title) -> str:
     return "\n".join(out + ["</svg>\n"])
 
 # -----------------------------------------------------------------------------
+# More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning
+#
+# `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of this program and
+# tells each its RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them).
+# A step takes batch-size x grad-accum x N examples: the micro-batches one process
+# takes with grad-accum x N, dealt out to the ranks in turn. Every rank divides by the
+# learned tokens (or pairs) of the whole step, summed over the ranks, so the summed
+# gradient, the loss and the clipping norm are one process's, up to rounding.
+# lora/qlora: DDP over the adapters, each rank holding the frozen base; full: FSDP2
+# (as torchtune's full_finetune_distributed) shards every weight, its gradient and
+# AdamW state over the ranks. Rank 0 alone prints and writes, the files one process writes.
+
+
+@dataclass
+class Dist:
+    """This process among torchrun's; without torchrun, rank 0 of 1."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # for collectives' tensors (NCCL: this rank's GPU)
+    stop: bool = False  # Ctrl-C or SIGTERM arrived (see next_step)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = Dist()
+
+
+def dist_of(args) -> Dist:
+    return getattr(args, "dist", SINGLE)
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join torchrun's process group: NCCL, each rank on the GPU LOCAL_RANK names, or
+    gloo on CPU. Without torchrun, or inside a run (the demo SFT that rank 0 builds), a
+    Dist of one. Ctrl-C and SIGTERM now only raise a flag (next_step). Ranks other than 0
+    print nothing and draw no progress bars (their errors still reach stderr)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 or torch.distributed.is_initialized():
+        return Dist()
+    rank, local, cuda = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), device == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)  # from here on, "cuda" is this rank's GPU
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    d = Dist(rank, world, local, dev)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun passes a Ctrl-C on as SIGINT
+        signal.signal(sig, lambda *_: setattr(d, "stop", True))
+    if not d.main:
+        sys.stdout = open(os.devnull, "w")
+        init = tqdm.__init__
+        tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
+    return d
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank0() -> bool:
+    return not distributed() or torch.distributed.get_rank() == 0
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return distributed() and isinstance(model, FSDPModule)
+
+
+def exit_after(main):
+    """Run main() and exit with its status; under torchrun, destroy the process group
+    first, once the error that ended the run (and the model it holds) is gone: a gloo
+    group that lives on into Python's shutdown can abort the process."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if distributed():
+        gc.collect()  # FSDP's modules sit in reference cycles
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+
+def rank0_first(d: Dist, fn):
+    """fn() on rank 0, then on the others: the demo model is built once, then found cached."""
+    out = fn() if d.main else None
+    if d.world > 1:
+        torch.distributed.barrier()
+    return out if d.main else fn()
+
+
+class RankError(TuluError):
+    """An error that every rank raises (see together); rank 0 alone prints it."""
+
+
+def error_text(e) -> str:
+    return f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+
+
+def together(d: Dist, fn, *args):
+    """fn(*args) on every rank. A TuluError or OSError on any rank (a data file missing on
+    one node) ends every rank with its one-line error, where the others would wait for
+    the failed rank in their next collective."""
+    if d.world == 1:
+        return fn(*args)
+    try:
+        out, err = fn(*args), None
+    except (TuluError, OSError) as e:
+        out, err = None, error_text(e)
+    errors = [None] * d.world
+    torch.distributed.all_gather_object(errors, err)
+    rank, err = next(((r, e) for r, e in enumerate(errors) if e), (0, None))
+    if err:
+        raise RankError(err if rank == 0 else f"{err} (rank {rank})")
+    return out
+
+
+def shard(model, d: Dist):
+    """FSDP2 (--method full under torchrun): one unit per decoder layer, then the root
+    (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
+    AdamW state, and gathers a unit's weights only while it computes with them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's
+    # reference) it would hold whole weights, which the optimiser built next would take
+    return fully_shard(model, mesh=mesh, reshard_after_forward=True)  # moves the shards to the device
+
+
+def data_parallel(args, model):
+    """The model train_step runs: under torchrun with lora/qlora, DDP, which averages the
+    adapters' gradients over the ranks in the backward of a step's last micro-batch, in
+    its buckets (the gradients are views of them: no second copy). The frozen (NF4) base
+    is read by every rank and never sent; rank 0's adapters are (DDP's init_sync would
+    send the base too, and forward_sync_buffers its NF4 buffers)."""
+    d = dist_of(args)
+    if d.world == 1:
+        return model
+    print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = "
+          f"batch-size x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
+          f"{args.batch_size * args.grad_accum * d.world} examples a step")
+    if is_sharded(model):
+        return model
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.distributed.broadcast(p.detach(), src=0)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, init_sync=False,
+        forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
+def grad_sync(model, last: bool):
+    """DDP: gradients stay on each rank until a step's last micro-batch, then one
+    all-reduce. FSDP reduce-scatters after every micro-batch: waiting would keep whole
+    gradients on every rank, the memory that sharding saves."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return model.no_sync() if ddp and not last else contextlib.nullcontext()
+
+
+def deal(batches, d: Dist) -> list:
+    """This rank's share of one process's batches: every N-th, from the rank's own. All
+    ranks get as many (FSDP gathers weights in each forward, all ranks together): None
+    stands for a batch that a rank is short of."""
+    mine = batches[d.rank::d.world]
+    return mine + [None] * (math.ceil(len(batches) / d.world) - len(mine))
+
+
+def undeal(results, n: int, d: Dist) -> list:
+    """Every rank's results for its deal of n batches, one per batch, in the batches' order."""
+    if d.world == 1:
+        return results
+    shares = [None] * d.world
+    torch.distributed.all_gather_object(shares, results)
+    return [shares[k % d.world][k // d.world] for k in range(n)]
+
+
+def rank_batches(idx, examples, task, d: Dist) -> list:
+    """This rank's collated micro-batches of a step, whose micro-batches in one process
+    are idx (example indices); where a rank is short of one, a stand-in: the step's first
+    example with weight 0."""
+    stand_in = lambda: {**task.collate([examples[idx[0][0]]]), "weight": 0}
+    return [task.collate([examples[i] for i in c]) if c else stand_in() for c in deal(idx, d)]
+
+
+def all_sum(d: Dist, *values) -> list:
+    """Each value summed over the ranks, in one all-reduce."""
+    if d.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def next_step(d: Dist, seed: int, step: int) -> bool:
+    """Before each step under torchrun: True on every rank if any rank was asked to stop,
+    so that all stop after the same step. Dropout is reseeded from (seed, step, rank):
+    ranks draw different masks, and a resumed run the same, with no per-rank RNG saved."""
+    if d.world == 1:
+        return False
+    torch.manual_seed(hash((seed, step, d.rank)))
+    flag = torch.tensor([float(d.stop)], device=d.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def whole(t):
+    """A tensor that FSDP shards (a DTensor) gathered whole, on every rank; else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gathered(obj):
+    """obj (nested dicts and lists) with each tensor whole on rank 0's CPU. The other
+    ranks take part in gathering FSDP's shards, a tensor at a time, and keep None."""
+    if isinstance(obj, dict):
+        return {k: gathered(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gathered(v) for v in obj)
+    if torch.is_tensor(obj):
+        t = whole(obj).detach()
+        return t.cpu() if rank0() else None
+    return obj
+
+
+def placed(value, like):
+    """A whole tensor cut to this rank's shard where `like` is sharded (FSDP); else value."""
+    if not hasattr(like, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor  # each rank cuts its own shard: no messages
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def placed_state(state, opt):
+    """A whole optimiser state (one process's) cut to this rank's shards."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {**state, "state": {i: {k: placed(v, params[int(i)]) if v.dim() else v for k, v in s.items()}
+                               for i, s in state["state"].items()}}
+
+
+def full_model(model):
+    """Rank 0: the model whole, to save (FSDP's shards gathered to its CPU); others: None."""
+    if is_sharded(model):
+        sd, cfg = gathered(model.state_dict()), model.config  # every rank takes part
+        if rank0():
+            with torch.device("meta"):
+                model = llama.Llama(cfg)
+            model.load_state_dict(sd, assign=True)
+    return model if rank0() else None
+
+
+class MemoryLog:
+    """What ranks other than 0 keep instead of metrics.jsonl and loss.svg: the rows."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log(self, row):
+        self.rows.append(row)
+
+    def plot(self, title):
+        pass
+
+
+# -----------------------------------------------------------------------------
 # The training loop, shared by sft and dpo
 
 
@@ -682,50 +962,61 @@ def step_batches(n, step, steps_per_epoch, batch_size, grad_accum, seed):
 
 
 def train_step(args, model, opt, params, batches, task):
-    """One optimiser step over its micro-batches; returns the step's metrics."""
-    denom = max(1, sum(task.count(b) for b in batches))
+    """One optimiser step over its micro-batches; returns the step's metrics. Under
+    torchrun: this rank's micro-batches (rank_batches), and sums over all ranks."""
+    d = dist_of(args)
+    denom = max(1, all_sum(d, sum(task.count(b) * b.get("weight", 1) for b in batches))[0])
     loss, sums = 0.0, {}
-    for b in batches:
-        b = {k: v.to(args.device) for k, v in b.items()}
-        with autocast(args):
+    for i, b in enumerate(batches):
+        w = b.get("weight", 1)  # 0: a stand-in (rank_batches)
+        b = {k: v.to(args.device) for k, v in b.items() if k != "weight"}
+        with autocast(args), grad_sync(model, last=i == len(batches) - 1):
             l, m = task.loss(model, b, denom)
-        l.backward()
-        loss += l.item()
+        (l * (w * d.world)).backward()  # DDP and FSDP average gradients over the ranks: we want the sum
+        loss += l.item() * w
         for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v
+            sums[k] = sums.get(k, 0.0) + v * w
     norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
     if finite(loss, norm):  # a step with NaN/inf gradients is never applied; train() stops on its row
         opt.step()
     opt.zero_grad(set_to_none=True)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return {"loss": loss, "grad_norm": float(norm), "tokens": tokens, **{k: v / denom for k, v in sums.items()}}
+    tokens = sum(int(b["attention_mask"].sum()) * b.get("weight", 1) for b in batches)
+    loss, tokens, *totals = all_sum(d, loss, tokens, *sums.values())
+    return {"loss": loss, "grad_norm": float(whole(norm)), "tokens": int(tokens),
+            **{k: v / denom for k, v in zip(sums, totals)}}
 
 
 def train(args, model, examples, task, out):
     """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient
     accumulation, clipping; tqdm, metrics.jsonl, checkpoints, Ctrl-C and --resume."""
-    E = args.batch_size * args.grad_accum
+    d = dist_of(args)
+    E = args.batch_size * args.grad_accum * d.world  # the global batch
     steps_per_epoch = math.ceil(len(examples) / E)
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = int(total * args.warmup_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
-    run = {k: getattr(args, k) for k in ("method", "lr", "batch_size", "grad_accum", "warmup_ratio", "seed")}
-    run.update(adam_betas=list(args.adam_betas), adam_eps=args.adam_eps, total_steps=total, examples=len(examples))
-    start = load_checkpoint(args.resume, model, opt, run) if args.resume else 0
-    log = MetricsLog(out, start)
+    run = {k: getattr(args, k) for k in ("method", "lr", "warmup_ratio", "seed")}
+    run.update(global_batch=E, adam_betas=list(args.adam_betas), adam_eps=args.adam_eps, total_steps=total,
+               examples=len(examples))
+    start = together(d, load_checkpoint, args.resume, model, opt, run) if args.resume else 0
+    log = MetricsLog(out, start) if d.main else MemoryLog()
+    net = data_parallel(args, model)
     title = f"tulu {args.command} --method {args.method}: {os.path.basename(os.path.normpath(args.model if hasattr(args, 'model') else out))}"
     model.train()
     rng, done = rng_state(), start
     bar = tqdm(range(start, total), initial=start, total=total, desc=args.command, dynamic_ncols=True)
     try:
         for step in bar:
+            if next_step(d, args.seed, step):  # every rank stops after the same step
+                raise KeyboardInterrupt
             lr = args.lr * linear_schedule(step, warmup, total)
             for g in opt.param_groups:
                 g["lr"] = lr
             t0 = time.time()
-            idx = step_batches(len(examples), step, steps_per_epoch, args.batch_size, args.grad_accum, args.seed)
-            row = train_step(args, model, opt, params, [task.collate([examples[i] for i in c]) for c in idx], task)
+            idx = step_batches(len(examples), step, steps_per_epoch, args.batch_size, args.grad_accum * d.world,
+                               args.seed)  # one process's micro-batches with the same global batch
+            row = train_step(args, net, opt, params, rank_batches(idx, examples, task, d), task)
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr, **row,
                    "tokens_per_s": round(row["tokens"] / (time.time() - t0), 1)}
             log.log(row)
@@ -740,8 +1031,9 @@ def train(args, model, examples, task, out):
         opt.zero_grad(set_to_none=True)
         save_checkpoint(out, done, model, opt, rng, run)
         log.plot(title)
-        print(f"\ninterrupted: {done} steps are saved in {out}/checkpoint; continue with --resume {out}",
-              file=sys.stderr)
+        if d.main:
+            print(f"\ninterrupted: {done} steps are saved in {out}/checkpoint; continue with --resume {out}",
+                  file=sys.stderr)
         sys.exit(130)
     bar.close()
     log.plot(title)
@@ -784,7 +1076,11 @@ def copy_tokenizer(src, out, names=TOKENIZER_FILES):
 def save_outputs(args, model, model_dir, out):
     """lora/qlora: a PEFT adapter; full: a Hugging Face model folder. Both get the tokenizer."""
     from lora import save_adapter
-    check_finite_weights(model, "output")
+    model = full_model(model)  # under torchrun: rank 0's, FSDP's shards gathered; None elsewhere
+    if model is None:
+        return
+    check_finite_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad or args.method == "full"),
+                         "output")
     if args.method == "full":
         save_model(model, out)
         copy_tokenizer(model_dir, out, ("generation_config.json",))
@@ -796,30 +1092,31 @@ def save_outputs(args, model, model_dir, out):
 
 def print_config(args):
     shown = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
-             for k, v in vars(args).items() if k not in ("func",)}
+             for k, v in vars(args).items() if k not in ("func", "dist")}
     print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 def start_run(args, default_model, default_data):
     """Fill in the defaults (the tiny demo's when there is no --model), print the
     settings, check the model folder, seed. Returns (demo?, tokenizer)."""
+    args.dist = setup_distributed(resolve_device(args.device))  # torchrun's process group, if any
     demo = args.model is None
-    args.model = args.model or default_model()
+    args.model = args.model or rank0_first(args.dist, default_model)
     args.data = args.data or os.path.join(DATA, default_data)
     fill_defaults(args, demo)
     print_config(args)
-    llama.checkpoint_files(args.model)  # a missing or unusable folder: say so before anything else
+    together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
     check_output(args.output, args.model, getattr(args, "adapter", None))
     torch.manual_seed(args.seed)
-    return demo, check_vocab(Tokenizer(args.model), args.model)
+    return demo, together(args.dist, lambda m: check_vocab(Tokenizer(m), m), args.model)
 
 
 def cmd_sft(args):
     demo, tok = start_run(args, tiny_default_model, "sft_train.jsonl")
-    examples = load_sft_data(args.data, tok, args.max_seq_length)
+    examples = together(args.dist, load_sft_data, args.data, tok, args.max_seq_length)
     check_batch_size(args, examples, "conversation")
     warn_beyond_context(args, examples)
-    model = build_policy(args, args.model)
+    model = together(args.dist, build_policy, args, args.model)
     os.makedirs(args.output, exist_ok=True)
     train(args, model, examples, SFTTask(pad_id=tok.eos_id), args.output)
     save_outputs(args, model, args.model, args.output)
@@ -853,10 +1150,10 @@ def tiny_sft_model() -> str:
 
 def cmd_dpo(args):
     demo, tok = start_run(args, tiny_sft_model, "prefs_train.jsonl")
-    pairs = load_pref_data(args.data, tok, args.max_seq_length)
+    pairs = together(args.dist, load_pref_data, args.data, tok, args.max_seq_length)
     check_batch_size(args, pairs, "preference pair")
     warn_beyond_context(args, pairs)
-    model = build_policy(args, args.model)
+    model = together(args.dist, build_policy, args, args.model)
     task = DPOTask(args, pad_id=tok.eos_id)
     # The reference is the model as it starts: for full fine-tuning the SFT
     # weights, with --adapter base + SFT adapter (the adapter itself trains on,
@@ -1126,8 +1423,8 @@ def main(argv=None):
     try:
         args.func(args)
     except (TuluError, OSError) as e:  # OSError: a missing file, an --output that is a file, a full disk...
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-        print(f"tulu {args.command}: error: {msg}", file=sys.stderr)
+        if not isinstance(e, RankError) or args.dist.main:  # every rank has it: rank 0 says it
+            print(f"tulu {args.command}: error: {error_text(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # outside the training loop, which saves a checkpoint itself
         print(f"\ntulu {args.command}: interrupted", file=sys.stderr)
@@ -1135,4 +1432,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)
