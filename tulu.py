@@ -818,7 +818,7 @@ def data_parallel(args, model):
     adapters' gradients over the ranks in the backward of a step's last micro-batch, in
     its buckets (the gradients are views of them: no second copy). The frozen (NF4) base
     is read by every rank and never sent; rank 0's adapters are (DDP's init_sync would
-    send the base too, and forward_sync_buffers its NF4 buffers)."""
+    send the base too, and broadcast_buffers its NF4 buffers)."""
     d = dist_of(args)
     if d.world == 1:
         return model
@@ -832,7 +832,7 @@ def data_parallel(args, model):
             torch.distributed.broadcast(p.detach(), src=0)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, init_sync=False,
-        forward_sync_buffers=False, gradient_as_bucket_view=True)
+        broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def grad_sync(model, last: bool):
