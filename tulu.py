@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
+import hashlib
 import html
 import json
 import math
@@ -24,6 +26,7 @@ import pathlib
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -224,7 +227,7 @@ TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
 PRETRAIN = dict(command="pretrain", method="full", lr=2e-3, max_steps=500, epochs=0, batch_size=16, grad_accum=1,
                 warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8,
-                seed=0, resume=None, save_every=0,
+                seed=0, resume=None, save_every=0, save_minutes=0,
                 device="cpu", dtype=torch.float32)
 
 
@@ -567,37 +570,194 @@ def rng_state():
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+PIECE = 1 << 16  # bytes of each piece a large file's fingerprint reads
+
+
+@functools.lru_cache(maxsize=None)
+def file_digest(path, size, mtime_ns, sampled) -> str:
+    """sha256 of a file's bytes, or with `sampled`, of 16 pieces of 64 KiB spread
+    evenly over it: a 140 GB model is told from another in a second (a fine-tuned
+    weight differs in every piece). size and mtime_ns make the cache forget a changed file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if not sampled or size <= 16 * PIECE:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for i in range(16):
+                f.seek((size - PIECE) * i // 15)
+                h.update(f.read(PIECE))
+    return h.hexdigest()
+
+
+def fingerprint(path) -> dict:
+    """What a run read, by content: a data file whole (its size and sha256); a model or
+    adapter folder by its configs, tokenizer and weights, large files sampled."""
+    digest = lambda p, sampled: file_digest(p, os.path.getsize(p), os.stat(p).st_mtime_ns, sampled)
+    if os.path.isfile(path):
+        return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest(path, False)[:12]}
+    names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".safetensors", ".bin", ".model"))
+                   and n != FINISHED and os.path.isfile(os.path.join(path, n)))
+    h = hashlib.sha256("".join(f"{n} {digest(os.path.join(path, n), True)}\n" for n in names).encode())
+    return {"path": os.path.abspath(path), "sha256": h.hexdigest()[:12]}
+
+
+def run_record(args, examples=None, total=None) -> dict:
+    """What a resumed run must share with its checkpoint to continue the same loss curve:
+    the recipe, the global batch, and the model, adapter and data by content (a folder
+    that moved is the same; a file changed in place is not). examples and total are
+    known once the data is read; before that (check_resume) the rest is compared."""
+    keys = ["command", "method", "lr", "warmup_ratio", "seed", "max_seq_length", "max_grad_norm", "weight_decay",
+            "adam_eps", "beta", "loss", "label_smoothing"]
+    if args.method != "full":  # an --adapter brings its own rank and alpha
+        keys += ["lora_dropout"] + ([] if getattr(args, "adapter", None) else ["lora_r", "lora_alpha"])
+    run = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    run.update(global_batch=args.batch_size * args.grad_accum * dist_of(args).world, adam_betas=list(args.adam_betas))
+    run.update({k: fingerprint(getattr(args, k)) for k in ("model", "adapter", "data") if getattr(args, k, None)})
+    return run if examples is None else {**run, "total_steps": total, "examples": examples}
+
+
+def differences(saved: dict, run: dict) -> str:
+    """'key: then -> now; ...' for each setting of `run` that the checkpoint recorded
+    otherwise (settings it does not record, written by an older tulu, are not compared).
+    Files are compared by content, and named by path and hash."""
+    show = lambda v: (f"{v['path']} ({v['bytes']} bytes, sha256 {v['sha256']})" if "bytes" in v else
+                      f"{v['path']} (sha256 {v['sha256']})") if isinstance(v, dict) else v
+    same = lambda a, b: a.get("sha256") == b.get("sha256") if isinstance(a, dict) and isinstance(b, dict) else a == b
+    return "; ".join(f"{k}: {show(saved[k])} -> {show(v)}" for k, v in run.items()
+                     if k in saved and not same(saved[k], v))
+
+
+# On disk, out/checkpoint/ is whole whenever a kill comes. save_checkpoint writes
+# out/checkpoint.tmp/, its trainer_state.json last, then settle_checkpoint makes the
+# newest whole one out/checkpoint/ and removes the rest; a folder without
+# trainer_state.json is never read. A kill while the new one is written leaves the old
+# one; once it is written, the new one, under either name (the next save or --resume
+# settles them). A finished run leaves finished.json instead.
+
+CHECKPOINT, FINISHED, STATE = "checkpoint", "finished.json", "trainer_state.json"
+
+
+def read_state(path):
+    """The JSON object in `path`, or None where there is none (or half of one)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def discard(folder):
+    """Remove a checkpoint folder, its trainer_state.json first: a kill halfway leaves a
+    folder that is never taken for a whole checkpoint."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, STATE))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def settle_checkpoint(root) -> str | None:
+    """Make root/checkpoint the newest whole checkpoint among what save_checkpoint may
+    leave (checkpoint, checkpoint.tmp*, and earlier versions' checkpoint.old*), remove
+    the others, and return its path (None: there is none). The newest is only ever
+    renamed, so a kill during this leaves it findable too. Beside finished.json, every
+    checkpoint is one that a kill during finish_run left: it goes."""
+    final = os.path.join(root, CHECKPOINT)
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else [])
+             if n == CHECKPOINT or n.startswith((CHECKPOINT + ".tmp", CHECKPOINT + ".old"))]
+    found = sorted(((read_state(os.path.join(root, n, STATE)) or {}).get("step", -1), n != CHECKPOINT, n)
+                   for n in names)  # the newest last; at equal steps a new one over checkpoint/
+    if not found or found[-1][0] < 0 or os.path.exists(os.path.join(root, FINISHED)):
+        for n in names:
+            discard(os.path.join(root, n))
+        return None
+    best = os.path.join(root, found[-1][2])
+    if best != final:
+        discard(final)
+        os.replace(best, final)
+        sync(root)
+    for _, _, n in found[:-1]:
+        if n != CHECKPOINT:
+            discard(os.path.join(root, n))
+    return final
+
+
+def sync(path):
+    """Flush a file's or a folder's entries to disk, so that a machine that crashes (not
+    only a killed process) still has whole checkpoints."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(out, step, model, opt, rng, run):
     """out/checkpoint/: trainable weights, optimiser state and RNG after `step`
-    completed steps. Written beside the old one and swapped in by rename."""
+    completed steps, written beside the old one and swapped in by rename."""
     from safetensors.torch import save_file
     weights = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
     optimizer = gathered(opt.state_dict())
     if not rank0():
         return  # under torchrun every rank helps gather FSDP's shards; rank 0 writes
     check_finite_weights(weights.items(), "checkpoint")
-    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
+    tmp = os.path.join(out, CHECKPOINT + ".tmp")
+    discard(tmp)  # a save that a kill cut short
+    os.makedirs(tmp)
     save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
     tensors = {}
     skeleton = pack({"optimizer": optimizer, "rng": rng}, tensors)
     save_file(tensors, os.path.join(tmp, "state.safetensors"))
-    write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "run": run, "state": skeleton})
-    old = f"{final}.old{os.getpid()}"
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(tmp):
+        sync(os.path.join(tmp, name))
+    write_json(os.path.join(tmp, STATE), {"step": step, "run": run, "state": skeleton})  # last: now it is whole
+    sync(os.path.join(tmp, STATE))
+    settle_checkpoint(out)
+
+
+def resume_root(args) -> str:
+    """The output folder a run resumes from (--resume names it or its checkpoint/), else --output."""
+    path = os.path.normpath(args.resume or args.output)
+    return os.path.dirname(path) if os.path.basename(path) == CHECKPOINT else path
+
+
+def check_resume(args, root):
+    """Before the model loads. --resume of a finished run: say so, exit 0, retrain
+    nothing; of a run made with other settings, or of nothing: a one-line error. A new
+    run refuses an --output holding an unfinished run's checkpoint, the work it would lose."""
+    finished, state = read_state(os.path.join(root, FINISHED)), read_state(os.path.join(root, CHECKPOINT, STATE))
+    ckpt = os.path.join(root, CHECKPOINT)
+    if not args.resume:
+        if state and not finished:
+            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step {state['step']}): "
+                            f"continue it with --resume {args.output}, or choose another --output")
+        return
+    if finished:
+        changed = differences(finished["run"], run_record(args))
+        if changed:
+            raise TuluError(f"{os.path.join(root, FINISHED)}: that run finished, with other settings ({changed}); "
+                            f"start a new run with another --output")
+        if dist_of(args).main:
+            print(f"{root}: the run finished all {finished['step']} steps ({FINISHED}): nothing to resume")
+        sys.exit(0)
+    if not state:
+        raise TuluError(f"{args.resume}: no checkpoint to resume from ({CHECKPOINT}/{STATE} missing)")
+    changed = differences(state["run"], run_record(args))
+    if changed:
+        raise TuluError(f"{ckpt}: the checkpoint was made with other settings ({changed})")
 
 
 def load_checkpoint(path, model, opt, run) -> int:
     """Restore what save_checkpoint wrote; returns the number of completed steps.
-    `run` (method, schedule, batch, seed) must be the one the checkpoint was made
-    with, or the resumed run would not continue the same curve."""
+    `run` (run_record) must be the one the checkpoint was made with, or the resumed run
+    would not continue the same curve."""
     from safetensors.torch import load_file
-    ckpt = path if os.path.exists(os.path.join(path, "trainer_state.json")) else os.path.join(path, "checkpoint")
-    if not os.path.exists(os.path.join(ckpt, "trainer_state.json")):
-        raise TuluError(f"{path}: no checkpoint to resume from (trainer_state.json missing)")
+    ckpt = path if os.path.exists(os.path.join(path, STATE)) else os.path.join(path, CHECKPOINT)
+    meta = read_state(os.path.join(ckpt, STATE))
+    if meta is None:
+        raise TuluError(f"{path}: no checkpoint to resume from ({STATE} missing)")
+    changed = differences(meta["run"], run)
+    if changed:
+        raise TuluError(f"{ckpt}: the checkpoint was made with other settings ({changed})")
     weights = load_file(os.path.join(ckpt, "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if weights.keys() != params.keys():
@@ -605,11 +765,6 @@ def load_checkpoint(path, model, opt, run) -> int:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(placed(weights[n], p))
-    with open(os.path.join(ckpt, "trainer_state.json")) as f:
-        meta = json.load(f)
-    changed = [f"{k}: {meta['run'].get(k)} -> {v}" for k, v in run.items() if meta["run"].get(k) != v]
-    if changed:
-        raise TuluError(f"{ckpt}: the checkpoint was made with other settings ({'; '.join(changed)})")
     state = unpack(meta["state"], load_file(os.path.join(ckpt, "state.safetensors")))
     opt.load_state_dict(placed_state(state["optimizer"], opt))
     torch.set_rng_state(state["rng"]["cpu"])
@@ -619,15 +774,30 @@ def load_checkpoint(path, model, opt, run) -> int:
     return meta["step"]
 
 
+def finish_run(out, step, run):
+    """After the outputs are written: finished.json records the run, then its checkpoint
+    goes (a kill between the two leaves both: settle_checkpoint removes it)."""
+    write_json(os.path.join(out, FINISHED), {"step": step, "run": run})
+    discard(os.path.join(out, CHECKPOINT))
+
+
+def forget_finished(out):
+    """A run starts writing to `out`: an earlier run's finished.json there goes, so that
+    --resume never takes one run for the other."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, FINISHED))
+
+
 class MetricsLog:
-    """metrics.jsonl, one JSON object per step; on resume, later lines are dropped."""
+    """metrics.jsonl, one JSON object per step; on resume, later lines are dropped, and
+    so is a last line that a kill cut short (it has no newline)."""
 
     def __init__(self, out, start_step):
         self.path = os.path.join(out, "metrics.jsonl")
         rows = []
         if start_step and os.path.exists(self.path):
             with open(self.path) as f:
-                rows = [r for r in map(json.loads, f) if r["step"] <= start_step]
+                rows = [r for r in (json.loads(line) for line in f if line.endswith("\n")) if r["step"] <= start_step]
         self.rows = rows
         atomic_write(self.path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
@@ -877,16 +1047,18 @@ def all_sum(d: Dist, *values) -> list:
     return t.tolist()
 
 
-def next_step(d: Dist, seed: int, step: int) -> bool:
-    """Before each step under torchrun: True on every rank if any rank was asked to stop,
-    so that all stop after the same step. Dropout is reseeded from (seed, step, rank):
-    ranks draw different masks, and a resumed run the same, with no per-rank RNG saved."""
+def next_step(d: Dist, seed: int, step: int, save: bool) -> tuple[bool, bool]:
+    """Before each step: (stop, save), each True on every rank if it is on any: a rank
+    asked to stop (Ctrl-C, SIGTERM) or due a checkpoint (--save-minutes reads each rank's
+    clock), so that all stop, or save, after the same step; one all-reduce. Under
+    torchrun dropout is reseeded from (seed, step, rank): ranks draw different masks, and
+    a resumed run the same, with no per-rank RNG saved."""
     if d.world == 1:
-        return False
+        return d.stop, save
     torch.manual_seed(hash((seed, step, d.rank)))
-    flag = torch.tensor([float(d.stop)], device=d.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
+    flags = torch.tensor([float(d.stop), float(save)], device=d.device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return flags[0].item() > 0, flags[1].item() > 0
 
 
 def whole(t):
@@ -986,9 +1158,51 @@ def train_step(args, model, opt, params, batches, task):
             **{k: v / denom for k, v in zip(sums, totals)}}
 
 
-def train(args, model, examples, task, out):
+@contextlib.contextmanager
+def stop_signals(d: Dist):
+    """While one process trains, Ctrl-C and SIGTERM (a scheduler's preemption, `scancel`)
+    only raise d.stop: the loop stops after the step in progress, as torchrun's ranks do
+    (setup_distributed), never inside an optimiser step. A second Ctrl-C stops at once."""
+    if d.world > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(sig, frame):
+        if d.stop and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        d.stop = True
+        os.write(2, f"\n{signal.Signals(sig).name}: stopping after this step "
+                    f"(Ctrl-C again: at once, without saving)\n".encode())
+    d.stop = False
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        d.stop = False
+
+
+def save_due(args, done, start, since) -> bool:
+    """A periodic checkpoint before the next step: every --save-every steps, and when
+    --save-minutes have passed since the last one (or the start)."""
+    steps = args.save_every and done % args.save_every == 0
+    minutes = args.save_minutes and time.monotonic() - since >= 60 * args.save_minutes
+    return done > start and bool(steps or minutes)
+
+
+def stop_now(bar, d: Dist, out, done):
+    bar.close()
+    if d.main:
+        print(f"\ninterrupted: {done} steps are saved in {out}/{CHECKPOINT}; continue with --resume {out}",
+              file=sys.stderr)
+    sys.exit(130)
+
+
+def train(args, model, examples, task, out, save=None):
     """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient
-    accumulation, clipping; tqdm, metrics.jsonl, checkpoints, Ctrl-C and --resume."""
+    accumulation, clipping; tqdm, metrics.jsonl, periodic checkpoints, Ctrl-C, SIGTERM and
+    --resume. save() writes the outputs after the last step; then finish_run."""
     d = dist_of(args)
     E = args.batch_size * args.grad_accum * d.world  # the global batch
     steps_per_epoch = math.ceil(len(examples) / E)
@@ -996,48 +1210,59 @@ def train(args, model, examples, task, out):
     warmup = int(total * args.warmup_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
-    run = {k: getattr(args, k) for k in ("method", "lr", "warmup_ratio", "seed")}
-    run.update(global_batch=E, adam_betas=list(args.adam_betas), adam_eps=args.adam_eps, total_steps=total,
-               examples=len(examples))
+    run = run_record(args, len(examples), total)
     start = together(d, load_checkpoint, args.resume, model, opt, run) if args.resume else 0
+    if d.main:
+        forget_finished(out)
     log = MetricsLog(out, start) if d.main else MemoryLog()
     net = data_parallel(args, model)
     title = f"tulu {args.command} --method {args.method}: {os.path.basename(os.path.normpath(args.model if hasattr(args, 'model') else out))}"
     model.train()
-    rng, done = rng_state(), start
-    bar = tqdm(range(start, total), initial=start, total=total, desc=args.command, dynamic_ncols=True)
-    try:
-        for step in bar:
-            if next_step(d, args.seed, step):  # every rank stops after the same step
-                raise KeyboardInterrupt
-            lr = args.lr * linear_schedule(step, warmup, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            t0 = time.time()
-            idx = step_batches(len(examples), step, steps_per_epoch, args.batch_size, args.grad_accum * d.world,
-                               args.seed)  # one process's micro-batches with the same global batch
-            row = train_step(args, net, opt, params, rank_batches(idx, examples, task, d), task)
-            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr, **row,
-                   "tokens_per_s": round(row["tokens"] / (time.time() - t0), 1)}
-            log.log(row)
-            stop_if_diverged(row, args, out, log, title)
-            rng, done = rng_state(), step + 1
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if args.save_every and done % args.save_every == 0 and done < total:
-                save_checkpoint(out, done, model, opt, rng, run)
-                log.plot(title)
-    except KeyboardInterrupt:
-        bar.close()
-        opt.zero_grad(set_to_none=True)
+    rng, done, saved, since = rng_state(), start, start if args.resume else None, time.monotonic()
+
+    def checkpoint():
+        nonlocal saved, since
         save_checkpoint(out, done, model, opt, rng, run)
         log.plot(title)
-        if d.main:
-            print(f"\ninterrupted: {done} steps are saved in {out}/checkpoint; continue with --resume {out}",
-                  file=sys.stderr)
-        sys.exit(130)
-    bar.close()
-    log.plot(title)
-    model.eval()
+        saved, since = done, time.monotonic()
+    bar = tqdm(range(start, total), initial=start, total=total, desc=args.command, dynamic_ncols=True)
+    with stop_signals(d):
+        try:
+            for step in bar:
+                stop, due = next_step(d, args.seed, step, save_due(args, done, start, since))  # the same on every rank
+                if due and saved != done:
+                    checkpoint()
+                    stop = next_step(d, args.seed, step, False)[0]  # a SIGTERM during the save: no step more
+                if stop:
+                    if saved != done:
+                        checkpoint()
+                    stop_now(bar, d, out, done)
+                lr = args.lr * linear_schedule(step, warmup, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                t0 = time.time()
+                idx = step_batches(len(examples), step, steps_per_epoch, args.batch_size, args.grad_accum * d.world,
+                                   args.seed)  # one process's micro-batches with the same global batch
+                row = train_step(args, net, opt, params, rank_batches(idx, examples, task, d), task)
+                row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr, **row,
+                       "tokens_per_s": round(row["tokens"] / (time.time() - t0), 1)}
+                log.log(row)
+                stop_if_diverged(row, args, out, log, title)
+                rng, done = rng_state(), step + 1
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        except KeyboardInterrupt:  # a second Ctrl-C, maybe inside an optimiser step: nothing more is saved
+            bar.close()
+            kept = (f"the checkpoint of step {saved} stays; continue with --resume {out}" if saved is not None
+                    else "no checkpoint was written")
+            print(f"\nstopped at once: {kept}", file=sys.stderr)
+            sys.exit(130)
+        bar.close()
+        log.plot(title)
+        model.eval()
+        if save is not None:  # still under stop_signals: a SIGTERM now waits for whole outputs
+            save()
+            if d.main:
+                finish_run(out, total, run)
     return log.rows
 
 
@@ -1107,6 +1332,9 @@ def start_run(args, default_model, default_data):
     print_config(args)
     together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
     check_output(args.output, args.model, getattr(args, "adapter", None))
+    root = resume_root(args)
+    rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: its newest whole checkpoint
+    together(args.dist, check_resume, args, root)  # before the model loads
     torch.manual_seed(args.seed)
     return demo, together(args.dist, lambda m: check_vocab(Tokenizer(m), m), args.model)
 
@@ -1118,8 +1346,8 @@ def cmd_sft(args):
     warn_beyond_context(args, examples)
     model = together(args.dist, build_policy, args, args.model)
     os.makedirs(args.output, exist_ok=True)
-    train(args, model, examples, SFTTask(pad_id=tok.eos_id), args.output)
-    save_outputs(args, model, args.model, args.output)
+    train(args, model, examples, SFTTask(pad_id=tok.eos_id), args.output,
+          save=lambda: save_outputs(args, model, args.model, args.output))
     if demo:
         show_answers(model, tok, os.path.join(DATA, "sft_heldout.jsonl"), args.device)
 
@@ -1168,8 +1396,7 @@ def cmd_dpo(args):
         held = cache_reference(model, held, task, args) if cached else held
         before = heldout_preferences(model, held, task, args)
     os.makedirs(args.output, exist_ok=True)
-    train(args, model, pairs, task, args.output)
-    save_outputs(args, model, args.model, args.output)
+    train(args, model, pairs, task, args.output, save=lambda: save_outputs(args, model, args.model, args.output))
     if demo:
         after = heldout_preferences(model, held, task, args)
         print(f"held-out pairs ({heldout}): rewards/accuracy {before['rewards/accuracy']:.2f} -> "
@@ -1363,8 +1590,15 @@ def training_flags(p, command):
                                                       "0 for dpo so that policy = reference at step 0, as TRL)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (QLoRA)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42, open-instruct's)")
-    p.add_argument("--save-every", type=count, default=0, help="checkpoint every N steps (default 0: only on Ctrl-C)")
-    p.add_argument("--resume", help="continue from the checkpoint in this output folder")
+    p.add_argument("--save-every", type=count, default=0, help="also checkpoint every N steps (default 0: by time "
+                   "only, --save-minutes)")
+    p.add_argument("--save-minutes", type=float, default=30.0, help=(
+        "checkpoint when this many minutes have passed since the last checkpoint (default %(default)g: a crash or "
+        "SIGKILL loses at most that much, while writing a checkpoint, seconds for an adapter and about a minute "
+        "for a 7B full fine-tune's weights and AdamW state, costs a few percent of the time; the demo ends "
+        "sooner; 0: off). Ctrl-C and SIGTERM always checkpoint, after the step in progress"))
+    p.add_argument("--resume", help="continue the run in this output folder from its checkpoint, with the same "
+                                    "settings, model and data; a finished run exits at once")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights/compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU)")

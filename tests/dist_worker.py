@@ -1,8 +1,11 @@
-"""What tests/test_distributed.py starts under torchrun: tulu's command line, with a
-fault that the test asks for through the environment, on the rank TULU_TEST_RANK only:
+"""What tests/test_distributed.py starts under torchrun, and tests/test_resume.py as one
+process: tulu's command line, with a fault that the test asks for through the
+environment, on the rank TULU_TEST_RANK only (without torchrun: the one process):
 
     TULU_TEST_SIGTERM_AT=N    the rank sends itself SIGTERM during its N-th micro-batch,
                               as a scheduler's signal may reach one rank before the others
+    TULU_TEST_SIGKILL_AT=N    the same with SIGKILL: the process ends there, as when the
+                              machine is lost or a scheduler's grace period runs out
     TULU_TEST_NO_DATA=1       the rank's --data names a file that does not exist, as on a
                               node that lacks it
 """
@@ -14,16 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tulu  # noqa: E402
 
-if os.environ.get("RANK") == os.environ.get("TULU_TEST_RANK"):
-    if os.environ.get("TULU_TEST_SIGTERM_AT"):
-        calls, at = [], int(os.environ["TULU_TEST_SIGTERM_AT"])
-        for task in (tulu.SFTTask, tulu.DPOTask):
-            def loss(self, *a, _loss=task.loss, **kw):
-                calls.append(1)
-                if len(calls) == at:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return _loss(self, *a, **kw)
-            task.loss = loss
+if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
+    for var, sig in (("TULU_TEST_SIGTERM_AT", signal.SIGTERM), ("TULU_TEST_SIGKILL_AT", signal.SIGKILL)):
+        if os.environ.get(var):
+            calls, at = [], int(os.environ[var])
+            for task in (tulu.SFTTask, tulu.DPOTask):
+                def loss(self, *a, _loss=task.loss, _sig=sig, **kw):
+                    calls.append(1)
+                    if len(calls) == at:
+                        os.kill(os.getpid(), _sig)
+                    return _loss(self, *a, **kw)
+                task.loss = loss
     if os.environ.get("TULU_TEST_NO_DATA"):
         argv = sys.argv[1:]
         argv[argv.index("--data") + 1] += ".missing"

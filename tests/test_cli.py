@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -294,7 +295,8 @@ def test_sft_micro_batches_give_the_same_step(tmp_path, sft_data, method):
 
 
 # -----------------------------------------------------------------------------
-# Ctrl-C and --resume: the resumed run continues the uninterrupted one
+# Ctrl-C and --resume: the resumed run continues the uninterrupted one (SIGTERM, SIGKILL
+# and kills during a checkpoint's write: tests/test_resume.py)
 
 
 def resume_flags(sft_data, method, out):
@@ -304,14 +306,15 @@ def resume_flags(sft_data, method, out):
 
 
 def interrupt_at_call(monkeypatch, n, task=tulu.SFTTask):
-    """Ctrl-C during the n-th micro-batch loss (after earlier micro-batches of
-    the same step ran forward, backward and dropout)."""
-    loss, calls = task.loss, []
+    """Ctrl-C (a real SIGINT) during the n-th micro-batch loss (n: a number or several), after
+    earlier micro-batches of the same step ran forward, backward and dropout: that step
+    completes, then the run stops."""
+    loss, calls, at = task.loss, [], {n} if isinstance(n, int) else set(n)
 
     def wrapper(self, *a, **kw):
         calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
+        if len(calls) in at:
+            os.kill(os.getpid(), signal.SIGINT)
         return loss(self, *a, **kw)
     monkeypatch.setattr(task, "loss", wrapper)
 
@@ -332,25 +335,36 @@ def test_sft_interrupt_and_resume_continue_the_same_run(tmp_path, monkeypatch, c
             cli(*resume_flags(sft_data, method, out))
     assert e.value.code == 130
     assert f"--resume {out}" in capsys.readouterr().err
-    assert checkpoint_step(out) == 3
-    assert_close_losses(metrics(out), metrics(full)[:3], atol=1e-5)
+    assert checkpoint_step(out) == 4  # step 4 completed
+    assert_close_losses(metrics(out), metrics(full)[:4], atol=1e-5)
     cli(*resume_flags(sft_data, method, out), "--resume", out)
     assert_close_losses(metrics(out), metrics(full), atol=1e-5)
     assert_close_tensors(trained_tensors(out), trained_tensors(full), atol=1e-5)
+    assert not os.path.exists(out / "checkpoint")  # finished: finished.json instead
 
 
-def test_sft_save_every_writes_a_checkpoint_resume_accepts(tmp_path, monkeypatch, sft_data):
-    full = tmp_path / "uninterrupted"
-    cli(*resume_flags(sft_data, "qlora", full))
+def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys, sft_data):
+    """A second Ctrl-C (here during step 5's second micro-batch, after the first asked to stop
+    after that step) stops at once: the step in progress is not saved, the periodic
+    checkpoint of step 4 stays, and --resume continues from it."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, (2 * 4 + 1, 2 * 4 + 2))
+        with pytest.raises(SystemExit) as e:
+            cli(*resume_flags(sft_data, "qlora", out), "--save-every", 2)
+    assert e.value.code == 130 and "stopped at once: the checkpoint of step 4 stays" in capsys.readouterr().err
+    assert checkpoint_step(out) == 4
+
+
+def test_sft_save_every_checkpoints_and_a_finished_run_removes_it(tmp_path, monkeypatch, sft_data):
+    saved, save = [], tulu.save_checkpoint
+    monkeypatch.setattr(tulu, "save_checkpoint", lambda out, step, *a: saved.append(step) or save(out, step, *a))
     out = tmp_path / "saved"
     cli(*resume_flags(sft_data, "qlora", out), "--save-every", 2)
-    assert checkpoint_step(out) == 4  # steps 2 and 4; not after the last step, which writes the adapter
-    steps, train_step = [], tulu.train_step
-    monkeypatch.setattr(tulu, "train_step", lambda *a: steps.append(1) or train_step(*a))
-    cli(*resume_flags(sft_data, "qlora", out), "--resume", out)
-    assert len(steps) == 2  # steps 5 and 6 only
-    assert_close_losses(metrics(out), metrics(full), atol=1e-5)
-    assert_close_tensors(trained_tensors(out), trained_tensors(full), atol=1e-5)
+    assert saved == [2, 4]  # not after the last step, which writes the adapter
+    assert not os.path.exists(out / "checkpoint") and os.path.exists(out / ADAPTER_FILES[1])
+    with open(out / "finished.json") as f:
+        assert json.load(f)["step"] == 6
 
 
 def test_sft_epochs_set_the_number_of_steps(tmp_path, sft_data):
@@ -522,7 +536,9 @@ def resume_without_checkpoint(t):
 def resume_with_another_method(t):
     data, out = sft_file(t, GOOD), str(t / "run")
     cli("sft", *sft_argv(data), "--method", "qlora", "--lora-r", 8, "--max-steps", 2, "--save-every", 1, "--output", out)
-    return sft_argv(data) + ["--method", "full", "--resume", out, "--output", out], [os.path.join(out, "checkpoint")]
+    # the run finished: its settings are in finished.json (a checkpoint's: tests/test_resume.py)
+    return (sft_argv(data) + ["--method", "full", "--resume", out, "--output", out],
+            [os.path.join(out, "finished.json"), "method: qlora -> full"])
 
 
 @error_case("sft")
@@ -535,7 +551,8 @@ def output_is_a_file(t):
 def resume_with_other_adam_betas(t):
     data, out = sft_file(t, GOOD), str(t / "run")
     cli("sft", *sft_argv(data), "--lora-r", 8, "--max-steps", 2, "--save-every", 1, "--output", out)
-    return sft_argv(data) + ["--lora-r", 8, "--resume", out, "--adam-betas", 0.9, 0.95], ["adam_betas"]
+    return (sft_argv(data) + ["--lora-r", 8, "--resume", out, "--adam-betas", 0.9, 0.95],
+            ["adam_betas: [0.9, 0.999] -> [0.9, 0.95]"])
 
 
 def prefs_file(t, *rows):
@@ -922,7 +939,7 @@ def test_dpo_interrupt_and_resume_keep_the_cached_reference(tmp_path, monkeypatc
         interrupt_at_call(m, 3, tulu.DPOTask)  # one micro-batch a step: during step 3
         with pytest.raises(SystemExit) as e:
             cli(*dpo_flags(prefs_data, "full", out, steps=4))
-    assert e.value.code == 130 and checkpoint_step(out) == 2
+    assert e.value.code == 130 and checkpoint_step(out) == 3
     cli(*dpo_flags(prefs_data, "full", out, steps=4), "--resume", out)
     assert_close_losses(metrics(out), metrics(full), atol=1e-5)
     assert_close_tensors(trained_tensors(out), trained_tensors(full), atol=1e-5)

@@ -15,6 +15,7 @@ tests/dist_worker.py, which runs tulu's command line and can inject a fault on o
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -194,13 +195,18 @@ def test_a_rank_without_its_data_ends_every_rank_with_one_line(tmp_path, data):
     assert no_traceback(p), p.stderr
 
 
-def test_resume_with_another_global_batch_is_one_line(tmp_path, data):
-    """A checkpoint of one process with batch 2 x 1; two ranks with the same flags make a
-    global batch of 4: a different run, refused by every rank alike."""
+def test_resume_with_another_global_batch_is_one_line(tmp_path, data, monkeypatch):
+    """A checkpoint of one process with batch 2 x 1 (stopped by SIGTERM after step 2 of 4);
+    two ranks with the same flags make a global batch of 4: a different run, refused by
+    every rank alike."""
     out = tmp_path / "out"
     flags = ["sft", *SMALL, "--data", data / "sft.jsonl", "--method", "qlora", "--max-steps", 4,
              "--grad-accum", 1]
-    one_process(*flags, "--save-every", 2, "--output", out)
+    loss, calls = tulu.SFTTask.loss, []
+    monkeypatch.setattr(tulu.SFTTask, "loss", lambda *a: (calls.append(1), len(calls) == 2 and os.kill(
+        os.getpid(), signal.SIGTERM), loss(*a))[-1])
+    with pytest.raises(SystemExit):
+        one_process(*flags, "--output", out)
     p = torchrun(*flags, "--resume", out)
     assert error_lines(p, "sft") == [f"tulu sft: error: {out}/checkpoint: the checkpoint was made with other "
                                      "settings (global_batch: 2 -> 4)"], p.stderr
