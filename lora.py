@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 from contextlib import contextmanager
 
 import torch
@@ -27,6 +29,7 @@ from nf4 import Linear4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"  # PEFT's weights before safetensors, a pickle (read_adapter_file)
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model: its keys gain this prefix
 
 # -----------------------------------------------------------------------------
@@ -179,27 +182,52 @@ def read_adapter_config(adapter_dir: str) -> dict:
     return cfg
 
 
-def read_adapter_weights(adapter_dir: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{layer name: {"lora_A": (R, D), "lora_B": (O, R)}} from PEFT's keys, with or
-    without the adapter name some versions kept (q_proj.lora_A.default.weight)."""
-    from safetensors import SafetensorError, safe_open
-    path, out = os.path.join(adapter_dir, ADAPTER_WEIGHTS), {}
-    if not os.path.exists(path) and os.path.exists(os.path.join(adapter_dir, "adapter_model.bin")):
-        raise TuluError(f"{adapter_dir}/adapter_model.bin: tulu reads safetensors only, never pickles; convert it once "
-                        "(if you trust it) with safetensors.torch.save_file(torch.load(bin), 'adapter_model.safetensors')")
+def read_weights_only(path: str) -> dict[str, torch.Tensor]:
+    """A pickled {name: tensor} file (PyTorch's .bin) read by torch.load(weights_only=True),
+    PyTorch's restricted unpickler: it builds tensors and plain containers and refuses
+    every other object a pickle names before calling it, so a file that would run code
+    is refused and none of its code runs."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the pickle names a function or class: code it would run
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        raise TuluError(f"{path}: refused: its pickle would call {what[1] if what else 'code'}, not only build "
+                        f"tensors (tulu reads .bin files with torch.load(weights_only=True))") from None
+    except Exception as e:  # a truncated or foreign file: torch raises what its reader met
+        raise TuluError(f"{path}: not a readable PyTorch file ({type(e).__name__})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in tensors.items()):
+        raise TuluError(f"{path}: holds no {{name: tensor}} dictionary")
+    return tensors
+
+
+def read_adapter_file(adapter_dir: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(the file read, its tensors by PEFT key): adapter_model.safetensors, or else
+    adapter_model.bin, the pickle PEFT wrote before safetensors (PEFT <= 0.5 wrote the
+    released Tulu 2 QLoRA adapters so), read with read_weights_only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path, bin_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_BIN)
+    if not os.path.exists(path) and os.path.exists(bin_path):
+        return bin_path, read_weights_only(bin_path)
     if not os.path.exists(path):
         raise TuluError(f"{path}: not found")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = key.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight")
-                layer, _, ab = name.removesuffix(".weight").rpartition(".")
-                if ab not in ("lora_A", "lora_B") or not name.endswith(".weight"):
-                    raise TuluError(f"{path}: tensor {key} is not a LoRA weight (lora_A/lora_B); not supported")
-                out.setdefault(layer, {})[ab] = f.get_tensor(key)
+        return path, load_file(path)
     except SafetensorError as e:
         raise TuluError(f"{path}: not a readable safetensors file ({e})") from None
-    return out
+
+
+def read_adapter_weights(adapter_dir: str) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """(the file read, {layer name: {"lora_A": (R, D), "lora_B": (O, R)}}) from PEFT's keys,
+    with or without the adapter name some versions kept (q_proj.lora_A.default.weight)."""
+    (path, tensors), out = read_adapter_file(adapter_dir), {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight")
+        layer, _, ab = name.removesuffix(".weight").rpartition(".")
+        if ab not in ("lora_A", "lora_B") or not name.endswith(".weight"):
+            raise TuluError(f"{path}: tensor {key} is not a LoRA weight (lora_A/lora_B); not supported")
+        out.setdefault(layer, {})[ab] = t
+    return path, out
 
 
 def check_adapter(path, model, cfg, weights):
@@ -230,8 +258,8 @@ def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False, dr
     ones) into `model`, adding LoRALinear layers where it has none yet. The base
     stays frozen, and so do A and B unless `trainable`. dropout=None takes
     lora_dropout from the config. Returns the config."""
-    cfg, weights = read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir)
-    check_adapter(os.path.join(adapter_dir, ADAPTER_WEIGHTS), model, cfg, weights)
+    cfg, (path, weights) = read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir)
+    check_adapter(path, model, cfg, weights)
     p = (cfg.get("lora_dropout") or 0.0) if dropout is None else dropout
     model.requires_grad_(False)
     with torch.no_grad():

@@ -448,6 +448,39 @@ def make_lora():
 
 
 # -----------------------------------------------------------------------------
+# lora.py: an adapter as PEFT wrote them before safetensors (PEFT <= 0.5, the released
+# Tulu 2 QLoRA adapters): save_pretrained(safe_serialization=False) pickles the weights
+# to adapter_model.bin. (reads tests/fixtures/llama/gqa: run the llama area first)
+
+PEFT_BIN_SEED = 3  # for PEFT's init of A and our randomized B: another adapter than make_lora's
+
+
+@area
+def make_peft_bin():
+    from peft import LoraConfig, get_peft_model
+    import llama
+    import lora
+    out = fresh_dir("peft_bin")
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(PEFT_BIN_SEED))
+    torch.manual_seed(PEFT_BIN_SEED)
+    peft = get_peft_model(lora_hf_base(), LoraConfig(**LORA_CONFIG)).eval()
+    lora_randomize_B([p for n, p in peft.named_parameters() if "lora_B" in n], seed=PEFT_BIN_SEED)
+    d = os.path.join(out, "adapter")
+    peft.save_pretrained(d, safe_serialization=False)
+    os.remove(os.path.join(d, "README.md"))  # a model card template
+    lora_sort_target_modules(os.path.join(d, "adapter_config.json"))
+    assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.bin"], os.listdir(d)
+    with torch.no_grad():
+        ref = {"input_ids": ids, "peft_logits": peft(ids).logits}
+    ours = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.float32)
+    lora.load_adapter(ours, d)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), ref["peft_logits"], atol=1e-5, rtol=0), "our .bin load disagrees with PEFT"
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "expected.safetensors"))
+    record_versions(out, "peft", "transformers")
+
+
+# -----------------------------------------------------------------------------
 # tulu.py: the Tulu chat format (open-instruct's encode_with_messages_format)
 # with HF's *slow* sentencepiece LlamaTokenizer, legacy=True and legacy=False.
 #

@@ -841,6 +841,34 @@ def test_loss_svg_draws_a_run_that_diverged():
     assert "non-finite" in "".join(ET.fromstring(tulu.loss_svg(rows[-1:], "at once")).itertext())
 
 
+class Trap:
+    """Unpickled, it creates a folder: the code a booby-trapped pickle runs."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("command", ["merge", "chat"])
+def test_booby_trapped_bin_adapter_as_a_user_sees_it(tmp_path, command):
+    """An adapter whose adapter_model.bin would run code when unpickled (tests/test_lora.py
+    shows that plain unpickling runs it): one line naming the file, exit status 1, no
+    traceback; the code never ran and nothing was written."""
+    marker, adapter, out = tmp_path / "the_trap_ran", tmp_path / "adapter", tmp_path / "merged"
+    adapter.mkdir()
+    shutil.copy(os.path.join(SFT_ADAPTERS["lora"], ADAPTER_FILES[0]), adapter)
+    tensors = load_file(os.path.join(SFT_ADAPTERS["lora"], ADAPTER_FILES[1]))
+    torch.save({**tensors, "trap": Trap(str(marker))}, adapter / "adapter_model.bin")
+    argv = ["--output", out] if command == "merge" else ["--prompt", "Hi"]
+    p = run(command, "--model", HF_TINY, "--adapter", adapter, *argv)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    lines = visible_lines(p.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"tulu {command}: error: {adapter}/adapter_model.bin: refused"), lines
+    assert not marker.exists() and not out.exists()
+
+
 # -----------------------------------------------------------------------------
 # dpo: policy = reference at step 0, and the reference is the right model
 

@@ -263,6 +263,62 @@ def test_load_adapter_key_variants_and_frozen(ref, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# adapter_model.bin, as PEFT wrote adapters before safetensors (the released Tulu 2
+# QLoRA ones): read with torch.load(weights_only=True), which never runs a pickle's code
+
+PEFT_BIN = os.path.join(os.path.dirname(__file__), "fixtures", "peft_bin")
+
+
+def test_load_adapter_bin_gives_peft_logits():
+    """An adapter PEFT saved with safe_serialization=False (make_fixtures: peft_bin) gives
+    PEFT's logits; its tensors are exactly those of the pickle, as plain torch.load reads them."""
+    ref = load_file(os.path.join(PEFT_BIN, "expected.safetensors"))
+    model = with_adapter(os.path.join(PEFT_BIN, "adapter"))
+    torch.testing.assert_close(logits(model, ref["input_ids"]), ref["peft_logits"], atol=1e-4, rtol=0)
+    path, tensors = lora.read_adapter_file(os.path.join(PEFT_BIN, "adapter"))
+    plain = torch.load(path, weights_only=False)  # the fixture is ours: trusted here, never in lora.py
+    assert path.endswith("adapter_model.bin") and tensors.keys() == plain.keys()
+    assert all(torch.equal(tensors[k], plain[k]) for k in plain)
+
+
+class Trap:
+    """Unpickled, it creates a folder: code that a pickle runs."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def booby_trapped_adapter(folder, marker):
+    """A PEFT adapter folder whose adapter_model.bin would run os.mkdir(marker) when unpickled."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(os.path.join(PEFT_BIN, "adapter", lora.ADAPTER_CONFIG), folder)
+    tensors = torch.load(os.path.join(PEFT_BIN, "adapter", lora.ADAPTER_BIN), weights_only=True)
+    torch.save({**tensors, "trap": Trap(str(marker))}, os.path.join(folder, lora.ADAPTER_BIN))
+    return str(folder)
+
+
+def test_booby_trapped_bin_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "the_trap_ran"
+    adapter = booby_trapped_adapter(tmp_path / "adapter", marker)
+    torch.load(os.path.join(adapter, lora.ADAPTER_BIN), weights_only=False)  # the trap is armed: plain unpickling
+    assert marker.is_dir()
+    marker.rmdir()
+    with pytest.raises(TuluError, match=rf"^{adapter}/adapter_model.bin: refused: its pickle would call \S*mkdir"):
+        lora.load_adapter(load_model(GQA, dtype=torch.float32), adapter)
+    assert not marker.exists()
+
+
+def test_bin_without_a_tensor_dict_is_refused(tmp_path):
+    shutil.copy(os.path.join(PEFT_BIN, "adapter", lora.ADAPTER_CONFIG), tmp_path)
+    torch.save([torch.zeros(2)], tmp_path / lora.ADAPTER_BIN)
+    with pytest.raises(TuluError, match="adapter_model.bin: holds no {name: tensor} dictionary"):
+        lora.load_adapter(load_model(GQA, dtype=torch.float32), tmp_path)
+
+
+# -----------------------------------------------------------------------------
 # Errors: one line, naming the file
 
 
@@ -302,8 +358,8 @@ def test_load_adapter_missing_files(tmp_path):
     shutil.copy(os.path.join(PEFT_ADAPTER, lora.ADAPTER_CONFIG), tmp_path)
     with pytest.raises(TuluError, match="adapter_model.safetensors: not found"):
         lora.load_adapter(model, tmp_path)
-    (tmp_path / "adapter_model.bin").write_bytes(b"")  # older PEFT wrote pickles
-    with pytest.raises(TuluError, match="adapter_model.bin: .*safetensors only.*convert"):
+    (tmp_path / "adapter_model.bin").write_bytes(b"")  # older PEFT wrote pickles: read when there is no safetensors
+    with pytest.raises(TuluError, match="adapter_model.bin: not a readable PyTorch file"):
         lora.load_adapter(model, tmp_path)
 
 
