@@ -291,6 +291,15 @@ class Examples:
     def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, width: int):
         self.tokens, self.offsets, self.width = tokens, offsets, width
 
+    @classmethod
+    def join(cls, batches, width: int) -> "Examples":
+        """From BatchEncoder's results: (tokens, sequence lengths, ...) as int32 bytes."""
+        tokens = np.concatenate([np.frombuffer(b[0], np.int32) for b in batches] or [np.zeros(0, np.int32)])
+        lengths = np.concatenate([np.frombuffer(b[1], np.int32) for b in batches] or [np.zeros(0, np.int32)])
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(torch.from_numpy(tokens), torch.from_numpy(offsets), width)
+
     def __len__(self):
         return (len(self.offsets) - 1) // self.width
 
@@ -386,14 +395,18 @@ def encode_file(path, kind, tok, max_seq_length, batches, lines, workers):
     processes (one: this process), the results in file order whatever the number."""
     import multiprocessing
     encoder = BatchEncoder(path, kind, tok, max_seq_length)
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if "fork" not in multiprocessing.get_all_start_methods() or len(batches) < 2:
         workers = 1  # a spawned worker would import torch and rebuild the tokenizer: not worth it
     bar = tqdm(total=lines, unit=" conv" if kind == "sft" else " pair", desc=f"encoding {os.path.basename(path)}",
                leave=False, dynamic_ncols=True)
     results, tokens, t0 = [], 0, time.perf_counter()
-    pool = multiprocessing.get_context("fork").Pool(workers, _set_encoder, (encoder,)) if workers > 1 else None
+    pool = None
     try:
-        done = pool.imap(_run_encoder, batches) if pool else map(encoder, batches)
+        # the first batch here: forked workers inherit a word cache (BPE) that already knows the common words
+        first = [encoder(batches[0])] if workers > 1 and batches else []
+        pool = multiprocessing.get_context("fork").Pool(workers, _set_encoder, (encoder,)) if workers > 1 else None
+        rest = batches[len(first):]
+        done = itertools.chain(first, pool.imap(_run_encoder, rest) if pool else map(encoder, rest))
         for r, next_first in zip(done, [b[2] for b in batches[1:]] + [lines + 1]):
             results.append(r)
             tokens += len(r[0]) // 8  # ids and labels, 4 bytes each
@@ -403,12 +416,7 @@ def encode_file(path, kind, tok, max_seq_length, batches, lines, workers):
         if pool:
             pool.terminate()
         bar.close()
-    flat = np.concatenate([np.frombuffer(t, np.int32) for t, _, _ in results] or [np.zeros(0, np.int32)])
-    lengths = np.concatenate([np.frombuffer(n, np.int32) for _, n, _ in results] or [np.zeros(0, np.int32)])
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    width = len(KIND_KEYS[kind]) * 2
-    return Examples(torch.from_numpy(flat), torch.from_numpy(offsets), width), sum(r[2] for r in results)
+    return Examples.join(results, width=2 * len(KIND_KEYS[kind])), sum(r[2] for r in results)
 
 
 def data_cache_file(folder, path, digest, kind, tok, max_seq_length) -> tuple[str, str]:
