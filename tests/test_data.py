@@ -64,7 +64,8 @@ def tokenizer_and_goldens(name):
         tok = llama.Tokenizer(llama32_folder() if name == "llama32" else os.path.join(BPE, name))
         ref = load_json(os.path.join(BPE, f"{name}_expected.json"))
         cases = ref["chats"]
-    return tok, [(ref["conversations"][c["name"]], c["max_seq_length"], c["input_ids"], c["labels"]) for c in cases]
+    convs = ref["conversations"]
+    return tok, [(convs[c["name"]], c["max_seq_length"], c["input_ids"], c["labels"]) for c in cases]
 
 
 TOKENIZERS = ["tiny-legacy", "tiny-new", "llama2-legacy", "llama2-new",
@@ -79,8 +80,8 @@ FRAGMENTS = ["hello", "world.", " ", "  ", "\n", "\n\n", "\t", "</s>", "<s>", "<
 
 
 def random_conversation(rng):
-    roles = [rng.choice(["system", "user", "user", "assistant", "assistant"]) for _ in range(rng.randint(1, 6))]
-    return [{"role": r, "content": "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 8)))} for r in roles]
+    roles = rng.choices(["system", "user", "user", "assistant", "assistant"], k=rng.randint(1, 6))
+    return [{"role": r, "content": "".join(rng.choices(FRAGMENTS, k=rng.randint(0, 8)))} for r in roles]
 
 
 def random_conversations(n, seed=0):
@@ -154,7 +155,8 @@ def test_encode_pair_fast_equals_the_plain_one(name):
     """The DPO pairs of data/prefs_heldout.jsonl and random ones, at lengths that cut
     before, inside and after the final answer."""
     tok, _ = tokenizer_and_goldens(name)
-    pairs = [(o["chosen"], o["rejected"]) for _, o in tulu.read_jsonl(os.path.join(DATA, "prefs_heldout.jsonl"), "prefs")]
+    heldout = tulu.read_jsonl(os.path.join(DATA, "prefs_heldout.jsonl"), "prefs")
+    pairs = [(o["chosen"], o["rejected"]) for _, o in heldout]
     for msgs in random_conversations(100, seed=2):
         prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
         pairs.append((prompt + [{"role": "assistant", "content": "yes </s> no"}],
@@ -249,7 +251,8 @@ def test_num_workers_flag_and_a_malformed_line_from_the_command_line(tmp_path, m
     path = tmp_path / "d.jsonl"
     path.write_text("".join(lines[:79] + ["not json\n"] + lines[80:]))
     with pytest.raises(SystemExit) as e:
-        tulu.main(["sft", "--model", HF_TINY, "--data", str(path), "--num-workers", "2", "--output", str(tmp_path / "o")])
+        tulu.main(["sft", "--model", HF_TINY, "--data", str(path), "--num-workers", "2",
+                   "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and f"tulu sft: error: {path}:80: not valid JSON" in err and "Traceback" not in err
 
