@@ -499,6 +499,8 @@ class SentencePieceTokenizer:
         self.eos_text = self.sp.id_to_piece(self.eos_id)  # "</s>": what the chat format writes after answers
         self.vocab_size = self.sp.get_piece_size()
         self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
+        self.special = special_pattern(tuple(self.specials))
+        self.unk_text = self.sp.id_to_piece(self.sp.unk_id())
         self.legacy = self.read_legacy() if legacy is None else legacy
         self._sp_no_prefix = None
 
@@ -514,28 +516,34 @@ class SentencePieceTokenizer:
         return bool(legacy)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = [self.specials[p] if p in self.specials else self.sp.piece_to_id(p) for p in self.pieces(text)]
+        ids = [i for _, _, span_ids, _ in self.spans(text) for i in span_ids]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    def pieces(self, text: str) -> list[str]:
-        """legacy=True: every piece of text between special tokens is encoded on its
-        own, so each gets the dummy prefix "▁". legacy=False: only the start of the
-        text does; a piece after a special token is encoded as it is, except that
-        one starting with a space keeps it as "▁" (HF encodes "<unk>" + piece and
-        drops the pieces of "<unk>")."""
-        if self.legacy or not text:
-            return [p for c in split_special(text, self.specials)
-                    for p in ([c] if c in self.specials else self.sp.encode(c, out_type=str))]
-        sp, unk = self.sp_no_prefix(), self.sp.id_to_piece(self.sp.unk_id())
-        out = []
-        for c in split_special("▁" + text.replace("▁", " "), self.specials):
-            if c in self.specials:
-                out.append(c)
-            elif c.startswith(("▁", " ")):
-                out += sp.encode(unk + c, out_type=str)[len(sp.encode(unk)):]
-            else:
-                out += sp.encode(c, out_type=str)
-        return out[1:] if len(out) > 1 and out[0] == "▁" and out[1] in self.specials else out
+    def spans(self, text: str):
+        """Yield (start, end, ids, special?) for each special token of `text` and each
+        piece of text between them, in order: encode(text) is their ids. A piece's ids
+        depend on that piece alone and on whether it starts the text, so encode(text[:b])
+        is the ids of the spans that end by b, then those of encode_piece(the rest, ...):
+        tulu finds where each turn of a conversation ends that way. (legacy=False: HF
+        writes "▁" before the text and drops it when a special token follows; here a
+        text that begins with a special token simply gets none.)"""
+        for start, end, special in special_spans(text, self.special):
+            piece = text[start:end]
+            ids = [self.specials[piece]] if special else self.encode_piece(piece, start == 0)
+            yield start, end, ids, special
+
+    def encode_piece(self, piece: str, first: bool) -> list[int]:
+        """Ids of text that holds no special token; `first`: it begins the text.
+        legacy=True: every piece between special tokens is encoded on its own, so each
+        gets the dummy prefix "▁". legacy=False: only the start of the text does; a
+        piece after a special token is encoded as it is, except that one starting with
+        a space keeps it as "▁" (HF encodes "<unk>" + piece and drops the ids of "<unk>")."""
+        if self.legacy:
+            return self.sp.encode(piece)
+        sp, piece = self.sp_no_prefix(), "▁" * first + piece.replace("▁", " ")
+        if piece.startswith(("▁", " ")):
+            return sp.encode(self.unk_text + piece)[self.unk_len:]
+        return sp.encode(piece)
 
     def sp_no_prefix(self):
         """The same model with add_dummy_prefix off, as HF builds it for legacy=False.
@@ -546,22 +554,31 @@ class SentencePieceTokenizer:
             import sentencepiece as spm
             with open(self.model_file, "rb") as f:
                 self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
+            self.unk_len = len(self._sp_no_prefix.encode(self.unk_text))
         return self._sp_no_prefix
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
 
-def split_special(text: str, specials) -> list[str]:
-    """"a</s>b" -> ["a", "</s>", "b"]: text between special tokens, and the tokens.
-    Where two special tokens start at the same place the longer one wins (HF's rule)."""
-    return [c for c in special_pattern(tuple(specials)).split(text) if c]
+def special_spans(text: str, pattern):
+    """(start, end, special?) of each special token that `pattern` (special_pattern)
+    finds in `text` and of each non-empty piece of text between them, in order:
+    "a</s>b" -> (0, 1, False), (1, 5, True), (5, 6, False)."""
+    start = 0
+    for m in pattern.finditer(text) if pattern else ():
+        if m.start() > start:
+            yield start, m.start(), False
+        yield m.start(), m.end(), True
+        start = m.end()
+    if start < len(text):
+        yield start, len(text), False
 
 
 @lru_cache(maxsize=16)
 def special_pattern(specials: tuple) -> re.Pattern:
-    """One regex that finds any of `specials`, longest first; the group makes
-    re.split keep them. The regex engine scans in C, not a Python loop per character."""
+    """One regex that finds any of `specials`; where two start at the same place the
+    longer one wins (HF's rule). The regex engine scans in C, not a Python loop per character."""
     return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
 
 
@@ -857,12 +874,21 @@ class BPETokenizer:
         (Llama 3: <|begin_of_text|>; nothing for a file whose template adds none);
         eos=True appends the EOS id."""
         ids = list(self.bos_ids) if bos else []
-        for i, chunk in enumerate(self.special.split(text) if self.special else [text]):
-            if i % 2:
-                ids.append(self.added[chunk])
-            elif chunk:
-                ids.extend(chain.from_iterable(map(self.cache.__getitem__, self.words(chunk))))
+        for _, _, span_ids, _ in self.spans(text):
+            ids += span_ids
         return ids + [self.eos_id] * eos
+
+    def spans(self, text: str):
+        """Yield (start, end, ids, special?) for each added token of `text` and each
+        piece of text between them, in order: encode(text) is BOS and their ids. A
+        piece's ids depend on that piece alone (see SentencePieceTokenizer.spans)."""
+        for start, end, special in special_spans(text, self.special):
+            piece = text[start:end]
+            yield start, end, [self.added[piece]] if special else self.encode_piece(piece), special
+
+    def encode_piece(self, piece: str, first: bool = True) -> list[int]:
+        """Ids of text that holds no added token (`first` changes nothing here)."""
+        return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
 
     def decode(self, ids) -> str:
         """Text of `ids`: each token's stand-in characters back to bytes, UTF-8

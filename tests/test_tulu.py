@@ -298,7 +298,7 @@ def test_load_sft_data_drops_conversations_with_nothing_to_learn(tmp_path, capsy
     unanswered = [{"role": "user", "content": "hi"}]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, cut, unanswered)))
-    assert tulu.load_sft_data(str(path), tok, 32) == [tulu.encode_messages(good, tok, 32)]
+    assert tulu.load_sft_data(str(path), tok, 32).tolist() == [tulu.encode_messages(good, tok, 32)]
     assert f"{path}: 1 conversations (2 dropped: nothing left to learn)" in capsys.readouterr().out
     path.write_text(json.dumps({"messages": cut}) + "\n")
     with pytest.raises(TuluError, match="no conversation with an assistant turn"):
