@@ -43,6 +43,20 @@ def batch(args, vocab):
     return ids.to(args.device)
 
 
+def training_step(logits_of, opt, ids):
+    """One optimiser step of next-token cross-entropy on `ids`, the same for both sides."""
+    import torch.nn.functional as F
+
+    def step():
+        logits = logits_of(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
 def peak(device):
     import resource
     import torch
@@ -53,7 +67,6 @@ def peak(device):
 
 def ours(args, path):
     import torch
-    import torch.nn.functional as F
     import llama
     import lora
     from nf4 import PagedAdamW
@@ -62,21 +75,11 @@ def ours(args, path):
     lora.add_lora(model, r=16, alpha=16, dropout=0.05)
     model.train()
     opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = batch(args, model.config.vocab_size)
-
-    def step():
-        logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-    return step
+    return training_step(lambda ids: model(ids), opt, batch(args, model.config.vocab_size))
 
 
 def theirs(args, path):
     import torch
-    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     torch.manual_seed(0)
@@ -92,16 +95,7 @@ def theirs(args, path):
         opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4)
     except Exception:
         opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = batch(args, model.config.vocab_size)
-
-    def step():
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-    return step
+    return training_step(lambda ids: model(input_ids=ids).logits, opt, batch(args, model.config.vocab_size))
 
 
 def child(args):
