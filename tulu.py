@@ -1220,12 +1220,16 @@ def exit_after(main):
     sys.exit(code)
 
 
-def rank0_first(d: Dist, fn):
-    """fn() on rank 0, then on the others: the demo model is built once, then found cached."""
-    out = fn() if d.main else None
-    if d.world > 1:
-        torch.distributed.barrier()
-    return out if d.main else fn()
+def rank0_first(d: Dist, fn, *args):
+    """fn(*args) on rank 0, then on the other ranks, which find cached what it made: the
+    demo model, the encoded data (one rank encodes the file, not every rank the whole
+    file; a node that does not share rank 0's cache folder encodes it again). An error
+    on any rank ends every rank, as in together."""
+    if d.world == 1:
+        return fn(*args)
+    first = d.main
+    out = together(d, lambda: fn(*args) if first else None)
+    return together(d, lambda: out if first else fn(*args))
 
 
 class RankError(TuluError):
@@ -1627,7 +1631,7 @@ def start_run(args, default_model, default_data):
 
 def cmd_sft(args):
     demo, tok = start_run(args, tiny_default_model, "sft_train.jsonl")
-    examples = together(args.dist, load_sft_data, args.data, tok, args.max_seq_length, args.num_workers,
+    examples = rank0_first(args.dist, load_sft_data, args.data, tok, args.max_seq_length, args.num_workers,
                         data_cache_dir())
     check_batch_size(args, examples, "conversation")
     warn_beyond_context(args, examples)
@@ -1665,7 +1669,7 @@ def tiny_sft_model() -> str:
 
 def cmd_dpo(args):
     demo, tok = start_run(args, tiny_sft_model, "prefs_train.jsonl")
-    pairs = together(args.dist, load_pref_data, args.data, tok, args.max_seq_length, args.num_workers,
+    pairs = rank0_first(args.dist, load_pref_data, args.data, tok, args.max_seq_length, args.num_workers,
                      data_cache_dir())
     check_batch_size(args, pairs, "preference pair")
     warn_beyond_context(args, pairs)

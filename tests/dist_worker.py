@@ -8,6 +8,9 @@ environment, on the rank TULU_TEST_RANK only (without torchrun: the one process)
                               machine is lost or a scheduler's grace period runs out
     TULU_TEST_NO_DATA=1       the rank's --data names a file that does not exist, as on a
                               node that lacks it
+
+and, on every rank, TULU_TEST_ENCODES=FILE appends the rank to FILE each time it encodes
+a data file (rather than reading the encoded-data cache).
 """
 import os
 import signal
@@ -32,5 +35,12 @@ if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
         argv = sys.argv[1:]
         argv[argv.index("--data") + 1] += ".missing"
         sys.argv[1:] = argv
+
+if os.environ.get("TULU_TEST_ENCODES"):
+    def encode_file(*a, _encode=tulu.encode_file, **kw):
+        with open(os.environ["TULU_TEST_ENCODES"], "a") as f:
+            f.write(os.environ.get("RANK", "0") + "\n")
+        return _encode(*a, **kw)
+    tulu.encode_file = encode_file
 
 tulu.exit_after(lambda: tulu.main(sys.argv[1:]))

@@ -108,8 +108,11 @@ def test_sft_under_torchrun_is_the_one_process_run(tmp_path, data, method):
              "--lr", 1e-2 if method == "qlora" else 1e-3, "--max-grad-norm", 1.0]
     one, two = tmp_path / "one", tmp_path / "two"
     one_process(*flags, "--grad-accum", 4, "--output", one)
-    p = torchrun(*flags, "--grad-accum", 2, "--output", two)
+    encodes = tmp_path / "encodes"
+    p = torchrun(*flags, "--grad-accum", 2, "--output", two, XDG_CACHE_HOME=tmp_path / "cache",
+                 TULU_TEST_ENCODES=encodes)
     assert p.returncode == 0, p.stderr
+    assert encodes.read_text() == "0\n"  # rank 0 encodes the data; rank 1 reads what it cached
     assert_same_run(two, one, steps=3)
     assert all(r["grad_norm"] > 1.0 for r in metrics(one))
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # rank 0 alone writes, the same files
