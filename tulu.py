@@ -191,10 +191,9 @@ def message_problem(messages) -> str | None:
     return None
 
 
-def parse_line(path: str, n: int, raw: bytes, kind: str):
-    """The object on line n of a JSONL file of kind "sft" ({"messages": [...]}) or
-    "prefs" ({"chosen": [...], "rejected": [...]}), None for a blank line; other keys
-    (dataset, id) are ignored. Problems: TuluError("path:n: ...")."""
+def parse_json_line(path: str, n: int, raw: bytes):
+    """The JSON object on line n of a file, None for a blank line. Problems:
+    TuluError("path:n: ...")."""
     try:
         line = raw.decode("utf-8").strip()
         obj = json.loads(line) if line else None
@@ -202,10 +201,18 @@ def parse_line(path: str, n: int, raw: bytes, kind: str):
         raise TuluError(f"{path}:{n}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not line:
-        return None
-    if not isinstance(obj, dict):
+    if line and not isinstance(obj, dict):
         raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_line(path: str, n: int, raw: bytes, kind: str):
+    """The object on line n of a JSONL file of kind "sft" ({"messages": [...]}) or
+    "prefs" ({"chosen": [...], "rejected": [...]}), None for a blank line; other keys
+    (dataset, id) are ignored. Problems: TuluError("path:n: ...")."""
+    obj = parse_json_line(path, n, raw)
+    if obj is None:
+        return None
     check_kind(path, n, obj, kind)
     for key in KIND_KEYS[kind]:
         problem = f"missing key {key!r}" if key not in obj else message_problem(obj[key])
@@ -214,19 +221,24 @@ def parse_line(path: str, n: int, raw: bytes, kind: str):
     return obj
 
 
-def read_jsonl(path: str, kind: str):
-    """Yield (line_number, object) for each non-blank line of a JSONL file (parse_line)."""
+def read_objects(path: str, parse=parse_json_line):
+    """Yield (line_number, object) for each non-blank line of a JSONL file."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
     seen = False
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
-            obj = parse_line(path, n, raw, kind)
+            obj = parse(path, n, raw)
             if obj is not None:
                 seen = True
                 yield n, obj
     if not seen:
         raise TuluError(f"{path}: empty")
+
+
+def read_jsonl(path: str, kind: str):
+    """Yield (line_number, object) for each conversation or pair of a JSONL file (parse_line)."""
+    return read_objects(path, functools.partial(parse_line, kind=kind))
 
 
 def final_answer_start(labels):
@@ -1557,6 +1569,171 @@ def train(args, model, examples, task, out, save=None):
 
 
 # -----------------------------------------------------------------------------
+# Evaluation: what the model cards report -- held-out loss, preference accuracy,
+# multiple-choice accuracy (MMLU 5-shot, QLoRA Sec. 5) -- and exact answers
+#
+# `tulu.py eval` recognises a data file's kind by the keys of its first object:
+# messages (SFT), chosen/rejected (preferences), question/choices/answer (multiple
+# choice). Every number is computed with the model in eval mode (no dropout).
+
+EVAL_KINDS = {"sft": ("messages",), "prefs": ("chosen", "rejected"), "choice": ("question", "choices", "answer")}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def data_kind(path) -> str:
+    """sft, prefs or choice, from the keys of the file's first object."""
+    n, obj = next(read_objects(path))
+    kind = next((k for k, keys in EVAL_KINDS.items() if all(key in obj for key in keys)), None)
+    if kind is None:
+        raise TuluError(f"{path}:{n}: expected the keys of SFT conversations ('messages'), preference "
+                        f"pairs ('chosen', 'rejected') or multiple choice ('question', 'choices', 'answer')")
+    return kind
+
+
+@torch.no_grad()
+def sft_metrics(model, examples, args, pad_id) -> dict:
+    """loss: the mean negative log-likelihood of the learned tokens (the labels of
+    encode_messages: the assistant answers and their EOS), every token weighing the
+    same across conversations; perplexity: exp(loss)."""
+    task, nll, tokens = SFTTask(pad_id), 0.0, 0
+    for _, batch in eval_batches(model, examples, task, args, "loss"):
+        with autocast(args):
+            total, _ = task.loss(model, batch, 1)  # summed over the batch's learned tokens
+        nll, tokens = nll + float(total), tokens + task.count(batch)
+    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens)}
+
+
+@torch.no_grad()
+def preference_metrics(model, pairs, task, args) -> dict:
+    """DPO's metrics (dpo.dpo_metrics), averaged over pairs: rewards/accuracy is the
+    fraction of pairs whose chosen answer gains more log-probability over the
+    reference than the rejected one, rewards/margin the mean of that difference x beta."""
+    sums = {}
+    for _, batch in eval_batches(model, pairs, task, args, desc="pairs"):
+        with autocast(args):
+            _, m = task.loss(model, batch, 1)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: v / len(pairs) for k, v in sums.items()}
+
+
+def choice_question(item, with_answer: bool) -> str:
+    """One question in MMLU's format (Hendrycks et al. 2021, their evaluate.py)."""
+    text = item["question"] + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"]))
+    return text + (f"\nAnswer: {LETTERS[item['answer']]}\n\n" if with_answer else "\nAnswer:")
+
+
+def choice_prompt(item, shots) -> str:
+    """The header ("... about {subject}.", underscores read as spaces), the solved
+    examples `shots`, then the question, ending with "Answer:"."""
+    subject = item.get("subject")
+    about = f" about {subject.replace('_', ' ')}" if subject else ""
+    head = f"The following are multiple choice questions (with answers){about}.\n\n"
+    return head + "".join(choice_question(s, True) for s in shots) + choice_question(item, False)
+
+
+def choice_rows(prompt, n_choices, tok) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) for each letter: ids = encode(prompt + " " + letter) with BOS,
+    labels only on the tokens beyond encode(prompt), the letter's (one or more)."""
+    cut = len(tok.encode(prompt, bos=True))
+    rows = []
+    for letter in LETTERS[:n_choices]:
+        ids = tok.encode(f"{prompt} {letter}", bos=True)
+        rows.append((ids, [-100] * cut + ids[cut:]))
+    return rows
+
+
+def read_choices(path) -> list[dict]:
+    """The multiple-choice items of a JSONL file; problems: file:line."""
+    items = []
+    for n, obj in read_objects(path):
+        q, c, a, s = obj.get("question"), obj.get("choices"), obj.get("answer"), obj.get("subject")
+        if not isinstance(q, str) or not isinstance(c, list) or not all(isinstance(x, str) for x in c):
+            raise TuluError(f"{path}:{n}: expected 'question' (a string) and 'choices' (a list of strings)")
+        if not 2 <= len(c) <= len(LETTERS):
+            raise TuluError(f"{path}:{n}: 'choices' must hold 2 to {len(LETTERS)} answers, not {len(c)}")
+        if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < len(c):
+            raise TuluError(f"{path}:{n}: 'answer' must be the index of the right choice, 0 to {len(c) - 1}")
+        if s is not None and not isinstance(s, str):
+            raise TuluError(f"{path}:{n}: 'subject' must be a string")
+        items.append(obj)
+    return items
+
+
+def fitting_prompt(item, shots, tok, max_seq_length) -> str:
+    """choice_prompt with as many of `shots` as fit in max_seq_length (MMLU's
+    evaluate.py drops examples from the end until the prompt fits)."""
+    k = len(shots)
+    while k and len(tok.encode(choice_prompt(item, shots[:k]), bos=True)) + 2 > max_seq_length:
+        k -= 1
+    return choice_prompt(item, shots[:k])
+
+
+@torch.no_grad()
+def choice_scores(model, rows, args, pad_id) -> list[float]:
+    """The summed log-probability of each row's labelled tokens (choice_rows), in
+    batches of --batch-size rows."""
+    scores = []
+    for _, batch in eval_batches(model, rows, SFTTask(pad_id), args, "choices"):
+        with autocast(args):
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        scores += dpo.sequence_logps(logits, batch["labels"]).tolist()
+    return scores
+
+
+@torch.no_grad()
+def choice_metrics(model, items, dev, shots, tok, args) -> dict:
+    """accuracy: the fraction of questions whose right letter has the highest summed
+    log-probability (choice_rows); accuracy/SUBJECT the same per subject."""
+    by_subject = {}
+    for d in dev:
+        by_subject.setdefault(d.get("subject"), []).append(d)
+    rows, spans = [], []
+    for item in items:
+        prompt = fitting_prompt(item, by_subject.get(item.get("subject"), [])[:shots], tok, args.max_seq_length)
+        spans.append((len(rows), len(item["choices"])))
+        rows += choice_rows(prompt, len(item["choices"]), tok)
+    scores, right, per = choice_scores(model, rows, args, tok.eos_id), 0, {}
+    for item, (start, n) in zip(items, spans):
+        ok = max(range(n), key=lambda i: scores[start + i]) == item["answer"]
+        right += ok
+        s = per.setdefault(item.get("subject"), [0, 0])
+        s[0], s[1] = s[0] + ok, s[1] + 1
+    out = {"accuracy": right / len(items)}
+    out.update({f"accuracy/{s}": r / n for s, (r, n) in sorted(per.items()) if s is not None})
+    return out
+
+
+def answer_prompts(path, n=None) -> list[tuple[list[dict], str]]:
+    """(prompt, reference) for the first n conversations of an SFT file: every turn
+    before the last assistant answer (earlier answers as written), and that answer."""
+    out = []
+    for _, obj in read_jsonl(path, "sft"):
+        last = max((i for i, m in enumerate(obj["messages"]) if m["role"] == "assistant"), default=None)
+        if last is not None and obj["messages"][last - 1]["role"] == "user":
+            out.append((obj["messages"][:last], obj["messages"][last]["content"]))
+        if n and len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, prompts, stop, max_new_tokens=48, desc="answers") -> list[str]:
+    """The model's greedy answer to each prompt, decoded and stripped."""
+    model.eval()
+    out = []
+    for msgs in tqdm(prompts, desc=desc, leave=False, disable=not rank0()):
+        ids = llama.generate(model, encode_prompt(msgs, tok), max_new_tokens, eos_id=stop)
+        out.append(tok.decode([t for t in ids if t not in stop]).strip())
+    return out
+
+
+def exact_match(answers, references) -> float:
+    """The fraction of answers equal to their reference (both stripped)."""
+    return sum(a.strip() == r.strip() for a, r in zip(answers, references)) / len(references)
+
+
+# -----------------------------------------------------------------------------
 # Commands
 
 
@@ -1640,18 +1817,30 @@ def cmd_sft(args):
     train(args, model, examples, SFTTask(pad_id=tok.eos_id), args.output,
           save=lambda: save_outputs(args, model, args.model, args.output))
     if demo:
-        show_answers(model, tok, os.path.join(DATA, "sft_heldout.jsonl"), args.device)
+        prompts, answers = demo_answers(model, tok, args.model)
+        print_answers(DEMO_HELDOUT, prompts, {"SFT": answers})
 
 
-def show_answers(model, tok, path, device, n=4):
-    """Print a few held-out prompts with the model's greedy answers."""
-    for _, obj in list(read_jsonl(path, "sft"))[:n]:
-        msgs = [m for m in obj["messages"] if m["role"] != "assistant"][:2]
-        ids = encode_prompt(msgs, tok)
-        out = llama.generate(model, ids, max_new_tokens=48, eos_id=tok.eos_id)
-        want = next(m["content"] for m in obj["messages"] if m["role"] == "assistant")
-        answer = tok.decode([t for t in out if t != tok.eos_id]).strip()
-        print(f"\n> {msgs[-1]['content']}\n{answer}    (reference: {want.strip()})")
+def print_answers(path, prompts, answers: dict, shown=4):
+    """A few held-out prompts with the reference and each model's answer (answers:
+    name -> list), then each model's exact-match rate over all the prompts."""
+    w = max(len("reference"), *map(len, answers))
+    one_line = lambda text: text.replace("\n", " / ")
+    for i, (msgs, reference) in enumerate(prompts[:shown]):
+        print(f"\n> {one_line(msgs[-1]['content'])}\n  {'reference':<{w}}  {one_line(reference)}")
+        for name, a in answers.items():
+            print(f"  {name:<{w}}  {one_line(a[i])}")
+    rates = ", ".join(f"{name} {exact_match(a, [r for _, r in prompts]):.2f}" for name, a in answers.items())
+    print(f"\nexact match, greedy, on the first {len(prompts)} conversations of {path}: {rates}")
+
+
+DEMO_HELDOUT = os.path.join(DATA, "sft_heldout.jsonl")
+
+
+def demo_answers(model, tok, model_dir):
+    """The model's greedy answers to the demo's first 40 held-out prompts."""
+    prompts = answer_prompts(DEMO_HELDOUT, 40)
+    return prompts, greedy_answers(model, tok, [p for p, _ in prompts], stop_ids(model_dir, tok))
 
 
 def tiny_sft_model() -> str:
@@ -1686,26 +1875,16 @@ def cmd_dpo(args):
     if demo:
         held = load_pref_data(heldout, tok, args.max_seq_length)
         held = cache_reference(model, held, task, args) if cached else held
-        before = heldout_preferences(model, held, task, args)
+        before = preference_metrics(model, held, task, args)
+        prompts, sft_answers = demo_answers(model, tok, args.model)  # the policy is the SFT model at step 0
     os.makedirs(args.output, exist_ok=True)
     train(args, model, pairs, task, args.output, save=lambda: save_outputs(args, model, args.model, args.output))
     if demo:
-        after = heldout_preferences(model, held, task, args)
+        print_answers(DEMO_HELDOUT, prompts, {"SFT": sft_answers, "DPO": demo_answers(model, tok, args.model)[1]})
+        after = preference_metrics(model, held, task, args)
         print(f"held-out pairs ({heldout}): rewards/accuracy {before['rewards/accuracy']:.2f} -> "
               f"{after['rewards/accuracy']:.2f}, rewards/margin {before['rewards/margin']:.3f} -> "
               f"{after['rewards/margin']:.3f} (at step 0 the policy is the reference: every reward is 0)")
-
-
-@torch.no_grad()
-def heldout_preferences(model, pairs, task, args):
-    """DPO's metrics, averaged over held-out pairs."""
-    sums = {}
-    for _, batch in eval_batches(model, pairs, task, args, desc="held-out pairs"):
-        with autocast(args):
-            _, m = task.loss(model, batch, 1)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v
-    return {k: v / len(pairs) for k, v in sums.items()}
 
 
 def cmd_merge(args):
@@ -1777,6 +1956,50 @@ def stream_reply(model, tok, history, args, g):
     print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
     return final
 
+
+
+def cmd_eval(args):
+    """Held-out loss, preference metrics or multiple-choice accuracy of a model (and
+    adapter), by the kind of --data (data_kind): one line, and --output as JSON."""
+    from lora import load_adapter
+    args.device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device)
+    args.model = args.model or tiny_sft_model()
+    kind = data_kind(args.data)
+    if kind == "prefs" and not (args.adapter or args.reference):
+        raise TuluError(f"{args.data}: preference pairs need a reference model: --adapter (the model without "
+                        f"it is the reference) or --reference DIR")
+    if kind == "choice" and args.shots and not args.dev:
+        raise TuluError("--shots needs --dev, the file the solved examples come from")
+    tok = check_vocab(Tokenizer(tokenizer_source(args.adapter, args.model)), args.model)
+    load = lambda path: load_model(path, dtype=args.dtype, device=args.device,
+                                   quantize="nf4" if args.qlora else None)
+    if kind == "sft":
+        examples = load_sft_data(args.data, tok, args.max_seq_length)
+    elif kind == "prefs":
+        examples = load_pref_data(args.data, tok, args.max_seq_length)
+        task = DPOTask(args, pad_id=tok.eos_id)
+        if args.reference:  # scored first, then freed: one model in memory at a time
+            check_vocab(tok, args.reference)
+            examples = cache_reference(load(args.reference), examples, task, args)
+    else:
+        examples = read_choices(args.data)
+        dev = read_choices(args.dev) if args.dev else []
+    model = load(args.model)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    if kind == "sft":
+        result, what = sft_metrics(model, examples, args, pad_id=tok.eos_id), f"{len(examples)} conversations"
+    elif kind == "prefs":
+        result, what = preference_metrics(model, examples, task, args), f"{len(examples)} pairs"
+    else:
+        shots = 5 if args.shots is None and dev else args.shots or 0
+        result, what = choice_metrics(model, examples, dev, shots, tok, args), f"{len(examples)} questions, {shots}-shot"
+    shown = {k: v for k, v in result.items() if kind != "choice" or k == "accuracy"}
+    print(f"{args.data} ({what}): " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    if args.output:
+        write_json(args.output, result)
+        print(f"wrote {args.output}")
 
 
 def cmd_exercises(args):
@@ -1939,6 +2162,33 @@ def build_parser():
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("eval", help="held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy")
+    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT)")
+    p.add_argument("--adapter", help="PEFT adapter to evaluate on --model; for preference pairs the model "
+                                     "without it is the reference")
+    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 first, as a qlora adapter was "
+                                                        "trained (default: the base as stored)")
+    p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}: loss, perplexity), "
+                   "preference pairs ({\"chosen\", \"rejected\"}: DPO's rewards/*) or multiple choice "
+                   "({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
+    p.add_argument("--reference", help="reference model folder for preference pairs (default with --adapter: "
+                                       "--model without the adapter)")
+    p.add_argument("--dev", help="multiple choice: JSONL of solved examples, taken in file order by subject")
+    p.add_argument("--shots", type=count, help="multiple choice: solved examples before each question "
+                                               "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")
+    p.add_argument("--max-seq-length", type=positive_int, default=2048, help=(
+        "truncate conversations and pairs; multiple-choice prompts drop solved examples until they fit, "
+        "as MMLU's evaluate.py (default %(default)s, MMLU's)"))
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default "
+                                                                      "%(default)s)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, Tulu 2 DPO)")
+    p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES), help="DPO loss for the loss "
+                                                                                  "metric (default %(default)s)")
+    p.add_argument("--output", help="also write the results to this JSON file")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.set_defaults(func=cmd_eval, label_smoothing=0.0)
     p = sub.add_parser("exercises", help="write a student copy in which key functions are left to implement, "
                                          "graded by the tests (see its EXERCISES.md)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -973,16 +974,17 @@ def test_dpo_interrupt_and_resume_keep_the_cached_reference(tmp_path, monkeypatc
     assert_close_tensors(trained_tensors(out), trained_tensors(full), atol=1e-5)
 
 
-def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, tiny_default):
+def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, capsys, tiny_default):
     """`python tulu.py dpo` with no --model: the demo SFT of the tiny default runs
     first (cut to DEMO_SFT_STEPS steps here), then DPO on data/ preferences.
     Held-out accuracy (share of pairs whose chosen reward beats the rejected one)
-    is 0 at step 0, where every reward is 0, and above chance after training."""
+    is 0 at step 0, where every reward is 0, and above chance after training. At the
+    end, held-out prompts with the SFT and the DPO answer, and each one's exact match."""
     main = tulu.main
     monkeypatch.setattr(tulu, "main", lambda argv: main(argv + ["--max-steps", str(DEMO_SFT_STEPS)]
                                                         if argv[0] == "sft" else argv))
-    held, f = [], tulu.heldout_preferences
-    monkeypatch.setattr(tulu, "heldout_preferences", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], tulu.preference_metrics
+    monkeypatch.setattr(tulu, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
     out = tmp_path / "out"
     main(["dpo", "--max-steps", "20", "--output", str(out)])
     sft = tiny_default.replace("tiny-llama-", "tiny-sft-")
@@ -991,6 +993,12 @@ def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, tiny_default):
     assert before["rewards/accuracy"] == 0 and before["rewards/margin"] == 0
     assert after["rewards/accuracy"] > 0.5 and after["rewards/margin"] > 0, after
     assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    printed = capsys.readouterr().out
+    prompts = tulu.answer_prompts(os.path.join(DATA, "sft_heldout.jsonl"), 4)
+    for msgs, reference in prompts:
+        assert f"\n> {msgs[-1]['content']}\n  reference  {reference}\n  SFT        " in printed
+    assert re.search(r"exact match, greedy, on the first 40 conversations of .*sft_heldout.jsonl: "
+                     r"SFT [01]\.\d\d, DPO [01]\.\d\d\n", printed), printed[-2000:]
 
 
 # -----------------------------------------------------------------------------
@@ -1053,8 +1061,8 @@ def test_dpo_demo_with_an_sft_adapter_starts_with_zero_rewards(tmp_path, monkeyp
     """The demo (no --model) with --adapter: the reference is base + SFT adapter on
     the held-out pairs too, so at step 0 every held-out reward is 0."""
     monkeypatch.setattr(tulu, "tiny_sft_model", lambda: tiny_default)  # the base tiny_adapter was trained on
-    held, f = [], tulu.heldout_preferences
-    monkeypatch.setattr(tulu, "heldout_preferences", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], tulu.preference_metrics
+    monkeypatch.setattr(tulu, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
     cli("dpo", "--adapter", tiny_adapter, "--method", "lora", "--max-steps", 1, "--output", tmp_path / "out")
     assert held[0]["rewards/accuracy"] == 0 and held[0]["rewards/margin"] == 0, held[0]
 
@@ -1239,3 +1247,4 @@ def test_readme_sft_runs_with_no_arguments(tiny_default, tmp_path):
     with open(os.path.join(DATA, "sft_heldout.jsonl")) as f:
         first_prompt = next(m["content"] for m in json.loads(next(f))["messages"] if m["role"] == "user")
     assert first_prompt in p.stdout  # the held-out prompts and the model's answers
+    assert re.search(r"exact match, greedy, on the first 40 conversations of .*: SFT [01]\.\d\d\n", p.stdout)
