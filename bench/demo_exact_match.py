@@ -81,4 +81,4 @@ if __name__ == "__main__":
         pref = evaluate(prefs, model_dir, adapter, qlora, env) if adapter and "dpo" in adapter else None
         pref_cells = f"{pref['rewards/accuracy']:.2f} | {pref['rewards/margin']:.3f}" if pref else "- | -"
         print(f"| {name} | {em:.3f} | {loss['loss']:.3f} | {loss['perplexity']:.2f} | {pref_cells} |")
-    print("\nthe end of `tulu.py dpo`:" + printed[printed.find("\n> "):])
+    print("\nthe end of `tulu.py dpo`:" + printed[printed.find("\n> ", printed.rfind("\nwrote ")):])

@@ -48,7 +48,7 @@ EOS = 2  # the tiny tokenizer's </s>, also the padding id of the batches
 
 # Runs on hf_tiny: micro-batches of short conversations, rank-8 adapters
 SMALL = ["--model", HF_TINY, "--max-seq-length", "128", "--lora-r", "8", "--seed", "0"]
-PRETRAIN_STEPS = 20   # the tiny default's pretraining in tests (tulu.PRETRAIN: 500 steps, ~50 s on one core)
+PRETRAIN_STEPS = 20   # the tiny default's pretraining in tests (tulu.PRETRAIN: 2000 steps, ~90 s on 2 cores)
 DEMO_SFT_STEPS = 40   # the demo SFT that `dpo` runs first (the demo recipe: 3 epochs, ~560 steps)
 
 
@@ -293,6 +293,46 @@ def test_sft_micro_batches_give_the_same_step(tmp_path, sft_data, method):
     # Adam's first step moves each weight by about ±lr = 1e-3 (g / (|g| + eps)): an update from a
     # different gradient flips signs, 2e-3 apart. (Gradients near eps = 1e-8 wobble a little.)
     assert_close_tensors(trained_tensors(outs[8]), trained_tensors(outs[2]), atol=1e-4)
+
+
+def test_step_batches_grouped_by_length_take_the_same_examples_longest_first():
+    lengths = [5, 40, 7, 40, 12, 3, 25, 9, 18, 30, 2]
+    for step in range(4):  # 3 steps an epoch (the last one short), into the next epoch
+        plain = tulu.step_batches(11, step, 3, 2, 2, seed=7)
+        grouped = tulu.step_batches(11, step, 3, 2, 2, seed=7, lengths=lengths)
+        assert sorted(sum(plain, [])) == sorted(sum(grouped, []))
+        assert [len(b) for b in grouped] == [len(b) for b in plain]
+        flat = [lengths[j] for j in sum(grouped, [])]
+        assert flat == sorted(flat, reverse=True)
+    examples = tulu.Examples(torch.arange(10, dtype=torch.int32), torch.tensor([0, 3, 4, 5, 9, 10]), 1)
+    assert tulu.example_lengths(examples) == [3, 1, 1, 4, 1]
+    pairs = tulu.Examples(torch.arange(10, dtype=torch.int32), torch.tensor([0, 2, 4, 7, 10]), 4)  # 2+2, 3+3
+    assert tulu.example_lengths(pairs) == [3]
+    assert tulu.example_lengths([([1, 2], [1, 2], [1, 2, 3], [1, 2, 3], -1.5, -2.0)]) == [3]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_group_by_length_pads_less_and_gives_the_same_steps(tmp_path, sft_data, monkeypatch, method):
+    """--group-by-length: the same examples each step, so the same losses, gradient norms
+    and weights (dropout off) to float rounding, with fewer padded tokens."""
+    data = first_lines(sft_data, 16, tmp_path / "sixteen.jsonl")
+    padded, collate = [], tulu.SFTTask.collate
+    monkeypatch.setattr(tulu.SFTTask, "collate", lambda self, ex: padded.append(
+        sum(max(len(e[0]) for e in ex) - len(e[0]) for e in ex)) or collate(self, ex))
+    outs, pads = {}, {}
+    for grouped in (False, True):
+        padded.clear()
+        outs[grouped] = tmp_path / f"grouped{grouped}"
+        cli("sft", *SMALL, "--data", data, "--method", method, "--max-steps", 3, "--lr", 1e-3, "--lora-dropout", 0,
+            "--batch-size", 2, "--grad-accum", 4, "--output", outs[grouped], *["--group-by-length"] * grouped)
+        pads[grouped] = sum(padded)
+    assert pads[True] < 0.75 * pads[False], pads
+    a, b = metrics(outs[False]), metrics(outs[True])
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    assert_close_tensors(trained_tensors(outs[False]), trained_tensors(outs[True]), atol=1e-4)
 
 
 # -----------------------------------------------------------------------------
