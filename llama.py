@@ -232,10 +232,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # keys/values of earlier positions, for generation
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+        if cache is not None:  # keys/values of earlier positions, for generation (KVCache)
+            k, v = cache.update(k, v)  # (B, Hkv, S, Dh): the earlier positions' and these
         y = gqa_attention(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
@@ -290,17 +288,24 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self._inv_freq = None  # a plain attribute, not a buffer: model.to(bf16) must not round it
+        self._rope = None  # (device, dtype, cos, sin); plain attributes, not buffers: model.to(bf16) must not round them
 
     def rope_tables(self, T, start_pos, device, dtype):
-        if self._inv_freq is None or self._inv_freq.device != device:
-            self._inv_freq = rope_inv_freq(self.config).to(device)
-        return rope_cos_sin(self._inv_freq, torch.arange(start_pos, start_pos + T, device=device), dtype)
+        """cos/sin for positions start_pos .. start_pos + T - 1: rows of tables computed
+        once (and again, twice as long, when a position beyond them is asked for), so a
+        generation step computes none. Each row is rope_cos_sin of its position alone."""
+        n = start_pos + T
+        if self._rope is None or self._rope[:2] != (device, dtype) or self._rope[2].shape[0] < n:
+            inv_freq = rope_inv_freq(self.config).to(device)
+            size = max(n, 2 * self._rope[2].shape[0] if self._rope and self._rope[:2] == (device, dtype) else n)
+            self._rope = (device, dtype, *rope_cos_sin(inv_freq, torch.arange(size, device=device), dtype))
+        return self._rope[2][start_pos:n], self._rope[3][start_pos:n]
 
-    def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0):
+    def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False):
         """input_ids (B, T) long -> logits (B, T, V). attention_mask (B, start_pos+T)
         of 1/0 marks real tokens. `cache` (from new_cache()) holds keys and values
-        of the first `start_pos` positions during generation."""
+        of the first `start_pos` positions during generation. last_only: the logits
+        of the last position alone, (B, 1, V), all that choosing the next token needs."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope_tables(T, start_pos, x.device, x.dtype)
@@ -312,10 +317,13 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, c, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, c)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))  # (B, T, V)
 
-    def new_cache(self):
-        return [{} for _ in self.model.layers]
+    def new_cache(self, size: int = 0):
+        """A KVCache per layer, with room for `size` positions (grown when needed)."""
+        return [KVCache(size) for _ in self.model.layers]
 
 
 # -----------------------------------------------------------------------------
@@ -937,6 +945,30 @@ def Tokenizer(path: str, legacy: bool | None = None):
 # Generation with a key/value cache
 
 
+class KVCache:
+    """One layer's keys and values of every position seen so far, for generation:
+    each step computes k and v for its new tokens only and attends over these.
+    Held in buffers with room for `size` positions, doubled when full, so that a
+    step writes its keys in place; torch.cat would copy the whole cache each step."""
+
+    def __init__(self, size: int = 0):
+        self.size, self.len, self.k, self.v = size, 0, None, None
+
+    def update(self, k, v):
+        """Append (B, Hkv, T, Dh) keys and values; return those of all positions so far."""
+        n = self.len + k.shape[2]
+        if self.k is None or n > self.k.shape[2]:
+            room = max(n, self.size, 2 * (self.k.shape[2] if self.k is not None else 0))
+            grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)]
+            if self.k is not None:
+                grown[0][:, :, :self.len], grown[1][:, :, :self.len] = self.k[:, :, :self.len], self.v[:, :, :self.len]
+            self.k, self.v = grown
+        self.k[:, :, self.len:n], self.v[:, :, self.len:n] = k, v
+        self.len = n
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+
+
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Pick the next token from (B, V) logits: argmax when temperature is 0,
     else sample after HF's warpers in HF's order: temperature, top-k, top-p."""
@@ -963,10 +995,10 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     `on_token(id)` is called for each one as it is produced, for streaming."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    cache, pos, out = model.new_cache(), 0, []
+    cache, pos, out = model.new_cache(ids.shape[1] + max_new_tokens), 0, []
     eos = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) - {None}
     for _ in range(max_new_tokens):
-        logits = model(ids, cache=cache, start_pos=pos)[:, -1]  # (1, V): only the last position matters
+        logits = model(ids, cache=cache, start_pos=pos, last_only=True)[:, -1]  # (1, V)
         pos += ids.shape[1]
         nxt = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
         out.append(nxt)

@@ -53,6 +53,43 @@ def test_generate_kv_cache_equals_full_recompute():
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("size", [0, 12])
+def test_kv_cache_token_by_token_equals_full_recompute_and_writes_in_place(size):
+    """Decoding one token at a time: size 0 grows the buffers (room for 3 positions,
+    then 6, then 12), size 12 has room for all and is never reallocated."""
+    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
+    ids = expected("gqa")["input_ids"][:1, :12]
+    cache, steps, buffers = model.new_cache(size), [], set()
+    with torch.no_grad():
+        full = model(ids)
+        steps.append(model(ids[:, :3], cache=cache))
+        for t in range(3, 12):
+            steps.append(model(ids[:, t:t + 1], cache=cache, start_pos=t))
+            buffers.add(cache[0].k.data_ptr())
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert cache[0].len == 12 and cache[0].k.shape[2] == 12
+    assert len(buffers) == (1 if size else 2)  # grown at the 4th and the 7th position
+
+
+def test_rope_tables_are_rows_of_one_computation():
+    """Tables computed once and grown: each row is exactly rope_cos_sin of its position."""
+    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
+    inv = llama.rope_inv_freq(model.config)
+    for T, start in ((5, 0), (1, 5), (1, 9), (20, 3), (7, 40)):
+        cos, sin = model.rope_tables(T, start, torch.device("cpu"), torch.float32)
+        want = llama.rope_cos_sin(inv, torch.arange(start, start + T), torch.float32)
+        assert torch.equal(cos, want[0]) and torch.equal(sin, want[1]), (T, start)
+    cos, _ = model.rope_tables(4, 2, torch.device("cpu"), torch.bfloat16)  # another dtype: its own tables
+    assert cos.dtype == torch.bfloat16 and torch.equal(cos, llama.rope_cos_sin(inv, torch.arange(2, 6), torch.bfloat16)[0])
+
+
+def test_last_only_is_the_last_positions_logits():
+    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
+    ids = expected("gqa")["input_ids"][:, :10]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_only=True), model(ids)[:, -1:], atol=1e-5, rtol=0)
+
+
 def test_llama31_config_reads_rope_scaling():
     cfg = LlamaConfig.from_json(os.path.join(FIX, "llama31", "config.json"))
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
