@@ -1,7 +1,7 @@
 """pytest setup: the project's modules import from the repository root, torch
 uses one thread (TULU_TEST_THREADS to change it) -- the test models are tiny, and
-two threads on a busy 2-core machine are slower than one -- and every test starts
-from the same seed.
+two threads on a busy 2-core machine are slower than one -- every test starts
+from the same seed, and nothing is written to the user's ~/.cache.
 
 In a student copy (`python tulu.py exercises`, recognised by its EXERCISES.md),
 an unfinished exercise raises NotImplementedError("exercise NAME: see
@@ -33,6 +33,16 @@ def grades_an_exercise(item):
         if item.nodeid.startswith(file + "::") and word.lower() in item.name.lower():
             return True
     return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """The tests never write into the user's ~/.cache: the tiny demo model and the
+    encoded-data cache go to a folder of the session ($XDG_CACHE_HOME, which the
+    `python tulu.py` processes that tests start inherit)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -762,6 +762,14 @@ def check_vocab(tok, model_dir):
     return tok
 
 
+def tokenizer_source(adapter, model_dir):
+    """The folder whose tokenizer a run uses: the adapter's when it has one (sft and
+    dpo write the tokenizer beside the adapter), else the model's."""
+    if adapter and any(os.path.exists(os.path.join(adapter, n)) for n in ("tokenizer.model", "tokenizer.json")):
+        return adapter
+    return model_dir
+
+
 def folder_tokenizer(adapter, model_dir):
     """The tokenizer a merge copies (the adapter's, else its base's), or None where there
     is none or tulu cannot read it: merge only copies it."""
@@ -1751,14 +1759,6 @@ def exact_match(answers, references) -> float:
 
 # -----------------------------------------------------------------------------
 # Commands
-
-
-def tokenizer_source(adapter, model_dir):
-    """The folder whose tokenizer a run uses: the adapter's when it has one (sft and
-    dpo write the tokenizer beside the adapter), else the model's."""
-    if adapter and any(os.path.exists(os.path.join(adapter, n)) for n in ("tokenizer.model", "tokenizer.json")):
-        return adapter
-    return model_dir
 
 
 def stop_ids(model_dir, tok) -> list[int]:

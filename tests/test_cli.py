@@ -332,7 +332,12 @@ def test_group_by_length_pads_less_and_gives_the_same_steps(tmp_path, sft_data, 
         assert x["tokens"] == y["tokens"]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
-    assert_close_tensors(trained_tensors(outs[False]), trained_tensors(outs[True]), atol=1e-4)
+    # Adam moves a weight by about ±lr a step whatever its gradient's size, so a gradient near
+    # eps = 1e-8 that rounds the other way (another summation order) flips: up to 2 x lr x steps
+    # apart on a few weights (seen under MKL_CBWR=COMPATIBLE), the rest within rounding
+    a, b = trained_tensors(outs[False]), trained_tensors(outs[True])
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    assert diff.max() <= 2 * 1e-3 * 3 and (diff > 1e-4).float().mean() < 0.01, (diff.max(), (diff > 1e-4).sum())
 
 
 # -----------------------------------------------------------------------------
