@@ -522,6 +522,7 @@ PRETRAIN = dict(command="pretrain", method="full", lr=2e-3, max_steps=2000, epoc
                 warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8,
                 seed=0, resume=None, save_every=0, save_minutes=0,
                 device="cpu", dtype=torch.float32)
+PAGE_COPIES = 3  # data/pretrain.jsonl's reference pages are read this many times as often as a conversation
 
 
 def cache_dir():
@@ -564,13 +565,15 @@ def train_tiny_tokenizer(out_dir: str, files, vocab_size: int = 768):
 def tiny_default_model() -> str:
     """Build (once) the demo's base model and return its path: a tiny Llama as a
     real HF folder, with a sentencepiece tokenizer trained on data/, and
-    "pretrained" for a minute and a half on the plain text of data/ (no chat markers), so
-    that, as with a real base model, it knows the content and SFT teaches it to
-    chat. Deterministic on a given machine; rebuilt when data/ changes."""
+    "pretrained" for a minute and a half on plain text (no chat markers): the
+    conversations of data/sft_train.jsonl and the reference pages of
+    data/pretrain.jsonl (arithmetic tables, words spelled out, facts), so that, as
+    with a real base model, it knows the content and SFT teaches it to chat.
+    Deterministic on a given machine; rebuilt when data/ changes."""
     import hashlib
-    source = os.path.join(DATA, "sft_train.jsonl")
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read() + repr((TINY, PRETRAIN)).encode()).hexdigest()[:10]
+    source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
+    with open(source, "rb") as f, open(pages, "rb") as g:
+        digest = hashlib.sha256(f.read() + g.read() + repr((TINY, PRETRAIN, PAGE_COPIES)).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir(), f"tiny-llama-{digest}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
@@ -584,8 +587,9 @@ def tiny_default_model() -> str:
     for p in model.parameters():  # HF's init: N(0, 0.02) for matrices, ones for norms
         if p.dim() == 2:
             torch.nn.init.normal_(p, 0.0, 0.02)
-    docs = [[tok.bos_id] + tok.encode("\n".join(m["content"] for m in obj["messages"])) + [tok.eos_id]
-            for _, obj in read_jsonl(source, "sft")]
+    texts = ["\n".join(m["content"] for m in obj["messages"]) for _, obj in read_jsonl(source, "sft")]
+    texts += [obj["text"] for _, obj in read_objects(pages)] * PAGE_COPIES
+    docs = [[tok.bos_id] + tok.encode(text) + [tok.eos_id] for text in texts]
     train(argparse.Namespace(**PRETRAIN), model, [(d, d) for d in docs], SFTTask(tok.eos_id), tmp)
     save_model(model, tmp)
     shutil.rmtree(path, ignore_errors=True)

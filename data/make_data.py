@@ -1,6 +1,6 @@
 """Write the sample data sets in data/, written for this project (no third-party text).
 
-    python data/make_data.py      # rewrites the four .jsonl files, byte for byte the same
+    python data/make_data.py      # rewrites the five .jsonl files, byte for byte the same
 
 Small tasks with short answers, so that the tiny default Llama (about a million
 parameters, two minutes on a laptop CPU) visibly learns them:
@@ -199,6 +199,33 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")  # compact: small files
 
 
+# -----------------------------------------------------------------------------
+# Pre-training text: what a base model knows before SFT teaches it to chat
+
+
+def reference_pages():
+    """The knowledge the tasks draw on, written as plain reference text (no chat
+    markers, no questions): addition and subtraction tables, a page per word
+    (spelling, length, first and last letter, backwards, capitals), opposites,
+    colours, capitals, animal sounds and legs. A real base model has read such
+    text; SFT then teaches the tiny one to answer questions with it, so held-out
+    questions test the format learned in SFT and the knowledge of pre-training,
+    as in Tulu 2. No held-out question appears here: these are facts, not prompts."""
+    lines = [f"{a} + {b} = {a + b}" for a in range(21) for b in range(21)]
+    lines += [f"{a} - {b} = {a - b}" for a in range(21) for b in range(a + 1)]
+    lines += [f"The opposite of \"{x}\" is {y}. The opposite of \"{y}\" is {x}." for x, y in OPPOSITES]
+    lines += [f"{t[0].upper() + t[1:]} is {c}." for t, c in COLORS]
+    lines += [f"The capital of {c} is {city}." for c, city in CAPITALS]
+    lines += [f"A {a} says \"{s}\"." for a, s in SOUNDS]
+    lines += [f"A {a} has {NUMBER_WORDS[n]} legs." for a, n in LEGS]
+    pages = ["\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4)]  # short pages: batches pad little
+    for w in sorted(set(WORDS)):
+        pages.append(f"The word \"{w}\" is spelled {'-'.join(w)} and has {len(w)} letters.")
+        pages.append(f"The first letter of \"{w}\" is {w[0]}, the last letter is {w[-1]}. \"{w}\" backwards is "
+                     f"{w[::-1]}; in capital letters, {w.upper()}.")
+    return [{"text": p} for p in pages]
+
+
 def main(out_dir=HERE):
     r = random.Random(SEED)
     convs = [conversation(r) for _ in range(N_SFT_TRAIN + N_SFT_HELDOUT)]
@@ -214,6 +241,7 @@ def main(out_dir=HERE):
     train, held = split(prefs, lambda row: json.dumps(row["chosen"][:-1]), N_PREFS_HELDOUT, r)
     write_jsonl(os.path.join(out_dir, "prefs_train.jsonl"), train)
     write_jsonl(os.path.join(out_dir, "prefs_heldout.jsonl"), held)
+    write_jsonl(os.path.join(out_dir, "pretrain.jsonl"), reference_pages())
 
 
 if __name__ == "__main__":

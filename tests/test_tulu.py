@@ -264,7 +264,7 @@ def test_make_data_is_deterministic(tmp_path):
     make_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_data)
     make_data.main(str(tmp_path))
-    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "prefs_train.jsonl", "prefs_heldout.jsonl"):
+    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "prefs_train.jsonl", "prefs_heldout.jsonl", "pretrain.jsonl"):
         assert (tmp_path / name).read_bytes() == open(data_file(name), "rb").read(), name
 
 
@@ -279,6 +279,17 @@ def test_sample_data_held_out_prompts_are_unseen():
     ptrain = {json.dumps(o["chosen"][:-1]) for _, o in tulu.read_jsonl(data_file("prefs_train.jsonl"), "prefs")}
     pheld = {json.dumps(o["chosen"][:-1]) for _, o in tulu.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
     assert not ptrain & pheld
+
+
+def test_pretraining_pages_are_plain_text_without_the_held_out_questions():
+    """data/pretrain.jsonl holds facts, as a base model's pre-training does: no chat
+    markers, and no held-out question (SFT or preference) in any page."""
+    pages = [o["text"] for o in map(json.loads, open(data_file("pretrain.jsonl"), encoding="utf-8"))]
+    assert pages and not any("<|" in p or "</s>" in p for p in pages)
+    questions = {m["content"] for _, o in tulu.read_jsonl(data_file("sft_heldout.jsonl"), "sft")
+                 for m in o["messages"] if m["role"] == "user"}
+    questions |= {o["chosen"][-2]["content"] for _, o in tulu.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
+    assert not [q for q in questions if any(q in p for p in pages)]
 
 
 @pytest.mark.parametrize("name", ["prefs_train.jsonl", "prefs_heldout.jsonl"])
