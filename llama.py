@@ -295,10 +295,10 @@ class Llama(nn.Module):
         once (and again, twice as long, when a position beyond them is asked for), so a
         generation step computes none. Each row is rope_cos_sin of its position alone."""
         n = start_pos + T
-        if self._rope is None or self._rope[:2] != (device, dtype) or self._rope[2].shape[0] < n:
+        have = self._rope[2].shape[0] if self._rope and self._rope[:2] == (device, dtype) else 0
+        if have < n:
             inv_freq = rope_inv_freq(self.config).to(device)
-            size = max(n, 2 * self._rope[2].shape[0] if self._rope and self._rope[:2] == (device, dtype) else n)
-            self._rope = (device, dtype, *rope_cos_sin(inv_freq, torch.arange(size, device=device), dtype))
+            self._rope = (device, dtype, *rope_cos_sin(inv_freq, torch.arange(max(n, 2 * have), device=device), dtype))
         return self._rope[2][start_pos:n], self._rope[3][start_pos:n]
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False):

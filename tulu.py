@@ -570,7 +570,6 @@ def tiny_default_model() -> str:
     data/pretrain.jsonl (arithmetic tables, words spelled out, facts), so that, as
     with a real base model, it knows the content and SFT teaches it to chat.
     Deterministic on a given machine; rebuilt when data/ changes."""
-    import hashlib
     source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
     with open(source, "rb") as f, open(pages, "rb") as g:
         digest = hashlib.sha256(f.read() + g.read() + repr((TINY, PRETRAIN, PAGE_COPIES)).encode()).hexdigest()[:10]
@@ -1604,7 +1603,7 @@ def train(args, model, examples, task, out, save=None):
 # messages (SFT), chosen/rejected (preferences), question/choices/answer (multiple
 # choice). Every number is computed with the model in eval mode (no dropout).
 
-EVAL_KINDS = {"sft": ("messages",), "prefs": ("chosen", "rejected"), "choice": ("question", "choices", "answer")}
+EVAL_KINDS = {**KIND_KEYS, "choice": ("question", "choices", "answer")}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -2084,12 +2083,12 @@ SOURCES = {("sft", "full"): "Tulu 2 SFT, arXiv 2311.10702", ("sft", "lora"): "Tu
 
 
 def recipe_help(command, key, what, lora_source=None):
-    """'what (default X full [source], Y lora/qlora [source]; Z for the demo)'."""
+    """'what (default X full [source], Y lora/qlora [source]; Z for the demo[, W with full])'."""
     r = lambda m: RECIPES[(command, m)][key]
+    demo_full = RECIPES.get((command, "demo-full"), {}).get(key, r("demo"))
+    with_full = f", {demo_full} with full" if demo_full != r("demo") else ""
     return (f"{what} (default {r('full')} for full fine-tuning [{SOURCES[(command, 'full')]}], {r('lora')} "
-            f"with lora/qlora [{lora_source or SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo"
-            + (f", {r('demo-full')} with full)" if r('demo') != RECIPES.get((command, "demo-full"), {}).get(key, r('demo'))
-               else ")"))
+            f"with lora/qlora [{lora_source or SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo{with_full})")
 
 
 def positive_int(s):
