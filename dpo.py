@@ -93,9 +93,15 @@ def sequence_logps(logits, labels, average=False):
 
 
 def concatenated_logps(model, batch, average=False):
-    """One forward pass over a collate_pairs batch -> (chosen (B,), rejected (B,))."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B, T, V)
-    return split_pairs(sequence_logps(logits, batch["labels"], average))
+    """One forward pass over a collate_pairs batch -> (chosen (B,), rejected (B,)):
+    sequence_logps of each answer."""
+    # sequence_logps without the (2B, T, V) logits: the model gives log p of each learned
+    # token (llama.label_logps), whose sum over an answer is its sequence log-prob
+    logp = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    total = logp.sum(-1)  # (2B,)
+    if average:
+        total = total / (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
+    return split_pairs(total)
 
 
 # -----------------------------------------------------------------------------

@@ -301,11 +301,14 @@ class Llama(nn.Module):
             self._rope = (device, dtype, *rope_cos_sin(inv_freq, torch.arange(max(n, 2 * have), device=device), dtype))
         return self._rope[2][start_pos:n], self._rope[3][start_pos:n]
 
-    def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False):
+    def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False, labels=None):
         """input_ids (B, T) long -> logits (B, T, V). attention_mask (B, start_pos+T)
         of 1/0 marks real tokens. `cache` (from new_cache()) holds keys and values
         of the first `start_pos` positions during generation. last_only: the logits
-        of the last position alone, (B, 1, V), all that choosing the next token needs."""
+        of the last position alone, (B, 1, V), all that choosing the next token needs.
+        labels (B, T): instead of logits, the log-probability of each label given
+        the tokens before it, (B, T-1) float32, 0 where the label is -100
+        (label_logps: the training losses' input, without the (B, T, V) logits)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope_tables(T, start_pos, x.device, x.dtype)
@@ -319,11 +322,111 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, c)
         if last_only:
             x = x[:, -1:]
+        if labels is not None:
+            return label_logps(self.model.norm(x), self.lm_head, labels)
         return self.lm_head(self.model.norm(x))  # (B, T, V)
 
     def new_cache(self, size: int = 0):
         """A KVCache per layer, with room for `size` positions (grown when needed)."""
         return [KVCache(size) for _ in self.model.layers]
+
+
+# -----------------------------------------------------------------------------
+# The labels' log-probabilities without the whole logits (a fast path)
+#
+# Training needs log softmax(h W^T)[label] only at the positions that are learned,
+# not the (B, T, V) logits: with V = 32,000 to 128,256 those are the step's biggest
+# tensors, kept in float32 twice (the upcast and log_softmax's output) and filled
+# with zeros again in backward. LabelLogps takes the learned rows alone, a chunk
+# of rows at a time, and keeps per row what backward needs. reference_label_logps
+# is the plain version the tests hold it to.
+
+CHUNK_LOGITS = 2**22  # float32 logits alive at once: 16 MiB (131 rows of a 32,000-word vocabulary)
+
+
+def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), labels (B, T) -> (B, T-1) float32: log softmax(logits[t-1])[labels[t]]
+    (position t-1 predicts token t), 0 where labels[t] == -100."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = labels[:, 1:]
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (labels != -100)
+
+
+def compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product of h computes in: autocast's where it is on, else h's."""
+    on = torch.is_autocast_enabled(h.device.type)
+    return torch.get_autocast_dtype(h.device.type) if on else h.dtype
+
+
+class LabelLogps(torch.autograd.Function):
+    """(N, D) hidden rows, the (V, D) head weight, (N,) targets -> (N,) float32
+    log softmax(h W^T)[target], `rows` rows at a time, through three buffers of
+    `rows` x V reused by every chunk (fresh 16 MiB tensors each chunk would cost
+    more in page faults than the arithmetic). The gradient of a row's log-probability
+    with respect to its logits is onehot(target) - softmax, known in forward: with W
+    frozen (LoRA) forward keeps that times W, (N, D), and backward only scales it by
+    the incoming gradient; with W trained it keeps the (N, V) difference itself in
+    the compute dtype (a fifth of the bytes of the float32 logits and log-softmax
+    the plain path keeps). Kept with the opposite sign: softmax - onehot."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows):
+        N, V, cd = len(h), weight.shape[0], compute_dtype(h)
+        need_h, keep_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(cd)
+        out = torch.empty(N, dtype=torch.float32, device=h.device)
+        z = torch.empty(min(rows, N), V, dtype=cd, device=h.device)  # logits as the model rounds them
+        z32, logp = torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32)
+        if keep_w:
+            kept = torch.empty(N, V, dtype=cd, device=h.device)
+        elif need_h:
+            kept = torch.empty(N, weight.shape[1], dtype=cd, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, N, rows):
+                n, t = min(rows, N - s), targets[s:s + rows]
+                torch.mm(h[s:s + n].to(cd), w.t(), out=z[:n])
+                z32[:n].copy_(z[:n])
+                torch.log_softmax(z32[:n], dim=-1, out=logp[:n])
+                out[s:s + n] = logp[:n].gather(1, t[:, None]).squeeze(1)
+                if not (need_h or keep_w):
+                    continue
+                p = torch.exp(logp[:n], out=z32[:n])  # softmax
+                p[torch.arange(n, device=p.device), t] -= 1  # softmax - onehot, in float32
+                if keep_w:
+                    kept[s:s + n].copy_(p)
+                else:
+                    z[:n].copy_(p)
+                    torch.mm(z[:n], w, out=kept[s:s + n])  # (n, D)
+        ctx.keep_w, ctx.dtype, ctx.h_dtype = keep_w, cd, h.dtype
+        if need_h or keep_w:
+            ctx.save_for_backward(kept, *((h, weight) if keep_w else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        kept, *hw = ctx.saved_tensors
+        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V) or, times W, per h (N, D)
+        if not ctx.keep_w:
+            return d.to(ctx.h_dtype), None, None, None
+        h, weight = hw
+        grad_w = (d.t() @ h.to(ctx.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_h = (d @ weight.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        return grad_h, grad_w, None, None
+
+
+def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """reference_label_logps(head(h), labels), computed by LabelLogps on the learned
+    positions only. h (B, T, D) final hidden states, head the model's lm_head, labels
+    (B, T) -> (B, T-1) float32, 0 where the label is -100. A head that is not a plain
+    bias-free nn.Linear (a LoRA or 4-bit layer) takes the plain path."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return reference_label_logps(head(h), labels)
+    labels = labels[:, 1:]
+    learned = labels != -100  # (B, T-1)
+    rows = rows or max(1, CHUNK_LOGITS // head.out_features)
+    logp = LabelLogps.apply(h[:, :-1][learned], head.weight, labels[learned], rows)  # (N,)
+    return torch.zeros(labels.shape, dtype=torch.float32, device=h.device).index_put((learned,), logp)
 
 
 # -----------------------------------------------------------------------------

@@ -671,10 +671,9 @@ class SFTTask:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def loss(self, model, batch, denom):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                              ignore_index=-100, reduction="sum")
-        return nll / denom, {}
+        # log p of each learned token (llama.label_logps: the whole logits are never built)
+        logp = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return -logp.sum() / denom, {}
 
 
 class DPOTask:
@@ -1703,8 +1702,8 @@ def choice_scores(model, rows, args, pad_id) -> list[float]:
     scores = []
     for _, batch in eval_batches(model, rows, SFTTask(pad_id), args, "choices"):
         with autocast(args):
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        scores += dpo.sequence_logps(logits, batch["labels"]).tolist()
+            logp = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        scores += logp.sum(-1).tolist()
     return scores
 
 

@@ -291,3 +291,87 @@ def test_tokenizer_json_only_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(TuluError, match="tokenizer.json"):
         llama.Tokenizer(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# label_logps: the labels' log-probabilities without the whole logits
+
+
+def head_and_rows(dtype, trained, V=50, D=16, seed=0):
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(D, V, bias=False).to(dtype).requires_grad_(trained)
+    h = torch.randn(3, 7, D, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, V, (3, 7))
+    labels[0, :4] = -100   # a prompt
+    labels[2, 1:] = -100   # a row with nothing to learn
+    return head, h, labels
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, None])
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_logps_equals_the_plain_path_and_its_gradients(dtype, trained, rows):
+    """Values and gradients (of h, and of the head when it is trained) as log_softmax over
+    the whole logits gives them, whatever the chunk of rows; each position weighted
+    differently (as DPO's per-answer gradients weight them)."""
+    head, h, labels = head_and_rows(dtype, trained)
+    weights = torch.randn(3, 6)
+    ref = llama.reference_label_logps(head(h), labels)
+    (ref * weights).sum().backward()
+    want = [h.grad] + ([head.weight.grad] if trained else [])
+    h.grad, head.weight.grad = None, None
+    got = llama.label_logps(h, head, labels, rows=rows)
+    (got * weights).sum().backward()
+    # float32: rounding only; bf16: the gradient is rounded to bf16 at another point (2**-8 relative)
+    # (a chunk's product may round a bf16 logit differently from the whole one: 2**-6 at |z| ~ 4)
+    fp32 = dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-5 if fp32 else 0.02, rtol=1e-5 if fp32 else 0)
+    assert (got[labels[:, 1:] == -100] == 0).all()
+    tol = dict(atol=1e-6, rtol=1e-5) if fp32 else dict(atol=0.02 * want[0].abs().max().item(), rtol=0.02)
+    for g, w in zip([h.grad] + ([head.weight.grad] if trained else []), want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_label_logps_with_nothing_learned_is_zero_with_zero_gradient():
+    head, h, labels = head_and_rows(torch.float32, True)
+    labels[:] = -100
+    got = llama.label_logps(h, head, labels)
+    got.sum().backward()
+    assert torch.equal(got, torch.zeros(3, 6)) and not h.grad.any() and not head.weight.grad.any()
+
+
+def test_label_logps_keeps_no_logits_for_backward():
+    """With the head frozen (LoRA) backward needs (N, D) per learned row, not (B, T, V)."""
+    head, h, labels = head_and_rows(torch.float32, False, V=500)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        llama.label_logps(h, head, labels, rows=2)
+    assert max(sizes) <= h.numel()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        llama.reference_label_logps(head(h), labels)
+    assert max(sizes) >= 3 * 6 * 500  # the plain path keeps the logits' size
+
+
+def test_label_logps_under_autocast_computes_in_its_dtype():
+    """A float32 head under bf16 autocast: the logits are rounded to bf16 as F.linear's are."""
+    head, h, labels = head_and_rows(torch.float32, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = llama.reference_label_logps(head(h), labels)
+        got = llama.label_logps(h, head, labels, rows=2)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_labels_give_transformers_log_probs(name):
+    """model(ids, attention_mask, labels=...) against log_softmax of transformers' own
+    logits (the fixture) at the learned positions: padding and prompt are -100."""
+    ref = expected(name)
+    model = load_model(os.path.join(FIX, name), dtype=torch.float32)
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, labels=labels)
+    want = llama.reference_label_logps(ref["logits_masked"], labels)
+    assert got.shape == want.shape and (labels[:, 1:] != -100).sum() > 4
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
