@@ -1,17 +1,24 @@
-"""Time and peak memory of one QLoRA training step, ours against transformers +
-PEFT + bitsandbytes on the same checkpoint, measured in the same run. A
-benchmark, not a test: run it in a venv that has transformers, peft and
+"""Time and peak memory of one training step, ours against transformers (+ PEFT +
+bitsandbytes for QLoRA) on the same checkpoint and batch, measured in the same
+run. A benchmark, not a test: run it in a venv that has transformers, peft and
 bitsandbytes.
 
-    python bench/qlora_step.py [--steps 6] [--batch 4] [--seq 256] [--layers 4] [--device cpu|cuda]
+    python bench/train_step.py [--method qlora|full] [--prompt 0.5] [--steps 6] [--batch 4] [--seq 256]
+                               [--layers 4] [--device cpu|cuda]
 
 A random Llama (Llama 2's proportions, --layers decoder layers) is written by
 transformers once. Each side then runs in a fresh subprocess, the two
-alternating --rounds times: load the base in NF4 with double quantization and
-bf16 compute, LoRA r=16 (alpha 16, dropout 0.05) on all seven projections,
-paged AdamW (ours: PagedAdamW; theirs: bitsandbytes' PagedAdamW32bit where it
-runs, else torch's AdamW), then --steps optimiser steps on the same random
-batch. Printed per side: the first loss (equal up to one bf16 rounding), the
+alternating --rounds times:
+- qlora: load the base in NF4 with double quantization and bf16 compute, LoRA
+  r=16 (alpha 16, dropout 0.05) on all seven projections, paged AdamW (ours:
+  PagedAdamW; theirs: bitsandbytes' PagedAdamW32bit where it runs, else torch's
+  AdamW);
+- full: the bf16 model, every weight trained by torch's AdamW;
+then --steps optimiser steps on the same random batch, each side computing the
+mean cross-entropy of the learned tokens its own way (ours as tulu.py's SFT
+loss, model(ids, labels=...); theirs transformers' model(input_ids, labels=...).loss).
+--prompt F masks the first F of every row from the loss (label -100), as an SFT
+prompt is. Printed per side: the first loss (equal up to bf16 rounding), the
 median step time after the first, peak resident memory (CPU) or peak allocated
 memory (CUDA); then ours divided by theirs (< 1: we are faster / smaller).
 """
@@ -37,19 +44,23 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def batch(args, vocab):
+    """Random token ids (B, T) and their labels: every token learned, or with --prompt F
+    the first F of each row masked (-100) as an SFT prompt is."""
     import torch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-    return ids.to(args.device)
+    labels = ids.clone()
+    labels[:, :int(args.prompt * args.seq)] = -100
+    return ids.to(args.device), labels.to(args.device)
 
 
-def training_step(logits_of, opt, ids):
-    """One optimiser step of next-token cross-entropy on `ids`, the same for both sides."""
-    import torch.nn.functional as F
+def training_step(loss_of, opt, ids_labels):
+    """One optimiser step of the mean next-token cross-entropy of the learned tokens,
+    each side computing it its own way (ours: tulu.py's SFT loss; theirs:
+    transformers' loss from `labels`)."""
 
     def step():
-        logits = logits_of(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = loss_of(*ids_labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,11 +82,17 @@ def ours(args, path):
     import lora
     from nf4 import PagedAdamW
     torch.manual_seed(0)
-    model = llama.load_model(path, dtype=torch.bfloat16, device=args.device, quantize="nf4")
-    lora.add_lora(model, r=16, alpha=16, dropout=0.05)
+    if args.method == "full":
+        model = llama.load_model(path, dtype=torch.bfloat16, device=args.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    else:
+        model = llama.load_model(path, dtype=torch.bfloat16, device=args.device, quantize="nf4")
+        lora.add_lora(model, r=16, alpha=16, dropout=0.05)
+        opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return training_step(lambda ids: model(ids), opt, batch(args, model.config.vocab_size))
+    def loss_of(ids, labels):  # as tulu.SFTTask.loss
+        return -model(ids, labels=labels).sum() / (labels[:, 1:] != -100).sum()
+    return training_step(loss_of, opt, batch(args, model.config.vocab_size))
 
 
 def theirs(args, path):
@@ -83,6 +100,12 @@ def theirs(args, path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     torch.manual_seed(0)
+    if args.method == "full":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=args.device)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        return training_step(lambda ids, labels: model(input_ids=ids, labels=labels).loss, opt,
+                             batch(args, model.config.vocab_size))
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=q,
@@ -95,7 +118,8 @@ def theirs(args, path):
         opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4)
     except Exception:
         opt = torch.optim.AdamW(params, lr=1e-4)
-    return training_step(lambda ids: model(input_ids=ids).logits, opt, batch(args, model.config.vocab_size))
+    return training_step(lambda ids, labels: model(input_ids=ids, labels=labels).loss, opt,
+                         batch(args, model.config.vocab_size))
 
 
 def child(args):
@@ -116,11 +140,14 @@ def child(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", choices=["qlora", "full"], default="qlora")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each side (default %(default)s)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt", type=float, default=0.0,
+                    help="fraction of each row masked from the loss, as a prompt (default %(default)s: all learned)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -137,11 +164,14 @@ def main():
         for _ in range(args.rounds):
             for side in ("ours", "theirs"):
                 cmd = [sys.executable, __file__, "--side", side, "--path", d, "--device", args.device,
-                       "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+                       "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                       "--prompt", str(args.prompt), "--method", args.method]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 results[side].append(json.loads(out.strip().splitlines()[-1]))
+    what = ("LoRA r=16 on all projections, NF4 + double quant, bf16 compute" if args.method == "qlora"
+            else "full fine-tuning in bf16, AdamW")
     print(f"{args.device}, {torch.get_num_threads()} threads; {args.layers} layers of hidden 1024, batch "
-          f"{args.batch}x{args.seq}, LoRA r=16 on all projections, NF4 + double quant, bf16 compute")
+          f"{args.batch}x{args.seq} with {args.prompt:.0%} of each row a prompt; {what}")
     best = {s: {k: min(r[k] for r in rs) if k != "first_loss" else rs[0][k] for k in rs[0]}
             for s, rs in results.items()}
     for side, r in best.items():
