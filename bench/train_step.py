@@ -13,7 +13,8 @@ alternating --rounds times:
   r=16 (alpha 16, dropout 0.05) on all seven projections, paged AdamW (ours:
   PagedAdamW; theirs: bitsandbytes' PagedAdamW32bit where it runs, else torch's
   AdamW);
-- full: the bf16 model, every weight trained by torch's AdamW;
+- full: the bf16 model, every weight trained by torch's fused AdamW (Trainer's
+  default optimiser with torch >= 2.8, and tulu.py's);
 then --steps optimiser steps on the same random batch, each side computing the
 mean cross-entropy of the learned tokens its own way (ours as tulu.py's SFT
 loss, model(ids, labels=...); theirs transformers' model(input_ids, labels=...).loss).
@@ -84,7 +85,7 @@ def ours(args, path):
     torch.manual_seed(0)
     if args.method == "full":
         model = llama.load_model(path, dtype=torch.bfloat16, device=args.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     else:
         model = llama.load_model(path, dtype=torch.bfloat16, device=args.device, quantize="nf4")
         lora.add_lora(model, r=16, alpha=16, dropout=0.05)
@@ -103,7 +104,7 @@ def theirs(args, path):
     if args.method == "full":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=args.device)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         return training_step(lambda ids, labels: model(input_ids=ids, labels=labels).loss, opt,
                              batch(args, model.config.vocab_size))
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
