@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -248,13 +247,18 @@ def bits_per_param(q: NF4Tensor) -> float:
 # Linear4bit: a frozen NF4 weight inside the model
 
 
-@lru_cache(maxsize=None)
+PAIRS: dict[torch.device, torch.Tensor] = {}  # nf4_pairs' tables, one per device (a dict, which torch.compile reads)
+
+
 def nf4_pairs(device) -> torch.Tensor:
     """(256,) int64: for each byte value, the two float32 NF4 values it holds (high
     nibble first) side by side in one 8-byte word. Looking up one word per byte
     is several times faster than a (256, 2) table's rows of two floats."""
-    pairs = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], dim=1)  # (256, 2) float32
-    return pairs.contiguous().view(torch.int64).view(256).to(device)
+    device = torch.device(device)
+    if device not in PAIRS:
+        pairs = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], dim=1)  # (256, 2) float32
+        PAIRS[device] = pairs.contiguous().view(torch.int64).view(256).to(device)
+    return PAIRS[device]
 
 
 def dequantize_nf4_fast(q: NF4Tensor) -> torch.Tensor:

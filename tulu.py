@@ -639,7 +639,20 @@ def build_policy(args, path):
     else:
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     model.gradient_checkpointing = args.gradient_checkpointing
+    if getattr(args, "compile", False):
+        compile_layers(model)
     return shard(model, dist_of(args)) if fsdp else model
+
+
+def compile_layers(model):
+    """--compile: torch.compile each decoder layer in place (state_dict keys unchanged).
+    The layers are alike, so they share the compiled code: inductor fuses the
+    elementwise work around the matrix products (norms, rotary, SiLU, LoRA's casts and
+    adds, NF4's dequantization) into generated kernels. The first step pays for the
+    compilation (tens of seconds); a change of shape (another sequence length) compiles
+    again, up to torch._dynamo's recompile limit, then runs the plain layer."""
+    for layer in model.model.layers:
+        layer.compile()
 
 
 def build_optimizer(args, model):
@@ -2134,6 +2147,9 @@ def training_flags(p, command):
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1 for sft, Tulu 2 QLoRA model card; "
                                                       "0 for dpo so that policy = reference at step 0, as TRL)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (QLoRA)")
+    p.add_argument("--compile", action="store_true", help=(
+        "torch.compile each decoder layer (default: off): fused kernels for the elementwise work, meant for "
+        "CUDA; the first step compiles for tens of seconds, and on a CPU the step is no faster (README)"))
     p.add_argument("--group-by-length", action="store_true", help=(
         "cut each step's examples into micro-batches longest first, so that little is padded: faster on data "
         "of mixed lengths; the step's examples and summed gradient stay the same, only dropout masks and "

@@ -3,7 +3,7 @@ bitsandbytes for QLoRA) on the same checkpoint and batch, measured in the same
 run. A benchmark, not a test: run it in a venv that has transformers, peft and
 bitsandbytes.
 
-    python bench/train_step.py [--method qlora|full] [--prompt 0.5] [--steps 6] [--batch 4] [--seq 256]
+    python bench/train_step.py [--method qlora|full] [--prompt 0.5] [--compile] [--steps 6] [--batch 4] [--seq 256]
                                [--layers 4] [--device cpu|cuda]
 
 A random Llama (Llama 2's proportions, --layers decoder layers) is written by
@@ -18,7 +18,8 @@ alternating --rounds times:
 then --steps optimiser steps on the same random batch, each side computing the
 mean cross-entropy of the learned tokens its own way (ours as tulu.py's SFT
 loss, model(ids, labels=...); theirs transformers' model(input_ids, labels=...).loss).
---prompt F masks the first F of every row from the loss (label -100), as an SFT
+--compile runs ours through tulu.py's --compile (its first step, which
+compiles, is not timed). --prompt F masks the first F of every row from the loss (label -100), as an SFT
 prompt is. Printed per side: the first loss (equal up to bf16 rounding), the
 median step time after the first, peak resident memory (CPU) or peak allocated
 memory (CUDA); then ours divided by theirs (< 1: we are faster / smaller).
@@ -91,6 +92,9 @@ def ours(args, path):
         lora.add_lora(model, r=16, alpha=16, dropout=0.05)
         opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
+    if args.compile:
+        import tulu
+        tulu.compile_layers(model)
     def loss_of(ids, labels):  # as tulu.SFTTask.loss
         return -model(ids, labels=labels).sum() / (labels[:, 1:] != -100).sum()
     return training_step(loss_of, opt, batch(args, model.config.vocab_size))
@@ -142,6 +146,7 @@ def child(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", choices=["qlora", "full"], default="qlora")
+    ap.add_argument("--compile", action="store_true", help="ours with tulu.py's --compile (torch.compile per layer)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each side (default %(default)s)")
     ap.add_argument("--batch", type=int, default=4)
@@ -166,7 +171,7 @@ def main():
             for side in ("ours", "theirs"):
                 cmd = [sys.executable, __file__, "--side", side, "--path", d, "--device", args.device,
                        "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--prompt", str(args.prompt), "--method", args.method]
+                       "--prompt", str(args.prompt), "--method", args.method] + ["--compile"] * args.compile
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 results[side].append(json.loads(out.strip().splitlines()[-1]))
     what = ("LoRA r=16 on all projections, NF4 + double quant, bf16 compute" if args.method == "qlora"

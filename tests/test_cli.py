@@ -340,6 +340,20 @@ def test_group_by_length_pads_less_and_gives_the_same_steps(tmp_path, sft_data, 
     assert diff.max() <= 2 * 1e-3 * 3 and (diff > 1e-4).float().mean() < 0.01, (diff.max(), (diff > 1e-4).sum())
 
 
+def test_compile_gives_the_same_steps(tmp_path, sft_data):
+    """--compile (torch.compile of each decoder layer, NF4 dequantization and LoRA inside)
+    trains as the plain layers do: the same losses and adapter to float rounding (fused
+    kernels sum in another order), and writes the same files."""
+    data = first_lines(sft_data, 8, tmp_path / "eight.jsonl")
+    outs = {c: tmp_path / f"compiled{c}" for c in (False, True)}
+    for compiled, out in outs.items():
+        cli("sft", *SMALL, "--data", data, "--method", "qlora", "--max-steps", 2, "--lr", 1e-3, "--lora-dropout", 0,
+            "--batch-size", 4, "--output", out, *["--compile"] * compiled)
+    for x, y in zip(metrics(outs[False]), metrics(outs[True])):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+    assert_close_tensors(trained_tensors(outs[True]), trained_tensors(outs[False]), atol=1e-4)
+
+
 # -----------------------------------------------------------------------------
 # Ctrl-C and --resume: the resumed run continues the uninterrupted one (SIGTERM, SIGKILL
 # and kills during a checkpoint's write: tests/test_resume.py)
