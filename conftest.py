@@ -39,9 +39,12 @@ def grades_an_exercise(item):
 def private_cache(tmp_path_factory):
     """The tests never write into the user's ~/.cache: the tiny demo model and the
     encoded-data cache go to a folder of the session ($XDG_CACHE_HOME, which the
-    `python tulu.py` processes that tests start inherit)."""
+    `python tulu.py` processes that tests start inherit). So do --compile's kernels:
+    inductor's shared cache in /tmp does not tell the instruction sets apart, and
+    tests/cpu_matrix.sh changes them between runs."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor_cache")))
         yield
 
 
