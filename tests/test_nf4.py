@@ -186,6 +186,14 @@ def test_quantize_nf4_in_slices_equals_whole(monkeypatch, slice_size):
     assert torch.equal(q.packed, nf4.pack_nibbles(codes)) and torch.equal(q.absmax, absmax)
 
 
+def test_quantize_nf4_slices_refuses_a_cut_block():
+    """Only the last slice may be shorter: a short one before it would cut a block."""
+    w = torch.randn(512)
+    assert torch.equal(nf4.quantize_nf4_slices([w[:128], w[128:]], w.shape, w.dtype).packed, quantize_nf4(w).packed)
+    with pytest.raises(ValueError, match="only the last slice"):
+        nf4.quantize_nf4_slices([w[:100], w[100:]], w.shape, w.dtype)
+
+
 def test_pack_nibbles_order():
     # earlier code in the high nibble; an odd count padded with the zero code 7
     packed = nf4.pack_nibbles(torch.tensor([1, 2, 3], dtype=torch.uint8))
