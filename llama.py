@@ -464,9 +464,13 @@ def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
     mod_name, _, name = key.rpartition(".")
     mod = model.get_submodule(mod_name)
     old = getattr(mod, name)
-    if tuple(old.shape) != tuple(value.shape):
-        raise TuluError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}")
+    check_shape(key, value.shape, old.shape)
     setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+def check_shape(key: str, got, want):
+    if tuple(got) != tuple(want):
+        raise TuluError(f"{key}: checkpoint shape {tuple(got)} != model shape {tuple(want)}")
 
 
 def decoder_linear(key: str) -> bool:
@@ -477,7 +481,9 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     """Load an HF Llama folder. The model is built on the `meta` device (no memory)
     and filled one tensor at a time, so peak memory is the model plus one tensor.
     quantize="nf4" turns each decoder linear weight into 4-bit as it is read
-    (QLoRA); embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
+    (QLoRA), a slice at a time (load_nf4_linear): the peak is the 4-bit model
+    plus one slice. Embeddings, norms and lm_head stay in `dtype`, as
+    bitsandbytes does."""
     from safetensors import SafetensorError, safe_open
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
@@ -493,16 +499,16 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
                leave=False, disable=len(expected) < 100)  # a real model, not a test's tiny one
     for fname in files:
         try:
-            with safe_open(fname, framework="pt", device="cpu", **backend) as f:
+            with safe_open(fname, framework="pt", device="cpu", **backend) as f, SafetensorsSlices(fname) as raw:
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq"):
                         continue  # old checkpoints stored RoPE tables; we compute them
                     if key not in expected:
                         raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
-                    # no local name for the tensor: once quantized, nothing holds the full-precision copy
-                    set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
                     if quantize == "nf4" and decoder_linear(key):
-                        quantize_module(model, key.rpartition(".")[0], dtype)
+                        load_nf4_linear(model, key, raw, dtype, device)
+                    else:
+                        set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
                     seen.add(key)
                     bar.update()
         except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
@@ -518,12 +524,72 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     return model.eval()
 
 
-def quantize_module(model: nn.Module, name: str, compute_dtype):
-    """Swap the nn.Linear called `name` for an NF4 Linear4bit (chapter 2)."""
-    from nf4 import Linear4bit
-    parent_name, _, child = name.rpartition(".")
+def load_nf4_linear(model: nn.Module, key: str, raw: "SafetensorsSlices", dtype, device):
+    """Read the decoder weight `key` and put it in the model as an NF4 Linear4bit
+    (chapter 2), in place of its meta nn.Linear.
+
+    The weight is read and quantized slice by slice (nf4.quantize_nf4_slices), so
+    neither the whole weight nor whole-weight temporaries are ever in memory:
+    read at once, a weight of Llama-2-7B's MLP is 86 MiB in bf16 and its
+    quantizing temporaries as much again, on top of the 4-bit model. Each slice
+    is cast to `dtype` before quantizing, as transformers quantizes the weight it
+    loaded in that dtype: the bytes are those of quantizing the whole tensor."""
+    from nf4 import Linear4bit, quantize_nf4_slices, slice_size
+    parent_name, _, child = key.rpartition(".")[0].rpartition(".")
     parent = model.get_submodule(parent_name)
-    setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), compute_dtype=compute_dtype))
+    linear = getattr(parent, child)
+    check_shape(key, raw.shape(key), linear.weight.shape)
+    slices = (s.to(device=device, dtype=dtype) for s in raw.slices(key, slice_size()))
+    q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
+    setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
+
+
+SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class SafetensorsSlices:
+    """Reads a tensor of a safetensors file a slice at a time, each slice straight
+    from the file into memory of its own (safetensors reads a tensor whole, even
+    for a slice of it; through mmap its pages would stay in our RSS).
+
+    The format is simple: 8 bytes, the length of a JSON header (little-endian);
+    the header, giving each tensor's dtype, shape and data_offsets (begin, end)
+    into the bytes that follow it; then those bytes, each tensor's values in
+    row-major order, little-endian. load_model opens the file with safetensors
+    first, which checks the header and the file's size, so the header read here
+    is a valid one."""
+
+    def __init__(self, fname: str):
+        self.fname, self.file = fname, open(fname, "rb", buffering=0)
+        n = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(n))
+        self.data_start = 8 + n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self.header[key]["shape"])
+
+    def slices(self, key: str, n: int):
+        """The values of `key`, flat and in order, `n` at a time (the last slice
+        may hold fewer), each a new tensor in the file's dtype."""
+        info = self.header[key]
+        dtype = SAFE_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise TuluError(f"{self.fname}: {key} is {info['dtype']}; a weight to quantize must be one of "
+                            f"{', '.join(SAFE_DTYPES)}")
+        begin, end = info["data_offsets"]
+        step = n * dtype.itemsize
+        for offset in range(begin, end, step):
+            buf = torch.empty(min(step, end - offset), dtype=torch.uint8)
+            self.file.seek(self.data_start + offset)
+            if self.file.readinto(buf.numpy()) != buf.numel():
+                raise TuluError(f"{self.fname}: ends inside {key} (truncated?)")
+            yield buf.view(dtype)
 
 
 def atomic_write(path: str, write):

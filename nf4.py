@@ -15,7 +15,8 @@ bitsandbytes stores them:
 `Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward
 and again in backward: gradients reach the input (and chapter 3's LoRA
 adapters), never the weight. llama.load_model(..., quantize="nf4") quantizes
-each decoder weight as it is read; the full-precision model never exists.
+each decoder weight as it is read, a slice at a time (quantize_nf4_slices):
+neither the full-precision model nor a whole full-precision weight ever exists.
 
 Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom.
 """
@@ -211,12 +212,41 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     (double_quantize). The same bytes as bitsandbytes' quantize_4bit(w, blocksize,
     compress_statistics=double_quant, quant_type="nf4"), from the weight in its
     own dtype (a bf16 weight is quantized from its bf16 values)."""
-    # SLICE weights at a time, rounded to an even number of whole blocks (no block or
-    # byte is split), so the float32 temporaries stay small whatever the weight's size.
-    step, code = 2 * blocksize * max(1, SLICE // (2 * blocksize)), NF4.to(w.device)
-    parts = [quantize_blockwise(c.float(), code, blocksize) for c in w.detach().reshape(-1).split(step)]
-    absmax = torch.cat([a for _, a in parts])
-    q = NF4Tensor(torch.cat([pack_nibbles(c) for c, _ in parts]), absmax, w.shape, w.dtype, blocksize)
+    slices = w.detach().reshape(-1).split(slice_size(blocksize))
+    return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant, w.device)
+
+
+def slice_size(blocksize: int = 64) -> int:
+    """SLICE rounded to an even number of whole blocks: cut there, a weight's
+    slices split no block (each keeps its own absmax) and no byte (two codes)."""
+    return 2 * blocksize * max(1, SLICE // (2 * blocksize))
+
+
+def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True,
+                        device="cpu") -> NF4Tensor:
+    """quantize_nf4 of a weight of `shape` given as its flat values in order, in
+    slices of slice_size(blocksize) (the last may be shorter), bit for bit.
+
+    Each slice is quantized and its packed codes and block scales written into
+    place at once, so the float32 temporaries are one slice's and nothing of the
+    weight outlives its slice: with slices read one at a time from a file
+    (llama.load_model), a full-precision weight is never in memory at all."""
+    n = math.prod(shape)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
+    code, done = NF4.to(device), 0
+    for s in slices:
+        if done % (2 * blocksize):  # a short slice before this one: its last block or byte was cut
+            raise ValueError(f"quantize_nf4_slices: a slice follows {done} weights, not a multiple of "
+                             f"{2 * blocksize}; only the last slice may be shorter")
+        codes, scales = quantize_blockwise(s.float().reshape(-1), code, blocksize)
+        two_codes = pack_nibbles(codes)
+        packed[done // 2:done // 2 + len(two_codes)] = two_codes
+        absmax[done // blocksize:done // blocksize + len(scales)] = scales
+        done += s.numel()
+    if done != n:
+        raise ValueError(f"quantize_nf4_slices: slices of {done} weights for a shape of {n}")
+    q = NF4Tensor(packed, absmax, torch.Size(shape), dtype, blocksize)
     if double_quant:
         q.absmax, q.nested_absmax, q.nested_offset = double_quantize(absmax)
     return q

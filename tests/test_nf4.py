@@ -2,7 +2,6 @@
 tests/make_fixtures.py), plus the invariants a student can check by hand."""
 import math
 import os
-import weakref
 
 import pytest
 import torch
@@ -186,6 +185,14 @@ def test_quantize_nf4_in_slices_equals_whole(monkeypatch, slice_size):
     assert torch.equal(q.packed, nf4.pack_nibbles(codes)) and torch.equal(q.absmax, absmax)
 
 
+def test_quantize_nf4_slices_refuses_a_cut_block():
+    """Only the last slice may be shorter: a short one before it would cut a block."""
+    w = torch.randn(512)
+    assert torch.equal(nf4.quantize_nf4_slices([w[:128], w[128:]], w.shape, w.dtype).packed, quantize_nf4(w).packed)
+    with pytest.raises(ValueError, match="only the last slice"):
+        nf4.quantize_nf4_slices([w[:100], w[100:]], w.shape, w.dtype)
+
+
 def test_pack_nibbles_order():
     # earlier code in the high nibble; an odd count padded with the zero code 7
     packed = nf4.pack_nibbles(torch.tensor([1, 2, 3], dtype=torch.uint8))
@@ -331,17 +338,31 @@ def test_load_model_nf4_quantizes_the_load_dtype_copy():
     assert model.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
 
 
-def test_quantize_module_frees_the_full_precision_weight():
-    """load_model calls quantize_module right after reading each decoder weight;
-    afterwards nothing holds that weight (nor a view of it), so it is freed at once."""
-    model = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.float32)
-    name = "model.layers.0.mlp.up_proj"
-    weight = weakref.ref(model.get_submodule(name).weight)
-    ptr = weight().untyped_storage().data_ptr()
-    llama.quantize_module(model, name, torch.float32)
-    layer = model.get_submodule(name)
-    assert isinstance(layer, Linear4bit) and weight() is None
-    assert all(t.untyped_storage().data_ptr() != ptr for t in [*layer.buffers(), *layer.parameters()])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_load_model_nf4_reads_each_weight_in_slices(monkeypatch, dtype):
+    """load_model(quantize="nf4") reads each decoder weight straight from the file
+    nf4.slice_size() values at a time, never whole (here slices of 2 blocks, so
+    every weight is cut in many), and its 4-bit state is bit for bit that of
+    quantizing the whole weight, loaded in `dtype`, at once."""
+    path = os.path.join(FIX, "llama", "gqa")
+    plain = llama.load_model(path, dtype=dtype)
+    monkeypatch.setattr(nf4, "SLICE", 128)
+    sizes, read = [], llama.SafetensorsSlices.slices
+
+    def slices(self, key, n):
+        for s in read(self, key, n):
+            sizes.append(s.numel())
+            yield s
+    monkeypatch.setattr(llama.SafetensorsSlices, "slices", slices)
+    model = llama.load_model(path, dtype=dtype, quantize="nf4")
+    weights = {n: p for n, p in plain.named_parameters() if llama.decoder_linear(n)}
+    assert max(sizes) == 128 and sum(sizes) == sum(w.numel() for w in weights.values())
+    monkeypatch.setattr(nf4, "SLICE", 2**30)  # the reference: each weight quantized in one piece
+    for name, w in weights.items():
+        got, want = model.get_submodule(name.rpartition(".")[0]).quant_state(), quantize_nf4(w)
+        for field in ("packed", "absmax", "nested_absmax", "nested_offset"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (name, field)
+        assert got.dtype == dtype
 
 
 def test_load_model_nf4_closer_to_full_precision_than_int4():
