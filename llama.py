@@ -22,7 +22,7 @@ import math
 import os
 import re
 import unicodedata
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from itertools import chain
@@ -398,7 +398,7 @@ class LabelLogps(torch.autograd.Function):
                 else:
                     z[:n].copy_(p)
                     torch.mm(z[:n], w, out=kept[s:s + n])  # (n, D)
-        ctx.keep_w, ctx.dtype, ctx.h_dtype = keep_w, cd, h.dtype
+        ctx.dtype, ctx.h_dtype = cd, h.dtype
         if need_h or keep_w:
             ctx.save_for_backward(kept, *((h, weight) if keep_w else ()))
         return out
@@ -407,10 +407,10 @@ class LabelLogps(torch.autograd.Function):
     def backward(ctx, g):
         kept, *hw = ctx.saved_tensors
         d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V) or, times W, per h (N, D)
-        if not ctx.keep_w:
+        if not ctx.needs_input_grad[1]:  # the head is frozen: d is already per h
             return d.to(ctx.h_dtype), None, None, None
         h, weight = hw
-        grad_w = (d.t() @ h.to(ctx.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = (d.t() @ h.to(ctx.dtype)).to(weight.dtype)
         grad_h = (d @ weight.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
         return grad_h, grad_w, None, None
 
@@ -499,7 +499,8 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
                leave=False, disable=len(expected) < 100)  # a real model, not a test's tiny one
     for fname in files:
         try:
-            with safe_open(fname, framework="pt", device="cpu", **backend) as f, SafetensorsSlices(fname) as raw:
+            with safe_open(fname, framework="pt", device="cpu", **backend) as f, \
+                    (SafetensorsSlices(fname) if quantize else nullcontext()) as raw:  # raw: read in slices
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq"):
                         continue  # old checkpoints stored RoPE tables; we compute them
@@ -1135,7 +1136,6 @@ class KVCache:
         self.k[:, :, self.len:n], self.v[:, :, self.len:n] = k, v
         self.len = n
         return self.k[:, :, :n], self.v[:, :, :n]
-
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
