@@ -221,10 +221,11 @@ class Attention(nn.Module):
         super().__init__()
         self.H, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.Dh, bias=b)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
-        self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=b)
+        # Linear: nn.Linear with a fast path for generation on a CPU (the last chapter)
+        self.q_proj = Linear(cfg.hidden_size, self.H * self.Dh, bias=b)
+        self.k_proj = Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
+        self.v_proj = Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
+        self.o_proj = Linear(self.H * self.Dh, cfg.hidden_size, bias=b)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -244,9 +245,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         D, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(D, I, bias=b)
-        self.up_proj = nn.Linear(D, I, bias=b)
-        self.down_proj = nn.Linear(I, D, bias=b)
+        self.gate_proj = Linear(D, I, bias=b)
+        self.up_proj = Linear(D, I, bias=b)
+        self.down_proj = Linear(I, D, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -284,7 +285,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -419,8 +420,8 @@ def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: in
     """reference_label_logps(head(h), labels), computed by LabelLogps on the learned
     positions only. h (B, T, D) final hidden states, head the model's lm_head, labels
     (B, T) -> (B, T-1) float32, 0 where the label is -100. A head that is not a plain
-    bias-free nn.Linear (a LoRA or 4-bit layer) takes the plain path."""
-    if type(head) is not nn.Linear or head.bias is not None:
+    bias-free nn.Linear or Linear (a LoRA or 4-bit layer) takes the plain path."""
+    if type(head) not in (nn.Linear, Linear) or head.bias is not None:
         return reference_label_logps(head(h), labels)
     labels = labels[:, 1:]
     learned = labels != -100  # (B, T-1)
@@ -1177,3 +1178,38 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
             break
         ids = torch.tensor([[nxt]], device=device)
     return out
+
+
+# -----------------------------------------------------------------------------
+# One row at a time on a CPU (a fast path)
+#
+# Each generation step multiplies a single row by every weight of the model, so
+# its speed is the speed of reading the weights. torch sends a float32 one-row
+# product on a CPU to the BLAS's matrix-vector routine, which on some machines
+# reads far below the memory's speed (MKL on an AMD EPYC: 16 GB/s, where
+# summing the same weights reads 50). Splitting the weight's rows into two
+# halves and multiplying both as one batch (bmm) takes the BLAS's batched
+# path instead, which on that machine reads at 40-55 GB/s: the same products,
+# summed in another order. bench/generate_speed.py measures what it gains.
+
+
+def one_row_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x of one row, (..., K) with one row in all,
+    computed as a batch of two products, each of half the weight's rows: (..., N)."""
+    N, K = weight.shape
+    column = x.reshape(1, 1, K).transpose(1, 2)  # (1, K, 1), strides (K, 1, K): the BLAS reads
+    halves = torch.bmm(weight.view(2, N // 2, K), column.expand(2, K, 1))  # it as a column; (2, N/2, 1)
+    y = halves.view(*x.shape[:-1], N)
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict) that takes one_row_linear for
+    one float32 row on a CPU, outside autocast: a generation step."""
+
+    def forward(self, x):
+        w = self.weight
+        if (x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+                and self.out_features % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu")):
+            return one_row_linear(x, w, self.bias)
+        return super().forward(x)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from llama import TuluError, atomic_write, write_json
+from llama import Linear, TuluError, atomic_write, write_json
 from nf4 import Linear4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -321,8 +321,8 @@ def lora_delta(layer: LoRALinear) -> torch.Tensor:
     # end exercise
 
 
-def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
-    """A plain nn.Linear computing what `layer` computes (LoRA Sec. 4.1):
+def merged_linear(layer: nn.Module, dtype=None) -> Linear:
+    """A plain linear layer (llama.Linear) computing what `layer` computes (LoRA Sec. 4.1):
 
         W' = W + (alpha / r) * B A
 
@@ -337,7 +337,7 @@ def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
         w, dtype = base.weight.detach(), dtype or base.weight.dtype
     w = w.float() + lora_delta(layer) if isinstance(layer, LoRALinear) else w
     with torch.device("meta"):  # no time spent initialising weights we overwrite
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        out = Linear(base.in_features, base.out_features, bias=base.bias is not None)
     out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     if base.bias is not None:
         out.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
@@ -345,7 +345,7 @@ def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
 
 
 def merge_lora(model: nn.Module, dtype=None) -> nn.Module:
-    """Fold every LoRALinear into a plain nn.Linear (merged_linear), then
+    """Fold every LoRALinear into a plain Linear (merged_linear), then
     dequantize every NF4 layer left, so save_model can write the result.
     Merging a merged model changes nothing."""
     for kind in (LoRALinear, Linear4bit):  # LoRA layers first: they hold NF4 bases

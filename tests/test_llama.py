@@ -71,6 +71,56 @@ def test_kv_cache_token_by_token_equals_full_recompute_and_writes_in_place(size)
     assert len(buffers) == (1 if size else 2)  # grown at the 4th and the 7th position
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 96), (1, 96), (96,)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_linear_equals_f_linear(shape, bias):
+    """The generation fast path: the same products as F.linear, summed in another
+    order (tolerance: a few float32 roundings of the largest output), and gradients too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).requires_grad_()
+    w = torch.randn(40, 96, generator=g).requires_grad_()
+    b = torch.randn(40, generator=g).requires_grad_() if bias else None
+    y = llama.one_row_linear(x, w, b)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    dy = torch.randn(ref.shape, generator=g)
+    got = torch.autograd.grad(y, [x, w] + ([b] if bias else []), dy)
+    want = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), dy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-5 * e.abs().max().item(), rtol=0)
+
+
+def test_linear_takes_the_one_row_path_only_for_one_float32_cpu_row(monkeypatch):
+    calls = []
+    plain = llama.one_row_linear
+    monkeypatch.setattr(llama, "one_row_linear", lambda *a: calls.append(1) or plain(*a))
+    torch.manual_seed(0)
+    lin, odd = llama.Linear(32, 48), llama.Linear(32, 47)
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
+        assert len(calls) == 1
+        lin(torch.randn(1, 2, 32)), odd(x), lin.to(torch.bfloat16)(x.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lin.float()(x)
+    assert len(calls) == 1  # two rows, an odd number of outputs, bf16, autocast: plain F.linear
+
+
+def test_generate_decodes_through_one_row_linear_with_the_same_tokens(monkeypatch):
+    """Every projection of a decoding step (7 per layer) and the head of every step
+    take the fast path; switching it off gives the same tokens."""
+    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
+    prompt = expected("gqa")["input_ids"][0, :5].tolist()
+    calls = []
+    plain = llama.one_row_linear
+    monkeypatch.setattr(llama, "one_row_linear", lambda *a: calls.append(1) or plain(*a))
+    fast = llama.generate(model, prompt, max_new_tokens=6)
+    assert len(calls) == 6 + 5 * 7 * model.config.num_hidden_layers
+    monkeypatch.setattr(llama.Linear, "forward", torch.nn.Linear.forward)
+    assert llama.generate(model, prompt, max_new_tokens=6) == fast
+
+
 def test_rope_tables_are_rows_of_one_computation():
     """Tables computed once and grown: each row is exactly rope_cos_sin of its position."""
     model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
