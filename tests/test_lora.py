@@ -421,16 +421,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_keep_mask_keeps_each_element_with_probability_one_minus_p(p):
     """Over 2M elements the kept fraction is 1 - p within 5 standard deviations, for
-    the low and the high halves of the 63-bit words alike (a half short of random bits
-    would keep 0% or 100%), and neighbours (two halves of one word) are independent."""
+    each of the four 16-bit lanes of the 64-bit words alike (a lane short of random
+    bits, as the top one of random_()'s 63-bit words, keeps 0% or 100%), and
+    neighbours (within a word and across words) are independent."""
     torch.manual_seed(0)
     n = 2_000_000
     m = lora.keep_mask((n,), p)
-    sd = math.sqrt(p * (1 - p) / (n / 2))
-    for half in (m[0::2], m[1::2]):
-        assert abs(half.float().mean().item() - (1 - p)) < 5 * sd
-    both = (m[0::2] & m[1::2]).float().mean().item()
-    assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / (n / 2))
+    sd = math.sqrt(p * (1 - p) / (n / 4))
+    for lane in range(4):
+        assert abs(m[lane::4].float().mean().item() - (1 - p)) < 5 * sd
+    q = 1 - p  # overlapping pairs: each pair's variance plus twice its neighbour's covariance
+    both_sd = math.sqrt((q**2 - q**4 + 2 * (q**3 - q**4)) / (n - 1))
+    assert abs((m[:-1] & m[1:]).float().mean().item() - q**2) < 5 * both_sd
 
 
 def test_keep_mask_is_the_seeds_and_new_each_call():
