@@ -110,7 +110,7 @@ except NotImplementedError as e:
 DYNAMIC = dynamic_map()  # (256,)
 ZERO_CODE = 7            # index of 0.0 in NF4: pads an odd count
 DQ_BLOCKSIZE = 256       # blocks of scales in double quantization
-SLICE = 2**17            # weights quantized at a time: 0.5 MB float32 temporaries
+SLICE = 2**16            # weights quantized at a time: 0.25 MB float32 temporaries
 
 # -----------------------------------------------------------------------------
 # Blockwise absmax quantization

@@ -365,6 +365,21 @@ def test_load_model_nf4_reads_each_weight_in_slices(monkeypatch, dtype):
         assert got.dtype == dtype
 
 
+def test_load_model_nf4_hands_freed_memory_back_after_each_weight(monkeypatch):
+    """After quantizing each decoder weight load_model gives the allocator's freed
+    memory back (on glibc, malloc_trim is found and called; elsewhere a no-op)."""
+    import platform
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert llama._malloc_trim() is not None
+    llama.release_freed_memory()  # runs wherever the tests do
+    calls = []
+    monkeypatch.setattr(llama, "release_freed_memory", lambda: calls.append(1))
+    model = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16, quantize="nf4")
+    assert len(calls) == 7 * model.config.num_hidden_layers
+    llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16)
+    assert len(calls) == 7 * model.config.num_hidden_layers  # a plain load frees nothing to hand back
+
+
 def test_load_model_nf4_closer_to_full_precision_than_int4():
     """The 4-bit model's logits stay near the full-precision ones (fixture from
     transformers), nearer than with 4-bit integers in the same blocks."""
