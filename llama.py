@@ -211,8 +211,9 @@ def gqa_attention(q, k, v, mask):
     (attention_mask_4d) -> (B, H, T, Dh)."""
     # exercise: gqa_attention
     groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
-    v = v.repeat_interleave(groups, dim=1)
+    if groups > 1:  # (repeat_interleave copies even when groups is 1)
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+        v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     # end exercise
 

@@ -79,9 +79,11 @@ class LoRALinear(nn.Module):
 
     A starts Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B at zero, so a
     fresh adapter changes nothing. A and B stay float32 whatever the base
-    computes in: x is cast for the LoRA path and the sum cast back, as PEFT does
-    over nn.Linear (over a bitsandbytes 4-bit base PEFT rounds the LoRA term to the
-    compute dtype before adding it: in bf16, one rounding apart from ours).
+    computes in: x is cast for the LoRA path. Over nn.Linear the sum is taken in
+    float32 and cast back, as PEFT does; over a 4-bit base (Linear4bit) the LoRA
+    term is rounded to the compute dtype and added in it, as PEFT does over
+    bitsandbytes' (PEFT scales before rounding, we after: the same numbers when
+    alpha / r is a power of two, as QLoRA's 16 / 64; else one rounding apart).
     state_dict keys are the base's own (q_proj.weight) plus q_proj.lora_A.weight
     and q_proj.lora_B.weight: PEFT's names without its prefix and adapter name.
     """
@@ -110,6 +112,8 @@ class LoRALinear(nn.Module):
             return y
         # exercise: lora_forward
         h = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        if isinstance(self.base_layer, Linear4bit):  # as PEFT over bitsandbytes: h rounded to y's dtype first
+            return torch.add(y, h.to(y.dtype), alpha=self.scaling)
         return torch.add(y, h, alpha=self.scaling).to(y.dtype)  # y + scaling * h, in float32
         # end exercise
 

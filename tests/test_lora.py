@@ -181,18 +181,23 @@ def test_lora_forward_fresh_adapter_changes_nothing():
 
 
 def test_lora_forward_formula_and_dtypes():
-    """y = base(x) + (alpha/r) * B(A(x)) with A and B in float32 on a bf16 base
-    (plain or NF4): the LoRA path runs in float32, the sum is rounded once to bf16."""
+    """y = base(x) + (alpha/r) * B(A(x)) with A and B in float32 on a bf16 base: the
+    LoRA path runs in float32; over nn.Linear the sum is rounded once to bf16 (PEFT's
+    lora.Linear), over NF4 the scaled term is rounded to bf16 and added in bf16
+    (PEFT's lora.bnb.Linear4bit), bit for bit."""
+    torch.manual_seed(0)
     lin = torch.nn.Linear(16, 24, bias=True).to(torch.bfloat16)
-    x = torch.randn(3, 16).bfloat16()
+    x = torch.randn(64, 16).bfloat16()
     for base in (lin, nf4.Linear4bit.from_linear(lin, compute_dtype=torch.bfloat16)):
         layer = lora.LoRALinear(base, r=4, alpha=8).eval()
         torch.nn.init.normal_(layer.lora_B.weight)
         A, B = layer.lora_A.weight, layer.lora_B.weight
         assert A.dtype == B.dtype == torch.float32
         with torch.no_grad():
-            want = (base(x) + F.linear(F.linear(x.float(), A), B) * (8 / 4)).bfloat16()
+            h = F.linear(F.linear(x.float(), A), B) * (8 / 4)
+            want = (base(x) + h).bfloat16() if base is lin else base(x) + h.bfloat16()
             assert torch.equal(layer(x), want)
+            assert base is lin or not torch.equal(want, (base(x) + h).bfloat16())  # the two orders differ here
 
 
 def test_lora_linear_keeps_hf_state_dict_keys():
