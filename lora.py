@@ -105,8 +105,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         """y = base(x) + (alpha / r) * B(A(dropout(x)))  (LoRA Eq. 3), the LoRA path in
-        A's dtype (float32) and the sum cast back to base(x)'s dtype; a disabled layer
-        is its base. x: (B, T, D) -> (B, T, O)."""
+        A's dtype (float32); the sum in float32 cast back to base(x)'s dtype, or over a
+        4-bit base in base(x)'s dtype (PEFT's two orders, class docstring); a disabled
+        layer is its base. x: (B, T, D) -> (B, T, O)."""
         y = self.base_layer(x)
         if self.disabled:
             return y
