@@ -84,17 +84,22 @@ def test_one_row_linear_equals_f_linear(shape, bias):
     ref = torch.nn.functional.linear(x, w, b)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
-    dy = torch.randn(ref.shape, generator=g)
-    got = torch.autograd.grad(y, [x, w] + ([b] if bias else []), dy)
-    want = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), dy)
+    dy, inputs = torch.randn(ref.shape, generator=g), [x, w] + ([b] if bias else [])
+    got, want = torch.autograd.grad(y, inputs, dy), torch.autograd.grad(ref, inputs, dy)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, atol=1e-5 * e.abs().max().item(), rtol=0)
 
 
-def test_linear_takes_the_one_row_path_only_for_one_float32_cpu_row(monkeypatch):
-    calls = []
-    plain = llama.one_row_linear
+@pytest.fixture
+def one_row_calls(monkeypatch):
+    """A list that gains an item at each call of llama.one_row_linear (which still runs)."""
+    calls, plain = [], llama.one_row_linear
     monkeypatch.setattr(llama, "one_row_linear", lambda *a: calls.append(1) or plain(*a))
+    return calls
+
+
+def test_linear_takes_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
+    calls = one_row_calls
     torch.manual_seed(0)
     lin, odd = llama.Linear(32, 48), llama.Linear(32, 47)
     x = torch.randn(1, 1, 32)
@@ -107,16 +112,13 @@ def test_linear_takes_the_one_row_path_only_for_one_float32_cpu_row(monkeypatch)
     assert len(calls) == 1  # two rows, an odd number of outputs, bf16, autocast: plain F.linear
 
 
-def test_generate_decodes_through_one_row_linear_with_the_same_tokens(monkeypatch):
+def test_generate_decodes_through_one_row_linear_with_the_same_tokens(monkeypatch, one_row_calls):
     """Every projection of a decoding step (7 per layer) and the head of every step
     take the fast path; switching it off gives the same tokens."""
     model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
     prompt = expected("gqa")["input_ids"][0, :5].tolist()
-    calls = []
-    plain = llama.one_row_linear
-    monkeypatch.setattr(llama, "one_row_linear", lambda *a: calls.append(1) or plain(*a))
     fast = llama.generate(model, prompt, max_new_tokens=6)
-    assert len(calls) == 6 + 5 * 7 * model.config.num_hidden_layers
+    assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
     monkeypatch.setattr(llama.Linear, "forward", torch.nn.Linear.forward)
     assert llama.generate(model, prompt, max_new_tokens=6) == fast
 
