@@ -462,6 +462,15 @@ def checkpoint_files(path: str) -> list[str]:
     raise TuluError(f"{path}: no model.safetensors or {SAFE_INDEX} found")
 
 
+def checkpoint_dtype(path: str) -> torch.dtype:
+    """The dtype an HF folder's weights are stored in (its first tensor's): what a
+    fine-tuned copy is written in, whatever it trained in."""
+    from safetensors import safe_open
+    with safe_open(checkpoint_files(path)[0], framework="pt") as f:
+        keys = [k for k in f.keys() if not k.endswith("rotary_emb.inv_freq")]
+        return f.get_slice(keys[0])[0:1].dtype if keys else torch.float32
+
+
 def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
     """Put a loaded tensor where `key` names it, replacing a meta placeholder."""
     mod_name, _, name = key.rpartition(".")
@@ -638,16 +647,18 @@ def write_json(path: str, obj):
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30):
+def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dtype=None):
     """Write `model` as an HF folder: config.json plus model.safetensors, or
     model-0000k-of-0000n.safetensors shards and their index when larger than
-    max_shard_bytes. A tied lm_head is not stored (HF does the same)."""
+    max_shard_bytes. A tied lm_head is not stored (HF does the same). The weights
+    keep their dtype, or are cast to `dtype` (float32 master weights written as
+    the bf16 checkpoint they came from)."""
     from safetensors.torch import save_file
     bad = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LoRALinear")]
     if bad:
         raise TuluError(f"save_model: {bad[0]} is a {type(model.get_submodule(bad[0])).__name__}; merge it first (lora.merge_lora)")
     os.makedirs(out_dir, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to(dtype=dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")
     shards, size = [[]], 0
@@ -670,7 +681,7 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30):
     elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
         os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards
     cfg = model.config.to_dict()
-    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(model.model.embed_tokens.weight.dtype, "float32")
+    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(dtype or model.model.embed_tokens.weight.dtype, "float32")
     write_json(os.path.join(out_dir, "config.json"), cfg)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import gc
 import array
@@ -616,9 +617,28 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
+    """The compute dtype: --dtype auto is bf16 on a CUDA GPU that supports it (as QLoRA
+    and the Tulu 2 runs), fp32 elsewhere; a GPU without bf16 (V100, T4) computes in fp32."""
+    bf16_ok = device != "cuda" or torch.cuda.is_bf16_supported()
+    if name == "auto" and device == "cuda" and not bf16_ok:
+        print("note: this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() is False): "
+              "computing in fp32 (--dtype fp32)")
+    if name == "bf16" and not bf16_ok:
+        raise TuluError("--dtype bf16: this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() "
+                        "is False); use --dtype fp32")
     if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device == "cuda" and bf16_ok else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def storage_dtype(args) -> torch.dtype:
+    """The dtype the weights are held in while training. What trains keeps float32
+    master weights whatever the compute dtype (a bf16 weight near 0.02 cannot move by
+    less than ~6e-5, so at Tulu 2's lr of 2e-5 most would never change): --method full
+    loads the model in float32 and computes under bf16 autocast, as open-instruct and
+    transformers' Trainer do. A frozen base (lora) stays in the compute dtype; qlora's
+    in NF4, with embeddings and norms in the compute dtype."""
+    return torch.float32 if args.method == "full" else args.dtype
 
 
 def build_policy(args, path):
@@ -627,7 +647,7 @@ def build_policy(args, path):
     NF4 while loading, LoRA adapters on top, and paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
     fsdp = args.method == "full" and dist_of(args).world > 1  # read to the CPU, then shard to the device
-    model = load_model(path, dtype=args.dtype, device="cpu" if fsdp else args.device,
+    model = load_model(path, dtype=storage_dtype(args), device="cpu" if fsdp else args.device,
                        quantize="nf4" if args.method == "qlora" else None)
     if args.method == "full":
         if getattr(args, "adapter", None):
@@ -640,7 +660,7 @@ def build_policy(args, path):
     model.gradient_checkpointing = args.gradient_checkpointing
     if getattr(args, "compile", False):
         compile_layers(model)
-    return shard(model, dist_of(args)) if fsdp else model
+    return shard(model, dist_of(args), args.dtype) if fsdp else model
 
 
 def compile_layers(model):
@@ -746,8 +766,11 @@ def eval_batches(model, examples, task, args, desc, d=None):
 
 
 def autocast(args):
-    """bf16 autocast on CUDA when --dtype is bf16 (QLoRA's bf16 compute); fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda" and args.dtype == torch.bfloat16)
+    """bf16 autocast when --dtype is bf16 (QLoRA's bf16 compute), on the CPU too, so that
+    a CPU run does the arithmetic a GPU run does: matrix products in bf16, float32
+    master weights cast for each one, reductions (softmax, norms) in float32."""
+    device_type = torch.device(args.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == torch.bfloat16)
 
 # -----------------------------------------------------------------------------
 # Failing loudly and early: mistakes that would otherwise cost a GPU-day
@@ -888,7 +911,17 @@ def unpack(o, tensors):
 
 
 def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """The random state a resumed run continues from: the CPU's and this process's GPU's
+    alone (each torchrun rank saves none of its own: see next_step), so that a run
+    saved on 8 GPUs resumes on 4, or under another CUDA_VISIBLE_DEVICES."""
+    cuda = torch.cuda.is_initialized()  # a --device cpu run never creates a CUDA context for this
+    return {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state()] if cuda else []}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][0])  # this process's GPU (checkpoints of old kept one per GPU)
 
 
 PIECE = 1 << 16  # bytes of each piece a large file's fingerprint reads
@@ -1088,9 +1121,7 @@ def load_checkpoint(path, model, opt, run) -> int:
             p.copy_(placed(weights[n], p))
     state = unpack(meta["state"], load_file(os.path.join(ckpt, "state.safetensors")))
     opt.load_state_dict(placed_state(state["optimizer"], opt))
-    torch.set_rng_state(state["rng"]["cpu"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(state["rng"])
     print(f"resumed from {ckpt} after step {meta['step']}")
     return meta["step"]
 
@@ -1192,6 +1223,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")  # for collectives' tensors (NCCL: this rank's GPU)
     stop: bool = False  # Ctrl-C or SIGTERM arrived (see next_step)
+    waits: object = None  # the process group for long waits on one rank (setup_distributed)
 
     @property
     def main(self) -> bool:
@@ -1205,6 +1237,16 @@ def dist_of(args) -> Dist:
     return getattr(args, "dist", SINGLE)
 
 
+WAIT_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 alone encoding data or writing a checkpoint
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """This rank's GPU: LOCAL_RANK among the visible ones, modulo their number where a
+    scheduler shows each task only its own GPU (Slurm's per-task binding: one device,
+    LOCAL_RANK 0..7)."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def setup_distributed(device: str) -> Dist:
     """Join torchrun's process group: NCCL, each rank on the GPU LOCAL_RANK names, or
     gloo on CPU. Without torchrun, or inside a run (the demo SFT that rank 0 builds), a
@@ -1214,11 +1256,15 @@ def setup_distributed(device: str) -> Dist:
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
     rank, local, cuda = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), device == "cuda"
+    dev = rank_device(local) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local)  # from here on, "cuda" is this rank's GPU
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+        torch.cuda.set_device(dev)  # from here on, "cuda" is this rank's GPU
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
-    d = Dist(rank, world, local, dev)
+    # the waits for one rank (rank 0 encoding a large data file or writing a 70B checkpoint)
+    # go through a gloo group of their own with a long timeout; NCCL's 10 minutes stay the
+    # limit for a collective of the training step, where a hung rank should fail fast
+    waits = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    d = Dist(rank, world, local, dev, waits=waits)
     for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun passes a Ctrl-C on as SIGINT
         signal.signal(sig, lambda *_: setattr(d, "stop", True))
     if not d.main:
@@ -1287,25 +1333,28 @@ def together(d: Dist, fn, *args):
     except (TuluError, OSError) as e:
         out, err = None, error_text(e)
     errors = [None] * d.world
-    torch.distributed.all_gather_object(errors, err)
+    torch.distributed.all_gather_object(errors, err, group=d.waits)
     rank, err = next(((r, e) for r, e in enumerate(errors) if e), (0, None))
     if err:
         raise RankError(err if rank == 0 else f"{err} (rank {rank})")
     return out
 
 
-def shard(model, d: Dist):
+def shard(model, d: Dist, compute_dtype=torch.float32):
     """FSDP2 (--method full under torchrun): one unit per decoder layer, then the root
     (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
-    AdamW state, and gathers a unit's weights only while it computes with them."""
+    AdamW state, and gathers a unit's weights only while it computes with them. With
+    bf16 compute the shards stay float32 (master weights) and are gathered in bf16,
+    half the bytes sent; gradients are reduced in float32 (torchtune's policy)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(d.device.type, (d.world,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
     # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's
     # reference) it would hold whole weights, which the optimiser built next would take
-    return fully_shard(model, mesh=mesh, reshard_after_forward=True)  # moves the shards to the device
+    return fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)  # moves the shards to the device
 
 
 def data_parallel(args, model):
@@ -1489,12 +1538,13 @@ def train_step(args, model, opt, params, batches, task):
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * w
     norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-    if finite(loss, norm):  # a step with NaN/inf gradients is never applied; train() stops on its row
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    norm = float(whole(norm))  # under FSDP the whole gradient's norm, the same on every rank
     tokens = sum(int(b["attention_mask"].sum()) * b.get("weight", 1) for b in batches)
     loss, tokens, *totals = all_sum(d, loss, tokens, *sums.values())
-    return {"loss": loss, "grad_norm": float(whole(norm)), "tokens": int(tokens),
+    if finite(loss, norm):  # decided on the step's whole loss and norm: every rank alike
+        opt.step()  # a step with a NaN/inf loss or gradient is never applied; train() stops on its row
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": norm, "tokens": int(tokens),
             **{k: v / denom for k, v in zip(sums, totals)}}
 
 
@@ -1564,7 +1614,7 @@ def train(args, model, examples, task, out, save=None):
 
     def checkpoint():
         nonlocal saved, since
-        save_checkpoint(out, done, model, opt, rng, run)
+        together(d, save_checkpoint, out, done, model, opt, rng, run)  # the others wait for rank 0's write
         log.plot(title)
         saved, since = done, time.monotonic()
     bar = tqdm(range(start, total), initial=start, total=total, desc=args.command, dynamic_ncols=True)
@@ -1805,8 +1855,8 @@ def save_outputs(args, model, model_dir, out):
         return
     check_finite_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad or args.method == "full"),
                          "output")
-    if args.method == "full":
-        save_model(model, out)
+    if args.method == "full":  # in the base checkpoint's dtype, as open-instruct and transformers' Trainer
+        save_model(model, out, dtype=llama.checkpoint_dtype(model_dir))
         copy_tokenizer(model_dir, out, ("generation_config.json",))
     else:
         save_adapter(model, out, base_model_name_or_path=model_dir)
