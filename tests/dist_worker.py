@@ -8,9 +8,12 @@ environment, on the rank TULU_TEST_RANK only (without torchrun: the one process)
                               machine is lost or a scheduler's grace period runs out
     TULU_TEST_NO_DATA=1       the rank's --data names a file that does not exist, as on a
                               node that lacks it
+    TULU_TEST_LOSS_INF_AT=N   the rank's N-th micro-batch loss is +inf (its gradient stays
+                              finite: inf is added, not multiplied)
 
 and, on every rank, TULU_TEST_ENCODES=FILE appends the rank to FILE each time it encodes
-a data file (rather than reading the encoded-data cache).
+a data file (rather than reading the encoded-data cache), and TULU_TEST_STEPS=FILE each
+time its optimiser applies a step.
 """
 import os
 import signal
@@ -31,6 +34,14 @@ if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
                         os.kill(os.getpid(), _sig)
                     return _loss(self, *a, **kw)
                 task.loss = loss
+    if os.environ.get("TULU_TEST_LOSS_INF_AT"):
+        calls, at = [], int(os.environ["TULU_TEST_LOSS_INF_AT"])
+
+        def inf_loss(self, *a, _loss=tulu.SFTTask.loss, **kw):
+            calls.append(1)
+            loss, metrics = _loss(self, *a, **kw)
+            return (loss + float("inf"), metrics) if len(calls) == at else (loss, metrics)
+        tulu.SFTTask.loss = inf_loss
     if os.environ.get("TULU_TEST_NO_DATA"):
         argv = sys.argv[1:]
         argv[argv.index("--data") + 1] += ".missing"
@@ -42,5 +53,17 @@ if os.environ.get("TULU_TEST_ENCODES"):
             f.write(os.environ.get("RANK", "0") + "\n")
         return _encode(*a, **kw)
     tulu.encode_file = encode_file
+
+if os.environ.get("TULU_TEST_STEPS"):
+    def build_optimizer(*a, _build=tulu.build_optimizer, **kw):
+        opt = _build(*a, **kw)
+
+        def step(*x, _step=opt.step, **k):
+            with open(os.environ["TULU_TEST_STEPS"], "a") as f:
+                f.write(os.environ.get("RANK", "0") + "\n")
+            return _step(*x, **k)
+        opt.step = step
+        return opt
+    tulu.build_optimizer = build_optimizer
 
 tulu.exit_after(lambda: tulu.main(sys.argv[1:]))
