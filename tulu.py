@@ -1548,114 +1548,146 @@ def train_step(args, model, opt, params, batches, task):
             **{k: v / denom for k, v in zip(sums, totals)}}
 
 
-@contextlib.contextmanager
-def stop_signals(d: Dist):
-    """While one process trains, Ctrl-C and SIGTERM (a scheduler's preemption, `scancel`)
-    only raise d.stop: the loop stops after the step in progress, as torchrun's ranks do
-    (setup_distributed), never inside an optimiser step. A second Ctrl-C stops at once."""
-    if d.world > 1 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def any_rank(d: Dist, *flags) -> list[bool]:
+    """Each flag True on every rank if it is on any (one all-reduce): so that all ranks
+    stop, or save, after the same step."""
+    if d.world == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=d.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
 
-    def on_signal(sig, frame):
-        if d.stop and sig == signal.SIGINT:
+
+class Run:
+    """What a training run does besides the recipe, called by the loop once per step:
+    metrics.jsonl and loss.svg, a checkpoint every --save-every steps or --save-minutes
+    and after Ctrl-C or SIGTERM (then exit 130), the stop at a non-finite step, --resume.
+    While it runs (`with run:`), Ctrl-C and SIGTERM (a scheduler's preemption) only raise
+    d.stop, so a run never stops inside an optimiser step; a second Ctrl-C stops at once,
+    without saving. Under torchrun the ranks decide each step together (any_rank), the
+    signal handlers are setup_distributed's, and rank 0 alone writes."""
+
+    def __init__(self, args, out, record, total, per_epoch):
+        self.args, self.out, self.record, self.total, self.per_epoch = args, out, record, total, per_epoch
+        self.d, self.since, self.old = dist_of(args), time.monotonic(), {}
+        name = os.path.basename(os.path.normpath(getattr(args, "model", None) or out))
+        self.title = f"tulu {args.command} --method {args.method}: {name}"
+
+    def resume(self, model, opt) -> int:
+        """The steps already done: those of the --resume checkpoint, restored into model
+        and opt; else 0."""
+        a = self.args
+        self.start = together(self.d, load_checkpoint, a.resume, model, opt, self.record) if a.resume else 0
+        self.saved = self.start if a.resume else None  # the step of the newest checkpoint
+        if self.d.main:
+            forget_finished(self.out)
+        self.log = MetricsLog(self.out, self.start) if self.d.main else MemoryLog()
+        return self.start
+
+    def steps(self):
+        """The steps left, under a tqdm bar. Under torchrun each step first reseeds dropout from
+        (seed, step, rank): ranks draw different masks, and a resumed run the same ones."""
+        self.bar = tqdm(range(self.start, self.total), initial=self.start, total=self.total,
+                        desc=self.args.command, dynamic_ncols=True)
+        for step in self.bar:
+            if self.d.world > 1:
+                torch.manual_seed(hash((self.args.seed, step, self.d.rank)))
+            self.t0 = time.time()
+            yield step
+        self.bar.close()
+
+    def end_step(self, step, model, opt, row):
+        """After `step` steps: log the row, stop on a non-finite one, then checkpoint when due
+        or asked to stop (not after the last step: the outputs come next, and a signal waits
+        for them)."""
+        row = {"step": step, "epoch": round(step / self.per_epoch, 3), **row,
+               "tokens_per_s": round(row["tokens"] / (time.time() - self.t0), 1)}
+        self.log.log(row)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        stop_if_diverged(row, self.args, self.out, self.log, self.title)
+        if step == self.total:
+            return
+        stop, due = any_rank(self.d, self.d.stop, self.save_due(step))
+        if due or stop:
+            together(self.d, save_checkpoint, self.out, step, model, opt, rng_state(), self.record)
+            self.log.plot(self.title)
+            self.saved, self.since = step, time.monotonic()
+            stop = stop or any_rank(self.d, self.d.stop)[0]  # a SIGTERM during the save: no step more
+        if stop:
+            self.bar.close()
+            if self.d.main:
+                print(f"\ninterrupted: {step} steps are saved in {self.out}/{CHECKPOINT}; continue with "
+                      f"--resume {self.out}", file=sys.stderr)
+            sys.exit(130)
+
+    def save_due(self, step) -> bool:
+        a = self.args
+        minutes = a.save_minutes and time.monotonic() - self.since >= 60 * a.save_minutes
+        return bool(a.save_every and step % a.save_every == 0 or minutes)
+
+    def finish(self, model, save=None) -> list[dict]:
+        """After the last step: the chart, then save() writes the outputs (still under the
+        signal handlers: a SIGTERM now waits for whole outputs), then finished.json."""
+        self.log.plot(self.title)
+        model.eval()
+        if save is not None:
+            save()
+            if self.d.main:
+                finish_run(self.out, self.total, self.record)
+        return self.log.rows
+
+    def on_signal(self, sig, frame):
+        if self.d.stop and sig == signal.SIGINT:
             raise KeyboardInterrupt
-        d.stop = True
+        self.d.stop = True
         os.write(2, f"\n{signal.Signals(sig).name}: stopping after this step "
                     f"(Ctrl-C again: at once, without saving)\n".encode())
-    d.stop = False
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
+
+    def __enter__(self):
+        if self.d.world == 1 and threading.current_thread() is threading.main_thread():
+            self.d.stop = False
+            self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, e, tb):
+        for s, handler in self.old.items():
             signal.signal(s, handler)
-        d.stop = False
-
-
-def save_due(args, done, start, since) -> bool:
-    """A periodic checkpoint before the next step: every --save-every steps, and when
-    --save-minutes have passed since the last one (or the start)."""
-    steps = args.save_every and done % args.save_every == 0
-    minutes = args.save_minutes and time.monotonic() - since >= 60 * args.save_minutes
-    return done > start and bool(steps or minutes)
-
-
-def stop_now(bar, d: Dist, out, done):
-    """After Ctrl-C or SIGTERM, once the checkpoint of `done` steps is written."""
-    bar.close()
-    if d.main:
-        print(f"\ninterrupted: {done} steps are saved in {out}/{CHECKPOINT}; continue with --resume {out}",
-              file=sys.stderr)
-    sys.exit(130)
+        if self.old:
+            self.d.stop = False
+        if kind is KeyboardInterrupt:  # a second Ctrl-C, maybe inside an optimiser step: nothing more is saved
+            self.bar.close()
+            kept = (f"the checkpoint of step {self.saved} stays; continue with --resume {self.out}"
+                    if self.saved is not None else "no checkpoint was written")
+            print(f"\nstopped at once: {kept}", file=sys.stderr)
+            sys.exit(130)
 
 
 def train(args, model, examples, task, out, save=None):
     """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient
-    accumulation, clipping; tqdm, metrics.jsonl, periodic checkpoints, Ctrl-C, SIGTERM and
-    --resume. save() writes the outputs after the last step; then finish_run."""
+    accumulation (train_step), clipping; everything else is run's, once per step.
+    save() writes the outputs after the last step. Returns the metrics' rows."""
     d = dist_of(args)
     E = args.batch_size * args.grad_accum * d.world  # the global batch
-    steps_per_epoch = math.ceil(len(examples) / E)
-    total = args.max_steps or args.epochs * steps_per_epoch
-    lengths = example_lengths(examples) if getattr(args, "group_by_length", False) else None
+    per_epoch = math.ceil(len(examples) / E)
+    total = args.max_steps or args.epochs * per_epoch
     warmup = int(total * args.warmup_ratio)
+    lengths = example_lengths(examples) if getattr(args, "group_by_length", False) else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
-    run = run_record(args, len(examples), total)
-    start = together(d, load_checkpoint, args.resume, model, opt, run) if args.resume else 0
-    if d.main:
-        forget_finished(out)
-    log = MetricsLog(out, start) if d.main else MemoryLog()
+    run = Run(args, out, run_record(args, len(examples), total), total, per_epoch)
+    run.resume(model, opt)
     net = data_parallel(args, model)
-    title = f"tulu {args.command} --method {args.method}: {os.path.basename(os.path.normpath(args.model if hasattr(args, 'model') else out))}"
     model.train()
-    rng, done, saved, since = rng_state(), start, start if args.resume else None, time.monotonic()
-
-    def checkpoint():
-        nonlocal saved, since
-        together(d, save_checkpoint, out, done, model, opt, rng, run)  # the others wait for rank 0's write
-        log.plot(title)
-        saved, since = done, time.monotonic()
-    bar = tqdm(range(start, total), initial=start, total=total, desc=args.command, dynamic_ncols=True)
-    with stop_signals(d):
-        try:
-            for step in bar:
-                stop, due = next_step(d, args.seed, step, save_due(args, done, start, since))  # the same on every rank
-                if due and saved != done:
-                    checkpoint()
-                    stop = next_step(d, args.seed, step, False)[0]  # a SIGTERM during the save: no step more
-                if stop:
-                    if saved != done:
-                        checkpoint()
-                    stop_now(bar, d, out, done)
-                lr = args.lr * linear_schedule(step, warmup, total)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                t0 = time.time()
-                idx = step_batches(len(examples), step, steps_per_epoch, args.batch_size, args.grad_accum * d.world,
-                                   args.seed, lengths)  # one process's micro-batches with the same global batch
-                row = train_step(args, net, opt, params, rank_batches(idx, examples, task, d), task)
-                row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr, **row,
-                       "tokens_per_s": round(row["tokens"] / (time.time() - t0), 1)}
-                log.log(row)
-                stop_if_diverged(row, args, out, log, title)
-                rng, done = rng_state(), step + 1
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        except KeyboardInterrupt:  # a second Ctrl-C, maybe inside an optimiser step: nothing more is saved
-            bar.close()
-            kept = (f"the checkpoint of step {saved} stays; continue with --resume {out}" if saved is not None
-                    else "no checkpoint was written")
-            print(f"\nstopped at once: {kept}", file=sys.stderr)
-            sys.exit(130)
-        bar.close()
-        log.plot(title)
-        model.eval()
-        if save is not None:  # still under stop_signals: a SIGTERM now waits for whole outputs
-            save()
-            if d.main:
-                finish_run(out, total, run)
-    return log.rows
+    with run:
+        for step in run.steps():
+            lr = args.lr * linear_schedule(step, warmup, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = step_batches(len(examples), step, per_epoch, args.batch_size, args.grad_accum * d.world,
+                               args.seed, lengths)  # one process's micro-batches with the same global batch
+            row = train_step(args, net, opt, params, rank_batches(idx, examples, task, d), task)
+            run.end_step(step + 1, model, opt, {"lr": lr, **row})
+        return run.finish(model, save)
 
 
 # -----------------------------------------------------------------------------
