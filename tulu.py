@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -589,7 +589,7 @@ def tiny_default_model() -> str:
     texts = ["\n".join(m["content"] for m in obj["messages"]) for _, obj in read_jsonl(source, "sft")]
     texts += [obj["text"] for _, obj in read_objects(pages)] * PAGE_COPIES
     docs = [[tok.bos_id] + tok.encode(text) + [tok.eos_id] for text in texts]
-    train(argparse.Namespace(**PRETRAIN), model, [(d, d) for d in docs], SFTTask(tok.eos_id), tmp)
+    train(TrainConfig(**PRETRAIN), model, [(d, d) for d in docs], SFTTask(tok.eos_id), tmp)
     save_model(model, tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -639,6 +639,163 @@ def storage_dtype(args) -> torch.dtype:
     transformers' Trainer do. A frozen base (lora) stays in the compute dtype; qlora's
     in NF4, with embeddings and norms in the compute dtype."""
     return torch.float32 if args.method == "full" else args.dtype
+
+
+RECIPES = {  # (command, method family) -> defaults
+    ("sft", "full"): dict(lr=2e-5, epochs=2, warmup_ratio=0.03, max_grad_norm=0.0, batch_size=4, grad_accum=32,
+                          max_seq_length=8192),   # Tulu 2 SFT: arXiv 2311.10702 Sec. 3 / model cards
+    ("sft", "lora"): dict(lr=1e-4, epochs=5, warmup_ratio=0.03, max_grad_norm=0.3, batch_size=4, grad_accum=32,
+                          max_seq_length=8192),   # Tulu 2 QLoRA 70B card; clip 0.3 from QLoRA (2305.14314)
+    ("dpo", "full"): dict(lr=5e-7, epochs=3, warmup_ratio=0.1, max_grad_norm=0.0, batch_size=4, grad_accum=8,
+                          max_seq_length=2048),   # Tulu 2 DPO: beta 0.1, lr 5e-7, batch 32, 3 epochs
+    ("dpo", "lora"): dict(lr=5e-6, epochs=3, warmup_ratio=0.1, max_grad_norm=0.3, batch_size=4, grad_accum=8,
+                          max_seq_length=2048),   # lr from alignment-handbook's zephyr-7b-dpo-qlora recipe
+    # The tiny demo, tuned by bench/demo_exact_match.py (held-out exact match): its adapters learn
+    # best at 5e-3, every weight at 5e-4 (62% right; 1e-3: 60%, 2e-3: 57%, 3e-3: 42%); DPO at 1e-4
+    # raises held-out reward accuracy without costing right answers (3e-4: one fewer of 40; 1e-3:
+    # a sixth fewer).
+    ("sft", "demo"): dict(lr=5e-3, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16, grad_accum=1,
+                          max_seq_length=256),
+    ("sft", "demo-full"): dict(lr=5e-4, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16,
+                               grad_accum=1, max_seq_length=256),
+    ("dpo", "demo"): dict(lr=1e-4, epochs=2, warmup_ratio=0.1, max_grad_norm=1.0, batch_size=16, grad_accum=1,
+                          max_seq_length=256),
+}
+
+
+SOURCES = {("sft", "full"): "Tulu 2 SFT, arXiv 2311.10702", ("sft", "lora"): "Tulu 2 QLoRA 70B model card",
+           ("dpo", "full"): "Tulu 2 DPO, arXiv 2311.10702",
+           ("dpo", "lora"): "alignment-handbook zephyr-7b-dpo-qlora for the lr, else Tulu 2 DPO"}
+
+
+def recipe_help(command, key, what, lora_source=None):
+    """'what (default X full [source], Y lora/qlora [source]; Z for the demo[, W with full])'."""
+    r = lambda m: RECIPES[(command, m)][key]
+    demo_full = RECIPES.get((command, "demo-full"), {}).get(key, r("demo"))
+    with_full = f", {demo_full} with full" if demo_full != r("demo") else ""
+    return (f"{what} (default {r('full')} for full fine-tuning [{SOURCES[(command, 'full')]}], {r('lora')} "
+            f"with lora/qlora [{lora_source or SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo{with_full})")
+
+
+def positive_int(s):
+    if not s.lstrip("-").isdigit() or int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    return int(s)
+
+
+def count(s):
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"{s!r} is not a non-negative integer")
+    return int(s)
+
+
+def flag(help, default=None, recipe=False, **kw):
+    """A TrainConfig field and its command-line flag: `help` (a dict by command where the
+    commands differ), recipe=True where the default comes from RECIPES (None until
+    TrainConfig.resolve), kw for argparse (type, choices, action, nargs, metavar)."""
+    return field(default=default, metadata=dict(help=help, recipe=recipe, kw=kw))
+
+
+@dataclass
+class TrainConfig:
+    """What a training run (sft, dpo, the demo's pre-training) needs to know. The command
+    line is made from these fields (training_flags); the model cards' recipes fill what is
+    None (resolve). Attributes keep the flags' names: --max-seq-length is max_seq_length."""
+    command: str = "sft"
+    model: str | None = flag("HF Llama folder (default: the tiny demo model, built once and cached under "
+                             "$XDG_CACHE_HOME/tulu)")
+    output: str | None = flag("output folder (default: out/{command}-METHOD, or the --resume folder)")
+    method: str = flag("qlora: NF4 base + LoRA + paged AdamW (QLoRA, arXiv 2305.14314); lora: LoRA on a "
+                       "bf16/fp32 base; full: every weight (default: %(default)s)", "qlora",
+                       choices=["qlora", "lora", "full"])
+    epochs: int | None = flag("passes over the data", recipe=True, type=positive_int)
+    max_steps: int = flag("stop after N optimiser steps (default 0: all epochs)", 0, type=count)
+    lr: float | None = flag("peak learning rate", recipe=True, type=float)
+    batch_size: int | None = flag("examples per micro-batch", recipe=True, type=positive_int)
+    grad_accum: int | None = flag("micro-batches per optimiser step; batch-size x grad-accum = {batch}, the "
+                                  "model cards' batch", recipe=True, type=positive_int)
+    max_seq_length: int | None = flag("truncate longer examples", recipe=True, type=positive_int)
+    warmup_ratio: float | None = flag("linear warmup over this fraction of the steps, then linear decay to 0",
+                                      recipe=True, type=float)
+    max_grad_norm: float | None = flag("gradient clipping, 0 = off", recipe="QLoRA, arXiv 2305.14314", type=float)
+    weight_decay: float = flag("AdamW weight decay (default 0, Tulu 2)", 0.0, type=float)
+    adam_betas: tuple = flag("AdamW betas (default 0.9 0.999, Tulu 2)", (0.9, 0.999), type=float, nargs=2,
+                             metavar=("BETA1", "BETA2"))
+    adam_eps: float = flag("AdamW epsilon (default 1e-8, Tulu 2)", 1e-8, type=float)
+    lora_r: int = flag("LoRA rank (default 64, Tulu 2 QLoRA model card)", 64, type=positive_int)
+    lora_alpha: float = flag("LoRA alpha (default 16, Tulu 2 QLoRA model card)", 16, type=float)
+    lora_dropout: float | None = flag("LoRA dropout (default 0.1 for sft, Tulu 2 QLoRA model card; 0 for dpo so "
+                                      "that policy = reference at step 0, as TRL)", type=float)
+    gradient_checkpointing: bool = flag("recompute activations in backward (QLoRA)", False, action="store_true")
+    compile: bool = flag("torch.compile each decoder layer (default: off): fused kernels for the elementwise "
+                         "work, meant for CUDA; the first step compiles for tens of seconds, and on a CPU the "
+                         "step is no faster (README)", False, action="store_true")
+    group_by_length: bool = flag(
+        "cut each step's examples into micro-batches longest first, so that little is padded: faster on data "
+        "of mixed lengths; the step's examples and summed gradient stay the same, only dropout masks and "
+        "float rounding differ (default: off, shuffled order, as transformers' group_by_length)", False,
+        action="store_true")
+    seed: int = flag("random seed (default 42, open-instruct's)", 42, type=int)
+    save_every: int = flag("also checkpoint every N steps (default 0: by time only, --save-minutes)", 0,
+                           type=count, metavar="N")
+    save_minutes: float = flag(
+        "checkpoint once M minutes have passed since the last checkpoint (default %(default)g: a crash or "
+        "SIGKILL loses at most that much, while writing a checkpoint, seconds for an adapter, under a minute "
+        "at 1 GB/s for a 7B full fine-tune's 38 GiB of weights and AdamW state, costs a few percent of the "
+        "time; the demo ends sooner; 0: off). Ctrl-C and SIGTERM always checkpoint, after the step in "
+        "progress", 30.0, type=float, metavar="M")
+    resume: str | None = flag("continue the run in this output folder from its checkpoint, with the same "
+                              "settings, model and data; a finished run exits at once")
+    device: str = flag("default: cuda if available", "auto", choices=["auto", "cpu", "cuda"])
+    dtype: str = flag("compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU); what trains keeps float32 "
+                      "master weights", "auto", choices=["auto", "bf16", "fp32"])
+    num_workers: int = flag("processes that encode --data (default: this machine's cores, at most 8; here "
+                            "%(default)s); the encoding is cached under $XDG_CACHE_HOME/tulu/data",
+                            default_workers(), type=positive_int)
+    data: str | None = flag({"sft": "JSONL of {\"messages\": [...]} (default: data/sft_train.jsonl)",
+                             "dpo": "JSONL of {\"chosen\": [...], \"rejected\": [...]} (default: "
+                                    "data/prefs_train.jsonl)"})
+    adapter: str | None = flag({"dpo": "start from this SFT adapter; it is also the reference model"})
+    beta: float = flag({"dpo": "DPO beta (default 0.1, Tulu 2 DPO)"}, 0.1, type=float)
+    loss: str = flag({"dpo": "sigmoid: DPO (Tulu 2); dpo_norm: on average log-probs (Tulu 3); ipo (default "
+                             "%(default)s)"}, "sigmoid", choices=list(dpo.LOSS_TYPES))
+    label_smoothing: float = flag({"dpo": "conservative DPO epsilon (default 0)"}, 0.0, type=float)
+    dist: object = field(default=None, repr=False)  # this process among torchrun's (setup_distributed)
+
+    def resolve(self, demo: bool) -> "TrainConfig":
+        """Fill what is None from the recipe (the tiny demo's when there is no --model);
+        resolve device and dtype; the output folder."""
+        family = "demo" if demo else ("full" if self.method == "full" else "lora")
+        if demo and self.method == "full" and (self.command, "demo-full") in RECIPES:
+            family = "demo-full"
+        for k, v in RECIPES[(self.command, family)].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.lora_dropout is None:  # DPO turns dropout off so that policy == reference at step 0 (as TRL)
+            self.lora_dropout = 0.0 if self.command == "dpo" else 0.1
+        self.device = resolve_device(self.device)
+        self.dtype = resolve_dtype(self.dtype, self.device)
+        if self.resume and not self.output:  # continue in the folder being resumed
+            r = os.path.normpath(self.resume)
+            self.output = os.path.dirname(r) if os.path.basename(r) == "checkpoint" else r
+        self.output = self.output or os.path.join("out", f"{self.command}-{self.method}")
+        return self
+
+
+def training_flags(p, command):
+    """The flags of `sft` or `dpo`, one per TrainConfig field that the command has."""
+    for f in fields(TrainConfig):
+        help = f.metadata.get("help")
+        help = help.get(command) if isinstance(help, dict) else help
+        if help is None:
+            continue
+        recipe = f.metadata["recipe"]
+        if recipe:
+            b = RECIPES[(command, "full")]
+            help = recipe_help(command, f.name, help.format(batch=b["batch_size"] * b["grad_accum"]),
+                               lora_source=recipe if isinstance(recipe, str) else None)
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=help.replace("{command}", command),
+                       **f.metadata["kw"])
 
 
 def build_policy(args, path):
@@ -1234,7 +1391,7 @@ SINGLE = Dist()
 
 
 def dist_of(args) -> Dist:
-    return getattr(args, "dist", SINGLE)
+    return getattr(args, "dist", None) or SINGLE
 
 
 WAIT_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 alone encoding data or writing a checkpoint
@@ -1897,19 +2054,21 @@ def save_outputs(args, model, model_dir, out):
 
 
 def print_config(args):
-    shown = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
-             for k, v in vars(args).items() if k not in ("func", "dist")}
+    shown = {f.name: getattr(args, f.name) for f in fields(args) if f.name != "dist"}
+    shown = {k: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v for k, v in shown.items()}
     print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
 
 
-def start_run(args, default_model, default_data):
-    """Fill in the defaults (the tiny demo's when there is no --model), print the
-    settings, check the model folder, seed. Returns (demo?, tokenizer)."""
+def start_run(ns, default_model, default_data):
+    """The run's TrainConfig from the parsed flags, with the defaults filled in (the tiny
+    demo's when there is no --model); print it, check the model folder, seed. Returns
+    (config, demo?, tokenizer)."""
+    args = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
     args.dist = setup_distributed(resolve_device(args.device))  # torchrun's process group, if any
     demo = args.model is None
     args.model = args.model or rank0_first(args.dist, default_model)
     args.data = args.data or os.path.join(DATA, default_data)
-    fill_defaults(args, demo)
+    args.resolve(demo)
     print_config(args)
     together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
     check_output(args.output, args.model, getattr(args, "adapter", None))
@@ -1917,11 +2076,11 @@ def start_run(args, default_model, default_data):
     rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: its newest whole checkpoint
     together(args.dist, check_resume, args, root)  # before the model loads
     torch.manual_seed(args.seed)
-    return demo, together(args.dist, lambda m: check_vocab(Tokenizer(m), m), args.model)
+    return args, demo, together(args.dist, lambda m: check_vocab(Tokenizer(m), m), args.model)
 
 
 def cmd_sft(args):
-    demo, tok = start_run(args, tiny_default_model, "sft_train.jsonl")
+    args, demo, tok = start_run(args, tiny_default_model, "sft_train.jsonl")
     examples = rank0_first(args.dist, load_sft_data, args.data, tok, args.max_seq_length, args.num_workers,
                         data_cache_dir())
     check_batch_size(args, examples, "conversation")
@@ -1971,7 +2130,7 @@ def tiny_sft_model() -> str:
 
 
 def cmd_dpo(args):
-    demo, tok = start_run(args, tiny_sft_model, "prefs_train.jsonl")
+    args, demo, tok = start_run(args, tiny_sft_model, "prefs_train.jsonl")
     pairs = rank0_first(args.dist, load_pref_data, args.data, tok, args.max_seq_length, args.num_workers,
                      data_cache_dir())
     check_batch_size(args, pairs, "preference pair")
@@ -2132,142 +2291,14 @@ def cmd_exercises(args):
 # listed with its source in --help. With no --model, the tiny demo's own
 # defaults apply (a model trained from scratch needs a far larger lr).
 
-RECIPES = {  # (command, method family) -> defaults
-    ("sft", "full"): dict(lr=2e-5, epochs=2, warmup_ratio=0.03, max_grad_norm=0.0, batch_size=4, grad_accum=32,
-                          max_seq_length=8192),   # Tulu 2 SFT: arXiv 2311.10702 Sec. 3 / model cards
-    ("sft", "lora"): dict(lr=1e-4, epochs=5, warmup_ratio=0.03, max_grad_norm=0.3, batch_size=4, grad_accum=32,
-                          max_seq_length=8192),   # Tulu 2 QLoRA 70B card; clip 0.3 from QLoRA (2305.14314)
-    ("dpo", "full"): dict(lr=5e-7, epochs=3, warmup_ratio=0.1, max_grad_norm=0.0, batch_size=4, grad_accum=8,
-                          max_seq_length=2048),   # Tulu 2 DPO: beta 0.1, lr 5e-7, batch 32, 3 epochs
-    ("dpo", "lora"): dict(lr=5e-6, epochs=3, warmup_ratio=0.1, max_grad_norm=0.3, batch_size=4, grad_accum=8,
-                          max_seq_length=2048),   # lr from alignment-handbook's zephyr-7b-dpo-qlora recipe
-    # The tiny demo, tuned by bench/demo_exact_match.py (held-out exact match): its adapters learn
-    # best at 5e-3, every weight at 5e-4 (62% right; 1e-3: 60%, 2e-3: 57%, 3e-3: 42%); DPO at 1e-4
-    # raises held-out reward accuracy without costing right answers (3e-4: one fewer of 40; 1e-3:
-    # a sixth fewer).
-    ("sft", "demo"): dict(lr=5e-3, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16, grad_accum=1,
-                          max_seq_length=256),
-    ("sft", "demo-full"): dict(lr=5e-4, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16,
-                               grad_accum=1, max_seq_length=256),
-    ("dpo", "demo"): dict(lr=1e-4, epochs=2, warmup_ratio=0.1, max_grad_norm=1.0, batch_size=16, grad_accum=1,
-                          max_seq_length=256),
-}
-
-
-def fill_defaults(args, demo):
-    """Replace unset (None) flags by the recipe's value; resolve device and dtype."""
-    family = "demo" if demo else ("full" if args.method == "full" else "lora")
-    if demo and args.method == "full" and (args.command, "demo-full") in RECIPES:
-        family = "demo-full"
-    for k, v in RECIPES[(args.command, family)].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.lora_dropout is None:  # DPO turns dropout off so that policy == reference at step 0 (as TRL)
-        args.lora_dropout = 0.0 if args.command == "dpo" else 0.1
-    args.device = resolve_device(args.device)
-    args.dtype = resolve_dtype(args.dtype, args.device)
-    if args.resume and not args.output:  # continue in the folder being resumed
-        r = os.path.normpath(args.resume)
-        args.output = os.path.dirname(r) if os.path.basename(r) == "checkpoint" else r
-    args.output = args.output or os.path.join("out", f"{args.command}-{args.method}")
-
-
-SOURCES = {("sft", "full"): "Tulu 2 SFT, arXiv 2311.10702", ("sft", "lora"): "Tulu 2 QLoRA 70B model card",
-           ("dpo", "full"): "Tulu 2 DPO, arXiv 2311.10702",
-           ("dpo", "lora"): "alignment-handbook zephyr-7b-dpo-qlora for the lr, else Tulu 2 DPO"}
-
-
-def recipe_help(command, key, what, lora_source=None):
-    """'what (default X full [source], Y lora/qlora [source]; Z for the demo[, W with full])'."""
-    r = lambda m: RECIPES[(command, m)][key]
-    demo_full = RECIPES.get((command, "demo-full"), {}).get(key, r("demo"))
-    with_full = f", {demo_full} with full" if demo_full != r("demo") else ""
-    return (f"{what} (default {r('full')} for full fine-tuning [{SOURCES[(command, 'full')]}], {r('lora')} "
-            f"with lora/qlora [{lora_source or SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo{with_full})")
-
-
-def positive_int(s):
-    if not s.lstrip("-").isdigit() or int(s) <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
-    return int(s)
-
-
-def count(s):
-    if not s.isdigit():
-        raise argparse.ArgumentTypeError(f"{s!r} is not a non-negative integer")
-    return int(s)
-
-
-def training_flags(p, command):
-    b = RECIPES[(command, "full")]
-    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model, built once and cached "
-                                   "under $XDG_CACHE_HOME/tulu)")
-    p.add_argument("--output", help=f"output folder (default: out/{command}-METHOD, or the --resume folder)")
-    p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora",
-                   help="qlora: NF4 base + LoRA + paged AdamW (QLoRA, arXiv 2305.14314); lora: LoRA on a "
-                        "bf16/fp32 base; full: every weight (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, help=recipe_help(command, "epochs", "passes over the data"))
-    p.add_argument("--max-steps", type=count, default=0, help="stop after N optimiser steps (default 0: all epochs)")
-    p.add_argument("--lr", type=float, help=recipe_help(command, "lr", "peak learning rate"))
-    p.add_argument("--batch-size", type=positive_int, help=recipe_help(command, "batch_size", "examples per micro-batch"))
-    p.add_argument("--grad-accum", type=positive_int, help=recipe_help(
-        command, "grad_accum", f"micro-batches per optimiser step; batch-size x grad-accum = "
-                               f"{b['batch_size'] * b['grad_accum']}, the model cards' batch"))
-    p.add_argument("--max-seq-length", type=positive_int, help=recipe_help(command, "max_seq_length",
-                                                                           "truncate longer examples"))
-    p.add_argument("--warmup-ratio", type=float, help=recipe_help(
-        command, "warmup_ratio", "linear warmup over this fraction of the steps, then linear decay to 0"))
-    p.add_argument("--max-grad-norm", type=float, help=recipe_help(
-        command, "max_grad_norm", "gradient clipping, 0 = off", lora_source="QLoRA, arXiv 2305.14314"))
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, Tulu 2)")
-    p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"),
-                   help="AdamW betas (default 0.9 0.999, Tulu 2)")
-    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon (default 1e-8, Tulu 2)")
-    p.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank (default 64, Tulu 2 QLoRA model card)")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16, Tulu 2 QLoRA model card)")
-    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1 for sft, Tulu 2 QLoRA model card; "
-                                                      "0 for dpo so that policy = reference at step 0, as TRL)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (QLoRA)")
-    p.add_argument("--compile", action="store_true", help=(
-        "torch.compile each decoder layer (default: off): fused kernels for the elementwise work, meant for "
-        "CUDA; the first step compiles for tens of seconds, and on a CPU the step is no faster (README)"))
-    p.add_argument("--group-by-length", action="store_true", help=(
-        "cut each step's examples into micro-batches longest first, so that little is padded: faster on data "
-        "of mixed lengths; the step's examples and summed gradient stay the same, only dropout masks and "
-        "float rounding differ (default: off, shuffled order, as transformers' group_by_length)"))
-    p.add_argument("--seed", type=int, default=42, help="random seed (default 42, open-instruct's)")
-    p.add_argument("--save-every", type=count, default=0, metavar="N", help="also checkpoint every N steps "
-                   "(default 0: by time only, --save-minutes)")
-    p.add_argument("--save-minutes", type=float, default=30.0, metavar="M", help=(
-        "checkpoint once M minutes have passed since the last checkpoint (default %(default)g: a crash or SIGKILL "
-        "loses at most that much, while writing a checkpoint, seconds for an adapter, under a minute at 1 GB/s "
-        "for a 7B full fine-tune's 38 GiB of weights and AdamW state, costs a few percent of the time; the demo "
-        "ends sooner; 0: off). Ctrl-C and SIGTERM always checkpoint, after the step in progress"))
-    p.add_argument("--resume", help="continue the run in this output folder from its checkpoint, with the same "
-                                    "settings, model and data; a finished run exits at once")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="weights/compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU)")
-    p.add_argument("--num-workers", type=positive_int, default=default_workers(),
-                   help="processes that encode --data (default: this machine's cores, at most 8; here "
-                        "%(default)s); the encoding is cached under $XDG_CACHE_HOME/tulu/data")
-
-
 def build_parser():
     ap = argparse.ArgumentParser(prog="tulu.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sft", help="supervised fine-tuning on Tulu-format conversations")
     training_flags(p, "sft")
-    p.add_argument("--data", help="JSONL of {\"messages\": [...]} (default: data/sft_train.jsonl)")
     p.set_defaults(func=cmd_sft)
     p = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs")
     training_flags(p, "dpo")
-    p.add_argument("--data", help="JSONL of {\"chosen\": [...], \"rejected\": [...]} (default: data/prefs_train.jsonl)")
-    p.add_argument("--adapter", help="start from this SFT adapter; it is also the reference model")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1, Tulu 2 DPO)")
-    p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES),
-                   help="sigmoid: DPO (Tulu 2); dpo_norm: on average log-probs (Tulu 3); ipo (default %(default)s)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon (default 0)")
     p.set_defaults(func=cmd_dpo)
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write an HF folder")
     p.add_argument("--model", required=True, help="the base model folder")
@@ -2333,7 +2364,7 @@ def main(argv=None):
     try:
         args.func(args)
     except (TuluError, OSError) as e:  # OSError: a missing file, an --output that is a file, a full disk...
-        if not isinstance(e, RankError) or args.dist.main:  # every rank has it: rank 0 says it
+        if not isinstance(e, RankError) or rank0():  # every rank has it: rank 0 says it
             print(f"tulu {args.command}: error: {error_text(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # outside the training loop, which saves a checkpoint itself

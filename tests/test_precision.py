@@ -110,8 +110,7 @@ def test_bf16_trains_under_autocast_with_float32_master_weights(monkeypatch):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return forward(self, *a, **kw)
     monkeypatch.setattr(llama.Llama, "forward", spy)
-    args = tulu.build_parser().parse_args(["sft", "--model", HF_TINY, "--method", "full", "--dtype", "bf16"])
-    tulu.fill_defaults(args, demo=False)
+    args = tulu.TrainConfig(model=HF_TINY, method="full", dtype="bf16").resolve(demo=False)
     model = tulu.build_policy(args, HF_TINY)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with tulu.autocast(args):
