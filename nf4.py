@@ -150,13 +150,32 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, even
     # end exercise
 
 
+CODES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # code_on's copies
+
+
+def code_on(code: torch.Tensor, device) -> torch.Tensor:
+    """A code book (NF4, DYNAMIC: tables never written to) on `device`, copied there
+    once and kept. Every 4-bit layer looks its scales up in DYNAMIC in forward, in
+    backward and again when a checkpointed layer recomputes: a fresh copy each time
+    would be a blocking host-to-device transfer in each. Keyed by the table's id;
+    the entry holds the table itself, so that id can never pass to another tensor."""
+    device = torch.device(device)
+    if code.device == device:
+        return code
+    key = (id(code), device)
+    if key not in CODES:
+        CODES[key] = (code, code.to(device))
+    return CODES[key][1]
+
+
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
     """x_i ~= code[c_i] * absmax_b for x_i in block b, the inverse of quantize_blockwise
     (QLoRA Eq. 2 with one constant per block). codes (N,) uint8, absmax
     (ceil(N/blocksize),) float32 -> (N,) float32."""
+    code = code_on(code, codes.device)
     # exercise: dequantize_blockwise
     n = codes.numel()
-    vals = F.pad(code.to(codes.device)[codes.int()], (0, -n % blocksize)).view(-1, blocksize)
+    vals = F.pad(code[codes.int()], (0, -n % blocksize)).view(-1, blocksize)
     return (vals * absmax[:, None]).view(-1)[:n]
     # end exercise
 

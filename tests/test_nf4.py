@@ -113,6 +113,22 @@ def test_dequantize_blockwise_matches_bitsandbytes(case):
     assert torch.equal(out.view(w.shape).to(w.dtype), REF[f"{case}.dequant"])
 
 
+def test_dequantize_blockwise_copies_its_code_book_to_a_device_once(monkeypatch):
+    """On a GPU a table copied at each call is a blocking transfer in every 4-bit layer's
+    forward and backward. The 'meta' device stands in for the GPU: the first call may copy
+    NF4 and DYNAMIC there, later calls (both dequantize paths) reuse those copies."""
+    meta = dict(device="meta")  # made-up bytes and scales: only where the tables go matters here
+    q = nf4.NF4Tensor(torch.empty(256, dtype=torch.uint8, **meta), torch.empty(8, dtype=torch.uint8, **meta),
+                      torch.Size((8, 64)), torch.float32, 64, torch.empty(1, **meta), torch.empty((), **meta))
+    nf4.dequantize_nf4_fast(q), dequantize_nf4(q)  # warm: one copy of each table
+    copies, to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: (
+        copies.append(1) if t is nf4.NF4 or t is nf4.DYNAMIC else None) or to(t, *a, **k))
+    for _ in range(3):
+        assert nf4.dequantize_nf4_fast(q).device.type == "meta" and dequantize_nf4(q).is_meta
+    assert copies == []
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_double_quantize_scales_match_bitsandbytes(case):
     """bitsandbytes' float32 block scales, quantized once more: its 8-bit codes (exact
