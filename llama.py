@@ -344,7 +344,18 @@ class Llama(nn.Module):
 # of rows at a time, and keeps per row what backward needs. reference_label_logps
 # is the plain version the tests hold it to.
 
-CHUNK_LOGITS = 2**22  # float32 logits alive at once: 16 MiB (131 rows of a 32,000-word vocabulary)
+# Logits computed at once, by device type. On a CPU 2**22 (16 MiB in float32, 131 rows of
+# a 32,000-word vocabulary) keeps a chunk's buffers near the caches. On a GPU chunks that
+# small leave each of a chunk's kernels too little work to be worth its launch; 2**26 (2,097
+# rows of 32,000 words, 523 of 128,256) keeps them busy, in ~640 MiB of buffers (a bf16 and
+# two float32 copies), small next to the (N, V) logits the plain path keeps.
+CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**26}
+
+
+def chunk_rows(device, vocab: int) -> int:
+    """Rows of logits label_logps computes at a time on `device`: CHUNK_LOGITS for its
+    type (the CPU's for any other type) over the vocabulary size, at least one row."""
+    return max(1, CHUNK_LOGITS.get(torch.device(device).type, CHUNK_LOGITS["cpu"]) // vocab)
 
 
 def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -427,7 +438,7 @@ def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: in
         return reference_label_logps(head(h), labels)
     labels = labels[:, 1:]
     learned = labels != -100  # (B, T-1)
-    rows = rows or max(1, CHUNK_LOGITS // head.out_features)
+    rows = rows or chunk_rows(h.device, head.out_features)
     logp = LabelLogps.apply(h[:, :-1][learned], head.weight, labels[learned], rows)  # (N,)
     return torch.zeros(labels.shape, dtype=torch.float32, device=h.device).index_put((learned,), logp)
 

@@ -92,11 +92,13 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
         device = (base.packed if isinstance(base, Linear4bit) else base.weight).device
-        # created in PEFT's order (A, B, then A's init), so a seed gives PEFT's A
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
+        # created in PEFT's order (A, B, then A's init), so a seed gives PEFT's A; drawn on the
+        # CPU, as PEFT draws, then moved: a GPU's generator would give other numbers
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device="cpu", dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device="cpu", dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device), self.lora_B.to(device)
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # nn.Dropout's, drawn faster
         self.disabled = False      # True: the layer is its base (adapters_disabled)
         self.train(base.training)  # a model in eval mode stays there (no dropout)

@@ -150,13 +150,32 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, even
     # end exercise
 
 
+CODES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # code_on's copies
+
+
+def code_on(code: torch.Tensor, device) -> torch.Tensor:
+    """A code book (NF4, DYNAMIC: tables never written to) on `device`, copied there
+    once and kept. Every 4-bit layer looks its scales up in DYNAMIC in forward, in
+    backward and again when a checkpointed layer recomputes: a fresh copy each time
+    would be a blocking host-to-device transfer in each. Keyed by the table's id;
+    the entry holds the table itself, so that id can never pass to another tensor."""
+    device = torch.device(device)
+    if code.device == device:
+        return code
+    key = (id(code), device)
+    if key not in CODES:
+        CODES[key] = (code, code.to(device))
+    return CODES[key][1]
+
+
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
     """x_i ~= code[c_i] * absmax_b for x_i in block b, the inverse of quantize_blockwise
     (QLoRA Eq. 2 with one constant per block). codes (N,) uint8, absmax
     (ceil(N/blocksize),) float32 -> (N,) float32."""
+    code = code_on(code, codes.device)
     # exercise: dequantize_blockwise
     n = codes.numel()
-    vals = F.pad(code.to(codes.device)[codes.int()], (0, -n % blocksize)).view(-1, blocksize)
+    vals = F.pad(code[codes.int()], (0, -n % blocksize)).view(-1, blocksize)
     return (vals * absmax[:, None]).view(-1)[:n]
     # end exercise
 
@@ -381,14 +400,39 @@ def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
     p.addcdiv_(m, denom, value=-(lr / (1 - beta1**step)))
 
 
+def paged_budget(free_bytes: int, total_bytes: int) -> int:
+    """PagedAdamW's automatic budget on a GPU: the bytes free there less a margin of
+    10% of the device or 1 GiB, whichever is larger (never below zero). It is taken
+    at the first step, after the first forward and backward: PyTorch's caching
+    allocator still holds what their activations took (reserved, so not free), so
+    the state gets only memory the step itself did not need; the margin is left for
+    fragmentation, a longer batch later, and other processes on the same GPU."""
+    return max(0, free_bytes - max(total_bytes // 10, 1 << 30))
+
+
+def device_budget(device: torch.device, page_bytes: int) -> float:
+    """The automatic budget for state on `device`: paged_budget of the memory free
+    on a CUDA device now, at least the two pages one update needs; unlimited
+    anywhere else (on a CPU the pages' home already is the device)."""
+    if device.type != "cuda":
+        return math.inf
+    free, total = torch.cuda.mem_get_info(device)
+    return max(paged_budget(free, total), 2 * page_bytes)
+
+
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW whose state (exp_avg, exp_avg_sq) lives in pages of at most
-    `page_bytes` in CPU memory (pinned when CUDA is available). step() brings the
-    pages it needs to the parameters' device, keeping at most
+    `page_bytes` in CPU memory (pinned when the parameters are on CUDA). step()
+    brings the pages it needs to the parameters' device, keeping at most
     `device_budget_bytes` of them there at once; the least recently used go back
     first, and pages stay between steps, so a state within the budget never moves.
-    `resident_bytes` and `peak_resident_bytes` show the budget is kept (on a CPU-only
-    machine the "device" is the CPU: pages are still copied and counted).
+    The default budget (None) is automatic, fixed at the first step by device_budget:
+    on a GPU what is free then, less a margin (paged_budget), so the state stays on
+    the device while it fits and pages only under memory pressure; on a CPU
+    unlimited, and a page is its own device copy. A budget given explicitly is kept
+    on any device: on a CPU-only machine pages are then still copied and counted, so
+    `resident_bytes` and `peak_resident_bytes` show the paging at work.
+    Copies to and from a GPU are queued on its stream without stalling the host.
     This is software-managed paging: we decide what moves and when, where
     bitsandbytes' paged optimizers allocate CUDA unified memory and let the driver
     page it. Either way the optimizer's share of device memory is bounded.
@@ -396,17 +440,20 @@ class PagedAdamW(torch.optim.Optimizer):
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 page_bytes=1 << 20, device_budget_bytes=1 << 28):
-        if device_budget_bytes < 2 * page_bytes:
+                 page_bytes=1 << 20, device_budget_bytes=None):
+        if device_budget_bytes is not None and device_budget_bytes < 2 * page_bytes:
             raise ValueError("device_budget_bytes must hold two pages (exp_avg and exp_avg_sq of a slice)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.page_bytes, self.device_budget_bytes = page_bytes, device_budget_bytes
         self.resident = OrderedDict()  # key -> (CPU page, device copy), least recently used first
         self.resident_bytes = self.peak_resident_bytes = 0
 
-    def _new_pages(self, flat: torch.Tensor) -> list[torch.Tensor]:
+    def _new_pages(self, flat: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        # pinned pages let copies to and from a GPU run asynchronously; pinning also starts
+        # a CUDA context, so only for parameters that live on a GPU (never in a --device cpu run)
+        pin = device.type == "cuda"
         pages = flat.cpu().split(max(1, self.page_bytes // flat.element_size()))
-        return [torch.empty(len(c), dtype=c.dtype, pin_memory=torch.cuda.is_available()).copy_(c) for c in pages]
+        return [torch.empty(len(c), dtype=c.dtype, pin_memory=pin).copy_(c) for c in pages]
 
     def _page_in(self, key, page: torch.Tensor, device) -> torch.Tensor:
         if key in self.resident:
@@ -415,16 +462,32 @@ class PagedAdamW(torch.optim.Optimizer):
         nbytes = page.numel() * page.element_size()
         while self.resident_bytes + nbytes > self.device_budget_bytes:
             _, (home, dev) = self.resident.popitem(last=False)
-            home.copy_(dev)  # write the page back before dropping it
+            self._write_back(home, dev)
             self.resident_bytes -= dev.numel() * dev.element_size()
-        self.resident[key] = (page, page.to(device, copy=True))
+        # no limit and already there (the CPU): a copy would only double the state's memory
+        in_place = self.device_budget_bytes == math.inf and page.device == torch.device(device)
+        # queued on the stream after the page's last write-back (the only writes to it), so never stale
+        self.resident[key] = (page, page if in_place else page.to(device, non_blocking=True, copy=True))
         self.resident_bytes += nbytes
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         return self.resident[key][1]
 
-    def flush(self):  # write every resident page back to CPU memory, free the device copies
+    @staticmethod
+    def _write_back(home: torch.Tensor, dev: torch.Tensor):
+        # Queued after the updates that wrote dev, without waiting. Dropping dev at once is safe:
+        # the caching allocator hands its memory only to work queued later on the same stream.
+        # The host reads home only after flush has waited for the device.
+        if dev is not home:
+            home.copy_(dev, non_blocking=True)
+
+    def flush(self):
+        """Write every resident page back to its CPU page, free the device copies, and
+        wait until the write-backs (these and any queued by earlier steps) have landed:
+        after flush the CPU pages may be read (state_dict) or replaced (load_state_dict)."""
         for home, dev in self.resident.values():
-            home.copy_(dev)
+            self._write_back(home, dev)
+        for device in {p.device for g in self.param_groups for p in g["params"] if p.is_cuda}:
+            torch.cuda.synchronize(device)
         self.resident, self.resident_bytes = OrderedDict(), 0
 
     @torch.no_grad()
@@ -434,9 +497,12 @@ class PagedAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
+                if self.device_budget_bytes is None:  # automatic: fixed now, after a forward and backward
+                    self.device_budget_bytes = device_budget(p.device, self.page_bytes)
                 if not state:
                     state["step"] = torch.tensor(0.0)  # float32 on the CPU, as AdamW keeps it
-                    state.update({k: self._new_pages(torch.zeros(p.numel(), dtype=p.dtype)) for k in self.MOMENTS})
+                    zeros = torch.zeros(p.numel(), dtype=p.dtype)
+                    state.update({k: self._new_pages(zeros, p.device) for k in self.MOMENTS})
                 state["step"] += 1
                 flat_p, flat_g, n = p.view(-1), p.grad.reshape(-1), len(state["exp_avg"][0])
                 for j, (m_page, v_page) in enumerate(zip(state["exp_avg"], state["exp_avg_sq"])):
@@ -462,5 +528,7 @@ class PagedAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, s in state_dict["state"].items():
             p = params[int(i)]
-            self.state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32).detach().cpu().clone(),
-                             **{k: self._new_pages(s[k].detach().reshape(-1).to(p.dtype)) for k in self.MOMENTS}}
+            step = torch.as_tensor(s["step"], dtype=torch.float32).detach().cpu().clone()
+            flat = {k: s[k].detach().reshape(-1).to(p.dtype) for k in self.MOMENTS}
+            pages = {k: self._new_pages(v, p.device) for k, v in flat.items()}
+            self.state[p] = {"step": step, **pages}

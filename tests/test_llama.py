@@ -384,6 +384,27 @@ def test_label_logps_equals_the_plain_path_and_its_gradients(dtype, trained, row
         torch.testing.assert_close(g, w, **tol)
 
 
+def test_chunk_rows_by_device():
+    """16 MiB of float32 logits on a CPU, 256 MiB on a GPU (any of them), the CPU's
+    size for other devices, and one row at least."""
+    assert llama.chunk_rows("cpu", 32000) == 2**22 // 32000 == 131
+    assert llama.chunk_rows("cuda", 32000) == 2**26 // 32000 == 2097
+    assert llama.chunk_rows(torch.device("cuda:1"), 32000) == 2097
+    assert llama.chunk_rows("cuda", 128256) == 523 and llama.chunk_rows("meta", 128256) == 32
+    assert llama.chunk_rows("cpu", 2**23) == 1
+
+
+def test_label_logps_chunks_by_chunk_rows(monkeypatch):
+    """Without `rows`, label_logps asks chunk_rows for h's device and the head's vocabulary."""
+    head, h, labels = head_and_rows(torch.float32, False)
+    asked, rows, apply = [], [], llama.LabelLogps.apply
+    monkeypatch.setattr(llama, "chunk_rows", lambda device, vocab: asked.append((device, vocab)) or 3,
+                        raising=False)
+    monkeypatch.setattr(llama.LabelLogps, "apply", lambda *a: rows.append(a[3]) or apply(*a))
+    llama.label_logps(h, head, labels)
+    assert asked == [(h.device, 50)] and rows == [3]
+
+
 def test_label_logps_with_nothing_learned_is_zero_with_zero_gradient():
     head, h, labels = head_and_rows(torch.float32, True)
     labels[:] = -100

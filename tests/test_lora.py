@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -198,6 +199,24 @@ def test_lora_forward_formula_and_dtypes():
             want = (base(x) + h).bfloat16() if base is lin else base(x) + h.bfloat16()
             assert torch.equal(layer(x), want)
             assert base is lin or not torch.equal(want, (base(x) + h).bfloat16())  # the two orders differ here
+
+
+def test_lora_linear_draws_its_init_on_the_cpu_whatever_the_device(monkeypatch):
+    """PEFT draws A on the CPU and then moves it, so a seed gives its A on a GPU too.
+    A base on the 'meta' device stands in for the GPU: every draw is made on the CPU,
+    the same draws as over a CPU base (the generator ends in the same state), and A
+    and B end up on the base's device."""
+    bases = {device: nn.Linear(16, 8, device=device) for device in ("cpu", "meta")}
+    drawn_on, kaiming = [], nn.init.kaiming_uniform_
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", lambda t, *a, **k: (
+        drawn_on.append(t.device.type) or kaiming(t, *a, **k)))
+    after = {}
+    for device, base in bases.items():
+        torch.manual_seed(0)
+        layer = lora.LoRALinear(base, r=4, alpha=8)
+        after[device] = torch.get_rng_state()
+        assert layer.lora_A.weight.device.type == layer.lora_B.weight.device.type == device
+    assert set(drawn_on) == {"cpu"} and torch.equal(after["cpu"], after["meta"])
 
 
 def test_lora_linear_keeps_hf_state_dict_keys():

@@ -113,6 +113,22 @@ def test_dequantize_blockwise_matches_bitsandbytes(case):
     assert torch.equal(out.view(w.shape).to(w.dtype), REF[f"{case}.dequant"])
 
 
+def test_dequantize_blockwise_copies_its_code_book_to_a_device_once(monkeypatch):
+    """On a GPU a table copied at each call is a blocking transfer in every 4-bit layer's
+    forward and backward. The 'meta' device stands in for the GPU: the first call may copy
+    NF4 and DYNAMIC there, later calls (both dequantize paths) reuse those copies."""
+    meta = dict(device="meta")  # made-up bytes and scales: only where the tables go matters here
+    q = nf4.NF4Tensor(torch.empty(256, dtype=torch.uint8, **meta), torch.empty(8, dtype=torch.uint8, **meta),
+                      torch.Size((8, 64)), torch.float32, 64, torch.empty(1, **meta), torch.empty((), **meta))
+    nf4.dequantize_nf4_fast(q), dequantize_nf4(q)  # warm: one copy of each table
+    copies, to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: (
+        copies.append(1) if t is nf4.NF4 or t is nf4.DYNAMIC else None) or to(t, *a, **k))
+    for _ in range(3):
+        assert nf4.dequantize_nf4_fast(q).device.type == "meta" and dequantize_nf4(q).is_meta
+    assert copies == []
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_double_quantize_scales_match_bitsandbytes(case):
     """bitsandbytes' float32 block scales, quantized once more: its 8-bit codes (exact
@@ -487,8 +503,8 @@ def test_paged_adamw_state_dict_is_adamw_format():
 
 
 def test_paged_adamw_defaults_just_work():
-    """PagedAdamW(params, lr=...) alone: 1 MiB pages, a 256 MiB budget, so this
-    small state stays resident whole; the update is torch's AdamW with weight_decay 0."""
+    """PagedAdamW(params, lr=...) alone: 1 MiB pages, the automatic budget (unlimited on
+    a CPU), so the state stays resident whole; the update is torch's AdamW with weight_decay 0."""
     ref, _ = train(lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0, foreach=False), steps=3)
     out, opt = train(lambda ps: PagedAdamW(ps, lr=1e-4), steps=3)
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
@@ -498,6 +514,71 @@ def test_paged_adamw_defaults_just_work():
 def test_paged_adamw_rejects_budget_below_two_pages():
     with pytest.raises(ValueError):
         PagedAdamW([nn.Parameter(torch.zeros(10))], page_bytes=1024, device_budget_bytes=1024)
+
+
+GiB = 1 << 30
+
+
+def test_paged_budget_leaves_a_margin():
+    """What is free less 10% of the device or 1 GiB, whichever is larger; never negative."""
+    assert nf4.paged_budget(70 * GiB, 80 * GiB) == 62 * GiB
+    assert nf4.paged_budget(6 * GiB, 8 * GiB) == 5 * GiB
+    assert nf4.paged_budget(GiB // 2, 8 * GiB) == 0
+
+
+def test_device_budget_asks_cuda_only_for_a_gpu(monkeypatch):
+    """On a GPU the budget comes from the memory free there (made-up numbers here), at
+    least two pages; on a CPU it is unlimited, and CUDA is never asked."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * GiB, 80 * GiB))
+    assert nf4.device_budget(torch.device("cuda:0"), 1 << 20) == 62 * GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GiB // 2, 80 * GiB))
+    assert nf4.device_budget(torch.device("cuda:0"), 1 << 20) == 2 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("CUDA asked"))
+    assert nf4.device_budget(torch.device("cpu"), 1 << 20) == math.inf
+
+
+def test_paged_adamw_default_budget_is_automatic(monkeypatch):
+    """No budget given: none is fixed before the first step; on a CPU it is then unlimited,
+    and each page is its own device copy (a copy would double the state's memory)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("CUDA asked"))
+    p = nn.Parameter(torch.randn(1000))
+    opt = PagedAdamW([p], lr=1e-3, page_bytes=1024)
+    assert opt.device_budget_bytes is None
+    p.grad = torch.randn(1000)
+    opt.step()
+    assert opt.device_budget_bytes == math.inf and len(opt.resident) == 8  # 2 moments x 4 pages
+    assert all(dev is home for home, dev in opt.resident.values())
+
+
+def test_paged_adamw_pins_pages_only_for_cuda_params(monkeypatch):
+    """Pinning host memory starts a CUDA context on GPU 0: a --device cpu run on a machine
+    with a GPU must not pin, whatever torch.cuda.is_available() says."""
+    pins, empty = [], torch.empty
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: (
+        pins.append(pin_memory) or empty(*a, **k)))  # asked for, not done: this machine may have no GPU
+    _, opt = train(paged, steps=3, resume_at=1)  # pages made at the first step and by load_state_dict
+    assert pins and not any(pins)
+    opt._new_pages(torch.zeros(300), torch.device("cuda"))  # the pages of a parameter on a GPU
+    assert pins[-1] is True
+
+
+def test_paged_adamw_page_copies_do_not_block(monkeypatch):
+    """Pages go to the device and back with non_blocking=True: on a GPU a blocking copy
+    would stall the host at every page (flush waits for them before the host reads)."""
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(500, generator=g)) for _ in range(3)]
+    opt = paged(params)
+    for p in params:
+        p.grad = torch.randn(500, generator=g)
+    opt.step()  # pages are made here: host-to-host copies, blocking is fine
+    calls, to, copy_ = [], torch.Tensor.to, torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: (
+        calls.append(k.get("non_blocking")) or to(t, *a, **k)))
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, src, non_blocking=False: (
+        calls.append(non_blocking) or copy_(t, src, non_blocking)))
+    opt.step()
+    assert calls and all(calls)  # pages moved (the state does not fit the budget), none blocking
 
 
 # -----------------------------------------------------------------------------
