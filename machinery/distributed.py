@@ -244,15 +244,13 @@ def all_sum(d: Dist, *values) -> list:
 def next_step(d: Dist, seed: int, step: int, save: bool) -> tuple[bool, bool]:
     """Before each step: (stop, save), each True on every rank if it is on any: a rank
     asked to stop (Ctrl-C, SIGTERM) or due a checkpoint (--save-minutes reads each rank's
-    clock), so that all stop, or save, after the same step; one all-reduce. Under
+    clock), so that all stop, or save, after the same step; one all-reduce (all_sum). Under
     torchrun dropout is reseeded from (seed, step, rank): ranks draw different masks, and
     a resumed run the same, with no per-rank RNG saved."""
-    if d.world == 1:
-        return d.stop, save
-    torch.manual_seed(hash((seed, step, d.rank)))
-    flags = torch.tensor([float(d.stop), float(save)], device=d.device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return flags[0].item() > 0, flags[1].item() > 0
+    if d.world > 1:
+        torch.manual_seed(hash((seed, step, d.rank)))
+    stop, save = all_sum(d, d.stop, save)
+    return stop > 0, save > 0
 
 
 def whole(t):

@@ -34,6 +34,7 @@ import dpo
 import llama
 import lora
 import tulu
+from machinery import checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -894,7 +895,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
 def test_loss_svg_draws_a_run_that_diverged():
     import xml.etree.ElementTree as ET
-    rows = [tulu.json_safe({"step": s, "loss": v, "grad_norm": 1.0}) for s, v in ((1, 2.0), (2, 1.5), (3, math.nan))]
+    rows = [checks.json_safe({"step": s, "loss": v, "grad_norm": 1.0}) for s, v in ((1, 2.0), (2, 1.5), (3, math.nan))]
     assert rows[-1] == {"step": 3, "loss": None, "grad_norm": 1.0, "nonfinite": {"loss": "nan"}}
     svg = ET.fromstring(tulu.loss_svg(rows, "diverged"))
     assert "non-finite" in "".join(svg.itertext())
