@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tulu  # noqa: E402
+from machinery.distributed import exit_after  # noqa: E402
 
 if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
     for var, sig in (("TULU_TEST_SIGTERM_AT", signal.SIGTERM), ("TULU_TEST_SIGKILL_AT", signal.SIGKILL)):
@@ -66,4 +67,4 @@ if os.environ.get("TULU_TEST_STEPS"):
         return opt
     tulu.build_optimizer = build_optimizer
 
-tulu.exit_after(lambda: tulu.main(sys.argv[1:]))
+exit_after(lambda: tulu.main(sys.argv[1:]))

@@ -34,6 +34,7 @@ import dpo
 import llama
 import lora
 import tulu
+from machinery import checks, runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -417,8 +418,8 @@ def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, mon
 
 
 def test_sft_save_every_checkpoints_and_a_finished_run_removes_it(tmp_path, monkeypatch, sft_data):
-    saved, save = [], tulu.save_checkpoint
-    monkeypatch.setattr(tulu, "save_checkpoint", lambda out, step, *a: saved.append(step) or save(out, step, *a))
+    saved, save = [], runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda out, step, *a: saved.append(step) or save(out, step, *a))
     out = tmp_path / "saved"
     cli(*resume_flags(sft_data, "qlora", out), "--save-every", 2)
     assert saved == [2, 4]  # not after the last step, which writes the adapter
@@ -888,17 +889,17 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(llama.TuluError, match="lm_head.weight"):
         tulu.save_outputs(argparse.Namespace(method="full"), model, HF_TINY, str(tmp_path))
     with pytest.raises(llama.TuluError, match="lm_head.weight"):
-        tulu.save_checkpoint(str(tmp_path), 1, model, opt, tulu.rng_state(), {})
+        runs.save_checkpoint(str(tmp_path), 1, model, opt, runs.rng_state(), {})
     assert os.listdir(tmp_path) == []
 
 
 def test_loss_svg_draws_a_run_that_diverged():
     import xml.etree.ElementTree as ET
-    rows = [tulu.json_safe({"step": s, "loss": v, "grad_norm": 1.0}) for s, v in ((1, 2.0), (2, 1.5), (3, math.nan))]
+    rows = [checks.json_safe({"step": s, "loss": v, "grad_norm": 1.0}) for s, v in ((1, 2.0), (2, 1.5), (3, math.nan))]
     assert rows[-1] == {"step": 3, "loss": None, "grad_norm": 1.0, "nonfinite": {"loss": "nan"}}
-    svg = ET.fromstring(tulu.loss_svg(rows, "diverged"))
+    svg = ET.fromstring(runs.loss_svg(rows, "diverged"))
     assert "non-finite" in "".join(svg.itertext())
-    assert "non-finite" in "".join(ET.fromstring(tulu.loss_svg(rows[-1:], "at once")).itertext())
+    assert "non-finite" in "".join(ET.fromstring(runs.loss_svg(rows[-1:], "at once")).itertext())
 
 
 class Trap:
@@ -1129,7 +1130,7 @@ def test_dpo_demo_with_an_sft_adapter_starts_with_zero_rewards(tmp_path, monkeyp
 def test_loss_svg_escapes_its_title():
     import xml.etree.ElementTree as ET
     rows = [{"step": s, "loss": 1 / s} for s in range(1, 5)]
-    svg = ET.fromstring(tulu.loss_svg(rows, "R&D <llama>"))
+    svg = ET.fromstring(runs.loss_svg(rows, "R&D <llama>"))
     assert "R&D <llama>" in "".join(svg.itertext())
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import llama
 import tulu
+from machinery import distributed, runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -157,11 +158,11 @@ def test_set_rng_state_restores_this_gpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([i], dtype=torch.uint8)
                                                                     for i in range(8)])
-    state = tulu.rng_state()
+    state = runs.rng_state()
     assert len(state["cuda"]) == 1
-    tulu.set_rng_state(state)
+    runs.set_rng_state(state)
     assert [int(s) for s in set_on] == [7]
-    tulu.set_rng_state({**state, "cuda": torch.cuda.get_rng_state_all()})  # a checkpoint of 8 GPUs
+    runs.set_rng_state({**state, "cuda": torch.cuda.get_rng_state_all()})  # a checkpoint of 8 GPUs
     assert [int(s) for s in set_on] == [7, 0]
 
 
@@ -169,7 +170,7 @@ def test_set_rng_state_restores_this_gpu_only(monkeypatch):
 def test_rank_device_wraps_local_rank_over_the_visible_gpus(monkeypatch, visible, local_rank, want):
     """Slurm's per-task binding shows each task one GPU while LOCAL_RANK runs 0..7."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert tulu.rank_device(local_rank) == torch.device("cuda", want)
+    assert distributed.rank_device(local_rank) == torch.device("cuda", want)
 
 
 def test_resolve_dtype_falls_back_where_a_gpu_has_no_bf16(monkeypatch, capsys):

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tulu
+from machinery import runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -141,9 +142,9 @@ class Killed(BaseException):
 
 
 def kill_during_save_of_step_4(monkeypatch, where):
-    saving, write_json, discard = [], tulu.write_json, tulu.discard
-    save = tulu.save_checkpoint
-    monkeypatch.setattr(tulu, "save_checkpoint", lambda out, step, *a: saving.append(step) or save(out, step, *a))
+    saving, write_json, discard = [], runs.write_json, runs.discard
+    save = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda out, step, *a: saving.append(step) or save(out, step, *a))
 
     def write(path, obj):
         last = saving[-1:] == [4] and path.endswith("trainer_state.json")
@@ -164,8 +165,8 @@ def kill_during_save_of_step_4(monkeypatch, where):
                 raise Killed
             return
         discard(folder)
-    monkeypatch.setattr(tulu, "write_json", write)
-    monkeypatch.setattr(tulu, "discard", gone)
+    monkeypatch.setattr(runs, "write_json", write)
+    monkeypatch.setattr(runs, "discard", gone)
 
 
 KILLS = {  # where the save of step 4 is killed -> the step a resumed run continues from
@@ -202,9 +203,9 @@ def test_a_checkpoint_killed_while_removed_is_never_taken_for_whole(tmp_path, mo
     with monkeypatch.context() as m:
         m.setattr(shutil, "rmtree", killed)
         with pytest.raises(Killed):
-            tulu.discard(out / "checkpoint")
+            runs.discard(out / "checkpoint")
     assert os.path.exists(out / "checkpoint" / "trainable.safetensors")
-    assert tulu.settle_checkpoint(out) is None and not os.path.exists(out / "checkpoint")
+    assert runs.settle_checkpoint(out) is None and not os.path.exists(out / "checkpoint")
 
 
 @pytest.mark.parametrize("tmp_whole", [True, False])
@@ -231,8 +232,8 @@ def test_earlier_versions_rename_window_is_found(tmp_path, monkeypatch, capsys, 
 
 
 def saved_steps(monkeypatch):
-    steps, save = [], tulu.save_checkpoint
-    monkeypatch.setattr(tulu, "save_checkpoint", lambda out, step, *a: steps.append(step) or save(out, step, *a))
+    steps, save = [], runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda out, step, *a: steps.append(step) or save(out, step, *a))
     return steps
 
 

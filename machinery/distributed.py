@@ -1,0 +1,305 @@
+"""More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning.
+
+`torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program and tells
+each its RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step
+takes batch-size x grad-accum x N examples: the micro-batches one process takes with
+grad-accum x N, dealt out to the ranks in turn (deal). Every rank divides by the
+learned tokens (or pairs) of the whole step, summed over the ranks (all_sum), so the
+summed gradient, the loss and the clipping norm are one process's, up to rounding.
+
+lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel);
+full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its
+gradient and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's
+CPU (gathered, full_model); resuming cuts a whole checkpoint to each rank's shards
+(placed). Rank 0 alone prints and writes, the files one process writes: rank0() is how
+code asks. An error on one rank ends every rank with its one-line message (together),
+where the others would wait for it forever. Without torchrun all of this reduces to a
+Dist of one rank and costs nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import llama
+from llama import TuluError
+
+
+@dataclass
+class Dist:
+    """This process among torchrun's; without torchrun, rank 0 of 1."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # for collectives' tensors (NCCL: this rank's GPU)
+    stop: bool = False  # Ctrl-C or SIGTERM arrived (see machinery.runs.Run)
+    waits: object = None  # the process group for long waits on one rank (setup_distributed)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = Dist()
+
+
+def dist_of(args) -> Dist:
+    return getattr(args, "dist", None) or SINGLE
+
+
+WAIT_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 alone encoding data or writing a checkpoint
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """This rank's GPU: LOCAL_RANK among the visible ones, modulo their number where a
+    scheduler shows each task only its own GPU (Slurm's per-task binding: one device,
+    LOCAL_RANK 0..7)."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank0() -> bool:
+    """Whether this process prints and writes: rank 0 of torchrun's, or the only one."""
+    return not distributed() or torch.distributed.get_rank() == 0
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return distributed() and isinstance(model, FSDPModule)
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join torchrun's process group: NCCL, each rank on the GPU LOCAL_RANK names, or
+    gloo on CPU. Without torchrun, or inside a run (the demo SFT that rank 0 builds), a
+    Dist of one. Ctrl-C and SIGTERM now only raise a flag (Run.end_step). Ranks other than 0
+    print nothing and draw no progress bars (their errors still reach stderr)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 or torch.distributed.is_initialized():
+        return Dist()
+    rank, local, cuda = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), device == "cuda"
+    dev = rank_device(local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)  # from here on, "cuda" is this rank's GPU
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    # the waits for one rank (rank 0 encoding a large data file or writing a 70B checkpoint)
+    # go through a gloo group of their own with a long timeout; NCCL's 10 minutes stay the
+    # limit for a collective of the training step, where a hung rank should fail fast
+    waits = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    d = Dist(rank, world, local, dev, waits=waits)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun passes a Ctrl-C on as SIGINT
+        signal.signal(sig, lambda *_: setattr(d, "stop", True))
+    if not rank0():
+        sys.stdout = open(os.devnull, "w")
+        init = tqdm.__init__
+        tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
+    return d
+
+
+def exit_after(main):
+    """Run main() and exit with its status; under torchrun, destroy the process group
+    first, once the error that ended the run (and the model it holds) is gone: a gloo
+    group that lives on into Python's shutdown can abort the process."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if distributed():
+        gc.collect()  # FSDP's modules sit in reference cycles
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+
+class RankError(TuluError):
+    """An error that every rank raises (see together); rank 0 alone prints it."""
+
+
+def error_text(e) -> str:
+    return f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+
+
+def together(d: Dist, fn, *args):
+    """fn(*args) on every rank. A TuluError or OSError on any rank (a data file missing on
+    one node) ends every rank with its one-line error, where the others would wait for
+    the failed rank in their next collective."""
+    if d.world == 1:
+        return fn(*args)
+    try:
+        out, err = fn(*args), None
+    except (TuluError, OSError) as e:
+        out, err = None, error_text(e)
+    errors = [None] * d.world
+    torch.distributed.all_gather_object(errors, err, group=d.waits)
+    rank, err = next(((r, e) for r, e in enumerate(errors) if e), (0, None))
+    if err:
+        raise RankError(err if rank == 0 else f"{err} (rank {rank})")
+    return out
+
+
+def rank0_first(d: Dist, fn, *args):
+    """fn(*args) on rank 0, then on the other ranks, which find cached what it made: the
+    demo model, the encoded data (one rank encodes the file, not every rank the whole
+    file; a node that does not share rank 0's cache folder encodes it again). An error
+    on any rank ends every rank, as in together."""
+    if d.world == 1:
+        return fn(*args)
+    out = together(d, lambda: fn(*args) if rank0() else None)
+    return together(d, lambda: out if rank0() else fn(*args))
+
+
+def shard(model, d: Dist, compute_dtype=torch.float32):
+    """FSDP2 (--method full under torchrun): one unit per decoder layer, then the root
+    (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
+    AdamW state, and gathers a unit's weights only while it computes with them. With
+    bf16 compute the shards stay float32 (master weights) and are gathered in bf16,
+    half the bytes sent; gradients are reduced in float32 (torchtune's policy)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's
+    # reference) it would hold whole weights, which the optimiser built next would take.
+    # fully_shard moves the shards to the device
+    return fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+
+
+def data_parallel(args, model):
+    """The model train_step runs: under torchrun with lora/qlora, DDP, which averages the
+    adapters' gradients over the ranks in the backward of a step's last micro-batch, in
+    its buckets (the gradients are views of them: no second copy). The frozen (NF4) base
+    is read by every rank and never sent; rank 0's adapters are (DDP's init_sync would
+    send the base too, and broadcast_buffers its NF4 buffers)."""
+    d = dist_of(args)
+    if d.world == 1:
+        return model
+    print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = "
+          f"batch-size x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
+          f"{args.batch_size * args.grad_accum * d.world} examples a step")
+    if is_sharded(model):
+        return model
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.distributed.broadcast(p.detach(), src=0)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, init_sync=False,
+        broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def grad_sync(model, last: bool):
+    """DDP: gradients stay on each rank until a step's last micro-batch, then one
+    all-reduce. FSDP reduce-scatters after every micro-batch: waiting would keep whole
+    gradients on every rank, the memory that sharding saves."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return model.no_sync() if ddp and not last else contextlib.nullcontext()
+
+
+def deal(batches, d: Dist) -> list:
+    """This rank's share of one process's batches: every N-th, from the rank's own. All
+    ranks get as many (FSDP gathers weights in each forward, all ranks together): None
+    stands for a batch that a rank is short of."""
+    mine = batches[d.rank::d.world]
+    return mine + [None] * (math.ceil(len(batches) / d.world) - len(mine))
+
+
+def undeal(results, n: int, d: Dist) -> list:
+    """Every rank's results for its deal of n batches, one per batch, in the batches' order."""
+    if d.world == 1:
+        return results
+    shares = [None] * d.world
+    torch.distributed.all_gather_object(shares, results)
+    return [shares[k % d.world][k // d.world] for k in range(n)]
+
+
+def rank_batches(idx, examples, task, d: Dist) -> list:
+    """This rank's collated micro-batches of a step, whose micro-batches in one process
+    are idx (example indices); where a rank is short of one, a stand-in: the step's first
+    example with weight 0."""
+    stand_in = lambda: {**task.collate([examples[idx[0][0]]]), "weight": 0}
+    return [task.collate([examples[i] for i in c]) if c else stand_in() for c in deal(idx, d)]
+
+
+def all_sum(d: Dist, *values) -> list:
+    """Each value summed over the ranks, in one all-reduce."""
+    if d.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(d: Dist, *flags) -> list[bool]:
+    """Each flag True on every rank if it is on any (one all-reduce): so that all ranks
+    stop, or save, after the same step."""
+    return [v > 0 for v in all_sum(d, *map(float, flags))]
+
+
+def whole(t):
+    """A tensor that FSDP shards (a DTensor) gathered whole, on every rank; else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gathered(obj):
+    """obj (nested dicts and lists) with each tensor whole on rank 0's CPU. The other
+    ranks take part in gathering FSDP's shards, a tensor at a time, and keep None."""
+    if isinstance(obj, dict):
+        return {k: gathered(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gathered(v) for v in obj)
+    if torch.is_tensor(obj):
+        t = whole(obj).detach()
+        return t.cpu() if rank0() else None
+    return obj
+
+
+def placed(value, like):
+    """A whole tensor cut to this rank's shard where `like` is sharded (FSDP); else value."""
+    if not hasattr(like, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor  # each rank cuts its own shard: no messages
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def placed_state(state, opt):
+    """A whole optimiser state (one process's) cut to this rank's shards."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {**state, "state": {i: {k: placed(v, params[int(i)]) if v.dim() else v for k, v in s.items()}
+                               for i, s in state["state"].items()}}
+
+
+def full_model(model):
+    """Rank 0: the model whole, to save (FSDP's shards gathered to its CPU); others: None."""
+    if is_sharded(model):
+        sd, cfg = gathered(model.state_dict()), model.config  # every rank takes part
+        if rank0():
+            with torch.device("meta"):
+                model = llama.Llama(cfg)
+            model.load_state_dict(sd, assign=True)
+    return model if rank0() else None
+
+
+class MemoryLog:
+    """What ranks other than 0 keep instead of metrics.jsonl and loss.svg: the rows."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log(self, row):
+        self.rows.append(row)
+
+    def plot(self, title):
+        pass
