@@ -14,26 +14,22 @@ command line is at the bottom.
 from __future__ import annotations
 
 import argparse
-import functools
-import array
-import bisect
 import hashlib
-import itertools
 import json
 import math
 import os
 import pathlib
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 
 import dpo
 import llama
 from llama import TuluError, Tokenizer, load_model, save_model, atomic_write, write_json
+from machinery.data import (KIND_KEYS, ChatFormat, default_workers, example_lengths, load_examples,
+                            read_jsonl, read_objects)
 from tqdm import tqdm
 from machinery.checks import (check_batch_size, check_finite_weights, check_output, check_vocab, finite,
                               folder_tokenizer, tokenizer_source, warn_beyond_context)
@@ -107,66 +103,6 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
     # end exercise
 
 
-class Prefixes:
-    """tokenizer.encode(text[:b], bos=True)[:limit] for any b, from one pass over
-    tokenizer.spans(text). The tokenizer cuts a text at its special tokens and encodes
-    each piece between them on its own, so the ids of text[:b] are those of the
-    spans that end by b, then those of the piece of text that b cuts, encoded alone.
-    Spans are encoded when first needed, none past `limit` tokens."""
-
-    def __init__(self, tokenizer, text: str, limit: int):
-        self.tok, self.text, self.limit, self.spans = tokenizer, text, limit, tokenizer.spans(text)
-        self.ids = tokenizer.encode("", bos=True)  # BOS (or nothing), then each span's ids
-        self.seen = [(0, len(self.ids), True)]  # (end, len(self.ids) after it, special?) of BOS and each span
-
-    def cut(self, b: int) -> tuple[int, list[int]]:
-        """(n, tail): tokenizer.encode(text[:b], bos=True) is self.ids[:n] + tail, as
-        far as `limit` tokens."""
-        while self.seen[-1][0] < b and len(self.ids) < self.limit:
-            _, end, ids, special = next(self.spans)
-            self.ids += ids
-            self.seen.append((end, len(self.ids), special))
-        k = bisect.bisect_left(self.seen, b, key=lambda s: s[0])  # the span that holds text[b - 1]
-        if k == len(self.seen):  # the spans before b make `limit` tokens already
-            return self.seen[-1][1], []
-        (start, before, _), (end, after, special) = self.seen[k - 1] if k else (0, 0, True), self.seen[k]
-        if end == b:
-            return after, []
-        if special:  # b inside a special token: no shortcut (never in a chat text)
-            return 0, self.tok.encode(self.text[:b], bos=True)
-        return before, self.tok.encode_piece(self.text[start:b], start == 0)
-
-    def length(self, b: int) -> int:
-        n, tail = self.cut(b)
-        return min(n + len(tail), self.limit)
-
-
-def encode_messages_fast(messages, tokenizer, max_seq_length: int) -> tuple[list[int], list[int]]:
-    """encode_messages, the same ids and labels, without encoding the conversation
-    again up to the end of each turn: Prefixes reads every prefix's length off one
-    encoding. Each answer ends with the EOS token, a special token, so a prefix
-    re-encodes at most the turns since the last answer; nothing past max_seq_length
-    is encoded."""
-    if not messages:
-        raise ValueError("no messages")
-    turns = [chat_text([m], eos_text(tokenizer)) for m in messages]
-    text, at = "".join(turns), [0, *itertools.accumulate(map(len, turns))]  # at[i]: where turn i starts
-    prefix = Prefixes(tokenizer, text, max_seq_length)
-    n, tail = prefix.cut(len(text.rstrip()))  # text.strip(): it begins with a role header
-    ids = (prefix.ids[:n] + tail)[:max_seq_length]
-    labels = list(ids)
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            continue
-        start = 0 if i == 0 else prefix.length(at[i])
-        header = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"  # "<|assistant|>\n" masked too
-        end = prefix.length(at[i + 1] + header * len(ROLE_HEADERS["assistant"]))
-        labels[start:end] = [-100] * len(labels[start:end])
-        if end >= max_seq_length:
-            break
-    return ids, labels
-
-
 def encode_prompt(messages, tokenizer) -> list[int]:
     """Ids of a conversation ending with a user turn, then "<|assistant|>\n", for
     the model to write the answer: tokenized exactly as in training. (open-instruct's
@@ -175,70 +111,6 @@ def encode_prompt(messages, tokenizer) -> list[int]:
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("a prompt must end with a user turn")
     return tokenizer.encode(chat_text(messages, eos_text(tokenizer)) + ROLE_HEADERS["assistant"], bos=True)
-
-
-KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
-
-
-def message_problem(messages) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "must be a non-empty list of messages"
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"message {j} must be an object with string 'role' and 'content'"
-        if m["role"] not in ROLE_HEADERS:
-            return f"message {j}: unknown role {m['role']!r} (expected system, user or assistant)"
-    return None
-
-
-def parse_json_line(path: str, n: int, raw: bytes):
-    """The JSON object on line n of a file, None for a blank line. Problems:
-    TuluError("path:n: ...")."""
-    try:
-        line = raw.decode("utf-8").strip()
-        obj = json.loads(line) if line else None
-    except UnicodeDecodeError:
-        raise TuluError(f"{path}:{n}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if line and not isinstance(obj, dict):
-        raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def parse_line(path: str, n: int, raw: bytes, kind: str):
-    """The object on line n of a JSONL file of kind "sft" ({"messages": [...]}) or
-    "prefs" ({"chosen": [...], "rejected": [...]}), None for a blank line; other keys
-    (dataset, id) are ignored. Problems: TuluError("path:n: ...")."""
-    obj = parse_json_line(path, n, raw)
-    if obj is None:
-        return None
-    check_kind(path, n, obj, kind)
-    for key in KIND_KEYS[kind]:
-        problem = f"missing key {key!r}" if key not in obj else message_problem(obj[key])
-        if problem:
-            raise TuluError(f"{path}:{n}: {problem if key not in obj else repr(key) + ' ' + problem}")
-    return obj
-
-
-def read_objects(path: str, parse=parse_json_line):
-    """Yield (line_number, object) for each non-blank line of a JSONL file."""
-    if not os.path.isfile(path):
-        raise TuluError(f"{path}: no such file")
-    seen = False
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            obj = parse(path, n, raw)
-            if obj is not None:
-                seen = True
-                yield n, obj
-    if not seen:
-        raise TuluError(f"{path}: empty")
-
-
-def read_jsonl(path: str, kind: str):
-    """Yield (line_number, object) for each conversation or pair of a JSONL file (parse_line)."""
-    return read_objects(path, functools.partial(parse_line, kind=kind))
 
 
 def final_answer_start(labels):
@@ -265,252 +137,22 @@ def encode_pair(chosen, rejected, tok, max_seq_length, encode=encode_messages):
     return out
 
 
-def encode_example(obj, kind, tok, max_seq_length):
-    """One line's object -> its example: (ids, labels), or (chosen ids, chosen labels,
-    rejected ids, rejected labels); None if nothing is left to learn after truncation
-    (open-instruct drops those too). A problem: ValueError."""
-    if kind == "sft":
-        ids, labels = encode_messages_fast(obj["messages"], tok, max_seq_length)
-        return (ids, labels) if any(label != -100 for label in labels[1:]) else None
-    problem = dpo.check_pair(obj["chosen"], obj["rejected"])
-    if problem:
-        raise ValueError(problem)
-    return encode_pair(obj["chosen"], obj["rejected"], tok, max_seq_length, encode_messages_fast)
+# The data files as training examples: machinery/data.py reads them, encodes them
+# with this chat format (a fast path with the same ids and labels), by worker
+# processes, into flat storage, and caches them.
+CHAT = ChatFormat(chat_text, eos_text, ROLE_HEADERS, encode_pair)
 
 
 def load_sft_data(path, tok, max_seq_length, workers=1, cache=None):
     """Every conversation of a JSONL file as (ids, labels), in order, held flat
     (Examples); conversations with nothing to learn are dropped and counted. workers,
     cache: see load_examples."""
-    return load_examples(path, "sft", tok, max_seq_length, workers, cache)
+    return load_examples(path, "sft", tok, max_seq_length, CHAT, workers, cache)
 
 
 def load_pref_data(path, tok, max_seq_length, workers=1, cache=None):
     """Every preference pair as (chosen ids, chosen labels, rejected ids, rejected labels)."""
-    return load_examples(path, "prefs", tok, max_seq_length, workers, cache)
-
-
-# -----------------------------------------------------------------------------
-# A data set at scale: flat examples, worker processes, a cache of the encoding
-#
-# The Tulu v2 SFT mixture is ~326k conversations and hundreds of millions of
-# tokens. Encoded examples are held as one flat int32 tensor (8 bytes a token
-# with its label, where two lists of Python ints take about 43), encoded by worker
-# processes, each a batch of whole lines of the file at a time, and kept in a
-# cache keyed by everything they depend on, so the next run, and every
-# --resume, reads them back instead of encoding again.
-
-
-class Examples:
-    """Encoded examples, each `width` int32 sequences (sft: ids, labels; prefs:
-    chosen ids, chosen labels, rejected ids, rejected labels) laid end to end in
-    `tokens`; sequence j is tokens[offsets[j]:offsets[j + 1]]. examples[i] is the
-    tuple of those views (no copy), examples[a:b] a list of them: what the training
-    loop and the collate functions read."""
-
-    def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, width: int):
-        self.tokens, self.offsets, self.width = tokens, offsets, width
-
-    @classmethod
-    def join(cls, batches, width: int) -> "Examples":
-        """From BatchEncoder's results: (tokens, sequence lengths, ...) as int32 bytes."""
-        tokens = np.concatenate([np.frombuffer(b[0], np.int32) for b in batches] or [np.zeros(0, np.int32)])
-        lengths = np.concatenate([np.frombuffer(b[1], np.int32) for b in batches] or [np.zeros(0, np.int32)])
-        offsets = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(torch.from_numpy(tokens), torch.from_numpy(offsets), width)
-
-    def __len__(self):
-        return (len(self.offsets) - 1) // self.width
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"example {i} of {len(self)}")
-        first = (i % len(self)) * self.width
-        o = self.offsets[first:first + self.width + 1].tolist()
-        return tuple(self.tokens[a:b] for a, b in zip(o, o[1:]))
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def tolist(self):
-        """The examples as tuples of lists of ints (tests compare them with encode_messages)."""
-        return [tuple(s.tolist() for s in e) for e in self]
-
-    def nbytes(self) -> int:
-        return self.tokens.nbytes + self.offsets.nbytes
-
-
-def scan_file(path: str, batch_bytes: int):
-    """One pass over a data file: (its sha256, [(offset, size, first line number)] of
-    batches of whole lines of about batch_bytes, its number of lines)."""
-    h, batches, offset, line, pending = hashlib.sha256(), [], 0, 1, b""
-    with open(path, "rb") as f:
-        while block := f.read(batch_bytes):
-            h.update(block)
-            pending += block
-            cut = pending.rfind(b"\n") + 1
-            if cut:
-                batches.append((offset, cut, line))
-                line, offset, pending = line + pending.count(b"\n", 0, cut), offset + cut, pending[cut:]
-    if pending:
-        batches.append((offset, len(pending), line))
-    return h.hexdigest(), batches, line - 1 + bool(pending)
-
-
-BATCH_BYTES = 1 << 20  # of the data file a worker encodes at a time
-
-
-class BatchEncoder:
-    """What a worker process runs: one batch of lines of the file -> (the tokens of
-    its examples' sequences end to end, as int32 bytes; their lengths, as int32
-    bytes; the number of non-blank lines read). A problem raises TuluError naming
-    the file and line, which the pool hands back to the parent."""
-
-    def __init__(self, path, kind, tok, max_seq_length):
-        self.path, self.kind, self.tok, self.max_seq_length = path, kind, tok, max_seq_length
-
-    def __call__(self, batch):
-        offset, size, first_line = batch
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            lines = f.read(size).split(b"\n")
-        tokens, lengths, read = array.array("i"), array.array("i"), 0
-        for n, raw in enumerate(lines, start=first_line):
-            obj = parse_line(self.path, n, raw, self.kind)
-            if obj is None:
-                continue
-            read += 1
-            try:
-                example = encode_example(obj, self.kind, self.tok, self.max_seq_length)
-            except ValueError as e:
-                raise TuluError(f"{self.path}:{n}: {e}") from None
-            for seq in example or ():
-                tokens.extend(seq)
-                lengths.append(len(seq))
-        return tokens.tobytes(), lengths.tobytes(), read
-
-
-_encoder = None  # the BatchEncoder of a worker process (a fork of the parent: nothing is pickled)
-
-
-def _set_encoder(encoder):
-    global _encoder
-    _encoder = encoder
-
-
-def _run_encoder(batch):
-    return _encoder(batch)
-
-
-def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 8)
-
-
-def encode_file(path, kind, tok, max_seq_length, batches, lines, workers):
-    """(Examples, non-blank lines read): every batch encoded, by `workers` forked
-    processes (one: this process), the results in file order whatever the number."""
-    import multiprocessing
-    encoder = BatchEncoder(path, kind, tok, max_seq_length)
-    if "fork" not in multiprocessing.get_all_start_methods() or len(batches) < 2:
-        workers = 1  # a spawned worker would import torch and rebuild the tokenizer: not worth it
-    bar = tqdm(total=lines, unit=" conv" if kind == "sft" else " pair", leave=False, dynamic_ncols=True,
-               desc=f"encoding {os.path.basename(path)}")
-    results, tokens, t0 = [], 0, time.perf_counter()
-    pool = None
-    try:
-        # the first batch here: forked workers inherit a word cache (BPE) that already knows the common words
-        first = [encoder(batches[0])] if workers > 1 and batches else []
-        if workers > 1:
-            pool = multiprocessing.get_context("fork").Pool(workers, _set_encoder, (encoder,))
-        rest = batches[len(first):]
-        done = itertools.chain(first, pool.imap(_run_encoder, rest) if pool else map(encoder, rest))
-        for r, next_first in zip(done, [b[2] for b in batches[1:]] + [lines + 1]):
-            results.append(r)
-            tokens += len(r[0]) // 8  # ids and labels, 4 bytes each
-            bar.update(next_first - 1 - bar.n)
-            speed = tokens / max(time.perf_counter() - t0, 1e-6)
-            bar.set_postfix_str(f"{speed:,.0f} tokens/s", refresh=False)
-    finally:
-        if pool:
-            pool.terminate()
-        bar.close()
-    return Examples.join(results, width=2 * len(KIND_KEYS[kind])), sum(r[2] for r in results)
-
-
-def data_cache_file(folder, path, digest, kind, tok, max_seq_length) -> tuple[str, str]:
-    """(file, key) of the cached encoding of a data file: the key hashes everything
-    the examples depend on -- the file's sha256, sft or prefs, --max-seq-length, the
-    tokenizer's files and settings, and the code that encodes (llama.py, tulu.py,
-    the sentencepiece and Unicode versions) -- so a change to any of them misses."""
-    import sentencepiece
-    import unicodedata
-    settings = [digest, kind, max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
-                sentencepiece.__version__, unicodedata.unidata_version]
-    h = hashlib.sha256(json.dumps(settings).encode())
-    for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), llama.__file__, __file__):
-        h.update(pathlib.Path(f).read_bytes() if os.path.exists(f) else b"-")
-    key = h.hexdigest()
-    return os.path.join(folder, f"{os.path.basename(path)}.{kind}.{key[:20]}.safetensors"), key
-
-
-def load_examples(path, kind, tok, max_seq_length, workers=1, cache=None) -> Examples:
-    """The examples of a data file of `kind` ("sft" or "prefs"), encoded by `workers`
-    processes, or read back from the folder `cache` (None: no cache) when encoded
-    before with the same everything (data_cache_file); written there otherwise.
-    Under torchrun, call it on rank 0 first and on the other ranks after a barrier:
-    they find the examples cached instead of each encoding the whole file."""
-    if not os.path.isfile(path):
-        raise TuluError(f"{path}: no such file")
-    digest, batches, lines = scan_file(path, BATCH_BYTES)
-    file, key = data_cache_file(cache, path, digest, kind, tok, max_seq_length) if cache else (None, None)
-    found = read_cache(file, key) if file else None
-    examples, read = found or encode_file(path, kind, tok, max_seq_length, batches, lines, workers)
-    if not read:
-        raise TuluError(f"{path}: empty")
-    what, why = ("conversations", "nothing left to learn") if kind == "sft" else ("preference pairs",
-                                                                                 "answer truncated away")
-    dropped = f" ({read - len(examples)} dropped: {why})" if read > len(examples) else ""
-    print(f"{path}: {len(examples)} {what}{dropped}" + (f", encoded before ({file})" if found else ""))
-    if not len(examples) and kind == "sft":
-        raise TuluError(f"{path}: no conversation with an assistant turn to learn from")
-    if not len(examples):
-        raise TuluError(f"{path}: no pair left: every answer is truncated away at --max-seq-length {max_seq_length}")
-    if file and not found:
-        write_cache(file, key, examples, read)
-    return examples
-
-
-def read_cache(file, key):
-    """(Examples, lines read) from a cache file written by write_cache, or None."""
-    from safetensors import SafetensorError, safe_open
-    if not os.path.exists(file):
-        return None
-    try:
-        with safe_open(file, "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key:
-                return None
-            t = {k: f.get_tensor(k) for k in ("tokens", "offsets")}
-    except (SafetensorError, OSError, ValueError):
-        return None  # unreadable: encode again, and write it anew
-    return Examples(t["tokens"], t["offsets"], int(meta["width"])), int(meta["read"])
-
-
-def write_cache(file, key, examples, read):
-    """Write the examples to the cache, atomically; a cache that cannot be written
-    (read-only, full) only costs the next run the encoding."""
-    from safetensors.torch import save_file
-    meta = {"key": key, "width": str(examples.width), "read": str(read)}
-    try:
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        tensors = {"tokens": examples.tokens, "offsets": examples.offsets}
-        atomic_write(file, lambda tmp: save_file(tensors, tmp, meta))
-    except OSError as e:
-        print(f"tulu: could not cache the encoded data in {file} ({e.strerror or e})", file=sys.stderr)
+    return load_examples(path, "prefs", tok, max_seq_length, CHAT, workers, cache)
 
 
 # -----------------------------------------------------------------------------
@@ -930,20 +572,6 @@ def autocast(args):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == torch.bfloat16)
 
 # -----------------------------------------------------------------------------
-# Failing loudly and early: mistakes that would otherwise cost a GPU-day
-
-
-def check_kind(path, n, obj, kind):
-    """A preference file given to sft, or an SFT file to dpo: say which command it is for."""
-    other = "prefs" if kind == "sft" else "sft"
-    if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
-        keys = lambda kind: " and ".join(map(repr, KIND_KEYS[kind]))
-        command = {"sft": ("sft", "a conversation"), "prefs": ("dpo", "a preference pair")}
-        raise TuluError(f"{path}:{n}: {command[other][1]} ({keys(other)}): this file is for "
-                        f"`tulu.py {command[other][0]}` ({command[kind][0]} reads {keys(kind)})")
-
-
-# -----------------------------------------------------------------------------
 # The training loop, shared by sft and dpo
 
 
@@ -961,15 +589,6 @@ def step_batches(n, step, steps_per_epoch, batch_size, grad_accum, seed, lengths
     if lengths is not None:
         chunk.sort(key=lambda j: -lengths[j])  # stable: equal lengths keep the permutation's order
     return [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-
-
-def example_lengths(examples) -> list[int]:
-    """Each example's padded length in a batch: its longest sequence (a pair's two
-    answers are padded to the longer one)."""
-    if isinstance(examples, Examples):
-        lengths = (examples.offsets[1:] - examples.offsets[:-1]).view(-1, examples.width)
-        return lengths.max(1).values.tolist()
-    return [max(len(s) for s in e if not isinstance(s, float)) for e in examples]
 
 
 def train_step(args, model, opt, params, batches, task):

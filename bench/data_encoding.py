@@ -14,9 +14,9 @@ docstrings), a user asking about one, the assistant answering with another --
   machine's load falls on both alike: open-instruct's function (as
   tests/make_fixtures.py restates it) over transformers' AutoTokenizer, then
   tulu.encode_messages (the plain prefix method, what tulu used before) and
-  tulu.encode_messages_fast; the ratio (> 1: we are faster) and how many
+  machinery/data.py's encode_messages_fast; the ratio (> 1: we are faster) and how many
   examples are identical to the reference's;
-- tulu.load_examples, the file to training examples (JSON included), with one
+- load_examples, the file to training examples (JSON included), with one
   worker, with N, and again from its cache;
 - resident bytes per token: tulu's Examples, and the lists of Python ints the
   examples used to be (measured with tracemalloc on a slice).
@@ -116,10 +116,11 @@ def main():
     import torch
     import llama
     import tulu
+    from machinery import data
     from transformers import AutoTokenizer
     torch.set_num_threads(1)
     folder, L = args.tokenizer or default_tokenizer(), args.max_seq_length
-    workers = args.workers or tulu.default_workers()
+    workers = args.workers or data.default_workers()
     tmp = tempfile.TemporaryDirectory()
     path = os.path.join(tmp.name, "stdlib_chats.jsonl")
     write_file(path, args.conversations)
@@ -131,7 +132,7 @@ def main():
     encode_reference, hf = reference_encoder(), AutoTokenizer.from_pretrained(folder)
     tok, plain_tok = llama.Tokenizer(folder), llama.Tokenizer(folder)  # each with its own word cache
     runs = interleaved({"reference": lambda m: encode_reference(m, hf, L),
-                        "fast": lambda m: tulu.encode_messages_fast(m, tok, L),
+                        "fast": lambda m: data.encode_messages_fast(m, tok, L, tulu.CHAT),
                         "plain": lambda m: tulu.encode_messages(m, plain_tok, L)}, convs)
     (ref, t_ref), (ours, t_ours), (plain, t_plain) = runs["reference"], runs["fast"], runs["plain"]
     tokens = sum(len(ids) for ids, _ in ref)
@@ -141,7 +142,7 @@ def main():
           f"  open-instruct + transformers {t_ref:6.1f} s {tokens / t_ref / 1e3:6.0f}k tokens/s\n"
           f"  tulu.encode_messages         {t_plain:6.1f} s {tokens / t_plain / 1e3:6.0f}k tokens/s "
           f"(the prefix method, as open-instruct)\n"
-          f"  tulu.encode_messages_fast    {t_ours:6.1f} s {tokens / t_ours / 1e3:6.0f}k tokens/s: "
+          f"  encode_messages_fast         {t_ours:6.1f} s {tokens / t_ours / 1e3:6.0f}k tokens/s: "
           f"{t_ref / t_ours:.2f}x the reference's speed; {same} of {len(ref)} examples identical to it")
 
     cache = os.path.join(tmp.name, "cache")
@@ -152,9 +153,9 @@ def main():
         for _ in range(1 if cached else 2):  # the better of two: the machine may be shared
             tok = llama.Tokenizer(folder)  # a fresh one, its word cache empty, as in a new run
             t = time.perf_counter()
-            examples = tulu.load_examples(path, "sft", tok, L, workers=n, cache=cached)
+            examples = data.load_examples(path, "sft", tok, L, tulu.CHAT, workers=n, cache=cached)
             seconds.append(time.perf_counter() - t)
-        print(f"tulu.load_examples (the file to Examples, JSON included), {label}: {min(seconds):.2f} s, "
+        print(f"load_examples (the file to Examples, JSON included), {label}: {min(seconds):.2f} s, "
               f"{t_ref / min(seconds):.2f}x the reference's speed")
     ex_tokens = sum(len(e[0]) for e in examples)
     slice_ = convs[:300]

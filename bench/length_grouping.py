@@ -29,11 +29,12 @@ sys.path.insert(0, ROOT)
 
 import llama  # noqa: E402
 import tulu  # noqa: E402
+from machinery.data import read_jsonl  # noqa: E402
 
 
 def mixed_file(path, n=512, seed=0):
     r = random.Random(seed)
-    convs = [obj["messages"] for _, obj in tulu.read_jsonl(os.path.join(tulu.DATA, "sft_train.jsonl"), "sft")]
+    convs = [obj["messages"] for _, obj in read_jsonl(os.path.join(tulu.DATA, "sft_train.jsonl"), "sft")]
     turns = [[m for m in c if m["role"] != "system"][:2] for c in convs]
     with open(path, "w") as f:
         for i in range(n):

@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tulu  # noqa: E402
+from machinery import data  # noqa: E402
 from machinery.distributed import exit_after  # noqa: E402
 
 if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
@@ -49,11 +50,11 @@ if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
         sys.argv[1:] = argv
 
 if os.environ.get("TULU_TEST_ENCODES"):
-    def encode_file(*a, _encode=tulu.encode_file, **kw):
+    def encode_file(*a, _encode=data.encode_file, **kw):
         with open(os.environ["TULU_TEST_ENCODES"], "a") as f:
             f.write(os.environ.get("RANK", "0") + "\n")
         return _encode(*a, **kw)
-    tulu.encode_file = encode_file
+    data.encode_file = encode_file
 
 if os.environ.get("TULU_TEST_STEPS"):
     def build_optimizer(*a, _build=tulu.build_optimizer, **kw):
@@ -67,4 +68,5 @@ if os.environ.get("TULU_TEST_STEPS"):
         return opt
     tulu.build_optimizer = build_optimizer
 
-exit_after(lambda: tulu.main(sys.argv[1:]))
+if __name__ == "__main__":  # not in a data worker, which imports this file afresh
+    exit_after(lambda: tulu.main(sys.argv[1:]))

@@ -35,6 +35,7 @@ import llama
 import lora
 import tulu
 from machinery import checks, runs
+from machinery.data import Examples, example_lengths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -305,11 +306,11 @@ def test_step_batches_grouped_by_length_take_the_same_examples_longest_first():
         assert [len(b) for b in grouped] == [len(b) for b in plain]
         flat = [lengths[j] for j in sum(grouped, [])]
         assert flat == sorted(flat, reverse=True)
-    examples = tulu.Examples(torch.arange(10, dtype=torch.int32), torch.tensor([0, 3, 4, 5, 9, 10]), 1)
-    assert tulu.example_lengths(examples) == [3, 1, 1, 4, 1]
-    pairs = tulu.Examples(torch.arange(10, dtype=torch.int32), torch.tensor([0, 2, 4, 7, 10]), 4)  # 2+2, 3+3
-    assert tulu.example_lengths(pairs) == [3]
-    assert tulu.example_lengths([([1, 2], [1, 2], [1, 2, 3], [1, 2, 3], -1.5, -2.0)]) == [3]
+    examples = Examples(torch.arange(10, dtype=torch.int32), torch.tensor([0, 3, 4, 5, 9, 10]), 1)
+    assert example_lengths(examples) == [3, 1, 1, 4, 1]
+    pairs = Examples(torch.arange(10, dtype=torch.int32), torch.tensor([0, 2, 4, 7, 10]), 4)  # 2+2, 3+3
+    assert example_lengths(pairs) == [3]
+    assert example_lengths([([1, 2], [1, 2], [1, 2, 3], [1, 2, 3], -1.5, -2.0)]) == [3]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

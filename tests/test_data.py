@@ -1,4 +1,4 @@
-"""Tests for tulu.py's data set at scale: the fast chat encoding against the
+"""Tests for machinery/data.py, the data set at scale: the fast chat encoding against the
 plain one (encode_messages, which repeats open-instruct's prefix encodings) and
 against open-instruct's golden ids; the flat Examples; worker processes; the
 cache of the encoded data.
@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import threading
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ import torch
 import llama
 import tulu
 from llama import TuluError
+from machinery import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -93,6 +95,10 @@ def random_conversations(n, seed=0):
 # The fast chat encoding: the same ids and labels as the plain one
 
 
+def fast(msgs, tok, max_seq_length):
+    return data.encode_messages_fast(msgs, tok, max_seq_length, tulu.CHAT)
+
+
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_fast_encoding_matches_open_instruct(name):
     """The golden ids and labels of open-instruct's encode_with_messages_format,
@@ -100,7 +106,7 @@ def test_fast_encoding_matches_open_instruct(name):
     truncation inside the various turns."""
     tok, cases = tokenizer_and_goldens(name)
     for msgs, max_len, ids, labels in cases:
-        assert tulu.encode_messages_fast(msgs, tok, max_len) == (ids, labels), (msgs[0], max_len)
+        assert fast(msgs, tok, max_len) == (ids, labels), (msgs[0], max_len)
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -111,11 +117,11 @@ def test_fast_encoding_equals_encode_messages_at_every_length(name):
     for msgs in CONVERSATIONS.values():
         n = len(tulu.encode_messages(msgs, tok, 10**9)[0])
         for max_len in [*range(1, n + 2), 10**9]:
-            assert tulu.encode_messages_fast(msgs, tok, max_len) == tulu.encode_messages(msgs, tok, max_len)
+            assert fast(msgs, tok, max_len) == tulu.encode_messages(msgs, tok, max_len)
     rng = random.Random(1)
     for msgs in random_conversations(200):
         max_len = rng.choice([1, 2, 5, 17, 40, 10**9])
-        assert tulu.encode_messages_fast(msgs, tok, max_len) == tulu.encode_messages(msgs, tok, max_len), msgs
+        assert fast(msgs, tok, max_len) == tulu.encode_messages(msgs, tok, max_len), msgs
 
 
 @pytest.mark.parametrize("name", ["tiny-legacy", "tiny-new", "llama3_style", "gpt2_style"])
@@ -131,7 +137,7 @@ def test_prefixes_cut_is_the_encoding_of_every_prefix(name):
     for text in texts:
         for limit in (10**9, 7):
             want = [tok.encode(text[:b], bos=True)[:limit] for b in range(len(text) + 1)]
-            prefix = tulu.Prefixes(tok, text, limit)
+            prefix = data.Prefixes(tok, text, limit)
             for b in rng.sample(range(len(text) + 1), len(text) + 1):
                 n, tail = prefix.cut(b)
                 assert (prefix.ids[:n] + tail)[:limit] == want[b], (text, b)
@@ -146,7 +152,7 @@ def test_fast_encoding_encodes_nothing_past_max_seq_length():
     want, asked = tulu.encode_messages(msgs, tok, 16), []
     encode_piece = tok.encode_piece
     tok.encode_piece = lambda piece, first: asked.append(piece) or encode_piece(piece, first)
-    assert tulu.encode_messages_fast(msgs, tok, 16) == want
+    assert fast(msgs, tok, 16) == want
     assert sum("hello" in p for p in asked) == 1  # the first answer, in the first span
 
 
@@ -155,7 +161,7 @@ def test_encode_pair_fast_equals_the_plain_one(name):
     """The DPO pairs of data/prefs_heldout.jsonl and random ones, at lengths that cut
     before, inside and after the final answer."""
     tok, _ = tokenizer_and_goldens(name)
-    heldout = tulu.read_jsonl(os.path.join(DATA, "prefs_heldout.jsonl"), "prefs")
+    heldout = data.read_jsonl(os.path.join(DATA, "prefs_heldout.jsonl"), "prefs")
     pairs = [(o["chosen"], o["rejected"]) for _, o in heldout]
     for msgs in random_conversations(100, seed=2):
         prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
@@ -163,8 +169,8 @@ def test_encode_pair_fast_equals_the_plain_one(name):
                       prompt + [{"role": "assistant", "content": "<|end_of_text|> a"}]))
     for chosen, rejected in pairs:
         for max_len in (3, 12, 30, 10**9):
-            fast = tulu.encode_pair(chosen, rejected, tok, max_len, tulu.encode_messages_fast)
-            assert fast == tulu.encode_pair(chosen, rejected, tok, max_len), (chosen, max_len)
+            got = tulu.encode_pair(chosen, rejected, tok, max_len, fast)
+            assert got == tulu.encode_pair(chosen, rejected, tok, max_len), (chosen, max_len)
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +181,7 @@ def test_examples_are_views_of_one_flat_tensor():
     rows = [([1, 2, 3], [-100, 2, 3]), ([4], [4]), ([5, 6], [-100, -100])]
     tokens = torch.tensor([t for ids, labels in rows for t in ids + labels], dtype=torch.int32)
     offsets = torch.tensor([0, 3, 6, 7, 8, 10, 12])
-    ex = tulu.Examples(tokens, offsets, width=2)
+    ex = data.Examples(tokens, offsets, width=2)
     assert len(ex) == 3 and ex.tolist() == rows
     assert ex[1][0].tolist() == [4] and ex[-1][1].tolist() == [-100, -100]
     assert ex[0][0].data_ptr() == tokens.data_ptr()  # a view: no copy
@@ -201,7 +207,7 @@ def test_examples_take_at_most_16_bytes_a_token():
 def reference_examples(path, kind, tok, max_len):
     """What the plain functions give, line by line."""
     out = []
-    for _, o in tulu.read_jsonl(path, kind):
+    for _, o in data.read_jsonl(path, kind):
         if kind == "sft":
             ids, labels = tulu.encode_messages(o["messages"], tok, max_len)
             out += [(ids, labels)] if any(x != -100 for x in labels[1:]) else []
@@ -215,16 +221,67 @@ def reference_examples(path, kind, tok, max_len):
 def test_workers_give_the_examples_of_one_process(monkeypatch, kind, file):
     """Many small batches over 3 workers: the examples of one process, in file order,
     and those of the plain encoding."""
-    monkeypatch.setattr(tulu, "BATCH_BYTES", 20_000)
+    monkeypatch.setattr(data, "BATCH_BYTES", 20_000)
     path, tok = os.path.join(DATA, file), llama.Tokenizer(TINY)
-    one = tulu.load_examples(path, kind, tok, 64, workers=1)
-    many = tulu.load_examples(path, kind, tok, 64, workers=3)
+    one = data.load_examples(path, kind, tok, 64, tulu.CHAT, workers=1)
+    many = data.load_examples(path, kind, tok, 64, tulu.CHAT, workers=3)
     assert torch.equal(one.tokens, many.tokens) and torch.equal(one.offsets, many.offsets)
     assert one.tolist() == reference_examples(path, kind, tok, 64)
 
 
+class LockedTokenizer:
+    """A tokenizer that, in a worker process, first takes `lock`: a lock that a thread
+    of the parent holds while the workers start, as a library's thread (a compile
+    pool, tqdm's monitor) may. A forked worker inherits it held, by a thread that does
+    not exist there; a worker started afresh gets the tokenizer pickled, with its own."""
+
+    def __init__(self, tok):
+        self.tok, self.parent, self.lock = tok, os.getpid(), threading.Lock()
+
+    def __getstate__(self):
+        return self.tok, self.parent
+
+    def __setstate__(self, state):
+        self.tok, self.parent = state
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if os.getpid() != self.parent:
+            if not self.lock.acquire(timeout=2):
+                raise ValueError("the worker found the lock held: it was forked while a thread held it")
+            self.lock.release()
+        return getattr(self.tok, name)
+
+
+def test_workers_start_safely_in_a_process_that_runs_threads(monkeypatch):
+    """The workers are not forks of the parent (the issue: a run stalled ten minutes
+    on a lock held across fork): with a parent thread holding a lock the encoder
+    takes, they still give the examples of one process."""
+    monkeypatch.setattr(data, "BATCH_BYTES", 50_000)
+    path, tok = os.path.join(DATA, "sft_train.jsonl"), llama.Tokenizer(TINY)
+    locked = LockedTokenizer(tok)
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with locked.lock:
+            held.set()
+            done.wait()
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    try:
+        many = data.load_examples(path, "sft", locked, 64, tulu.CHAT, workers=2)
+    finally:
+        done.set()
+        thread.join()
+    assert many.tolist() == data.load_examples(path, "sft", tok, 64, tulu.CHAT).tolist()
+    assert data.worker_context().get_start_method() in ("forkserver", "spawn")
+
+
 def test_a_malformed_line_found_by_a_worker_names_file_and_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(tulu, "BATCH_BYTES", 2_000)
+    monkeypatch.setattr(data, "BATCH_BYTES", 2_000)
     with open(os.path.join(DATA, "sft_train.jsonl")) as f:
         lines = [next(f) for _ in range(300)]
     path = tmp_path / "d.jsonl"
@@ -241,7 +298,7 @@ def test_a_malformed_line_found_by_a_worker_names_file_and_line(tmp_path, monkey
 
 
 def test_num_workers_flag_and_a_malformed_line_from_the_command_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tulu, "BATCH_BYTES", 2_000)
+    monkeypatch.setattr(data, "BATCH_BYTES", 2_000)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(SystemExit):
         tulu.main(["sft", "--help"])
@@ -262,16 +319,17 @@ def test_num_workers_flag_and_a_malformed_line_from_the_command_line(tmp_path, m
 
 
 def test_cache_is_hit_on_the_second_run_and_missed_after_a_change(tmp_path, monkeypatch, capsys):
-    data, cache = tmp_path / "d.jsonl", str(tmp_path / "cache")
-    shutil.copy(os.path.join(DATA, "sft_heldout.jsonl"), data)
+    file, cache = tmp_path / "d.jsonl", str(tmp_path / "cache")
+    shutil.copy(os.path.join(DATA, "sft_heldout.jsonl"), file)
     tok_dir = tmp_path / "tok"
     shutil.copytree(TINY, tok_dir)
     encoded = []
-    encode_file = tulu.encode_file
-    monkeypatch.setattr(tulu, "encode_file", lambda *a: encoded.append(a[0]) or encode_file(*a))
+    encode_file = data.encode_file
+    monkeypatch.setattr(data, "encode_file", lambda *a: encoded.append(a[0]) or encode_file(*a))
 
-    def load(max_len=64, kind="sft", path=data):
-        return tulu.load_examples(str(path), kind, llama.Tokenizer(str(tok_dir)), max_len, cache=cache).tolist()
+    def load(max_len=64, kind="sft", path=file):
+        tok = llama.Tokenizer(str(tok_dir))
+        return data.load_examples(str(path), kind, tok, max_len, tulu.CHAT, cache=cache).tolist()
 
     first = load()
     assert load() == first and len(encoded) == 1  # hit
@@ -279,7 +337,7 @@ def test_cache_is_hit_on_the_second_run_and_missed_after_a_change(tmp_path, monk
     assert len(os.listdir(cache)) == 1 and not [f for f in os.listdir(cache) if ".tmp" in f]  # atomic: no leftovers
     load(max_len=32)
     assert len(encoded) == 2  # another --max-seq-length
-    with open(data, "a") as f:
+    with open(file, "a") as f:
         f.write(open(os.path.join(DATA, "sft_train.jsonl")).readline())
     assert len(load()) == len(first) + 1 and len(encoded) == 3  # the data file changed
     cfg = tok_dir / "tokenizer_config.json"

@@ -16,6 +16,7 @@ import pytest
 import llama
 import tulu
 from llama import TuluError
+from machinery import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "fixtures", "chat")
@@ -192,7 +193,7 @@ SFT_LINE = '{"dataset": "x", "id": 7, "messages": [{"role": "user", "content": "
 
 def test_read_jsonl_yields_line_numbers_and_skips_blank_lines(tmp_path):
     path = write(tmp_path, SFT_LINE + "\n\n" + SFT_LINE + "\n")
-    got = list(tulu.read_jsonl(path, "sft"))
+    got = list(data.read_jsonl(path, "sft"))
     assert [n for n, _ in got] == [1, 3]
     assert got[0][1]["messages"][1] == {"role": "assistant", "content": "b"}
 
@@ -209,7 +210,7 @@ def test_read_jsonl_yields_line_numbers_and_skips_blank_lines(tmp_path):
 def test_read_jsonl_errors_name_file_and_line(tmp_path, line, problem):
     path = write(tmp_path, SFT_LINE + "\n" + line + "\n")
     with pytest.raises(TuluError) as e:
-        list(tulu.read_jsonl(path, "sft"))
+        list(data.read_jsonl(path, "sft"))
     assert str(e.value).startswith(f"{path}:2: ") and problem in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -218,22 +219,22 @@ def test_read_jsonl_empty_and_missing_files(tmp_path):
     for text in ("", "\n  \n"):
         path = write(tmp_path, text)
         with pytest.raises(TuluError, match=r": empty$"):
-            list(tulu.read_jsonl(path, "sft"))
+            list(data.read_jsonl(path, "sft"))
     with pytest.raises(TuluError, match="no such file"):
-        list(tulu.read_jsonl(str(tmp_path / "nope.jsonl"), "sft"))
+        list(data.read_jsonl(str(tmp_path / "nope.jsonl"), "sft"))
 
 
 def test_read_jsonl_not_utf8(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(SFT_LINE.encode() + b"\n\xff\xfe\n")
     with pytest.raises(TuluError, match=r"bad.jsonl:2: not UTF-8"):
-        list(tulu.read_jsonl(str(p), "sft"))
+        list(data.read_jsonl(str(p), "sft"))
 
 
 def test_read_jsonl_prefs(tmp_path):
     conv = '[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]'
     path = write(tmp_path, f'{{"chosen": {conv}, "rejected": {conv}}}\n{{"chosen": {conv}}}\n')
-    it = tulu.read_jsonl(path, "prefs")
+    it = data.read_jsonl(path, "prefs")
     assert next(it)[0] == 1
     with pytest.raises(TuluError, match=r":2: missing key 'rejected'"):
         next(it)
@@ -248,7 +249,7 @@ def data_file(name):
 
 
 def test_read_jsonl_reads_the_sample_data():
-    sizes = {name: len(list(tulu.read_jsonl(data_file(name), kind)))
+    sizes = {name: len(list(data.read_jsonl(data_file(name), kind)))
              for name, kind in (("sft_train.jsonl", "sft"), ("sft_heldout.jsonl", "sft"),
                                 ("prefs_train.jsonl", "prefs"), ("prefs_heldout.jsonl", "prefs"))}
     spec = importlib.util.spec_from_file_location("make_data", data_file("make_data.py"))
@@ -273,11 +274,11 @@ def first_prompt(msgs):
 
 
 def test_sample_data_held_out_prompts_are_unseen():
-    train = {first_prompt(o["messages"][:2]) for _, o in tulu.read_jsonl(data_file("sft_train.jsonl"), "sft")}
-    held = [first_prompt(o["messages"][:2]) for _, o in tulu.read_jsonl(data_file("sft_heldout.jsonl"), "sft")]
+    train = {first_prompt(o["messages"][:2]) for _, o in data.read_jsonl(data_file("sft_train.jsonl"), "sft")}
+    held = [first_prompt(o["messages"][:2]) for _, o in data.read_jsonl(data_file("sft_heldout.jsonl"), "sft")]
     assert not train & set(held)
-    ptrain = {json.dumps(o["chosen"][:-1]) for _, o in tulu.read_jsonl(data_file("prefs_train.jsonl"), "prefs")}
-    pheld = {json.dumps(o["chosen"][:-1]) for _, o in tulu.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
+    ptrain = {json.dumps(o["chosen"][:-1]) for _, o in data.read_jsonl(data_file("prefs_train.jsonl"), "prefs")}
+    pheld = {json.dumps(o["chosen"][:-1]) for _, o in data.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
     assert not ptrain & pheld
 
 
@@ -286,15 +287,15 @@ def test_pretraining_pages_are_plain_text_without_the_held_out_questions():
     markers, and no held-out question (SFT or preference) in any page."""
     pages = [o["text"] for o in map(json.loads, open(data_file("pretrain.jsonl"), encoding="utf-8"))]
     assert pages and not any("<|" in p or "</s>" in p for p in pages)
-    questions = {m["content"] for _, o in tulu.read_jsonl(data_file("sft_heldout.jsonl"), "sft")
+    questions = {m["content"] for _, o in data.read_jsonl(data_file("sft_heldout.jsonl"), "sft")
                  for m in o["messages"] if m["role"] == "user"}
-    questions |= {o["chosen"][-2]["content"] for _, o in tulu.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
+    questions |= {o["chosen"][-2]["content"] for _, o in data.read_jsonl(data_file("prefs_heldout.jsonl"), "prefs")}
     assert not [q for q in questions if any(q in p for p in pages)]
 
 
 @pytest.mark.parametrize("name", ["prefs_train.jsonl", "prefs_heldout.jsonl"])
 def test_sample_prefs_share_the_prompt_and_differ_in_the_answer(name):
-    for _, o in tulu.read_jsonl(data_file(name), "prefs"):
+    for _, o in data.read_jsonl(data_file(name), "prefs"):
         c, r = o["chosen"], o["rejected"]
         assert c[:-1] == r[:-1] and c[-1]["role"] == r[-1]["role"] == "assistant"
         assert c[-1]["content"] != r[-1]["content"]
@@ -320,7 +321,7 @@ def test_encode_messages_sample_data_fits_and_has_answers():
     """Every held-out conversation, in the tiny tokenizer, is short and has
     something to learn (the demo trains with max_seq_length well above this)."""
     tok = llama.Tokenizer(TINY)
-    for n, o in tulu.read_jsonl(data_file("sft_heldout.jsonl"), "sft"):
+    for n, o in data.read_jsonl(data_file("sft_heldout.jsonl"), "sft"):
         ids, labels = tulu.encode_messages(o["messages"], tok, 10**9)
         assert len(ids) <= 128 and learned(ids, labels), n
 

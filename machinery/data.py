@@ -1,0 +1,468 @@
+"""Data at scale: reading JSONL data files, encoding them fast, by worker processes,
+into flat storage, and caching the result.
+
+The Tulu v2 SFT mixture is ~326k conversations and hundreds of millions of tokens,
+and tulu.py's encode_messages tokenizes each conversation again up to the end of
+every turn, as open-instruct does. Four things make such a file cheap:
+
+- encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts
+  a text at its special tokens and encodes the pieces between them on their own, so
+  the encoding of any prefix is read off the spans of the whole text (Prefixes);
+- worker processes encode a batch of whole lines of the file at a time; they start
+  from a fresh process (forkserver, or spawn), never as a fork of this one, which may
+  already run threads (a compile pool, tqdm's monitor) whose locks a fork would copy
+  held forever; the encoder, tokenizer included, reaches them pickled;
+- the examples are held as one flat int32 tensor (Examples: 8 bytes a token with its
+  label, where two lists of Python ints take about 43);
+- they are cached, keyed by everything they depend on, so the next run, and every
+  --resume, reads them back instead of encoding again.
+
+The chat format itself is tulu.py's: it hands it in as a ChatFormat (this folder
+never imports the chapters). Problems in a file end as TuluError("path:line: ...").
+"""
+from __future__ import annotations
+
+import array
+import bisect
+import contextlib
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dpo
+import llama
+from llama import TuluError, atomic_write
+
+# -----------------------------------------------------------------------------
+# Reading data files: one JSON object a line, checked with the file and line
+
+KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
+ROLES = ("system", "user", "assistant")  # the roles of tulu.py's ROLE_HEADERS
+
+
+def message_problem(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "must be a non-empty list of messages"
+    for j, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"message {j} must be an object with string 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"message {j}: unknown role {m['role']!r} (expected system, user or assistant)"
+    return None
+
+
+def parse_json_line(path: str, n: int, raw: bytes):
+    """The JSON object on line n of a file, None for a blank line. Problems:
+    TuluError("path:n: ...")."""
+    try:
+        line = raw.decode("utf-8").strip()
+        obj = json.loads(line) if line else None
+    except UnicodeDecodeError:
+        raise TuluError(f"{path}:{n}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if line and not isinstance(obj, dict):
+        raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def check_kind(path, n, obj, kind):
+    """A preference file given to sft, or an SFT file to dpo: say which command it is for."""
+    other = "prefs" if kind == "sft" else "sft"
+    if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
+        keys = lambda kind: " and ".join(map(repr, KIND_KEYS[kind]))
+        command = {"sft": ("sft", "a conversation"), "prefs": ("dpo", "a preference pair")}
+        raise TuluError(f"{path}:{n}: {command[other][1]} ({keys(other)}): this file is for "
+                        f"`tulu.py {command[other][0]}` ({command[kind][0]} reads {keys(kind)})")
+
+
+def parse_line(path: str, n: int, raw: bytes, kind: str):
+    """The object on line n of a JSONL file of kind "sft" ({"messages": [...]}) or
+    "prefs" ({"chosen": [...], "rejected": [...]}), None for a blank line; other keys
+    (dataset, id) are ignored. Problems: TuluError("path:n: ...")."""
+    obj = parse_json_line(path, n, raw)
+    if obj is None:
+        return None
+    check_kind(path, n, obj, kind)
+    for key in KIND_KEYS[kind]:
+        problem = f"missing key {key!r}" if key not in obj else message_problem(obj[key])
+        if problem:
+            raise TuluError(f"{path}:{n}: {problem if key not in obj else repr(key) + ' ' + problem}")
+    return obj
+
+
+def read_objects(path: str, parse=parse_json_line):
+    """Yield (line_number, object) for each non-blank line of a JSONL file."""
+    if not os.path.isfile(path):
+        raise TuluError(f"{path}: no such file")
+    seen = False
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            obj = parse(path, n, raw)
+            if obj is not None:
+                seen = True
+                yield n, obj
+    if not seen:
+        raise TuluError(f"{path}: empty")
+
+
+def read_jsonl(path: str, kind: str):
+    """Yield (line_number, object) for each conversation or pair of a JSONL file (parse_line)."""
+    return read_objects(path, functools.partial(parse_line, kind=kind))
+
+
+# -----------------------------------------------------------------------------
+# The fast chat encoding: encode_messages' ids and labels from one pass
+
+
+class ChatFormat(NamedTuple):
+    """What tulu.py teaches and hands in: chat_text(messages, eos), eos_text(tokenizer),
+    ROLE_HEADERS and encode_pair(chosen, rejected, tok, max_seq_length, encode)."""
+    text: Callable
+    eos: Callable
+    headers: dict
+    pair: Callable
+
+
+class Prefixes:
+    """tokenizer.encode(text[:b], bos=True)[:limit] for any b, from one pass over
+    tokenizer.spans(text). The tokenizer cuts a text at its special tokens and encodes
+    each piece between them on its own, so the ids of text[:b] are those of the
+    spans that end by b, then those of the piece of text that b cuts, encoded alone.
+    Spans are encoded when first needed, none past `limit` tokens."""
+
+    def __init__(self, tokenizer, text: str, limit: int):
+        self.tok, self.text, self.limit, self.spans = tokenizer, text, limit, tokenizer.spans(text)
+        self.ids = tokenizer.encode("", bos=True)  # BOS (or nothing), then each span's ids
+        self.seen = [(0, len(self.ids), True)]  # (end, len(self.ids) after it, special?) of BOS and each span
+
+    def cut(self, b: int) -> tuple[int, list[int]]:
+        """(n, tail): tokenizer.encode(text[:b], bos=True) is self.ids[:n] + tail, as
+        far as `limit` tokens."""
+        while self.seen[-1][0] < b and len(self.ids) < self.limit:
+            _, end, ids, special = next(self.spans)
+            self.ids += ids
+            self.seen.append((end, len(self.ids), special))
+        k = bisect.bisect_left(self.seen, b, key=lambda s: s[0])  # the span that holds text[b - 1]
+        if k == len(self.seen):  # the spans before b make `limit` tokens already
+            return self.seen[-1][1], []
+        (start, before, _), (end, after, special) = self.seen[k - 1] if k else (0, 0, True), self.seen[k]
+        if end == b:
+            return after, []
+        if special:  # b inside a special token: no shortcut (never in a chat text)
+            return 0, self.tok.encode(self.text[:b], bos=True)
+        return before, self.tok.encode_piece(self.text[start:b], start == 0)
+
+    def length(self, b: int) -> int:
+        n, tail = self.cut(b)
+        return min(n + len(tail), self.limit)
+
+
+def encode_messages_fast(messages, tokenizer, max_seq_length: int, chat: ChatFormat):
+    """tulu.py's encode_messages, the same ids and labels, without encoding the
+    conversation again up to the end of each turn: Prefixes reads every prefix's length
+    off one encoding. Each answer ends with the EOS token, a special token, so a prefix
+    re-encodes at most the turns since the last answer; nothing past max_seq_length
+    is encoded."""
+    if not messages:
+        raise ValueError("no messages")
+    turns = [chat.text([m], chat.eos(tokenizer)) for m in messages]
+    text, at = "".join(turns), [0, *itertools.accumulate(map(len, turns))]  # at[i]: where turn i starts
+    prefix = Prefixes(tokenizer, text, max_seq_length)
+    n, tail = prefix.cut(len(text.rstrip()))  # text.strip(): it begins with a role header
+    ids = (prefix.ids[:n] + tail)[:max_seq_length]
+    labels = list(ids)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        start = 0 if i == 0 else prefix.length(at[i])
+        header = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"  # masked too
+        end = prefix.length(at[i + 1] + header * len(chat.headers["assistant"]))
+        labels[start:end] = [-100] * len(labels[start:end])
+        if end >= max_seq_length:
+            break
+    return ids, labels
+
+
+def encode_example(obj, kind, tok, max_seq_length, chat: ChatFormat):
+    """One line's object -> its example: (ids, labels), or (chosen ids, chosen labels,
+    rejected ids, rejected labels); None if nothing is left to learn after truncation
+    (open-instruct drops those too). A problem: ValueError."""
+    encode = functools.partial(encode_messages_fast, chat=chat)
+    if kind == "sft":
+        ids, labels = encode(obj["messages"], tok, max_seq_length)
+        return (ids, labels) if any(label != -100 for label in labels[1:]) else None
+    problem = dpo.check_pair(obj["chosen"], obj["rejected"])
+    if problem:
+        raise ValueError(problem)
+    return chat.pair(obj["chosen"], obj["rejected"], tok, max_seq_length, encode)
+
+
+# -----------------------------------------------------------------------------
+# Flat examples
+
+
+class Examples:
+    """Encoded examples, each `width` int32 sequences (sft: ids, labels; prefs:
+    chosen ids, chosen labels, rejected ids, rejected labels) laid end to end in
+    `tokens`; sequence j is tokens[offsets[j]:offsets[j + 1]]. examples[i] is the
+    tuple of those views (no copy), examples[a:b] a list of them: what the training
+    loop and the collate functions read."""
+
+    def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, width: int):
+        self.tokens, self.offsets, self.width = tokens, offsets, width
+
+    @classmethod
+    def join(cls, batches, width: int) -> "Examples":
+        """From BatchEncoder's results: (tokens, sequence lengths, ...) as int32 bytes."""
+        tokens = np.concatenate([np.frombuffer(b[0], np.int32) for b in batches] or [np.zeros(0, np.int32)])
+        lengths = np.concatenate([np.frombuffer(b[1], np.int32) for b in batches] or [np.zeros(0, np.int32)])
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(torch.from_numpy(tokens), torch.from_numpy(offsets), width)
+
+    def __len__(self):
+        return (len(self.offsets) - 1) // self.width
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        first = (i % len(self)) * self.width
+        o = self.offsets[first:first + self.width + 1].tolist()
+        return tuple(self.tokens[a:b] for a, b in zip(o, o[1:]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def tolist(self):
+        """The examples as tuples of lists of ints (tests compare them with encode_messages)."""
+        return [tuple(s.tolist() for s in e) for e in self]
+
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.offsets.nbytes
+
+
+def example_lengths(examples) -> list[int]:
+    """Each example's padded length in a batch: its longest sequence (a pair's two
+    answers are padded to the longer one)."""
+    if isinstance(examples, Examples):
+        lengths = (examples.offsets[1:] - examples.offsets[:-1]).view(-1, examples.width)
+        return lengths.max(1).values.tolist()
+    return [max(len(s) for s in e if not isinstance(s, float)) for e in examples]
+
+
+# -----------------------------------------------------------------------------
+# Worker processes, each a batch of whole lines of the file at a time
+
+
+def scan_file(path: str, batch_bytes: int):
+    """One pass over a data file: (its sha256, [(offset, size, first line number)] of
+    batches of whole lines of about batch_bytes, its number of lines)."""
+    h, batches, offset, line, pending = hashlib.sha256(), [], 0, 1, b""
+    with open(path, "rb") as f:
+        while block := f.read(batch_bytes):
+            h.update(block)
+            pending += block
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                batches.append((offset, cut, line))
+                line, offset, pending = line + pending.count(b"\n", 0, cut), offset + cut, pending[cut:]
+    if pending:
+        batches.append((offset, len(pending), line))
+    return h.hexdigest(), batches, line - 1 + bool(pending)
+
+
+BATCH_BYTES = 1 << 20  # of the data file a worker encodes at a time
+
+
+class BatchEncoder:
+    """What a worker process runs: one batch of lines of the file -> (the tokens of
+    its examples' sequences end to end, as int32 bytes; their lengths, as int32
+    bytes; the number of non-blank lines read). A problem raises TuluError naming
+    the file and line, which the pool hands back to the parent."""
+
+    def __init__(self, path, kind, tok, max_seq_length, chat: ChatFormat):
+        self.path, self.kind, self.tok, self.max_seq_length, self.chat = path, kind, tok, max_seq_length, chat
+
+    def __call__(self, batch):
+        offset, size, first_line = batch
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            lines = f.read(size).split(b"\n")
+        tokens, lengths, read = array.array("i"), array.array("i"), 0
+        for n, raw in enumerate(lines, start=first_line):
+            obj = parse_line(self.path, n, raw, self.kind)
+            if obj is None:
+                continue
+            read += 1
+            try:
+                example = encode_example(obj, self.kind, self.tok, self.max_seq_length, self.chat)
+            except ValueError as e:
+                raise TuluError(f"{self.path}:{n}: {e}") from None
+            for seq in example or ():
+                tokens.extend(seq)
+                lengths.append(len(seq))
+        return tokens.tobytes(), lengths.tobytes(), read
+
+
+_encoder = None  # a worker process's BatchEncoder, unpickled once when it starts
+
+
+def _set_encoder(encoder):
+    global _encoder
+    _encoder = encoder
+
+
+def _run_encoder(batch):
+    return _encoder(batch)
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 8)
+
+
+def worker_context():
+    """Where workers start: a fresh process (forkserver; spawn where there is none).
+    A fork would copy this process, whose other threads may hold a lock at that
+    moment, in the child held forever: a run once stalled ten minutes on that."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])  # imported once, by the server: torch, this file
+    return context
+
+
+@contextlib.contextmanager
+def encoded_batches(encoder: BatchEncoder, batches, workers: int):
+    """The encoder's result for each batch, in file order: from up to `workers`
+    worker processes, or from this one. The workers end when the results are read
+    (or, on an error, at once)."""
+    workers = min(workers, len(batches) - 1)  # the first batch is encoded here
+    if workers < 2:
+        yield map(encoder, batches)
+        return
+    first = encoder(batches[0])  # so the workers' copies of a BPE word cache know the common words
+    pool = worker_context().Pool(workers, _set_encoder, (encoder,))
+    try:
+        yield itertools.chain([first], pool.imap(_run_encoder, batches[1:]))
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def encode_file(encoder: BatchEncoder, batches, lines, workers):
+    """(Examples, non-blank lines read): every batch of the encoder's file encoded
+    (encoded_batches), with a progress bar."""
+    bar = tqdm(total=lines, unit=" conv" if encoder.kind == "sft" else " pair", leave=False,
+               dynamic_ncols=True, desc=f"encoding {os.path.basename(encoder.path)}")
+    results, tokens, t0 = [], 0, time.perf_counter()
+    try:
+        with encoded_batches(encoder, batches, workers) as done:
+            for r, next_first in zip(done, [b[2] for b in batches[1:]] + [lines + 1]):
+                results.append(r)
+                tokens += len(r[0]) // 8  # ids and labels, 4 bytes each
+                bar.update(next_first - 1 - bar.n)
+                speed = tokens / max(time.perf_counter() - t0, 1e-6)
+                bar.set_postfix_str(f"{speed:,.0f} tokens/s", refresh=False)
+    finally:
+        bar.close()
+    width = 2 * len(KIND_KEYS[encoder.kind])
+    return Examples.join(results, width), sum(r[2] for r in results)
+
+
+# -----------------------------------------------------------------------------
+# A cache of the encoding, keyed by everything it depends on
+
+
+def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, str]:
+    """(file, key) of the cached encoding of a data file: the key hashes everything
+    the examples depend on -- the file's sha256, sft or prefs, --max-seq-length, the
+    tokenizer's files and settings, and the code that encodes (llama.py, this file,
+    the chat format's tulu.py, the sentencepiece and Unicode versions) -- so a
+    change to any of them misses."""
+    import sentencepiece
+    import unicodedata
+    kind, tok = encoder.kind, encoder.tok
+    settings = [digest, kind, encoder.max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
+                sentencepiece.__version__, unicodedata.unidata_version]
+    h = hashlib.sha256(json.dumps(settings).encode())
+    code = (llama.__file__, __file__, inspect.getfile(encoder.chat.text))
+    for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), *code):
+        h.update(pathlib.Path(f).read_bytes() if os.path.exists(f) else b"-")
+    key = h.hexdigest()
+    return os.path.join(folder, f"{os.path.basename(path)}.{kind}.{key[:20]}.safetensors"), key
+
+
+def read_cache(file, key):
+    """(Examples, lines read) from a cache file written by write_cache, or None."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.exists(file):
+        return None
+    try:
+        with safe_open(file, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            t = {k: f.get_tensor(k) for k in ("tokens", "offsets")}
+    except (SafetensorError, OSError, ValueError):
+        return None  # unreadable: encode again, and write it anew
+    return Examples(t["tokens"], t["offsets"], int(meta["width"])), int(meta["read"])
+
+
+def write_cache(file, key, examples, read):
+    """Write the examples to the cache, atomically; a cache that cannot be written
+    (read-only, full) only costs the next run the encoding."""
+    from safetensors.torch import save_file
+    meta = {"key": key, "width": str(examples.width), "read": str(read)}
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        tensors = {"tokens": examples.tokens, "offsets": examples.offsets}
+        atomic_write(file, lambda tmp: save_file(tensors, tmp, meta))
+    except OSError as e:
+        print(f"tulu: could not cache the encoded data in {file} ({e.strerror or e})", file=sys.stderr)
+
+
+def load_examples(path, kind, tok, max_seq_length, chat: ChatFormat, workers=1, cache=None) -> Examples:
+    """The examples of a data file of `kind` ("sft" or "prefs"), encoded by `workers`
+    processes, or read back from the folder `cache` (None: no cache) when encoded
+    before with the same everything (data_cache_file); written there otherwise.
+    Under torchrun, call it on rank 0 first and on the other ranks after a barrier:
+    they find the examples cached instead of each encoding the whole file."""
+    if not os.path.isfile(path):
+        raise TuluError(f"{path}: no such file")
+    digest, batches, lines = scan_file(path, BATCH_BYTES)
+    encoder = BatchEncoder(path, kind, tok, max_seq_length, chat)
+    file, key = data_cache_file(cache, path, digest, encoder) if cache else (None, None)
+    found = read_cache(file, key) if file else None
+    examples, read = found or encode_file(encoder, batches, lines, workers)
+    if not read:
+        raise TuluError(f"{path}: empty")
+    what, why = ("conversations", "nothing left to learn") if kind == "sft" else ("preference pairs",
+                                                                                 "answer truncated away")
+    dropped = f" ({read - len(examples)} dropped: {why})" if read > len(examples) else ""
+    print(f"{path}: {len(examples)} {what}{dropped}" + (f", encoded before ({file})" if found else ""))
+    if not len(examples):
+        problem = ("no conversation with an assistant turn to learn from" if kind == "sft"
+                   else f"no pair left: every answer is truncated away at --max-seq-length {max_seq_length}")
+        raise TuluError(f"{path}: {problem}")
+    if file and not found:
+        write_cache(file, key, examples, read)
+    return examples
