@@ -40,6 +40,7 @@ import torch
 import dpo
 import llama
 from llama import TuluError, Tokenizer, load_model, save_model, atomic_write, write_json
+from machinery.fast import use_fast_dropout
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -814,6 +815,7 @@ def build_policy(args, path):
         load_adapter(model, args.adapter, trainable=True, dropout=args.lora_dropout)
     else:
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    use_fast_dropout(model)  # LoRA's nn.Dropout, drawn from a quarter of the random numbers
     model.gradient_checkpointing = args.gradient_checkpointing
     if getattr(args, "compile", False):
         compile_layers(model)

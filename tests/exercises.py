@@ -51,7 +51,7 @@ EXERCISES = {  # name -> (file, function, what to read first, pytest selector), 
                         "tulu.py: ROLE_HEADERS, chat_text", "tests/test_tulu.py -k encode_messages"),
 }
 EXERCISE_FILES = ("llama.py", "nf4.py", "lora.py", "dpo.py", "tulu.py")
-STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "requirements.txt", "README.md", "data", "tests")
+STUDENT_COPY = EXERCISE_FILES + ("machinery", "conftest.py", "requirements.txt", "README.md", "data", "tests")
 NOT_COPIED = ("__pycache__", "*.pyc", ".pytest_cache", "*.tmp[0-9]*", "test_exercises.py")  # the last one tests us
 EXERCISE_BEGIN, EXERCISE_END = re.compile(r"( *)# exercise: (\w+)$"), re.compile(r"( *)# end exercise$")
 
