@@ -74,34 +74,37 @@ def split_pairs(x):
 # The log-probability of an answer
 
 
+def answer_logps(token_logps, keep, average=False):
+    """token_logps (N, T-1), the log-probability of each token given those before it, and
+    keep (N, T-1), which tokens are the answer's (labels[:, 1:] != -100) -> (N,): the sum
+    over the answer, log π(y|x); average=True divides by its length (an answer with no
+    tokens gives 0, not open-instruct's NaN). Sums by default: π(y|x) in DPO Eq. 7 is the
+    whole answer's probability; averages with DPO's β shrink every margin by the answer's
+    length and collapse training (TRL issue #789); losses made for averages (larger β) say
+    so in uses_average."""
+    total = (token_logps * keep).sum(-1)  # (N,)
+    return total / keep.sum(-1).clamp(min=1) if average else total
+
+
 def sequence_logps(logits, labels, average=False):
     """logits (B, T, V), labels (B, T) -> (B,) float32:
         log π(y|x) = Σ_t log softmax(logits[t-1])[labels[t]]  over t with labels[t] != -100
     (position t-1 predicts token t), as open-instruct's _get_batch_logps; average=True
-    divides by the labelled count (an answer with none gives 0, not open-instruct's NaN).
-    Sums by default: π(y|x) in DPO Eq. 7 is the whole answer's probability; averages with
-    DPO's β shrink every margin by the answer's length and collapse training (TRL issue
-    #789); losses made for averages (larger β) say so in uses_average. Upcast first: in
-    bf16 a sum between -512 and -1024 moves in steps of 4, swamping DPO's margins."""
+    divides by the labelled count (answer_logps). Upcast first: in bf16 a sum between
+    -512 and -1024 moves in steps of 4, swamping DPO's margins."""
     # exercise: sequence_logps
     logits, labels = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    keep = labels != -100
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    total = (logp * keep).sum(-1)  # (B,)
-    return total / keep.sum(-1).clamp(min=1) if average else total
+    return answer_logps(logp, labels != -100, average)
     # end exercise
 
 
 def concatenated_logps(model, batch, average=False):
     """One forward pass over a collate_pairs batch -> (chosen (B,), rejected (B,)):
-    sequence_logps of each answer."""
-    # sequence_logps without the (2B, T, V) logits: the model gives log p of each learned
-    # token (llama.label_logps), whose sum over an answer is its sequence log-prob
+    sequence_logps of each answer, without the (2B, T, V) logits: the model gives the
+    log-probability of each learned token (llama.label_logps)."""
     logp = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    total = logp.sum(-1)  # (2B,)
-    if average:
-        total = total / (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
-    return split_pairs(total)
+    return split_pairs(answer_logps(logp, batch["labels"][:, 1:] != -100, average))
 
 
 # -----------------------------------------------------------------------------

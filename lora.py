@@ -1,16 +1,14 @@
 """Chapter 3: LoRA adapters that speak PEFT's file format, and merging them.
 
-What this file teaches: low-rank adaptation (LoRA, Hu et al. 2021, arXiv
-2106.09685). The pretrained weight W (O, D) stays frozen; each adapted layer
-learns an update (alpha/r) * B A of rank R << D, so a 7B model trains ~1% of
-its parameters. With QLoRA (arXiv 2305.14314) W is chapter 2's 4-bit NF4
-weight and only A and B, in float32, get gradients. Tulu 2 QLoRA 70B (arXiv
-2311.10702) was released as such an adapter, to be merged into Llama 2 after
-dequantizing the base. Our adapter files are PEFT's files, and merge_lora
-gives the weights open-instruct's `merge_lora.py --qlora` gives.
+What this file teaches: low-rank adaptation (LoRA, Hu et al. 2021, arXiv 2106.09685).
+The pretrained weight W (O, D) stays frozen; each adapted layer learns an update
+(alpha/r) * B A of rank R << D, so a 7B model trains ~1% of its parameters. With
+QLoRA (arXiv 2305.14314) W is chapter 2's 4-bit NF4 weight and only A and B, in
+float32, get gradients. Tulu 2 QLoRA 70B (arXiv 2311.10702) was released as such an
+adapter, to be merged into Llama 2 after dequantizing the base. Our adapter files
+are PEFT's, and merge_lora gives the weights open-instruct's `merge_lora.py --qlora` gives.
 
-Shapes: B batch, T time, D in features, O out features, R rank.
-Read top to bottom.
+Shapes: B batch, T time, D in features, O out features, R rank. Read top to bottom.
 """
 from __future__ import annotations
 
@@ -33,43 +31,18 @@ ADAPTER_BIN = "adapter_model.bin"  # PEFT's weights before safetensors, a pickle
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model: its keys gain this prefix
 
 # -----------------------------------------------------------------------------
-# Dropout from a quarter of the random draws (a fast path)
-#
-# LoRA drops out the input of every adapted layer: in a QLoRA step on a CPU,
-# nn.Dropout's bernoulli_ (one draw from the generator per element, then a
-# float conversion) took 13% of the time. keep_mask takes 16 random bits per
-# element from 64-bit draws, four elements a draw, so an independent
-# keep-with-probability-(1 - p) mask costs a quarter of the draws and one
-# comparison. nn.Dropout stays the reference.
+# The LoRA layer, and adding it to a model
 
 
-def keep_mask(shape, p: float, device=None) -> torch.Tensor:
-    """A bool mask of `shape`, each element True with probability 1 - p (to within
-    2**-17), independently: uniform 16-bit integers compared with a threshold.
-    random_(-2**63, None) fills all 64 bits of an int64 word; viewed as int16,
-    each word is four integers uniform on [-2**15, 2**15), and one is at least
-    t - 2**15 with probability 1 - t / 2**16, t = round(p * 2**16)."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
-    lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= round(p * 2**16) - 2**15
+def _hide_base_layer(module, state_dict, prefix, local_metadata):
+    # q_proj.base_layer.weight -> q_proj.weight, so the base model keeps HF's keys
+    for k in [k for k in state_dict if k.startswith(prefix + "base_layer.")]:
+        state_dict[prefix + k[len(prefix + "base_layer."):]] = state_dict.pop(k)
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout(p) drawing its mask with keep_mask: in training x * mask / (1 - p),
-    in eval x itself. Backward multiplies by the same mask (autograd keeps it, one
-    byte an element)."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if self.p >= 1:
-            return x * 0
-        return (x * keep_mask(x.shape, self.p, x.device)).mul_(1 / (1 - self.p))
-
-
-# -----------------------------------------------------------------------------
-# The LoRA layer
+def _find_base_layer(module, state_dict, prefix, *args):
+    for k in [k for k in state_dict if k.startswith(prefix) and not k[len(prefix):].startswith("lora_")]:
+        state_dict[prefix + "base_layer." + k[len(prefix):]] = state_dict.pop(k)  # and back, to load
 
 
 class LoRALinear(nn.Module):
@@ -77,16 +50,11 @@ class LoRALinear(nn.Module):
 
         y = base(x) + (alpha / r) * B(A(dropout(x)))      (LoRA Eq. 3 and Sec. 4.1)
 
-    A starts Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B at zero, so a
-    fresh adapter changes nothing. A and B stay float32 whatever the base
-    computes in: x is cast for the LoRA path. Over nn.Linear the sum is taken in
-    float32 and cast back, as PEFT does; over a 4-bit base (Linear4bit) the LoRA
-    term is rounded to the compute dtype and added in it, as PEFT does over
-    bitsandbytes' (PEFT scales before rounding, we after: the same numbers when
-    alpha / r is a power of two, as QLoRA's 16 / 64; else one rounding apart).
-    state_dict keys are the base's own (q_proj.weight) plus q_proj.lora_A.weight
-    and q_proj.lora_B.weight: PEFT's names without its prefix and adapter name.
-    """
+    A starts Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B at zero, so a fresh adapter
+    changes nothing. A and B stay float32; as PEFT, over nn.Linear the sum is taken in float32 and
+    cast back, over a 4-bit base the LoRA term is first rounded to the compute dtype (PEFT scales
+    before rounding, we after: the same numbers when alpha / r is a power of two, as QLoRA's 16 / 64).
+    state_dict keys: the base's (q_proj.weight), and PEFT's q_proj.lora_A.weight, q_proj.lora_B.weight."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -99,17 +67,14 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_A.to(device), self.lora_B.to(device)
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # nn.Dropout's, drawn faster
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False      # True: the layer is its base (adapters_disabled)
         self.train(base.training)  # a model in eval mode stays there (no dropout)
         self.register_state_dict_post_hook(_hide_base_layer)
         self.register_load_state_dict_pre_hook(_find_base_layer)
 
     def forward(self, x):
-        """y = base(x) + (alpha / r) * B(A(dropout(x)))  (LoRA Eq. 3), the LoRA path in
-        A's dtype (float32); the sum in float32 cast back to base(x)'s dtype, or over a
-        4-bit base in base(x)'s dtype (PEFT's two orders, class docstring); a disabled
-        layer is its base. x: (B, T, D) -> (B, T, O)."""
+        """x: (B, T, D) -> y (B, T, O) in the class docstring's dtypes; a disabled layer is its base."""
         y = self.base_layer(x)
         if self.disabled:
             return y
@@ -121,17 +86,6 @@ class LoRALinear(nn.Module):
         # end exercise
 
 
-def _hide_base_layer(module, state_dict, prefix, local_metadata):
-    # q_proj.base_layer.weight -> q_proj.weight, so the base model keeps HF's keys
-    for k in [k for k in state_dict if k.startswith(prefix + "base_layer.")]:
-        state_dict[prefix + k[len(prefix + "base_layer."):]] = state_dict.pop(k)
-
-
-def _find_base_layer(module, state_dict, prefix, *args):
-    for k in [k for k in state_dict if k.startswith(prefix) and not k[len(prefix):].startswith("lora_")]:
-        state_dict[prefix + "base_layer." + k[len(prefix):]] = state_dict.pop(k)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -141,24 +95,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent), child, new)
 
 
-# -----------------------------------------------------------------------------
-# Adding adapters to a model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) as PEFT's print_trainable_parameters counts them: an NF4
-    weight counts as its O*D values (PEFT doubles bitsandbytes' packed bytes),
-    its block scales not at all; a tied embedding once."""
-    params = list(model.parameters())
-    nf4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4
-
-
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
              targets=TARGETS) -> tuple[int, int]:
-    """Wrap each linear layer whose name ends in one of `targets` in a LoRALinear
-    and freeze everything else. The defaults are Tulu 2 QLoRA's. Prints and
-    returns the (trainable, all) parameter counts."""
+    """Wrap each linear layer whose name ends in one of `targets` in a LoRALinear and freeze
+    everything else (defaults: Tulu 2 QLoRA's). Prints and returns the (trainable, all) parameter
+    counts as PEFT's print_trainable_parameters: an NF4 weight counts as its O*D values (PEFT
+    doubles bitsandbytes' packed bytes), its block scales not at all; a tied embedding once."""
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Linear, Linear4bit)) and n.rpartition(".")[2] in targets]
     if not names:
@@ -166,8 +108,11 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     model.requires_grad_(False)
     for n in names:
         replace_module(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout))
-    trainable, total = count_parameters(model)
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    nf4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    total = sum(p.numel() for p in model.parameters()) + nf4
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / total:.4f}")
     return trainable, total
 
 
@@ -183,24 +128,26 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
     if not layers:
         raise TuluError("save_adapter: the model has no LoRA layers (add_lora or load_adapter first)")
     first = next(iter(layers.values()))
-    r, alpha, p = first.r, first.alpha, getattr(first.dropout, "p", 0.0)
+    r, alpha = first.r, int(first.alpha) if first.alpha == int(first.alpha) else first.alpha
     if any((m.r, m.alpha) != (r, alpha) for m in layers.values()):
-        raise TuluError("save_adapter: LoRA layers with different r or alpha cannot share one adapter_config.json")
+        raise TuluError("save_adapter: LoRA layers with different r or alpha cannot share one "
+                        "adapter_config.json")
     tensors = {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().cpu().contiguous()
                for n, m in layers.items() for ab in ("lora_A", "lora_B")}
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=int(alpha) if alpha == int(alpha) else alpha,
-                  lora_dropout=p, target_modules=sorted({n.rpartition(".")[2] for n in layers}), bias="none",
-                  fan_in_fan_out=False, use_rslora=False, use_dora=False, modules_to_save=None,
-                  inference_mode=True, base_model_name_or_path=base_model_name_or_path)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha,
+                  lora_dropout=getattr(first.dropout, "p", 0.0), bias="none",
+                  target_modules=sorted({n.rpartition(".")[2] for n in layers}), fan_in_fan_out=False,
+                  use_rslora=False, use_dora=False, modules_to_save=None, inference_mode=True,
+                  base_model_name_or_path=base_model_name_or_path)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda t: save_file(tensors, t, {"format": "pt"}))
     write_json(os.path.join(out_dir, ADAPTER_CONFIG), config)  # last: a config means its weights are complete
 
 
 # PEFT options that change what an adapter computes; each must be unset (None, False, {}, [], "none")
-UNSUPPORTED = ("bias", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "alpha_pattern",
-               "rank_pattern", "layer_replication", "trainable_token_indices", "target_parameters",
-               "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config")
+UNSUPPORTED = ("bias", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save",
+               "alpha_pattern", "rank_pattern", "layer_replication", "trainable_token_indices",
+               "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config")
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
@@ -226,27 +173,25 @@ def read_adapter_config(adapter_dir: str) -> dict:
 
 
 def read_weights_only(path: str) -> dict[str, torch.Tensor]:
-    """A pickled {name: tensor} file (PyTorch's .bin) read by torch.load(weights_only=True),
-    PyTorch's restricted unpickler: it builds tensors and plain containers and refuses
-    every other object a pickle names before calling it, so a file that would run code
-    is refused and none of its code runs."""
+    """A pickled {name: tensor} file (PyTorch's .bin) read by torch.load(weights_only=True), which
+    builds only tensors and plain containers: a pickle naming other code is refused, none of it run."""
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # the pickle names a function or class: code it would run
         what = re.search(r"GLOBAL (\S+)", str(e))
-        raise TuluError(f"{path}: refused: its pickle would call {what[1] if what else 'code'}, not only build "
-                        f"tensors (tulu reads .bin files with torch.load(weights_only=True))") from None
+        raise TuluError(f"{path}: refused: its pickle would call {what[1] if what else 'code'}, not only "
+                        "build tensors (tulu reads .bin files with torch.load(weights_only=True))") from None
     except Exception as e:  # a truncated or foreign file: torch raises what its reader met
         raise TuluError(f"{path}: not a readable PyTorch file ({type(e).__name__})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in tensors.items()):
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                for k, v in tensors.items()):
         raise TuluError(f"{path}: holds no {{name: tensor}} dictionary")
     return tensors
 
 
 def read_adapter_file(adapter_dir: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """(the file read, its tensors by PEFT key): adapter_model.safetensors, or else
-    adapter_model.bin, the pickle PEFT wrote before safetensors (PEFT <= 0.5 wrote the
-    released Tulu 2 QLoRA adapters so), read with read_weights_only."""
+    """(the file read, its tensors by PEFT key): adapter_model.safetensors, or else the pickle
+    adapter_model.bin PEFT <= 0.5 wrote (the released Tulu 2 QLoRA adapters), by read_weights_only."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path, bin_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_BIN)
@@ -289,18 +234,18 @@ def check_adapter(path, model, cfg, weights):
                             "a different base model?")
         a, b, base = tuple(t["lora_A"].shape), tuple(t["lora_B"].shape), getattr(layer, "base_layer", layer)
         if a[0] != r or b[1] != r or getattr(layer, "r", r) != r or getattr(layer, "alpha", alpha) != alpha:
-            raise TuluError(f"{path}: rank mismatch at {name}: lora_A {a}, lora_B {b}, config r={r} alpha={alpha}"
-                            + (f", the model's LoRA r={layer.r} alpha={layer.alpha}" if layer is not base else ""))
+            theirs = f", the model's LoRA r={layer.r} alpha={layer.alpha}" if layer is not base else ""
+            raise TuluError(f"{path}: rank mismatch at {name}: lora_A {a}, lora_B {b}, "
+                            f"config r={r} alpha={alpha}{theirs}")
         if (a[1], b[0]) != (base.in_features, base.out_features):
             raise TuluError(f"{path}: {name} adapts a ({b[0]}, {a[1]}) weight, this model's is "
                             f"({base.out_features}, {base.in_features}): a different base model?")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False, dropout: float | None = None) -> dict:
-    """Load a PEFT LoRA adapter (PEFT's own, ours, the released Tulu 2 QLoRA
-    ones) into `model`, adding LoRALinear layers where it has none yet. The base
-    stays frozen, and so do A and B unless `trainable`. dropout=None takes
-    lora_dropout from the config. Returns the config."""
+def load_adapter(model: nn.Module, adapter_dir: str, trainable=False, dropout: float | None = None) -> dict:
+    """Load a PEFT LoRA adapter (PEFT's own, ours, the released Tulu 2 QLoRA ones)
+    into `model`, adding LoRALinear layers where it has none yet. The base stays frozen,
+    and so do A and B unless `trainable`. dropout=None: the config's lora_dropout."""
     cfg, (path, weights) = read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir)
     check_adapter(path, model, cfg, weights)
     p = (cfg.get("lora_dropout") or 0.0) if dropout is None else dropout
@@ -322,9 +267,8 @@ def load_adapter(model: nn.Module, adapter_dir: str, trainable: bool = False, dr
 
 
 def lora_delta(layer: LoRALinear) -> torch.Tensor:
-    """dW = (alpha / r) * B A, float32 (O, D): what the adapter adds to W when it is
-    merged (LoRA Sec. 4.1). The product is taken before the scaling, in PEFT's order,
-    so bits agree."""
+    """dW = (alpha / r) * B A, float32 (O, D): what merging adds to W (LoRA Sec. 4.1).
+    B A is taken before the scaling, in PEFT's order, so bits agree."""
     # exercise: merge
     return (layer.lora_B.weight.float() @ layer.lora_A.weight.float()) * layer.scaling
     # end exercise
@@ -354,9 +298,8 @@ def merged_linear(layer: nn.Module, dtype=None) -> Linear:
 
 
 def merge_lora(model: nn.Module, dtype=None) -> nn.Module:
-    """Fold every LoRALinear into a plain Linear (merged_linear), then
-    dequantize every NF4 layer left, so save_model can write the result.
-    Merging a merged model changes nothing."""
+    """Fold every LoRALinear into a plain Linear (merged_linear), then dequantize every
+    NF4 layer left, so save_model can write the result. Merging a merged model changes nothing."""
     for kind in (LoRALinear, Linear4bit):  # LoRA layers first: they hold NF4 bases
         for name in [n for n, m in model.named_modules() if isinstance(m, kind)]:
             replace_module(model, name, merged_linear(model.get_submodule(name), dtype))
@@ -367,12 +310,11 @@ def merge_lora(model: nn.Module, dtype=None) -> nn.Module:
 def adapters_disabled(model: nn.Module):
     """Within this block every LoRALinear is its base layer, so the model is its
     frozen base: DPO's reference model without a second copy in memory."""
-    layers = list(lora_layers(model).values())
-    before = [m.disabled for m in layers]
-    for m in layers:
+    before = {m: m.disabled for m in lora_layers(model).values()}
+    for m in before:
         m.disabled = True
     try:
         yield model
     finally:
-        for m, d in zip(layers, before):
-            m.disabled = d
+        for m, disabled in before.items():
+            m.disabled = disabled

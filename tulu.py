@@ -28,9 +28,10 @@ import torch
 import dpo
 import llama
 from llama import TuluError, Tokenizer, load_model, save_model, atomic_write, write_json
+from tqdm import tqdm
 from machinery.data import (KIND_KEYS, ChatFormat, default_workers, example_lengths, load_examples,
                             read_jsonl, read_objects)
-from tqdm import tqdm
+from machinery.fast import use_fast_dropout
 from machinery.checks import (check_batch_size, check_finite_weights, check_output, check_vocab, finite,
                               folder_tokenizer, tokenizer_source, warn_beyond_context)
 from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text, exit_after,
@@ -456,6 +457,7 @@ def build_policy(args, path):
         load_adapter(model, args.adapter, trainable=True, dropout=args.lora_dropout)
     else:
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    use_fast_dropout(model)  # LoRA's nn.Dropout, drawn from a quarter of the random numbers
     model.gradient_checkpointing = args.gradient_checkpointing
     if getattr(args, "compile", False):
         compile_layers(model)

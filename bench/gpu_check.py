@@ -9,7 +9,7 @@
  1. NF4 bytes quantized on the GPU equal the CPU's (packed, absmax, nested_*), bit for bit.
  2. Linear4bit's forward and backward under bf16 autocast equal F.linear on the dequantized weight.
  3. A QLoRA layer's training step (LoRALinear over Linear4bit, PagedAdamW) makes no host sync.
- 4. lora.keep_mask keeps 1 - p of 10M elements, within 5 standard deviations.
+ 4. machinery.fast.keep_mask keeps 1 - p of 10M elements, within 5 standard deviations.
  5. llama.label_logps equals reference_label_logps, values and gradients, fp32 and bf16 autocast.
  6. `tulu.py sft` stopped by SIGTERM after its step-10 checkpoint, then --resume'd: the loss curve
     (metrics.jsonl) equals an uninterrupted run's.
@@ -148,11 +148,13 @@ def linear4bit(ctx):
 def no_sync(ctx):
     import torch
     from lora import LoRALinear
+    from machinery.fast import use_fast_dropout
     from nf4 import Linear4bit, PagedAdamW
     if ctx.device != "cuda":
         return None, "CUDA only (torch.cuda.set_sync_debug_mode)"
     torch.manual_seed(0)
     layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(1024, 1024, device="cuda")), 16, 16, 0.1)
+    use_fast_dropout(layer)  # as tulu trains it
     opt = PagedAdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(4, 256, 1024, device="cuda")
 
@@ -176,7 +178,7 @@ def no_sync(ctx):
 @check("4 LoRA dropout keep rate")
 def keep_rate(ctx):
     import torch
-    from lora import keep_mask
+    from machinery.fast import keep_mask
     n, p = 10_000_000, 0.1
     torch.manual_seed(0)
     kept = keep_mask((n,), p, device=ctx.device).sum().item() / n

@@ -82,6 +82,7 @@ def ours(args, path):
     import torch
     import llama
     import lora
+    from machinery import fast
     from nf4 import PagedAdamW
     torch.manual_seed(0)
     if args.method == "full":
@@ -90,6 +91,7 @@ def ours(args, path):
     else:
         model = llama.load_model(path, dtype=torch.bfloat16, device=args.device, quantize="nf4")
         lora.add_lora(model, r=16, alpha=16, dropout=0.05)
+        fast.use_fast_dropout(model)  # as tulu.build_policy
         opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     if args.compile:

@@ -44,7 +44,8 @@ EXERCISES = {  # name -> (file, function, what to read first, pytest selector), 
     "merge": ("lora.py", "lora_delta", "LoRA Sec. 4.1 (no additional inference latency); lora.py: merged_linear, "
               "merge_lora", "tests/test_lora.py -k merge"),
     "sequence_logps": ("dpo.py", "sequence_logps", "DPO (arXiv 2305.18290) Sec. 4, Eq. 7: pi(y|x) is the "
-                       "whole answer's probability; dpo.py: pad_batch", "tests/test_dpo.py -k sequence_logps"),
+                       "whole answer's probability; dpo.py: pad_batch, answer_logps",
+                       "tests/test_dpo.py -k sequence_logps"),
     "dpo_loss": ("dpo.py", "dpo_loss", "DPO Sec. 4, Eq. 7 and its gradient; IPO (arXiv 2310.12036) Eq. 17; "
                  "dpo.py: sequence_logps", "tests/test_dpo.py -k dpo_loss"),
     "encode_messages": ("tulu.py", "encode_messages", "Tulu 2 (arXiv 2311.10702) trains on the Tulu chat format; "

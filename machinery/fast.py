@@ -1,0 +1,58 @@
+"""The fast paths: code that computes what a plain version in a chapter computes,
+in less time, and that a test holds to that plain version. A chapter keeps the
+plain code a reader can check against the paper; tulu.py swaps the fast path in
+where it runs for real.
+
+LoRA's dropout. LoRA drops out the input of every adapted layer; in a QLoRA step
+on a CPU, nn.Dropout's bernoulli_ (one draw from the generator per element, then
+a float conversion) took 13% of the time. keep_mask takes 16 random bits per
+element from 64-bit draws, four elements a draw, so an independent
+keep-with-probability-(1 - p) mask costs a quarter of the draws and one
+comparison. Dropout is nn.Dropout drawing its mask so, and use_fast_dropout puts
+it in place of each nn.Dropout of a model (lora.LoRALinear's) before training.
+tests/test_fast.py holds it to nn.Dropout's definition.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """A bool mask of `shape`, each element True with probability 1 - p (to within
+    2**-17), independently: uniform 16-bit integers compared with a threshold.
+    random_(-2**63, None) fills all 64 bits of an int64 word; viewed as int16,
+    each word is four integers uniform on [-2**15, 2**15), and one is at least
+    t - 2**15 with probability 1 - t / 2**16, t = round(p * 2**16)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes >= round(p * 2**16) - 2**15
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout(p) drawing its mask with keep_mask: in training x * mask / (1 - p),
+    in eval x itself. Backward multiplies by the same mask (autograd keeps it, one
+    byte an element)."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return x * 0
+        return (x * keep_mask(x.shape, self.p, x.device)).mul_(1 / (1 - self.p))
+
+
+def use_fast_dropout(model: nn.Module) -> nn.Module:
+    """Replace each nn.Dropout inside `model` by a Dropout with the same p, in place:
+    the same transformation, drawn faster. Draws nothing, so the random stream of
+    what follows is unchanged. Returns the model."""
+    for name, m in list(model.named_modules()):
+        if name and type(m) is nn.Dropout:  # not our Dropout (a subclass) again, nor other kinds
+            parent, _, child = name.rpartition(".")
+            drop = Dropout(m.p, inplace=m.inplace)
+            drop.train(m.training)
+            setattr(model.get_submodule(parent), child, drop)
+    return model
