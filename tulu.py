@@ -32,11 +32,11 @@ from tqdm import tqdm
 from machinery.data import (KIND_KEYS, ChatFormat, default_workers, example_lengths, load_examples,
                             read_jsonl, read_objects)
 from machinery.fast import use_fast_dropout
-from machinery.checks import (check_batch_size, check_finite_weights, check_output, check_vocab, finite,
+from machinery.checks import (check_batch_size, check_finite_weights, check_output, check_vocab,
                               folder_tokenizer, tokenizer_source, warn_beyond_context)
 from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text, exit_after,
                                    full_model, grad_sync, rank0, rank0_first, rank_batches, setup_distributed,
-                                   shard, together, undeal, whole)
+                                   shard, together, undeal)
 from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -593,36 +593,16 @@ def step_batches(n, step, steps_per_epoch, batch_size, grad_accum, seed, lengths
     return [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
 
 
-def train_step(args, model, opt, params, batches, task):
-    """One optimiser step over its micro-batches; returns the step's metrics. Under
-    torchrun: this rank's micro-batches (rank_batches), and sums over all ranks."""
-    d = dist_of(args)
-    denom = max(1, all_sum(d, sum(task.count(b) * b.get("weight", 1) for b in batches))[0])
-    loss, sums = 0.0, {}
-    for i, b in enumerate(batches):
-        w = b.get("weight", 1)  # 0: a stand-in (rank_batches)
-        b = {k: v.to(args.device) for k, v in b.items() if k != "weight"}
-        with autocast(args), grad_sync(model, last=i == len(batches) - 1):
-            l, m = task.loss(model, b, denom)
-        (l * (w * d.world)).backward()  # DDP and FSDP average gradients over the ranks: we want the sum
-        loss += l.item() * w
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v * w
-    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-    norm = float(whole(norm))  # under FSDP the whole gradient's norm, the same on every rank
-    tokens = sum(int(b["attention_mask"].sum()) * b.get("weight", 1) for b in batches)
-    loss, tokens, *totals = all_sum(d, loss, tokens, *sums.values())
-    if finite(loss, norm):  # decided on the step's whole loss and norm: every rank alike
-        opt.step()  # a step with a NaN/inf loss or gradient is never applied; train() stops on its row
-    opt.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": norm, "tokens": int(tokens),
-            **{k: v / denom for k, v in zip(sums, totals)}}
+def on(batch, device):
+    return {k: v.to(device) for k, v in batch.items() if k != "weight"}
 
 
 def train(args, model, examples, task, out, save=None):
     """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient
-    accumulation (train_step), clipping; everything else is run's, once per step.
-    save() writes the outputs after the last step. Returns the metrics' rows."""
+    accumulation that sums the token losses of the whole step and divides once by its
+    learned tokens (open-instruct's reduce_loss="sum": every token weighs the same however
+    the step is split), clipping; the rest (metrics, checkpoints, signals, the non-finite
+    stop) is run's, once per step. save() writes the outputs. Returns the metrics' rows."""
     d = dist_of(args)
     E = args.batch_size * args.grad_accum * d.world  # the global batch
     per_epoch = math.ceil(len(examples) / E)
@@ -642,8 +622,18 @@ def train(args, model, examples, task, out, save=None):
                 g["lr"] = lr
             idx = step_batches(len(examples), step, per_epoch, args.batch_size, args.grad_accum * d.world,
                                args.seed, lengths)  # one process's micro-batches with the same global batch
-            row = train_step(args, net, opt, params, rank_batches(idx, examples, task, d), task)
-            run.end_step(step + 1, model, opt, {"lr": lr, **row})
+            micro = rank_batches(idx, examples, task, d)  # this rank's share (a weight-0 stand-in where short)
+            denom = max(1, all_sum(d, sum(task.count(b) * b.get("weight", 1) for b in micro))[0])
+            for i, b in enumerate(micro):
+                with autocast(args), grad_sync(net, last=i == len(micro) - 1):
+                    loss, metrics = task.loss(net, on(b, args.device), denom)
+                (loss * (b.get("weight", 1) * d.world)).backward()  # DDP and FSDP average over ranks: we sum
+                run.add(loss, metrics, b)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+            if run.finite(norm, denom):  # the whole step's loss and gradient norm: every rank alike
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.end_step(step + 1, model, opt, lr)
         return run.finish(model, save)
 
 

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import html
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -38,7 +39,8 @@ from tqdm import tqdm
 
 from llama import TuluError, atomic_write, write_json
 from machinery.checks import check_finite_weights, json_safe, stop_if_diverged
-from machinery.distributed import MemoryLog, any_rank, dist_of, gathered, placed, placed_state, rank0, together
+from machinery.distributed import (MemoryLog, all_sum, any_rank, dist_of, gathered, placed, placed_state, rank0,
+                                   together, whole)
 
 
 CHECKPOINT, FINISHED, STATE = "checkpoint", "finished.json", "trainer_state.json"
@@ -382,16 +384,34 @@ class Run:
         for step in self.bar:
             if self.d.world > 1:
                 torch.manual_seed(hash((self.args.seed, step, self.d.rank)))
-            self.t0 = time.time()
+            self.t0, self.sums, self.metrics = time.time(), [0.0, 0], {}  # loss, tokens; the task's sums
             yield step
         self.bar.close()
 
-    def end_step(self, step, model, opt, row):
+    def add(self, loss, metrics, batch):
+        """A micro-batch's share of the step's row (a stand-in, of weight 0, adds nothing)."""
+        w = batch.get("weight", 1)
+        self.sums[0] += loss.item() * w
+        self.sums[1] += int(batch["attention_mask"].sum()) * w
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v * w
+
+    def finite(self, norm, denom) -> bool:
+        """Whether the step may be applied: its loss and gradient norm, summed over the ranks
+        (under FSDP the whole gradient's norm), are finite; so every rank decides alike. A
+        non-finite step is never applied, and end_step stops the run on its row."""
+        norm = float(whole(norm))
+        loss, tokens, *totals = all_sum(self.d, *self.sums, *self.metrics.values())
+        metrics = {k: v / denom for k, v in zip(self.metrics, totals)}
+        self.row = {"loss": loss, "grad_norm": norm, "tokens": int(tokens), **metrics}
+        return math.isfinite(loss) and math.isfinite(norm)
+
+    def end_step(self, step, model, opt, lr):
         """After `step` steps: log the row, stop on a non-finite one, then checkpoint when due
         or asked to stop (not after the last step: the outputs come next, and a signal waits
         for them)."""
-        row = {"step": step, "epoch": round(step / self.per_epoch, 3), **row,
-               "tokens_per_s": round(row["tokens"] / (time.time() - self.t0), 1)}
+        row = {"step": step, "epoch": round(step / self.per_epoch, 3), "lr": lr, **self.row,
+               "tokens_per_s": round(self.row["tokens"] / (time.time() - self.t0), 1)}
         self.log.log(row)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         stop_if_diverged(row, self.args, self.out, self.log, self.title)

@@ -863,20 +863,21 @@ def test_divergence_stops_at_the_first_non_finite_step(tiny_default, tmp_path, m
     assert_close_losses(again[:-1], rows[:-1], atol=0)
 
 
-def test_train_step_never_applies_a_non_finite_step():
-    """A step whose loss or gradients are NaN leaves weights and optimiser state as they were."""
+def test_a_non_finite_step_is_never_applied(tmp_path, monkeypatch):
+    """A step whose loss or gradients are NaN leaves weights and optimiser state as they
+    were, and the run stops on it with one line."""
     torch.manual_seed(0)
     model = llama.Llama(llama.LlamaConfig(**tulu.TINY, vocab_size=64)).requires_grad_(True)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     task = tulu.SFTTask(pad_id=0)
-    nan_loss = lambda m, b, d: (tulu.SFTTask.loss(task, m, b, d)[0] * float("nan"), {})
-    task.loss = nan_loss
-    args = argparse.Namespace(device="cpu", dtype=torch.float32, max_grad_norm=1.0)
-    row = tulu.train_step(args, model, opt, params, [task.collate([([1, 5, 7, 2], [-100, 5, 7, 2])])], task)
-    assert math.isnan(row["loss"]) and math.isnan(row["grad_norm"])
-    assert not opt.state and all(p.grad is None for p in params)
+    task.loss = lambda m, b, d: (tulu.SFTTask.loss(task, m, b, d)[0] * float("nan"), {})
+    opts, build = [], tulu.build_optimizer
+    monkeypatch.setattr(tulu, "build_optimizer", lambda *a: opts.append(build(*a)) or opts[-1])
+    args = tulu.TrainConfig(command="sft", method="full", lr=1e-3, epochs=1, batch_size=1, grad_accum=1,
+                            warmup_ratio=0.0, max_grad_norm=1.0, save_minutes=0, device="cpu", dtype=torch.float32)
+    with pytest.raises(llama.TuluError, match="step 1: the loss is nan and the gradient norm is nan"):
+        tulu.train(args, model, [([1, 5, 7, 2], [-100, 5, 7, 2])], task, str(tmp_path))
+    assert not opts[0].state and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
