@@ -2085,8 +2085,8 @@ def cmd_eval(args):
 
 
 def cmd_exercises(args):
-    """A student copy with the key bodies blanked, graded by the tests (tests/exercises.py)."""
-    from tests.exercises import EXERCISES, make_exercises
+    """A student copy with the key bodies blanked, graded by the tests (machinery/exercises.py)."""
+    from machinery.exercises import EXERCISES, make_exercises
     out = args.out_dir
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
         raise TuluError(f"{out}: is not empty (--force writes the student copy over it)")

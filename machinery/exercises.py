@@ -51,7 +51,7 @@ EXERCISES = {  # name -> (file, function, what to read first, pytest selector), 
                         "tulu.py: ROLE_HEADERS, chat_text", "tests/test_tulu.py -k encode_messages"),
 }
 EXERCISE_FILES = ("llama.py", "nf4.py", "lora.py", "dpo.py", "tulu.py")
-STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "requirements.txt", "README.md", "data", "tests")
+STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "requirements.txt", "README.md", "data", "machinery", "tests")
 NOT_COPIED = ("__pycache__", "*.pyc", ".pytest_cache", "*.tmp[0-9]*", "test_exercises.py")  # the last one tests us
 EXERCISE_BEGIN, EXERCISE_END = re.compile(r"( *)# exercise: (\w+)$"), re.compile(r"( *)# end exercise$")
 
@@ -102,7 +102,7 @@ def exercise_blocks(src_root: str) -> dict[str, dict[str, tuple[int, int]]]:
     for name, (file, function, _, _) in EXERCISES.items():
         path = os.path.join(src_root, file)
         if name not in found[file]:
-            raise TuluError(f"{path}: no '# exercise: {name}' marker (tests/exercises.py puts it in {function})")
+            raise TuluError(f"{path}: no '# exercise: {name}' marker (machinery/exercises.py puts it in {function})")
         with open(path) as f:
             fn = find_function(ast.parse(f.read(), path), function)
         begin = found[file][name][0]
@@ -111,7 +111,7 @@ def exercise_blocks(src_root: str) -> dict[str, dict[str, tuple[int, int]]]:
     for file, blocks in found.items():
         for name, (begin, _) in blocks.items():
             if name not in EXERCISES or EXERCISES[name][0] != file:
-                raise TuluError(f"{os.path.join(src_root, file)}:{begin + 1}: exercise {name!r} is not in tests/exercises.py's EXERCISES")
+                raise TuluError(f"{os.path.join(src_root, file)}:{begin + 1}: exercise {name!r} is not in machinery/exercises.py's EXERCISES")
     return found
 
 
@@ -174,7 +174,7 @@ def exercises_md(src_root: str) -> str:
 
 
 def make_exercises(src_root: str, out_dir: str) -> list[str]:
-    """Copy the project at src_root (its files, data/ and tests/, no caches) to
+    """Copy the project at src_root (its files, data/, machinery/ and tests/, no caches) to
     out_dir, replace the body of every exercise by a `raise`, and write
     EXERCISES.md. Returns the exercise names, in order. The markers are checked
     before anything is written."""
