@@ -43,6 +43,7 @@ from llama import TuluError, Tokenizer, load_model, save_model, atomic_write, wr
 from machinery.demo import DEMO_HELDOUT, print_answers, tiny_default_model, tiny_sft_model
 from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics, choice_scores, data_kind,
                                 greedy_answers, preference_metrics, read_choices, report, sft_metrics)
+from machinery.exercises import EXERCISES, make_exercises
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1820,7 +1821,6 @@ def cmd_eval(args):
 
 def cmd_exercises(args):
     """A student copy with the key bodies blanked, graded by the tests (machinery/exercises.py)."""
-    from machinery.exercises import EXERCISES, make_exercises
     out = args.out_dir
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
         raise TuluError(f"{out}: is not empty (--force writes the student copy over it)")

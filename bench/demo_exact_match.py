@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import llama  # noqa: E402
 import lora  # noqa: E402
 import tulu  # noqa: E402
-from machinery import evaluate  # noqa: E402
+import machinery.evaluate  # noqa: E402
 
 
 def run(*argv, env):
@@ -47,7 +47,7 @@ def exact_match(model_dir, adapter=None, qlora=False):
     if adapter:
         lora.load_adapter(model, adapter)
     prompts, answers = tulu.demo_answers(model, tok, model_dir)
-    return evaluate.exact_match(answers, [r for _, r in prompts])
+    return machinery.evaluate.exact_match(answers, [r for _, r in prompts])
 
 
 def evaluate(data, model_dir, adapter=None, qlora=False, env=None):
