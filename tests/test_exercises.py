@@ -172,9 +172,9 @@ class Outcomes:
 def modules_of(root):
     """Imports of the project's modules and tests resolve to `root` inside the
     block, as if Python had started there; sys.modules and sys.path come back after."""
-    # the project's modules are the .py files at a root or in its tests/; a virtual env
-    # inside the clone (CI's .venv) is not ours: torch must never be imported twice
-    ours = {f(os.path.join(d, sub)) for d in (ROOT, root) for sub in ("", "tests")
+    # the project's modules are the .py files at a root or in its machinery/ and tests/; a
+    # virtual env inside the clone (CI's .venv) is not ours: torch must never be imported twice
+    ours = {f(os.path.join(d, sub)) for d in (ROOT, root) for sub in ("", "machinery", "tests")
             for f in (os.path.abspath, os.path.realpath)}
 
     def forget_ours():
