@@ -14,11 +14,9 @@ command line is at the bottom.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import pathlib
 import shutil
 import sys
 from dataclasses import dataclass, field, fields
@@ -27,16 +25,20 @@ import torch
 
 import dpo
 import llama
-from llama import TuluError, Tokenizer, load_model, save_model, atomic_write, write_json
+from llama import TuluError, Tokenizer, load_model, save_model, atomic_write
 from tqdm import tqdm
-from machinery.data import (KIND_KEYS, ChatFormat, default_workers, example_lengths, load_examples,
-                            read_jsonl, read_objects)
-from machinery.fast import use_fast_dropout
 from machinery.checks import (check_batch_size, check_finite_weights, check_output, check_vocab,
                               folder_tokenizer, tokenizer_source, warn_beyond_context)
+from machinery.data import (ChatFormat, default_workers, example_lengths, load_examples,
+                            read_jsonl, read_objects)
+from machinery.demo import DEMO_HELDOUT, print_answers, tiny_default_model, tiny_sft_model
 from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text, exit_after,
                                    full_model, grad_sync, rank0, rank0_first, rank_batches, setup_distributed,
                                    shard, together, undeal)
+from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics, choice_scores, data_kind,
+                                greedy_answers, preference_metrics, read_choices, report, sft_metrics)
+from machinery.exercises import EXERCISES, make_exercises
+from machinery.fast import use_fast_dropout
 from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -156,87 +158,12 @@ def load_pref_data(path, tok, max_seq_length, workers=1, cache=None):
     return load_examples(path, "prefs", tok, max_seq_length, CHAT, workers, cache)
 
 
-# -----------------------------------------------------------------------------
-# The embedded default: a tiny Llama that trains on a laptop CPU in minutes
-
-TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
-PRETRAIN = dict(command="pretrain", method="full", lr=2e-3, max_steps=2000, epochs=0, batch_size=16, grad_accum=1,
-                warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8,
-                seed=0, resume=None, save_every=0, save_minutes=0,
-                device="cpu", dtype=torch.float32)
-PAGE_COPIES = 3  # data/pretrain.jsonl's reference pages are read this many times as often as a conversation
-
-
 def cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tulu")
 
 
 def data_cache_dir():
     return os.path.join(cache_dir(), "data")
-
-
-def train_tiny_tokenizer(out_dir: str, files, vocab_size: int = 768):
-    """Train a BPE sentencepiece model on the chat text of the conversations in
-    `files` (markers included, so "<|user|>" costs few tokens; cut at each "</s>",
-    which is an id, not text) and write a folder transformers loads as a
-    LlamaTokenizer. Settings as Llama 2's trainer_spec: <unk>=0, <s>=1, </s>=2,
-    byte fallback, dummy prefix, digits split; "\n" is a token of its own so
-    that no token spans the end of a turn. One thread, input in file order: the
-    same files give the same bytes."""
-    import io
-    import sentencepiece as spm
-    sentences = [s for path in files for _, obj in read_jsonl(path, "sft")
-                 for s in chat_text(obj["messages"]).strip().split("</s>") if s]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
-        allow_whitespace_only_pieces=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        max_sentencepiece_length=16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>",
-        bos_piece="<s>", eos_piece="</s>", user_defined_symbols=["\n"], num_threads=1,
-        shuffle_input_sentence=False, minloglevel=2)
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: pathlib.Path(tmp).write_bytes(model.getvalue()))
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": True,
-        "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}})
-
-
-def tiny_default_model() -> str:
-    """Build (once) the demo's base model and return its path: a tiny Llama as a
-    real HF folder, with a sentencepiece tokenizer trained on data/, and
-    "pretrained" for a minute and a half on plain text (no chat markers): the
-    conversations of data/sft_train.jsonl and the reference pages of
-    data/pretrain.jsonl (arithmetic tables, words spelled out, facts), so that, as
-    with a real base model, it knows the content and SFT teaches it to chat.
-    Deterministic on a given machine; rebuilt when data/ changes."""
-    source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
-    with open(source, "rb") as f, open(pages, "rb") as g:
-        digest = hashlib.sha256(f.read() + g.read() + repr((TINY, PRETRAIN, PAGE_COPIES)).encode()).hexdigest()[:10]
-    path = os.path.join(cache_dir(), f"tiny-llama-{digest}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    print(f"building the tiny default model in {path} (once, about a minute and a half)")
-    tmp = f"{path}.tmp{os.getpid()}"
-    train_tiny_tokenizer(tmp, [source])
-    tok = Tokenizer(tmp)
-    cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **TINY)
-    torch.manual_seed(0)
-    model = llama.Llama(cfg)
-    for p in model.parameters():  # HF's init: N(0, 0.02) for matrices, ones for norms
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, 0.0, 0.02)
-    texts = ["\n".join(m["content"] for m in obj["messages"]) for _, obj in read_jsonl(source, "sft")]
-    texts += [obj["text"] for _, obj in read_objects(pages)] * PAGE_COPIES
-    docs = [[tok.bos_id] + tok.encode(text) + [tok.eos_id] for text in texts]
-    train(TrainConfig(**PRETRAIN), model, [(d, d) for d in docs], SFTTask(tok.eos_id), tmp)
-    save_model(model, tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -638,171 +565,6 @@ def train(args, model, examples, task, out, save=None):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: what the model cards report -- held-out loss, preference accuracy,
-# multiple-choice accuracy (MMLU 5-shot, QLoRA Sec. 5) -- and exact answers
-#
-# `tulu.py eval` recognises a data file's kind by the keys of its first object:
-# messages (SFT), chosen/rejected (preferences), question/choices/answer (multiple
-# choice). Every number is computed with the model in eval mode (no dropout).
-
-EVAL_KINDS = {**KIND_KEYS, "choice": ("question", "choices", "answer")}
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def data_kind(path) -> str:
-    """sft, prefs or choice, from the keys of the file's first object."""
-    n, obj = next(read_objects(path))
-    kind = next((k for k, keys in EVAL_KINDS.items() if all(key in obj for key in keys)), None)
-    if kind is None:
-        raise TuluError(f"{path}:{n}: expected the keys of SFT conversations ('messages'), preference "
-                        f"pairs ('chosen', 'rejected') or multiple choice ('question', 'choices', 'answer')")
-    return kind
-
-
-@torch.no_grad()
-def sft_metrics(model, examples, args, pad_id) -> dict:
-    """loss: the mean negative log-likelihood of the learned tokens (the labels of
-    encode_messages: the assistant answers and their EOS), every token weighing the
-    same across conversations; perplexity: exp(loss)."""
-    task, nll, tokens = SFTTask(pad_id), 0.0, 0
-    for _, batch in eval_batches(model, examples, task, args, "loss"):
-        with autocast(args):
-            total, _ = task.loss(model, batch, 1)  # summed over the batch's learned tokens
-        nll, tokens = nll + float(total), tokens + task.count(batch)
-    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens)}
-
-
-@torch.no_grad()
-def preference_metrics(model, pairs, task, args) -> dict:
-    """DPO's metrics (dpo.dpo_metrics), averaged over pairs: rewards/accuracy is the
-    fraction of pairs whose chosen answer gains more log-probability over the
-    reference than the rejected one, rewards/margin the mean of that difference x beta."""
-    sums = {}
-    for _, batch in eval_batches(model, pairs, task, args, desc="pairs"):
-        with autocast(args):
-            _, m = task.loss(model, batch, 1)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v
-    return {k: v / len(pairs) for k, v in sums.items()}
-
-
-def choice_question(item, with_answer: bool) -> str:
-    """One question in MMLU's format (Hendrycks et al. 2021, their evaluate.py)."""
-    text = item["question"] + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"]))
-    return text + (f"\nAnswer: {LETTERS[item['answer']]}\n\n" if with_answer else "\nAnswer:")
-
-
-def choice_prompt(item, shots) -> str:
-    """The header ("... about {subject}.", underscores read as spaces), the solved
-    examples `shots`, then the question, ending with "Answer:"."""
-    subject = item.get("subject")
-    about = f" about {subject.replace('_', ' ')}" if subject else ""
-    head = f"The following are multiple choice questions (with answers){about}.\n\n"
-    return head + "".join(choice_question(s, True) for s in shots) + choice_question(item, False)
-
-
-def choice_rows(prompt, n_choices, tok) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) for each letter: ids = encode(prompt + " " + letter) with BOS,
-    labels only on the tokens beyond encode(prompt), the letter's (one or more)."""
-    cut = len(tok.encode(prompt, bos=True))
-    rows = []
-    for letter in LETTERS[:n_choices]:
-        ids = tok.encode(f"{prompt} {letter}", bos=True)
-        rows.append((ids, [-100] * cut + ids[cut:]))
-    return rows
-
-
-def read_choices(path) -> list[dict]:
-    """The multiple-choice items of a JSONL file; problems: file:line."""
-    items = []
-    for n, obj in read_objects(path):
-        q, c, a, s = obj.get("question"), obj.get("choices"), obj.get("answer"), obj.get("subject")
-        if not isinstance(q, str) or not isinstance(c, list) or not all(isinstance(x, str) for x in c):
-            raise TuluError(f"{path}:{n}: expected 'question' (a string) and 'choices' (a list of strings)")
-        if not 2 <= len(c) <= len(LETTERS):
-            raise TuluError(f"{path}:{n}: 'choices' must hold 2 to {len(LETTERS)} answers, not {len(c)}")
-        if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < len(c):
-            raise TuluError(f"{path}:{n}: 'answer' must be the index of the right choice, 0 to {len(c) - 1}")
-        if s is not None and not isinstance(s, str):
-            raise TuluError(f"{path}:{n}: 'subject' must be a string")
-        items.append(obj)
-    return items
-
-
-def fitting_prompt(item, shots, tok, max_seq_length) -> str:
-    """choice_prompt with as many of `shots` as fit in max_seq_length (MMLU's
-    evaluate.py drops examples from the end until the prompt fits)."""
-    k = len(shots)
-    while k and len(tok.encode(choice_prompt(item, shots[:k]), bos=True)) + 2 > max_seq_length:
-        k -= 1
-    return choice_prompt(item, shots[:k])
-
-
-@torch.no_grad()
-def choice_scores(model, rows, args, pad_id) -> list[float]:
-    """The summed log-probability of each row's labelled tokens (choice_rows), in
-    batches of --batch-size rows."""
-    scores = []
-    for _, batch in eval_batches(model, rows, SFTTask(pad_id), args, "choices"):
-        with autocast(args):
-            logp = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        scores += logp.sum(-1).tolist()
-    return scores
-
-
-@torch.no_grad()
-def choice_metrics(model, items, dev, shots, tok, args) -> dict:
-    """accuracy: the fraction of questions whose right letter has the highest summed
-    log-probability (choice_rows); accuracy/SUBJECT the same per subject."""
-    by_subject = {}
-    for d in dev:
-        by_subject.setdefault(d.get("subject"), []).append(d)
-    rows, spans = [], []
-    for item in items:
-        prompt = fitting_prompt(item, by_subject.get(item.get("subject"), [])[:shots], tok, args.max_seq_length)
-        spans.append((len(rows), len(item["choices"])))
-        rows += choice_rows(prompt, len(item["choices"]), tok)
-    scores, right, per = choice_scores(model, rows, args, tok.eos_id), 0, {}
-    for item, (start, n) in zip(items, spans):
-        ok = max(range(n), key=lambda i: scores[start + i]) == item["answer"]
-        right += ok
-        s = per.setdefault(item.get("subject"), [0, 0])
-        s[0], s[1] = s[0] + ok, s[1] + 1
-    out = {"accuracy": right / len(items)}
-    out.update({f"accuracy/{s}": r / n for s, (r, n) in sorted(per.items()) if s is not None})
-    return out
-
-
-def answer_prompts(path, n=None) -> list[tuple[list[dict], str]]:
-    """(prompt, reference) for the first n conversations of an SFT file: every turn
-    before the last assistant answer (earlier answers as written), and that answer."""
-    out = []
-    for _, obj in read_jsonl(path, "sft"):
-        last = max((i for i, m in enumerate(obj["messages"]) if m["role"] == "assistant"), default=None)
-        if last is not None and obj["messages"][last - 1]["role"] == "user":
-            out.append((obj["messages"][:last], obj["messages"][last]["content"]))
-        if n and len(out) == n:
-            break
-    return out
-
-
-@torch.no_grad()
-def greedy_answers(model, tok, prompts, stop, max_new_tokens=48, desc="answers") -> list[str]:
-    """The model's greedy answer to each prompt, decoded and stripped."""
-    model.eval()
-    out = []
-    for msgs in tqdm(prompts, desc=desc, leave=False, disable=not rank0()):
-        ids = llama.generate(model, encode_prompt(msgs, tok), max_new_tokens, eos_id=stop)
-        out.append(tok.decode([t for t in ids if t not in stop]).strip())
-    return out
-
-
-def exact_match(answers, references) -> float:
-    """The fraction of answers equal to their reference (both stripped)."""
-    return sum(a.strip() == r.strip() for a, r in zip(answers, references)) / len(references)
-
-
-# -----------------------------------------------------------------------------
 # Commands
 
 
@@ -870,7 +632,7 @@ def start_run(ns, default_model, default_data):
 
 
 def cmd_sft(args):
-    args, demo, tok = start_run(args, tiny_default_model, "sft_train.jsonl")
+    args, demo, tok = start_run(args, tiny_default, "sft_train.jsonl")
     examples = rank0_first(args.dist, load_sft_data, args.data, tok, args.max_seq_length, args.num_workers,
                         data_cache_dir())
     check_batch_size(args, examples, "conversation")
@@ -884,43 +646,27 @@ def cmd_sft(args):
         print_answers(DEMO_HELDOUT, prompts, {"SFT": answers})
 
 
-def print_answers(path, prompts, answers: dict, shown=4):
-    """A few held-out prompts with the reference and each model's answer (answers:
-    name -> list), then each model's exact-match rate over all the prompts."""
-    w = max(len("reference"), *map(len, answers))
-    one_line = lambda text: text.replace("\n", " / ")
-    for i, (msgs, reference) in enumerate(prompts[:shown]):
-        print(f"\n> {one_line(msgs[-1]['content'])}\n  {'reference':<{w}}  {one_line(reference)}")
-        for name, a in answers.items():
-            print(f"  {name:<{w}}  {one_line(a[i])}")
-    rates = ", ".join(f"{name} {exact_match(a, [r for _, r in prompts]):.2f}" for name, a in answers.items())
-    print(f"\nexact match, greedy, on the first {len(prompts)} conversations of {path}: {rates}")
-
-
-DEMO_HELDOUT = os.path.join(DATA, "sft_heldout.jsonl")
-
-
 def demo_answers(model, tok, model_dir):
     """The model's greedy answers to the demo's first 40 held-out prompts."""
-    prompts = answer_prompts(DEMO_HELDOUT, 40)
-    return prompts, greedy_answers(model, tok, [p for p, _ in prompts], stop_ids(model_dir, tok))
+    prompts = answer_prompts(read_jsonl(DEMO_HELDOUT, "sft"), 40)
+    ids = [encode_prompt(p, tok) for p, _ in prompts]
+    return prompts, greedy_answers(model, tok, ids, stop_ids(model_dir, tok), show=rank0())
 
 
-def tiny_sft_model() -> str:
-    """DPO starts from an SFT model: the tiny default after the demo's full SFT,
-    built once and cached beside it."""
-    base = tiny_default_model()
-    path = base.replace("tiny-llama-", "tiny-sft-")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
-        tmp = f"{path}.tmp{os.getpid()}"
-        main(["sft", "--method", "full", "--output", tmp])
-        os.replace(tmp, path)
-    return path
+def tiny_default() -> str:
+    """The demo's base model, where sft starts without --model: built once
+    (machinery/demo.py) with this file's chat format and training loop."""
+    return tiny_default_model(cache_dir(), read_jsonl, read_objects, chat_text, train, SFTTask, TrainConfig)
+
+
+def tiny_sft() -> str:
+    """Where dpo, chat and eval start without --model: the tiny default after the
+    demo's full SFT, run once by this command line."""
+    return tiny_sft_model(tiny_default, main)
 
 
 def cmd_dpo(args):
-    args, demo, tok = start_run(args, tiny_sft_model, "prefs_train.jsonl")
+    args, demo, tok = start_run(args, tiny_sft, "prefs_train.jsonl")
     pairs = rank0_first(args.dist, load_pref_data, args.data, tok, args.max_seq_length, args.num_workers,
                      data_cache_dir())
     check_batch_size(args, pairs, "preference pair")
@@ -938,13 +684,13 @@ def cmd_dpo(args):
     if demo:
         held = load_pref_data(heldout, tok, args.max_seq_length)
         held = cache_reference(model, held, task, args) if cached else held
-        before = preference_metrics(model, held, task, args)
+        before = preference_metrics(model, held, task, args, eval_batches, autocast)
         prompts, sft_answers = demo_answers(model, tok, args.model)  # the policy is the SFT model at step 0
     os.makedirs(args.output, exist_ok=True)
     train(args, model, pairs, task, args.output, save=lambda: save_outputs(args, model, args.model, args.output))
     if demo:
         print_answers(DEMO_HELDOUT, prompts, {"SFT": sft_answers, "DPO": demo_answers(model, tok, args.model)[1]})
-        after = preference_metrics(model, held, task, args)
+        after = preference_metrics(model, held, task, args, eval_batches, autocast)
         print(f"held-out pairs ({heldout}): rewards/accuracy {before['rewards/accuracy']:.2f} -> "
               f"{after['rewards/accuracy']:.2f}, rewards/margin {before['rewards/margin']:.3f} -> "
               f"{after['rewards/margin']:.3f} (at step 0 the policy is the reference: every reward is 0)")
@@ -972,7 +718,7 @@ def cmd_chat(args):
     from lora import load_adapter, merge_lora
     args.device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
-    args.model = args.model or tiny_sft_model()
+    args.model = args.model or tiny_sft()
     tok = check_vocab(Tokenizer(tokenizer_source(args.adapter, args.model)), args.model)
     model = load_model(args.model, dtype=dtype, device=args.device)
     if args.adapter:
@@ -1023,51 +769,37 @@ def stream_reply(model, tok, history, args, g):
 
 def cmd_eval(args):
     """Held-out loss, preference metrics or multiple-choice accuracy of a model (and
-    adapter), by the kind of --data (data_kind): one line, and --output as JSON."""
+    adapter), by the kind of --data (machinery/evaluate.py): one line, and --output as JSON."""
     from lora import load_adapter
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
-    args.model = args.model or tiny_sft_model()
-    kind = data_kind(args.data)
-    if kind == "prefs" and not (args.adapter or args.reference):
-        raise TuluError(f"{args.data}: preference pairs need a reference model: --adapter (the model without "
-                        f"it is the reference) or --reference DIR")
-    if kind == "choice" and args.shots and not args.dev:
-        raise TuluError("--shots needs --dev, the file the solved examples come from")
+    args.model = args.model or tiny_sft()
+    kind = data_kind(args.data, read_objects(args.data))
+    check_eval_args(args, kind)
     tok = check_vocab(Tokenizer(tokenizer_source(args.adapter, args.model)), args.model)
-    load = lambda path: load_model(path, dtype=args.dtype, device=args.device,
-                                   quantize="nf4" if args.qlora else None)
-    if kind == "sft":
-        examples = load_sft_data(args.data, tok, args.max_seq_length)
-    elif kind == "prefs":
-        examples = load_pref_data(args.data, tok, args.max_seq_length)
-        task = DPOTask(args, pad_id=tok.eos_id)
-        if args.reference:  # scored first, then freed: one model in memory at a time
-            check_vocab(tok, args.reference)
-            examples = cache_reference(load(args.reference), examples, task, args)
+    load = lambda path: load_model(path, dtype=args.dtype, device=args.device, quantize="nf4" if args.qlora else None)
+    task = DPOTask(args, pad_id=tok.eos_id) if kind == "prefs" else SFTTask(tok.eos_id)
+    if kind == "choice":
+        examples = read_choices(args.data, read_objects(args.data))
+        dev = read_choices(args.dev, read_objects(args.dev)) if args.dev else []
     else:
-        examples = read_choices(args.data)
-        dev = read_choices(args.dev) if args.dev else []
+        examples = (load_sft_data if kind == "sft" else load_pref_data)(args.data, tok, args.max_seq_length)
+    if kind == "prefs" and args.reference:  # scored first, then freed: one model in memory at a time
+        check_vocab(tok, args.reference)
+        examples = cache_reference(load(args.reference), examples, task, args)
     model = load(args.model)
     if args.adapter:
         load_adapter(model, args.adapter)
-    if kind == "sft":
-        result, what = sft_metrics(model, examples, args, pad_id=tok.eos_id), f"{len(examples)} conversations"
-    elif kind == "prefs":
-        result, what = preference_metrics(model, examples, task, args), f"{len(examples)} pairs"
-    else:
+    if kind == "choice":
         shots = 5 if args.shots is None and dev else args.shots or 0
-        result, what = choice_metrics(model, examples, dev, shots, tok, args), f"{len(examples)} questions, {shots}-shot"
-    shown = {k: v for k, v in result.items() if kind != "choice" or k == "accuracy"}
-    print(f"{args.data} ({what}): " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    if args.output:
-        write_json(args.output, result)
-        print(f"wrote {args.output}")
+        score = lambda rows: choice_scores(model, rows, task, args, eval_batches, autocast)
+        return report(args, kind, len(examples), choice_metrics(examples, dev, shots, tok, args, score), shots)
+    metrics = sft_metrics if kind == "sft" else preference_metrics
+    report(args, kind, len(examples), metrics(model, examples, task, args, eval_batches, autocast))
 
 
 def cmd_exercises(args):
-    """A student copy with the key bodies blanked, graded by the tests (tests/exercises.py)."""
-    from tests.exercises import EXERCISES, make_exercises
+    """A student copy with the key bodies blanked, graded by the tests (machinery/exercises.py)."""
     out = args.out_dir
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
         raise TuluError(f"{out}: is not empty (--force writes the student copy over it)")

@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 import llama  # noqa: E402
 import lora  # noqa: E402
 import tulu  # noqa: E402
+import machinery.evaluate  # noqa: E402
 
 
 def run(*argv, env):
@@ -46,7 +47,7 @@ def exact_match(model_dir, adapter=None, qlora=False):
     if adapter:
         lora.load_adapter(model, adapter)
     prompts, answers = tulu.demo_answers(model, tok, model_dir)
-    return tulu.exact_match(answers, [r for _, r in prompts])
+    return machinery.evaluate.exact_match(answers, [r for _, r in prompts])
 
 
 def evaluate(data, model_dir, adapter=None, qlora=False, env=None):
@@ -63,8 +64,8 @@ if __name__ == "__main__":
     os.environ.update(env)
     t_sft, _ = run("sft", env=env)
     t_dpo, printed = run("dpo", env=env)
-    base = tulu.tiny_default_model()  # found in the fresh cache: what the runs built
-    sft_full = tulu.tiny_sft_model()
+    base = tulu.tiny_default()  # found in the fresh cache: what the runs built
+    sft_full = tulu.tiny_sft()
     sft_qlora, dpo_adapter = os.path.join(work, "out", "sft-qlora"), os.path.join(work, "out", "dpo-qlora")
     heldout, prefs = (os.path.join(tulu.DATA, n) for n in ("sft_heldout.jsonl", "prefs_heldout.jsonl"))
     rows = [("tulu.py sft (QLoRA adapter)", base, sft_qlora, True),

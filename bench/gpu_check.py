@@ -100,7 +100,7 @@ def tiny_models(ctx):
         ctx.bases = {"sft": HF_TINY, "dpo": HF_TINY}
         return None, f"the dry run trains {os.path.relpath(HF_TINY, ROOT)} instead"
     code = ("import json, tulu\n"
-            "print(json.dumps(dict(sft=tulu.tiny_default_model(), dpo=tulu.tiny_sft_model())))")
+            "print(json.dumps(dict(sft=tulu.tiny_default(), dpo=tulu.tiny_sft())))")
     text = run(ctx, "0-tiny", ["-c", code], 900)
     ctx.bases = json.loads(text.strip().splitlines()[-1])
     return True, f"base {ctx.bases['sft']}, DPO's start {ctx.bases['dpo']}"

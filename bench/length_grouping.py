@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 import llama  # noqa: E402
 import tulu  # noqa: E402
 from machinery.data import read_jsonl  # noqa: E402
+from machinery.demo import TINY  # noqa: E402
 
 
 def mixed_file(path, n=512, seed=0):
@@ -47,10 +48,10 @@ def mixed_file(path, n=512, seed=0):
 
 def tiny_model(folder):
     """The demo's shape with random weights and the demo's tokenizer files (from the cache)."""
-    demo = tulu.tiny_default_model()
+    demo = tulu.tiny_default()
     tok = llama.Tokenizer(demo)
     cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                            **{**tulu.TINY, "max_position_embeddings": 1024})
+                            **{**TINY, "max_position_embeddings": 1024})
     torch.manual_seed(0)
     llama.save_model(llama.Llama(cfg), folder)
     tulu.copy_tokenizer(demo, folder)

@@ -593,11 +593,13 @@ def chat_check_tiny_folder(d):
 @area
 def make_chat():
     import tulu
+    from machinery.demo import train_tiny_tokenizer
     out = fresh_dir("chat")
+    chats = [tulu.chat_text(o["messages"]) for _, o in tulu.read_jsonl(os.path.join(ROOT, "data", "sft_train.jsonl"), "sft")]
     tiny = os.path.join(out, "tiny_tokenizer")
-    tulu.train_tiny_tokenizer(tiny, [os.path.join(ROOT, "data", "sft_train.jsonl")])
+    train_tiny_tokenizer(tiny, chats)
     again = os.path.join(out, "tiny_again")
-    tulu.train_tiny_tokenizer(again, [os.path.join(ROOT, "data", "sft_train.jsonl")])
+    train_tiny_tokenizer(again, chats)
     for name in os.listdir(tiny):
         with open(os.path.join(tiny, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
             assert a.read() == b.read(), f"train_tiny_tokenizer is not deterministic: {name}"

@@ -34,7 +34,7 @@ import dpo
 import llama
 import lora
 import tulu
-from machinery import checks, runs
+from machinery import checks, demo, evaluate, runs
 from machinery.data import Examples, example_lengths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,7 +50,7 @@ EOS = 2  # the tiny tokenizer's </s>, also the padding id of the batches
 
 # Runs on hf_tiny: micro-batches of short conversations, rank-8 adapters
 SMALL = ["--model", HF_TINY, "--max-seq-length", "128", "--lora-r", "8", "--seed", "0"]
-PRETRAIN_STEPS = 20   # the tiny default's pretraining in tests (tulu.PRETRAIN: 2000 steps, ~90 s on 2 cores)
+PRETRAIN_STEPS = 20   # the tiny default's pretraining in tests (demo.PRETRAIN: 2000 steps, ~90 s on 2 cores)
 DEMO_SFT_STEPS = 40   # the demo SFT that `dpo` runs first (the demo recipe: 3 epochs, ~560 steps)
 
 
@@ -183,7 +183,7 @@ def short_pretraining(steps):
 def tiny_default(cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tulu, "train", short_pretraining(PRETRAIN_STEPS))
-        return tulu.tiny_default_model()
+        return tulu.tiny_default()
 
 
 # -----------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_sft_epochs_set_the_number_of_steps(tmp_path, sft_data):
 @pytest.mark.parametrize("method", ["qlora", "full"])
 def test_adam_flags_reach_the_optimizer(method):
     """Tulu 2's AdamW (0.9, 0.999), 1e-8 by default; --adam-betas/--adam-eps override."""
-    model = llama.Llama(llama.LlamaConfig(**tulu.TINY, vocab_size=64))
+    model = llama.Llama(llama.LlamaConfig(**demo.TINY, vocab_size=64))
     for extra, betas, eps in [([], (0.9, 0.999), 1e-8), (["--adam-betas", "0.8", "0.95", "--adam-eps", "1e-6"],
                                                          (0.8, 0.95), 1e-6)]:
         args = tulu.build_parser().parse_args(["sft", "--method", method, "--lr", "1e-3", *extra])
@@ -867,7 +867,7 @@ def test_a_non_finite_step_is_never_applied(tmp_path, monkeypatch):
     """A step whose loss or gradients are NaN leaves weights and optimiser state as they
     were, and the run stops on it with one line."""
     torch.manual_seed(0)
-    model = llama.Llama(llama.LlamaConfig(**tulu.TINY, vocab_size=64)).requires_grad_(True)
+    model = llama.Llama(llama.LlamaConfig(**demo.TINY, vocab_size=64)).requires_grad_(True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     task = tulu.SFTTask(pad_id=0)
     task.loss = lambda m, b, d: (tulu.SFTTask.loss(task, m, b, d)[0] * float("nan"), {})
@@ -1056,7 +1056,7 @@ def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, capsys, tiny_de
     assert after["rewards/accuracy"] > 0.5 and after["rewards/margin"] > 0, after
     assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     printed = capsys.readouterr().out
-    prompts = tulu.answer_prompts(os.path.join(DATA, "sft_heldout.jsonl"), 4)
+    prompts = evaluate.answer_prompts(tulu.read_jsonl(os.path.join(DATA, "sft_heldout.jsonl"), "sft"), 4)
     for msgs, reference in prompts:
         assert f"\n> {msgs[-1]['content']}\n  reference  {reference}\n  SFT        " in printed
     assert re.search(r"exact match, greedy, on the first 40 conversations of .*sft_heldout.jsonl: "
@@ -1122,7 +1122,7 @@ def tiny_adapter(tiny_default, sft_data, tmp_path_factory):
 def test_dpo_demo_with_an_sft_adapter_starts_with_zero_rewards(tmp_path, monkeypatch, tiny_default, tiny_adapter):
     """The demo (no --model) with --adapter: the reference is base + SFT adapter on
     the held-out pairs too, so at step 0 every held-out reward is 0."""
-    monkeypatch.setattr(tulu, "tiny_sft_model", lambda: tiny_default)  # the base tiny_adapter was trained on
+    monkeypatch.setattr(tulu, "tiny_sft", lambda: tiny_default)  # the base tiny_adapter was trained on
     held, f = [], tulu.preference_metrics
     monkeypatch.setattr(tulu, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
     cli("dpo", "--adapter", tiny_adapter, "--method", "lora", "--max-steps", 1, "--output", tmp_path / "out")
@@ -1191,8 +1191,8 @@ def test_chat_defaults_to_the_demo_sft_model(tiny_default, sft_data, tmp_path, m
     cli("sft", "--model", tiny_default, "--data", sft_data, "--method", "full", "--max-steps", 3, "--lr", 1e-2,
         "--batch-size", 4, "--grad-accum", 1, "--output", sft)
     capsys.readouterr()
-    monkeypatch.setattr(tulu, "tiny_sft_model", lambda: str(sft))
-    monkeypatch.setattr(tulu, "tiny_default_model", lambda: tiny_default)
+    monkeypatch.setattr(tulu, "tiny_sft", lambda: str(sft))
+    monkeypatch.setattr(tulu, "tiny_default", lambda: tiny_default)
     argv = ["--prompt", "What is 3 + 4?", "--max-new-tokens", 8]
     answers = {}
     for model in ("sft", "base", None):
@@ -1282,14 +1282,14 @@ def test_tiny_default_is_cached_and_deterministic(tiny_default, tmp_path, monkey
     rows = metrics(tiny_default)
     assert len(rows) == PRETRAIN_STEPS and rows[-1]["loss"] < rows[0]["loss"]
     cfg = llama.LlamaConfig.from_json(os.path.join(tiny_default, "config.json"))
-    assert all(getattr(cfg, k) == v for k, v in tulu.TINY.items())
+    assert all(getattr(cfg, k) == v for k, v in demo.TINY.items())
     assert cfg.vocab_size == llama.Tokenizer(tiny_default).vocab_size
     with monkeypatch.context() as m:
         m.setattr(tulu, "train", lambda *a: pytest.fail("rebuilt a cached model"))
-        assert tulu.tiny_default_model() == tiny_default
+        assert tulu.tiny_default() == tiny_default
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(tulu, "train", short_pretraining(PRETRAIN_STEPS))
-    again = tulu.tiny_default_model()
+    again = tulu.tiny_default()
     assert again != tiny_default and again.startswith(str(tmp_path))
     for name in ("model.safetensors", *TOKENIZER_FILES):
         assert same_bytes(os.path.join(again, name), os.path.join(tiny_default, name)), name

@@ -20,6 +20,7 @@ import torch
 import llama
 import lora
 import tulu
+from machinery import evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -167,16 +168,16 @@ PROMPT_2_SHOT = ("The following are multiple choice questions (with answers) abo
 
 
 def test_choice_prompt_is_mmlus_character_for_character():
-    assert tulu.choice_prompt(ITEM, [DEV[0], DEV[2]]) == PROMPT_2_SHOT
+    assert evaluate.choice_prompt(ITEM, [DEV[0], DEV[2]]) == PROMPT_2_SHOT
     bare = {k: v for k, v in ITEM.items() if k != "subject"}
-    assert tulu.choice_prompt(bare, []) == ("The following are multiple choice questions (with answers).\n\n"
+    assert evaluate.choice_prompt(bare, []) == ("The following are multiple choice questions (with answers).\n\n"
                                             "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:")
 
 
 def test_shots_are_the_first_of_the_same_subject_in_dev_file_order(tmp_path, monkeypatch):
     prompts = []
-    rows = tulu.choice_rows
-    monkeypatch.setattr(tulu, "choice_rows", lambda prompt, *a: prompts.append(prompt) or rows(prompt, *a))
+    rows = evaluate.choice_rows
+    monkeypatch.setattr(evaluate, "choice_rows", lambda prompt, *a: prompts.append(prompt) or rows(prompt, *a))
     got = run_eval(tmp_path, "--data", jsonl(tmp_path / "q.jsonl", [ITEM]),
                    "--dev", jsonl(tmp_path / "dev.jsonl", DEV), "--shots", 2)
     assert prompts == [PROMPT_2_SHOT]
@@ -185,24 +186,24 @@ def test_shots_are_the_first_of_the_same_subject_in_dev_file_order(tmp_path, mon
 
 def test_shots_are_dropped_from_the_end_until_the_prompt_fits(tok):
     shots = [DEV[0], DEV[2], DEV[3]]
-    full = len(tok.encode(tulu.choice_prompt(ITEM, shots), bos=True))
-    two = len(tok.encode(tulu.choice_prompt(ITEM, shots[:2]), bos=True))
-    assert tulu.fitting_prompt(ITEM, shots, tok, full + 2) == tulu.choice_prompt(ITEM, shots)
-    assert tulu.fitting_prompt(ITEM, shots, tok, full + 1) == tulu.choice_prompt(ITEM, shots[:2])
-    assert tulu.fitting_prompt(ITEM, shots, tok, two + 1) == tulu.choice_prompt(ITEM, shots[:1])
+    full = len(tok.encode(evaluate.choice_prompt(ITEM, shots), bos=True))
+    two = len(tok.encode(evaluate.choice_prompt(ITEM, shots[:2]), bos=True))
+    assert evaluate.fitting_prompt(ITEM, shots, tok, full + 2) == evaluate.choice_prompt(ITEM, shots)
+    assert evaluate.fitting_prompt(ITEM, shots, tok, full + 1) == evaluate.choice_prompt(ITEM, shots[:2])
+    assert evaluate.fitting_prompt(ITEM, shots, tok, two + 1) == evaluate.choice_prompt(ITEM, shots[:1])
 
 
 def test_a_letter_of_two_tokens_is_scored_by_both(tok):
     """In hf_tiny's vocabulary " E" after "Answer:" is two tokens; the score of every
     letter is the sum over all its tokens, batched and padded as eval does."""
     item = {"question": "Pick one.", "choices": ["a", "b", "c", "d", "e"], "answer": 4}
-    prompt = tulu.choice_prompt(item, [])
-    rows = tulu.choice_rows(prompt, 5, tok)
+    prompt = evaluate.choice_prompt(item, [])
+    rows = evaluate.choice_rows(prompt, 5, tok)
     cut = len(tok.encode(prompt, bos=True))
     assert [len(ids) - cut for ids, _ in rows] == [1, 1, 1, 2, 2]  # D and E: "▁" + the letter
     model = base()
     args = tulu.argparse.Namespace(batch_size=3, device="cpu", dtype=torch.float32)
-    got = tulu.choice_scores(model, rows, args, tok.eos_id)
+    got = evaluate.choice_scores(model, rows, tulu.SFTTask(tok.eos_id), args, tulu.eval_batches, tulu.autocast)
     want = [logp_after(model, tok.encode(f"{prompt} {letter}", bos=True), cut) for letter in "ABCDE"]
     assert got == pytest.approx(want, rel=1e-5)
     one_token = [logp_after(model, tok.encode(f"{prompt} {letter}", bos=True)[:cut + 1], cut) for letter in "DE"]
@@ -216,7 +217,7 @@ def test_accuracy_is_the_fraction_whose_right_letter_scores_highest(tmp_path, to
     for i, subject in enumerate(["history", "physics"] * 3):
         item = {"question": f"Question {i}: which?", "choices": ["one", "two", "three", "four"], "answer": 0,
                 "subject": subject}
-        prompt = tulu.choice_prompt(item, [])
+        prompt = evaluate.choice_prompt(item, [])
         cut = len(tok.encode(prompt, bos=True))
         scores = [logp_after(model, tok.encode(f"{prompt} {letter}", bos=True), cut) for letter in "ABCD"]
         best = max(range(4), key=scores.__getitem__)

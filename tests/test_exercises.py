@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-import tests.exercises as ex
+import machinery.exercises as ex
 import tulu
 from llama import TuluError
 
@@ -73,7 +73,7 @@ def move_rms_norm_markers_into_the_module(s):
     ("dpo.py", lambda s: s.replace("    # exercise: dpo_loss\n", "    # exercise: ipo_loss\n"),
      "no '# exercise: dpo_loss' marker"),
     ("lora.py", lambda s: s + "\n\ndef f():\n    # exercise: extra\n    pass\n    # end exercise\n",
-     "exercise 'extra' is not in tests/exercises.py's EXERCISES"),
+     "exercise 'extra' is not in machinery/exercises.py's EXERCISES"),
 ])
 def test_unbalanced_or_missing_markers_are_errors(tmp_path, file, edit, message):
     """A wrong marker is an error that names the file, and nothing is written."""
@@ -116,7 +116,7 @@ def test_student_copy_blanks_only_the_exercise_bodies(student_copy):
             student = re.sub(rf"^ *{re.escape(raise_line(name))}\n", lambda m: "".join(lines[begin:end + 1]),
                              student, flags=re.M)
         assert student == original, file
-    for f in ("conftest.py", "tests/test_llama.py", "tests/fixtures/nf4/quantized.safetensors", "data/sft_train.jsonl"):
+    for f in ("conftest.py", "machinery/exercises.py", "tests/test_llama.py", "tests/fixtures/nf4/quantized.safetensors", "data/sft_train.jsonl"):
         assert os.path.exists(os.path.join(student_copy, f)), f
     assert not os.path.exists(os.path.join(student_copy, "tests", "test_exercises.py"))
 
@@ -242,8 +242,8 @@ def test_waiting_on_an_exercise_is_a_skip_only_in_a_student_copy(tmp_path, stude
     project itself a real failure must never pass as a skip."""
     shutil.copy(os.path.join(ROOT, "conftest.py"), tmp_path)
     os.makedirs(tmp_path / "tests")
-    shutil.copy(os.path.join(ROOT, "tests", "exercises.py"), tmp_path / "tests")
-    shutil.copy(os.path.join(ROOT, "llama.py"), tmp_path)  # tests/exercises.py imports TuluError from it
+    shutil.copytree(os.path.join(ROOT, "machinery"), tmp_path / "machinery")
+    shutil.copy(os.path.join(ROOT, "llama.py"), tmp_path)  # machinery/exercises.py imports TuluError from it
     error = "exercise dpo_loss" + ": see EXERCISES" + ".md"  # spelt apart: this source must not match the hook
     (tmp_path / "tests" / "test_waits.py").write_text(
         f"def test_uses_a_later_exercise():\n    raise NotImplementedError({error!r})\n")

@@ -15,6 +15,7 @@ import pytest
 
 import llama
 import tulu
+from machinery import demo
 from llama import TuluError
 from machinery import data
 
@@ -330,11 +331,15 @@ def test_encode_messages_sample_data_fits_and_has_answers():
 # The tiny tokenizer
 
 
+def chats(path):
+    return [tulu.chat_text(obj["messages"]) for _, obj in tulu.read_jsonl(path, "sft")]
+
+
 def test_train_tiny_tokenizer_is_deterministic_and_llama_like(tmp_path):
     """Training on data/sft_train.jsonl gives the committed fixture byte for
     byte (the fixture itself was trained twice and compared), with Llama 2's
     special ids, and the chat markers come out in few tokens."""
-    tulu.train_tiny_tokenizer(str(tmp_path), [data_file("sft_train.jsonl")])
+    demo.train_tiny_tokenizer(str(tmp_path), chats(data_file("sft_train.jsonl")))
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_bytes() == open(os.path.join(TINY, name), "rb").read(), name
     tok = llama.Tokenizer(str(tmp_path))
@@ -351,9 +356,9 @@ def test_train_tiny_tokenizer_is_deterministic_and_llama_like(tmp_path):
 
 
 def test_train_tiny_tokenizer_vocab_size_and_errors(tmp_path):
-    tulu.train_tiny_tokenizer(str(tmp_path), [data_file("sft_heldout.jsonl")], vocab_size=400)
+    demo.train_tiny_tokenizer(str(tmp_path), chats(data_file("sft_heldout.jsonl")), vocab_size=400)
     tok = llama.Tokenizer(str(tmp_path))
     assert tok.vocab_size == 400
     assert "</s>" not in tok.sp.id_to_piece(list(range(3, 400)))  # "</s>" is the EOS id, never text to learn
     with pytest.raises(TuluError, match="no such file"):
-        tulu.train_tiny_tokenizer(str(tmp_path), [str(tmp_path / "nope.jsonl")])
+        demo.train_tiny_tokenizer(str(tmp_path), chats(str(tmp_path / "nope.jsonl")))

@@ -22,38 +22,56 @@ import shutil
 from llama import TuluError
 
 EXERCISES = {  # name -> (file, function, what to read first, pytest selector), in reading order
-    "rms_norm": ("llama.py", "rms_norm", "RMSNorm (arXiv 1910.07467) Sec. 3, Eq. 4; llama.py: class RMSNorm",
+    "rms_norm": ("llama.py", "rms_norm",
+                 "RMSNorm (arXiv 1910.07467) Sec. 3, Eq. 4; llama.py: class RMSNorm",
                  "tests/test_llama.py -k rms_norm"),
-    "apply_rope": ("llama.py", "apply_rope", "RoFormer (arXiv 2104.09864) Sec. 3.2 and 3.4.2, Eq. 34; "
-                   "llama.py: rope_inv_freq, rope_cos_sin", "tests/test_llama.py -k apply_rope"),
-    "gqa_attention": ("llama.py", "gqa_attention", "GQA (arXiv 2305.13245) Sec. 2.2; llama.py: "
-                      "attention_mask_4d, Attention.forward", "tests/test_llama.py -k gqa_attention"),
-    "bpe_merge": ("llama.py", "bpe_merge", "BPE (arXiv 1508.07909) Sec. 3.2; GPT-2's byte-level BPE (Radford et "
-                  "al. 2019, Sec. 2.2); llama.py: byte_alphabet, BPETokenizer.encode_word",
+    "apply_rope": ("llama.py", "apply_rope",
+                   "RoFormer (arXiv 2104.09864) Sec. 3.2 and 3.4.2, Eq. 34; llama.py: rope_inv_freq, "
+                   "rope_cos_sin",
+                   "tests/test_llama.py -k apply_rope"),
+    "gqa_attention": ("llama.py", "gqa_attention",
+                      "GQA (arXiv 2305.13245) Sec. 2.2; llama.py: attention_mask_4d, Attention.forward",
+                      "tests/test_llama.py -k gqa_attention"),
+    "bpe_merge": ("llama.py", "bpe_merge",
+                  "BPE (arXiv 1508.07909) Sec. 3.2; GPT-2's byte-level BPE (Radford et al. 2019, Sec. 2.2); "
+                  "llama.py: byte_alphabet, BPETokenizer.encode_word",
                   "tests/test_tokenizer.py -k bpe_merge"),
-    "nf4_code_book": ("nf4.py", "nf4_code_book", "QLoRA (arXiv 2305.14314) Sec. 3, 4-bit NormalFloat (Eq. 4); "
-                      "nf4.py: the module docstring", "tests/test_nf4.py -k nf4_code_book"),
-    "quantize_blockwise": ("nf4.py", "quantize_blockwise", "QLoRA Sec. 2, block-wise k-bit quantization (Eq. 1); "
-                           "nf4.py: nearest_code", "tests/test_nf4.py -k test_quantize_blockwise"),
-    "dequantize_blockwise": ("nf4.py", "dequantize_blockwise", "QLoRA Sec. 2 (Eq. 2); nf4.py: quantize_blockwise",
+    "nf4_code_book": ("nf4.py", "nf4_code_book",
+                      "QLoRA (arXiv 2305.14314) Sec. 3, 4-bit NormalFloat (Eq. 4); nf4.py: the module "
+                      "docstring",
+                      "tests/test_nf4.py -k nf4_code_book"),
+    "quantize_blockwise": ("nf4.py", "quantize_blockwise",
+                           "QLoRA Sec. 2, block-wise k-bit quantization (Eq. 1); nf4.py: nearest_code",
+                           "tests/test_nf4.py -k test_quantize_blockwise"),
+    "dequantize_blockwise": ("nf4.py", "dequantize_blockwise",
+                             "QLoRA Sec. 2 (Eq. 2); nf4.py: quantize_blockwise",
                              "tests/test_nf4.py -k dequantize_blockwise"),
-    "double_quant": ("nf4.py", "double_quantize", "QLoRA Sec. 3, Double Quantization (Eq. 6); nf4.py: dynamic_map, "
-                     "quantize_nf4, dequantize_nf4", "tests/test_nf4.py -k double_quant"),
-    "lora_forward": ("lora.py", "LoRALinear.forward", "LoRA (arXiv 2106.09685) Sec. 4.1, Eq. 3; lora.py: "
-                     "LoRALinear.__init__", "tests/test_lora.py -k lora_forward"),
-    "merge": ("lora.py", "lora_delta", "LoRA Sec. 4.1 (no additional inference latency); lora.py: merged_linear, "
-              "merge_lora", "tests/test_lora.py -k merge"),
-    "sequence_logps": ("dpo.py", "sequence_logps", "DPO (arXiv 2305.18290) Sec. 4, Eq. 7: pi(y|x) is the "
-                       "whole answer's probability; dpo.py: pad_batch, answer_logps",
+    "double_quant": ("nf4.py", "double_quantize",
+                     "QLoRA Sec. 3, Double Quantization (Eq. 6); nf4.py: dynamic_map, quantize_nf4, "
+                     "dequantize_nf4",
+                     "tests/test_nf4.py -k double_quant"),
+    "lora_forward": ("lora.py", "LoRALinear.forward",
+                     "LoRA (arXiv 2106.09685) Sec. 4.1, Eq. 3; lora.py: LoRALinear.__init__",
+                     "tests/test_lora.py -k lora_forward"),
+    "merge": ("lora.py", "lora_delta",
+              "LoRA Sec. 4.1 (no additional inference latency); lora.py: merged_linear, merge_lora",
+              "tests/test_lora.py -k merge"),
+    "sequence_logps": ("dpo.py", "sequence_logps",
+                       "DPO (arXiv 2305.18290) Sec. 4, Eq. 7: pi(y|x) is the whole answer's probability; "
+                       "dpo.py: answer_logps; llama.py: pad_batch",
                        "tests/test_dpo.py -k sequence_logps"),
-    "dpo_loss": ("dpo.py", "dpo_loss", "DPO Sec. 4, Eq. 7 and its gradient; IPO (arXiv 2310.12036) Eq. 17; "
-                 "dpo.py: sequence_logps", "tests/test_dpo.py -k dpo_loss"),
-    "encode_messages": ("tulu.py", "encode_messages", "Tulu 2 (arXiv 2311.10702) trains on the Tulu chat format; "
-                        "tulu.py: ROLE_HEADERS, chat_text", "tests/test_tulu.py -k encode_messages"),
+    "dpo_loss": ("dpo.py", "dpo_loss",
+                 "DPO Sec. 4, Eq. 7 and its gradient; IPO (arXiv 2310.12036) Eq. 17; dpo.py: sequence_logps",
+                 "tests/test_dpo.py -k dpo_loss"),
+    "encode_messages": ("tulu.py", "encode_messages",
+                        "Tulu 2 (arXiv 2311.10702) trains on the Tulu chat format; tulu.py: ROLE_HEADERS, "
+                        "chat_text",
+                        "tests/test_tulu.py -k encode_messages"),
 }
 EXERCISE_FILES = ("llama.py", "nf4.py", "lora.py", "dpo.py", "tulu.py")
 STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "requirements.txt", "README.md", "data", "machinery", "tests")
-NOT_COPIED = ("__pycache__", "*.pyc", ".pytest_cache", "*.tmp[0-9]*", "test_exercises.py")  # the last one tests us
+# test_exercises.py tests this generator, not the student's work
+NOT_COPIED = ("__pycache__", "*.pyc", ".pytest_cache", "*.tmp[0-9]*", "test_exercises.py")
 EXERCISE_BEGIN, EXERCISE_END = re.compile(r"( *)# exercise: (\w+)$"), re.compile(r"( *)# end exercise$")
 
 
@@ -66,7 +84,8 @@ def find_exercises(path: str) -> dict[str, tuple[int, int]]:
         lines = f.read().splitlines()
     blocks, current = {}, None  # current: (name, line, indent) of the open marker
     for i, line in enumerate(lines):
-        where, begin, end = f"{path}:{i + 1}", EXERCISE_BEGIN.fullmatch(line.rstrip()), EXERCISE_END.fullmatch(line.rstrip())
+        where = f"{path}:{i + 1}"
+        begin, end = EXERCISE_BEGIN.fullmatch(line.rstrip()), EXERCISE_END.fullmatch(line.rstrip())
         if not (begin or end) and line.lstrip().startswith(("# exercise", "# end exercise")):
             raise TuluError(f"{where}: malformed exercise marker {line.strip()!r}")
         if begin and current:
@@ -76,7 +95,8 @@ def find_exercises(path: str) -> dict[str, tuple[int, int]]:
         if begin:
             current = (begin[2], i, begin[1])
         elif end and (not current or end[1] != current[2]):
-            raise TuluError(f"{where}: '# end exercise' without an '# exercise:' above it at that indentation")
+            raise TuluError(f"{where}: '# end exercise' without an '# exercise:' above it "
+                            f"at that indentation")
         elif end:
             blocks[current[0]], current = (current[1], i), None
         elif current and line.strip() and not line.startswith(current[2]):
@@ -90,7 +110,8 @@ def find_function(tree: ast.Module, qualname: str):
     """The def of `name` or `Class.name` at the top of a module, or None."""
     node = tree
     for part in qualname.split("."):
-        node = next((n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+        defs = (n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
+        node = next((n for n in defs if n.name == part), None)
         if node is None:
             return None
     return node
@@ -103,7 +124,8 @@ def exercise_blocks(src_root: str) -> dict[str, dict[str, tuple[int, int]]]:
     for name, (file, function, _, _) in EXERCISES.items():
         path = os.path.join(src_root, file)
         if name not in found[file]:
-            raise TuluError(f"{path}: no '# exercise: {name}' marker (tests/exercises.py puts it in {function})")
+            raise TuluError(f"{path}: no '# exercise: {name}' marker "
+                            f"(machinery/exercises.py puts it in {function})")
         with open(path) as f:
             fn = find_function(ast.parse(f.read(), path), function)
         begin = found[file][name][0]
@@ -112,7 +134,8 @@ def exercise_blocks(src_root: str) -> dict[str, dict[str, tuple[int, int]]]:
     for file, blocks in found.items():
         for name, (begin, _) in blocks.items():
             if name not in EXERCISES or EXERCISES[name][0] != file:
-                raise TuluError(f"{os.path.join(src_root, file)}:{begin + 1}: exercise {name!r} is not in tests/exercises.py's EXERCISES")
+                raise TuluError(f"{os.path.join(src_root, file)}:{begin + 1}: exercise {name!r} "
+                                f"is not in machinery/exercises.py's EXERCISES")
     return found
 
 
@@ -120,7 +143,8 @@ def blank_exercises(text: str, blocks: dict[str, tuple[int, int]]) -> str:
     """`text` with each block, markers included, replaced by one `raise` line at
     the markers' indentation: the function still parses, and fails only when called."""
     lines = text.splitlines(keepends=True)
-    for name, (begin, end) in sorted(blocks.items(), key=lambda kv: -kv[1][0]):  # bottom up: lines keep their numbers
+    # bottom up: the lines above keep their numbers
+    for name, (begin, end) in sorted(blocks.items(), key=lambda kv: -kv[1][0]):
         indent = lines[begin][:len(lines[begin]) - len(lines[begin].lstrip())]
         lines[begin:end + 1] = [f'{indent}raise NotImplementedError("exercise {name}: see EXERCISES.md")\n']
     return "".join(lines)
@@ -175,14 +199,15 @@ def exercises_md(src_root: str) -> str:
 
 
 def make_exercises(src_root: str, out_dir: str) -> list[str]:
-    """Copy the project at src_root (its files, data/ and tests/, no caches) to
+    """Copy the project at src_root (its files, data/, machinery/ and tests/, no caches) to
     out_dir, replace the body of every exercise by a `raise`, and write
     EXERCISES.md. Returns the exercise names, in order. The markers are checked
     before anything is written."""
     src, out = os.path.realpath(src_root), os.path.realpath(out_dir)
     copied = [os.path.join(src, d) for d in STUDENT_COPY if os.path.isdir(os.path.join(src, d))]
     if out == src or any(out == d or out.startswith(d + os.sep) for d in copied):
-        raise TuluError(f"{out_dir}: is the project, or inside a folder of it that the copy takes; choose another")
+        raise TuluError(f"{out_dir}: is the project, or inside a folder of it that the copy takes; "
+                        f"choose another")
     found = exercise_blocks(src_root)
     os.makedirs(out_dir, exist_ok=True)
     for name in STUDENT_COPY:

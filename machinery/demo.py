@@ -1,0 +1,140 @@
+"""The demo builder: the models `python tulu.py sft` and `dpo` start from when no
+--model is given, so that the whole recipe runs on a laptop CPU in minutes.
+
+A real run starts from a pretrained base model; the demo has none to download,
+so it makes one. tiny_default_model trains a sentencepiece tokenizer on the
+chat text of data/sft_train.jsonl, initialises a 4-layer Llama as Hugging Face
+does, and "pretrains" it for about a minute and a half on plain text (the
+conversations without chat markers, and data/pretrain.jsonl's reference pages),
+so that, as with a real base model, it knows the content and SFT only teaches it
+to chat. tiny_sft_model runs the demo's full SFT once on top, the model DPO, chat
+and eval start from. Both are cached under ~/.cache/tulu (or $XDG_CACHE_HOME),
+in folders named by a hash of everything they are built from: data/ and the
+settings below. A changed data file or setting builds a new one; the same ones
+find the old one.
+
+This folder never imports tulu.py, so what the builder needs from it (the chat
+format, the data readers, the training loop, the SFT task, the command line)
+comes in as parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+import shutil
+
+import torch
+
+import llama
+from llama import Tokenizer, atomic_write, save_model, write_json
+from machinery.evaluate import exact_match
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DEMO_HELDOUT = os.path.join(DATA, "sft_heldout.jsonl")
+
+TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+PRETRAIN = dict(command="pretrain", method="full", lr=2e-3, max_steps=2000, epochs=0, batch_size=16,
+                grad_accum=1, warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, adam_betas=(0.9, 0.999),
+                adam_eps=1e-8, seed=0, resume=None, save_every=0, save_minutes=0,
+                device="cpu", dtype=torch.float32)
+PAGE_COPIES = 3  # data/pretrain.jsonl's reference pages are read this many times as often as a conversation
+
+
+def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
+    """Train a BPE sentencepiece model on `chats`, the chat texts of conversations
+    (markers included, so "<|user|>" costs few tokens; cut at each "</s>", which is
+    an id, not text) and write a folder transformers loads as a LlamaTokenizer.
+    Settings as Llama 2's trainer_spec: <unk>=0, <s>=1, </s>=2, byte fallback,
+    dummy prefix, digits split; "\n" is a token of its own so that no token spans
+    the end of a turn. One thread, input in order: the same texts give the same bytes."""
+    import sentencepiece as spm
+    sentences = [s for text in chats for s in text.strip().split("</s>") if s]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        max_sentencepiece_length=16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>",
+        bos_piece="<s>", eos_piece="</s>", user_defined_symbols=["\n"], num_threads=1,
+        shuffle_input_sentence=False, minloglevel=2)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "tokenizer.model"),
+                 lambda tmp: pathlib.Path(tmp).write_bytes(model.getvalue()))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": True,
+        "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False,
+        "sp_model_kwargs": {}})
+
+
+def tiny_llama(tok) -> llama.Llama:
+    """A TINY Llama for `tok`, initialised as Hugging Face does: N(0, 0.02) for
+    matrices, ones for norms."""
+    cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                            **TINY)
+    torch.manual_seed(0)
+    model = llama.Llama(cfg)
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, 0.0, 0.02)
+    return model
+
+
+def tiny_default_model(folder, read_jsonl, read_objects, chat_text, train, task, config) -> str:
+    """Build (once) the demo's base model in `folder` and return its path: a tiny
+    Llama as a real HF folder, with a sentencepiece tokenizer trained on data/, and
+    "pretrained" on plain text (no chat markers): the conversations of
+    data/sft_train.jsonl and the reference pages of data/pretrain.jsonl (arithmetic
+    tables, words spelled out, facts). Deterministic on a given machine; rebuilt
+    when data/ changes. The rest are tulu.py's: its readers of JSONL files, its chat
+    format, its training loop, its SFT task and its run config (the classes)."""
+    source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
+    with open(source, "rb") as f, open(pages, "rb") as g:
+        key = f.read() + g.read() + repr((TINY, PRETRAIN, PAGE_COPIES)).encode()
+    digest = hashlib.sha256(key).hexdigest()[:10]
+    path = os.path.join(folder, f"tiny-llama-{digest}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    print(f"building the tiny default model in {path} (once, about a minute and a half)")
+    tmp = f"{path}.tmp{os.getpid()}"
+    conversations = [obj["messages"] for _, obj in read_jsonl(source, "sft")]
+    train_tiny_tokenizer(tmp, [chat_text(messages) for messages in conversations])
+    tok = Tokenizer(tmp)
+    model = tiny_llama(tok)
+    texts = ["\n".join(m["content"] for m in messages) for messages in conversations]
+    texts += [obj["text"] for _, obj in read_objects(pages)] * PAGE_COPIES
+    docs = [[tok.bos_id] + tok.encode(text) + [tok.eos_id] for text in texts]
+    train(config(**PRETRAIN), model, [(d, d) for d in docs], task(tok.eos_id), tmp)
+    save_model(model, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def tiny_sft_model(base, main) -> str:
+    """DPO starts from an SFT model: the tiny default (`base()`, its path) after the
+    demo's full SFT (`main`, tulu.py's command line), built once and cached beside it."""
+    path = base().replace("tiny-llama-", "tiny-sft-")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
+        tmp = f"{path}.tmp{os.getpid()}"
+        main(["sft", "--method", "full", "--output", tmp])
+        os.replace(tmp, path)
+    return path
+
+
+def print_answers(path, prompts, answers: dict, shown=4):
+    """A few held-out prompts with the reference and each model's answer (answers:
+    name -> list), then each model's exact-match rate over all the prompts."""
+    w = max(len("reference"), *map(len, answers))
+    one_line = lambda text: text.replace("\n", " / ")
+    for i, (msgs, reference) in enumerate(prompts[:shown]):
+        print(f"\n> {one_line(msgs[-1]['content'])}\n  {'reference':<{w}}  {one_line(reference)}")
+        for name, a in answers.items():
+            print(f"  {name:<{w}}  {one_line(a[i])}")
+    rates = ", ".join(f"{name} {exact_match(a, [r for _, r in prompts]):.2f}" for name, a in answers.items())
+    print(f"\nexact match, greedy, on the first {len(prompts)} conversations of {path}: {rates}")
