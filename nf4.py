@@ -22,13 +22,18 @@ Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from llama import TuluError, check_shape
 
 # -----------------------------------------------------------------------------
 # Code books: NF4 for the weights, the 8-bit dynamic map for their scales
@@ -532,3 +537,87 @@ class PagedAdamW(torch.optim.Optimizer):
             flat = {k: s[k].detach().reshape(-1).to(p.dtype) for k in self.MOMENTS}
             pages = {k: self._new_pages(v, p.device) for k, v in flat.items()}
             self.state[p] = {"step": step, **pages}
+
+
+# -----------------------------------------------------------------------------
+# Quantizing while a checkpoint is read (llama.load_model(..., quantize="nf4"))
+#
+# A safetensors file is 8 bytes, the length of a JSON header (little-endian); the
+# header, giving each tensor's dtype, shape and data_offsets (begin, end) into the
+# bytes that follow it; then those bytes, each tensor's values in row-major order.
+# So a weight can be read a slice at a time, each slice straight into memory of its
+# own (safetensors reads a tensor whole, even for a slice of it, and through mmap
+# its pages would stay in our RSS) and quantized at once (quantize_nf4_slices).
+
+SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class SafetensorsSlices:
+    """A safetensors file whose tensors are read a slice at a time. load_model opens
+    the file with safetensors first, which checks the header and the file's size."""
+
+    def __init__(self, fname: str):
+        self.fname, self.file = fname, open(fname, "rb", buffering=0)
+        n = int.from_bytes(self.file.read(8), "little")
+        self.header, self.data_start = json.loads(self.file.read(n)), 8 + n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self.header[key]["shape"])
+
+    def slices(self, key: str, n: int):
+        """The values of `key`, flat and in order, `n` at a time (the last slice
+        may hold fewer), each a new tensor in the file's dtype."""
+        info = self.header[key]
+        dtype = SAFE_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise TuluError(f"{self.fname}: {key} is {info['dtype']}; a weight to quantize must be one of "
+                            f"{', '.join(SAFE_DTYPES)}")
+        begin, end = info["data_offsets"]
+        step = n * dtype.itemsize
+        for offset in range(begin, end, step):
+            buf = torch.empty(min(step, end - offset), dtype=torch.uint8)
+            self.file.seek(self.data_start + offset)
+            if self.file.readinto(buf.numpy()) != buf.numel():
+                raise TuluError(f"{self.fname}: ends inside {key} (truncated?)")
+            yield buf.view(dtype)
+
+
+@lru_cache(maxsize=None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc (Linux)
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory():
+    """Hand the memory of freed tensors back to the operating system where the C
+    library can (glibc's malloc_trim; elsewhere nothing). glibc keeps freed blocks
+    for reuse, and those between live tensors stay in our resident memory: a
+    weight's slices and their temporaries left ~6 MiB of such holes each."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, device):
+    """Read the decoder weight `key` from `raw` a slice at a time and put it in the
+    model as a Linear4bit, in place of its meta nn.Linear: neither the weight nor
+    whole-weight temporaries are ever in memory (read at once, a weight of
+    Llama-2-7B's MLP is 86 MiB in bf16, and its quantizing temporaries as much
+    again). Each slice is cast to `dtype` first, as transformers quantizes the
+    weight it loaded in that dtype: the bytes are those of quantizing it whole."""
+    parent_name, _, child = key.rpartition(".")[0].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, child)
+    check_shape(key, raw.shape(key), linear.weight.shape)
+    slices = (s.to(device=device, dtype=dtype) for s in raw.slices(key, slice_size()))
+    q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
+    setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
+    release_freed_memory()  # the slices', so that the peak stays the 4-bit model's
