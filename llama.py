@@ -1,16 +1,14 @@
 """Chapter 1: the Llama model, loaded from real Hugging Face checkpoints.
 
-What this file teaches: a decoder-only transformer as Llama 2 / Llama 3 build
-it -- RMSNorm (arXiv 1910.07467), rotary position embeddings (RoFormer,
-2104.09864) with Llama 3.1's frequency scaling, grouped-query attention (GQA,
-2305.13245), the SwiGLU MLP -- and how to read and write the checkpoints that
-people actually download (Llama 2, 2307.09288). Parameter names are exactly
-those of `transformers`' LlamaForCausalLM, so loading is a copy, not a
-translation, and HF's "rotate half" RoPE convention means no weight
-permutation is needed. Then generation with a key/value cache, and last the
-text side: Llama 2's sentencepiece tokenizer and the byte-level BPE (arXiv
-1508.07909, as GPT-2 applies it to bytes) that Llama 3 ships as
-tokenizer.json, read in plain Python, token for token with HF `tokenizers`.
+What this file teaches: a decoder-only transformer as Llama 2 (arXiv 2307.09288)
+and Llama 3 build it -- RMSNorm (1910.07467), rotary position embeddings
+(RoFormer, 2104.09864) with Llama 3.1's frequency scaling, grouped-query
+attention (GQA, 2305.13245), the SwiGLU MLP -- with the parameter names of
+`transformers`' LlamaForCausalLM, so a checkpoint people download loads by
+copying, and HF's "rotate half" RoPE needs no weight permutation. Then
+generation with a key/value cache, and last the tokenizers: Llama 2's
+sentencepiece and the byte-level BPE (1508.07909, on bytes as GPT-2 does) of
+Llama 3's tokenizer.json, in plain Python, token for token with HF's.
 
 Shapes: B batch, T time (tokens), D hidden size, H query heads, Hkv key/value
 heads, Dh head size, V vocabulary.  Read top to bottom.
@@ -25,7 +23,7 @@ import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, groupby
 
 import torch
 import torch.nn as nn
@@ -71,15 +69,13 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "LlamaConfig":
         d = dict(d)
-        # transformers >= 5 writes rope_theta and the scaling inside "rope_parameters"
-        rp = d.pop("rope_parameters", None) or {}
+        rp = d.pop("rope_parameters", None) or {}  # where transformers >= 5 writes theta and scaling
         if rp:
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
         names = {f.name for f in fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in d.items() if k in names},
-                  extra={k: v for k, v in d.items() if k not in names})
+        cfg = cls(**{k: d[k] for k in d if k in names}, extra={k: d[k] for k in d if k not in names})
         cfg.check(source)
         return cfg
 
@@ -95,13 +91,13 @@ class LlamaConfig:
         return cls.from_dict(d, source=path)
 
     def check(self, source: str):
-        mt = self.extra.get("model_type", "llama")
+        mt, rs = self.extra.get("model_type", "llama"), self.rope_scaling or {}
+        kind = rs.get("rope_type", rs.get("type"))
         if mt != "llama":
             raise TuluError(f"{source}: model_type {mt!r} is not supported (only 'llama')")
         if self.hidden_act != "silu":
             raise TuluError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
-        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
-        if self.rope_scaling and kind not in ("llama3", "default"):
+        if rs and kind not in ("llama3", "default"):
             raise TuluError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
         if self.num_attention_heads % self.num_key_value_heads:
             raise TuluError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
@@ -109,8 +105,7 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         d = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
         d.pop("rope_parameters", None)
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"])
-        return d
+        return {**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
 
 # -----------------------------------------------------------------------------
@@ -132,8 +127,7 @@ def rms_norm(x, weight, eps):
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
@@ -183,18 +177,16 @@ def apply_rope(x, cos, sin):
 
 def attention_mask_4d(attention_mask, T, S, device):
     """Boolean (B or 1, 1, T, S) mask, True = may attend: causal (query t sits at
-    position S - T + t) and, if given, the (B, S) padding mask of 1/0. None when
-    plain causal attention is the same thing (no cache; padding, if any, only on the
-    right, where no real token can see it): SDPA then takes its fused causal kernels."""
-    right_padded = attention_mask is None or bool((attention_mask.cumprod(-1) == attention_mask).all())
-    if T == S and right_padded:
+    position S - T + t) and, if given, the (B, S) padding mask of 1/0. None where
+    plain causal attention is the same (no cache; padding only on the right, where no
+    real token sees it): SDPA's fused causal kernels (flash attention) then serve."""
+    if T == S and (attention_mask is None or bool((attention_mask.cumprod(-1) == attention_mask).all())):
         return None
     q_pos = torch.arange(S - T, S, device=device)[:, None]
     mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :].bool()
-        # a padded query may see no key at all: it sees every key, so softmax stays finite (ignored anyway)
-        mask = mask | ~mask.any(-1, keepdim=True)
+        mask = mask | ~mask.any(-1, keepdim=True)  # a pad query that sees nothing sees all (softmax finite)
     return mask
 
 
@@ -215,25 +207,23 @@ def gqa_attention(q, k, v, mask):
 
 
 class KVCache:
-    """One layer's keys and values of every position seen so far, for generation:
-    each step computes k and v for its new tokens only and attends over these.
-    Held in buffers with room for `size` positions, doubled when full, so that a
-    step writes its keys in place; torch.cat would copy the whole cache each step."""
+    """One layer's keys and values of every position so far, for generation: a step
+    computes k and v of its new tokens only. Buffers with room for `size` positions,
+    doubled when full, so a step writes in place (torch.cat would copy them all)."""
 
     def __init__(self, size: int = 0):
         self.size, self.len, self.k, self.v = size, 0, None, None
 
     def update(self, k, v):
         """Append (B, Hkv, T, Dh) keys and values; return those of all positions so far."""
-        n, old = self.len + k.shape[2], self.len
+        old, n = self.len, self.len + k.shape[2]
         if self.k is None or n > self.k.shape[2]:
             room = max(n, self.size, 2 * (self.k.shape[2] if self.k is not None else 0))
             grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)]
             if self.k is not None:
                 grown[0][:, :, :old], grown[1][:, :, :old] = self.k[:, :, :old], self.v[:, :, :old]
             self.k, self.v = grown
-        self.k[:, :, old:n], self.v[:, :, old:n] = k, v
-        self.len = n
+        self.k[:, :, old:n], self.v[:, :, old:n], self.len = k, v, n
         return self.k[:, :, :n], self.v[:, :, :n]
 
 
@@ -241,11 +231,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.H, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.Dh, bias=b)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
-        self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=b)
+        D, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.H * self.Dh, bias=b)
+        self.k_proj = nn.Linear(D, self.Hkv * self.Dh, bias=b)
+        self.v_proj = nn.Linear(D, self.Hkv * self.Dh, bias=b)
+        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=b)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -253,7 +243,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # generation: the earlier positions' keys and values, and these
+        if cache is not None:  # generation: the earlier positions' keys and values, then these
             k, v = cache.update(k, v)  # (B, Hkv, S, Dh)
         y = gqa_attention(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
@@ -265,8 +255,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         D, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(D, I, bias=b)
-        self.up_proj = nn.Linear(D, I, bias=b)
+        self.gate_proj, self.up_proj = nn.Linear(D, I, bias=b), nn.Linear(D, I, bias=b)
         self.down_proj = nn.Linear(I, D, bias=b)
 
     def forward(self, x):
@@ -276,8 +265,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn, self.mlp = Attention(cfg), MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -292,12 +280,11 @@ class DecoderLayer(nn.Module):
 # Training needs log softmax(h W^T)[label] only where a label is learned, not the
 # (B, T, V) logits: with V = 32,000 to 128,256 those are a step's biggest tensors,
 # kept in float32 twice (the upcast and log_softmax's output). LabelLogps takes the
-# learned rows alone, a chunk of rows at a time; reference_label_logps is the plain
-# version the tests hold it to. The model's forward (next) computes them with labels.
+# learned rows alone, a chunk at a time; reference_label_logps is the plain version
+# the tests hold it to. The model (next) returns them when given labels.
 
-# Logits computed at once, by device type: on a CPU 2**22 (16 MiB in float32) keeps a
-# chunk's buffers near the caches; a GPU needs 2**26 to keep each kernel busy enough
-# to be worth its launch (~640 MiB of buffers, small next to the plain path's (N, V)).
+# Logits computed at once: on a CPU 2**22 (16 MiB in float32) keeps a chunk's buffers
+# near the caches; on a GPU 2**26 gives each kernel enough work to be worth its launch.
 CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**26}
 
 
@@ -311,37 +298,34 @@ def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     (position t-1 predicts token t), 0 where labels[t] == -100."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     labels = labels[:, 1:]
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (labels != -100)
+    return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
 
 
 class LabelLogps(torch.autograd.Function):
     """(N, D) hidden rows, the (V, D) head weight, (N,) targets -> (N,) float32
-    log softmax(h W^T)[target], `rows` rows at a time through buffers reused by every
-    chunk (fresh ones would cost more in page faults than the arithmetic). The
-    gradient of a log-probability by its logits, onehot(target) - softmax, is known
-    in forward: kept (as softmax - onehot) times W, (N, D), when W is frozen (LoRA),
-    else as the (N, V) difference in the compute dtype, a fifth of the plain path's bytes."""
+    log softmax(h W^T)[target], `rows` rows at a time in buffers that every chunk
+    reuses (new ones would cost more in page faults than the arithmetic). The gradient
+    by the logits, onehot - softmax, is known in forward: kept (negated) times W,
+    (N, D), if W is frozen (LoRA), else as (N, V) in the compute dtype (a fifth of
+    the bytes of the plain path's float32 logits and log-softmax)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):
-        on = torch.is_autocast_enabled(h.device.type)  # the dtype the product computes in:
-        cd = torch.get_autocast_dtype(h.device.type) if on else h.dtype
-        N, V, w = len(h), weight.shape[0], weight.to(cd)
-        need_h, keep_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dev = h.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # the product's
+        (N, D), V, w = h.shape, weight.shape[0], weight.to(cd)
+        need_h, keep_w = ctx.needs_input_grad[:2]
         out = torch.empty(N, dtype=torch.float32, device=h.device)
         z = torch.empty(min(rows, N), V, dtype=cd, device=h.device)  # logits as the model rounds them
         z32, logp = torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32)
-        if need_h or keep_w:
-            kept = torch.empty(N, V if keep_w else weight.shape[1], dtype=cd, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
+        kept = torch.empty(N, V if keep_w else D, dtype=cd, device=h.device) if need_h or keep_w else None
+        with torch.autocast(dev, enabled=False):
             for s in range(0, N, rows):
                 n, t = min(rows, N - s), targets[s:s + rows]
                 torch.mm(h[s:s + n].to(cd), w.t(), out=z[:n])
-                z32[:n].copy_(z[:n])
-                torch.log_softmax(z32[:n], dim=-1, out=logp[:n])
+                torch.log_softmax(z32[:n].copy_(z[:n]), dim=-1, out=logp[:n])
                 out[s:s + n] = logp[:n].gather(1, t[:, None]).squeeze(1)
-                if need_h or keep_w:
+                if kept is not None:
                     p = torch.exp(logp[:n], out=z32[:n])  # softmax
                     p[torch.arange(n, device=p.device), t] -= 1  # softmax - onehot, in float32
                     if keep_w:
@@ -349,27 +333,25 @@ class LabelLogps(torch.autograd.Function):
                     else:
                         torch.mm(z[:n].copy_(p), w, out=kept[s:s + n])  # (n, D)
         ctx.dtype, ctx.h_dtype = cd, h.dtype
-        if need_h or keep_w:
+        if kept is not None:
             ctx.save_for_backward(kept, *((h, weight) if keep_w else ()))
         return out
 
     @staticmethod
     def backward(ctx, g):
         kept, *hw = ctx.saved_tensors
-        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V) or per h (N, D)
+        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V), or per h (N, D)
         if not ctx.needs_input_grad[1]:  # the head is frozen: d is already per h
             return d.to(ctx.h_dtype), None, None, None
         h, weight = hw
-        grad_w = (d.t() @ h.to(ctx.dtype)).to(weight.dtype)
         grad_h = (d @ weight.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
-        return grad_h, grad_w, None, None
+        return grad_h, (d.t() @ h.to(ctx.dtype)).to(weight.dtype), None, None
 
 
 def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: int | None = None):
-    """reference_label_logps(head(h), labels), computed by LabelLogps on the learned
-    positions only: h (B, T, D) final hidden states, head the model's lm_head, labels
-    (B, T) -> (B, T-1) float32. A head that is not a bias-free nn.Linear (a LoRA or
-    4-bit layer) takes the plain path."""
+    """reference_label_logps(head(h), labels) by LabelLogps on the learned positions
+    only: h (B, T, D) final hidden states, head the lm_head, labels (B, T) -> (B, T-1).
+    A head other than a bias-free nn.Linear (LoRA, 4-bit) takes the plain path."""
     if type(head) is not nn.Linear or head.bias is not None:
         return reference_label_logps(head(h), labels)
     labels = labels[:, 1:]
@@ -396,31 +378,29 @@ class LlamaBody(nn.Module):
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.config = cfg
-        self.model = LlamaBody(cfg)
+        self.config, self.model = cfg, LlamaBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self._rope = None  # (device, dtype, cos, sin): not buffers, so model.to(bf16) cannot round them
+        self._rope = None  # (device, dtype, cos, sin): not buffers, which model.to(bf16) would round
 
     def rope_tables(self, T, start_pos, device, dtype):
-        """cos/sin for positions start_pos .. start_pos + T - 1: rows of tables computed
-        once (again, twice as long, when a position beyond them is asked for), so a
-        generation step computes none. Each row is rope_cos_sin of its position alone."""
+        """cos/sin of positions start_pos .. start_pos + T - 1: rows of tables computed
+        once (again, twice as long, for a position beyond them), so that a generation
+        step computes none. Each row is rope_cos_sin of its position alone."""
         n = start_pos + T
         have = self._rope[2].shape[0] if self._rope and self._rope[:2] == (device, dtype) else 0
         if have < n:
-            positions = torch.arange(max(n, 2 * have), device=device)
-            self._rope = (device, dtype, *rope_cos_sin(rope_inv_freq(self.config).to(device), positions, dtype))
+            inv_freq, positions = rope_inv_freq(self.config).to(device), torch.arange(max(n, 2 * have))
+            self._rope = (device, dtype, *rope_cos_sin(inv_freq, positions.to(device), dtype))
         return self._rope[2][start_pos:n], self._rope[3][start_pos:n]
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False, labels=None):
-        """input_ids (B, T) long -> logits (B, T, V). attention_mask (B, start_pos+T)
-        of 1/0 marks real tokens. `cache` (new_cache()) holds the keys and values of
-        the first `start_pos` positions in generation. last_only: the last position's
-        logits alone, (B, 1, V). labels (B, T): instead of logits, each label's
-        log-probability given the tokens before it, (B, T-1) float32 (label_logps)."""
+        """input_ids (B, T) -> logits (B, T, V). attention_mask (B, start_pos+T): 1 marks
+        real tokens. cache (new_cache()): keys and values of the first start_pos positions
+        in generation. last_only: the last position's logits alone, (B, 1, V). labels (B, T):
+        each label's log-probability given the tokens before it instead, (B, T-1) float32."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope_tables(T, start_pos, x.device, x.dtype)
@@ -441,7 +421,7 @@ class Llama(nn.Module):
 
 
 def pad_batch(rows, pad_id) -> dict:
-    """rows: (input_ids, labels) pairs of int lists or tensors -> {"input_ids", "labels",
+    """(input_ids, labels) pairs of int lists or tensors -> {"input_ids", "labels",
     "attention_mask"}, each (N, T) long, right-padded to the longest row: ids with
     pad_id (an existing token: no vocabulary resize), labels -100, mask 0."""
     shape = (len(rows), max(len(x) for x, _ in rows))  # (N, T)
@@ -478,9 +458,9 @@ def write_json(path: str, obj):
 
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of an HF model folder, single or sharded."""
+    index = os.path.join(path, SAFE_INDEX)
     if not os.path.isdir(path):
         raise TuluError(f"{path}: no such model folder")
-    index = os.path.join(path, SAFE_INDEX)
     if os.path.exists(index):
         try:
             with open(index) as f:
@@ -514,21 +494,12 @@ def check_shape(key: str, got, want):
         raise TuluError(f"{key}: checkpoint shape {tuple(got)} != model shape {tuple(want)}")
 
 
-def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
-    """Put a loaded tensor where `key` names it, replacing a meta placeholder."""
-    mod_name, _, name = key.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    old = getattr(mod, name)
-    check_shape(key, value.shape, old.shape)
-    setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
-
-
 def decoder_linear(key: str) -> bool:
     return key.startswith("model.layers.") and key.endswith("_proj.weight")
 
 
 def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device, quantize, bar) -> set[str]:
-    """Fill `model` with the tensors of one safetensors file; returns their keys."""
+    """Put the tensors of one safetensors file in place of the model's meta ones; their keys."""
     from safetensors import SafetensorError, safe_open
     if quantize:
         import nf4  # chapter 2, read only when asked for
@@ -539,15 +510,17 @@ def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device,
     try:
         with safe_open(fname, framework="pt", device="cpu", **backend) as f, \
                 (nf4.SafetensorsSlices(fname) if quantize else nullcontext()) as raw:  # read in slices
-            for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue  # old checkpoints stored RoPE tables; we compute them
+            for key in (k for k in f.keys() if not k.endswith("rotary_emb.inv_freq")):  # old files' RoPE
                 if key not in expected:
                     raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
                 if quantize and decoder_linear(key):
                     nf4.load_nf4_linear(model, key, raw, dtype, device)
                 else:
-                    set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
+                    module, _, name = key.rpartition(".")
+                    old, new = model.get_parameter(key), f.get_tensor(key).to(device=device, dtype=dtype)
+                    check_shape(key, new.shape, old.shape)
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                    setattr(model.get_submodule(module), name, new)
                 seen.add(key)
                 bar.update()
     except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
@@ -558,18 +531,18 @@ def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device,
 def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
     """Load an HF Llama folder. The model is built on the `meta` device (no memory)
     and filled one tensor at a time, so peak memory is the model plus one tensor.
-    quantize="nf4" turns each decoder linear weight into 4-bit as it is read
-    (QLoRA; nf4.load_nf4_linear), a slice at a time: the peak is the 4-bit model
-    plus one slice. Embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
+    quantize="nf4" turns each decoder linear weight into 4-bit as it is read, a slice
+    at a time (QLoRA; nf4.load_nf4_linear): the peak is the 4-bit model plus one slice.
+    Embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
     if quantize not in (None, "nf4"):
         raise TuluError(f"quantize={quantize!r}: only None or 'nf4'")
     with torch.device("meta"):
         model = Llama(cfg)
-    expected, seen = set(model.state_dict()), set()
-    with tqdm(total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
-              leave=False, disable=len(expected) < 100) as bar:  # a real model, not a test's tiny one
+    expected, seen, name = set(model.state_dict()), set(), os.path.basename(os.path.normpath(path))
+    with tqdm(total=len(expected), desc=f"loading {name}", unit="tensor", leave=False,
+              disable=len(expected) < 100) as bar:  # a real model, not a test's tiny one
         for fname in files:
             seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar)
     if cfg.tie_word_embeddings:
@@ -583,11 +556,10 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
 
 
 def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dtype=None):
-    """Write `model` as an HF folder: config.json plus model.safetensors, or
-    model-0000k-of-0000n.safetensors shards and their index when larger than
-    max_shard_bytes. A tied lm_head is not stored (HF does the same). The weights
-    keep their dtype, or are cast to `dtype` (float32 master weights written as
-    the bf16 checkpoint they came from)."""
+    """Write `model` as an HF folder: config.json plus model.safetensors, or shards
+    model-0000k-of-0000n.safetensors and their index past max_shard_bytes. A tied
+    lm_head is not stored (as in HF). The weights keep their dtype, or are cast to
+    `dtype` (float32 master weights written as the bf16 checkpoint they came from)."""
     from safetensors.torch import save_file
     bad = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LoRALinear")]
     if bad:
@@ -607,7 +579,7 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
         tensors = {k: sd[k] for k in keys}
-        atomic_write(os.path.join(out_dir, name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(out_dir, name), lambda t: save_file(tensors, t, metadata={"format": "pt"}))
     if len(shards) > 1:
         weight_map = {k: n for n, ks in zip(names, shards) for k in ks}
         index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
@@ -615,7 +587,8 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
     elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
         os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards
     cfg = model.config.to_dict()
-    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(dtype or model.model.embed_tokens.weight.dtype, "float32")
+    stored = dtype or model.model.embed_tokens.weight.dtype
+    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(stored, "float32")
     write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
@@ -634,20 +607,18 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p  # the smallest tokens whose mass stays under 1 - top_p
-        drop[..., -1] = False    # always keep the most likely token
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # the least likely, whose mass stays under
+        drop[..., -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-# A fast path for one row on a CPU. Each decoding step multiplies one row by every
-# weight, so its speed is that of reading the weights. torch sends a float32 one-row
-# product on a CPU to the BLAS's matrix-vector routine, which on some machines reads
-# far below the memory's speed (MKL on an AMD EPYC: 16 GB/s where summing the same
-# weights reads 50). The weight's two halves multiplied as one batch (bmm) take the
-# batched routine instead, 40-55 GB/s there: the same products, summed in another
-# order. bench/generate_speed.py measures what it gains.
+# A decoding step multiplies one row by every weight: its speed is that of reading
+# the weights. torch sends a float32 one-row product on a CPU to the BLAS's
+# matrix-vector routine, which on some machines reads far below the memory's speed
+# (MKL on an AMD EPYC: 16 GB/s, where summing the weights reads 50); the weight's two
+# halves as one batch (bmm) take the batched routine, 40-55 GB/s there: the same
+# products, summed in another order. bench/generate_speed.py measures the gain.
 
 
 def one_row_linear(x, weight, bias=None):
@@ -661,12 +632,12 @@ def one_row_linear(x, weight, bias=None):
 
 
 def one_row_forward(layer: nn.Linear):
-    """A forward for `layer` that takes one_row_linear for one float32 row on a CPU,
-    outside autocast (a decoding step), and F.linear for anything else."""
+    """A forward for `layer`: one_row_linear for one float32 row on a CPU outside
+    autocast (a decoding step), F.linear for anything else."""
     def forward(x):
         w = layer.weight
-        if (x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-                and layer.out_features % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu")):
+        one_row = x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+        if one_row and w.shape[0] % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu"):
             return one_row_linear(x, w, layer.bias)
         return F.linear(x, w, layer.bias)
     return forward
@@ -697,24 +668,22 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     cache, pos, out = model.new_cache(ids.shape[1] + max_new_tokens), 0, []
     eos = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) - {None}
     with one_row_products(model):
-        for _ in range(max_new_tokens):
+        while len(out) < max_new_tokens and not (out and out[-1] in eos):
             logits = model(ids, cache=cache, start_pos=pos, last_only=True)[:, -1]  # (1, V)
             pos += ids.shape[1]
             out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
             if on_token:
                 on_token(out[-1])
-            if out[-1] in eos:
-                break
             ids = torch.tensor([[out[-1]]], device=device)
     return out
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers, part 1: special tokens, and sentencepiece as Llama 2 ships it
+# Tokenizers, part 1: special tokens, and Llama 2's sentencepiece
 
 
 def tokenizer_config(folder: str) -> dict:
-    """tokenizer_config.json beside a tokenizer file ({} if there is none)."""
+    """tokenizer_config.json beside a tokenizer file, {} where there is none."""
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.exists(path):
         return {}
@@ -731,11 +700,11 @@ def tokenizer_config(folder: str) -> dict:
 class SpecialSplitting:
     """What both tokenizers do alike: the special tokens written in a text become
     their ids (the chat format writes the EOS text after each answer) and each piece
-    of text between them is encoded on its own (a subclass's encode_piece)."""
+    of text between them is encoded on its own, by the subclass's encode_piece."""
 
     def set_specials(self, specials: dict[str, int]):
         self.specials = specials  # {text: id}
-        # one regex for all, scanning in C; where two start at one place the longer wins (HF's rule)
+        # one regex for all (it scans in C); where two start at one place the longer wins, as in HF
         alternatives = "|".join(map(re.escape, sorted(specials, key=len, reverse=True)))
         self.special = re.compile(f"({alternatives})") if specials else None
 
@@ -747,10 +716,9 @@ class SpecialSplitting:
 
     def spans(self, text: str):
         """Yield (start, end, ids, special?) for each special token of `text` and each
-        piece of text between them, in order: encode(text) is their ids. A piece's ids
-        depend on that piece alone and on whether it starts the text, so encode(text[:b])
-        is the ids of the spans that end by b, then those of encode_piece(the rest, ...):
-        tulu finds where each turn of a conversation ends that way."""
+        piece of text between them, in order. A piece's ids depend on it alone and on
+        whether it starts the text, so encode(text[:b]) is the ids of the spans that end
+        by b, then encode_piece(the rest): how tulu finds where each turn ends."""
         start = 0
         for m in self.special.finditer(text) if self.special else ():
             if m.start() > start:
@@ -762,16 +730,17 @@ class SpecialSplitting:
 
 
 class SentencePieceTokenizer(SpecialSplitting):
-    """Llama 2's tokenizer.model, encoding as HF's slow LlamaTokenizer does, with
-    "<unk>", "<s>", "</s>" as the special tokens. `legacy` is how HF treats text that
-    follows a special token: True gives it sentencepiece's dummy prefix "▁" ("</s>",
-    "▁", "\\n"), False does not ("</s>", "\\n"). Read from tokenizer_config.json; without
-    the key False: what Llama 2's and the Tulu 2 models' files say, transformers 5's default."""
+    """Llama 2's tokenizer.model, encoding as HF's slow LlamaTokenizer does, "<unk>",
+    "<s>", "</s>" the special tokens. `legacy` is how HF treats text after one: True
+    gives it sentencepiece's dummy prefix "▁" ("</s>", "▁", "\\n"), False does not
+    ("</s>", "\\n"). Read from tokenizer_config.json; without the key False, as Llama
+    2's and the Tulu 2 models' files say (transformers 5's default; 4 assumed True)."""
 
     def __init__(self, model_file: str, legacy: bool | None = None, sp=None):
         import sentencepiece as spm
-        self.dir, self.model_file = os.path.dirname(model_file), model_file
-        self.file, self.sp = model_file, sp or spm.SentencePieceProcessor(model_file=model_file)
+        self.file = self.model_file = model_file
+        self.dir = os.path.dirname(model_file)
+        self.sp = sp or spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id, unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.bos_ids, self.eos_text = [self.bos_id], self.sp.id_to_piece(self.eos_id)
         self.vocab_size, self.unk_text = self.sp.get_piece_size(), self.sp.id_to_piece(unk)
@@ -780,10 +749,10 @@ class SentencePieceTokenizer(SpecialSplitting):
         self._sp_no_prefix = None
 
     def encode_piece(self, piece: str, first: bool) -> list[int]:
-        """Ids of text that holds no special token; `first`: it begins the text.
-        legacy=True: each piece gets the dummy prefix "▁". legacy=False: only the start
-        of the text does; a later piece is encoded as it is, except that one starting with
-        a space keeps it as "▁" (HF encodes "<unk>" + piece and drops the ids of "<unk>")."""
+        """Ids of text without special tokens; `first`: it begins the text. legacy=True:
+        each piece gets the dummy prefix "▁"; legacy=False: only the text's start, and a
+        later piece that starts with a space keeps it as "▁" (HF encodes "<unk>" + piece
+        and drops the ids of "<unk>")."""
         if self.legacy:
             return self.sp.encode(piece)
         sp, piece = self.sp_no_prefix(), "▁" * first + piece.replace("▁", " ")
@@ -792,10 +761,9 @@ class SentencePieceTokenizer(SpecialSplitting):
         return sp.encode(piece)
 
     def sp_no_prefix(self):
-        """The same model with add_dummy_prefix off, as HF builds it for legacy=False.
-        These 4 bytes appended to the serialized ModelProto repeat field 3
-        (normalizer_spec) holding field 3 (add_dummy_prefix) = 0, and protobuf
-        merges a repeated message field into the first: no protobuf needed."""
+        """The model with add_dummy_prefix off, as HF builds it for legacy=False: these 4
+        bytes after the serialized ModelProto repeat field 3 (normalizer_spec) holding
+        field 3 (add_dummy_prefix) = 0, which protobuf merges into the first one."""
         if self._sp_no_prefix is None:
             import sentencepiece as spm
             with open(self.model_file, "rb") as f:
@@ -810,18 +778,16 @@ class SentencePieceTokenizer(SpecialSplitting):
 # -----------------------------------------------------------------------------
 # Tokenizers, part 2: byte-level BPE from tokenizer.json (Llama 3, SmolLM2, GPT-2)
 #
-# Byte-pair encoding (Sennrich et al. 2016, arXiv 1508.07909) over bytes, as GPT-2
-# introduced it (Radford et al. 2019, Sec. 2.2): text is cut into "words" by a
-# regex, each word's UTF-8 bytes spelled with 256 printable stand-in characters,
-# and merges learned in training join adjacent symbols, the earliest-learned pair
-# first. tokenizer.json holds the regex, the vocabulary, the merges in rank order
-# and the special tokens.
+# Byte-pair encoding (Sennrich et al. 2016, arXiv 1508.07909) on bytes, as GPT-2
+# does (Radford et al. 2019, Sec. 2.2): a regex cuts the text into words, a word's
+# UTF-8 bytes are spelled with 256 printable stand-ins, and the merges learned in
+# training join adjacent symbols, the earliest-learned pair first.
 
 
 def byte_alphabet() -> dict[int, str]:
-    """GPT-2's map from the 256 byte values to printable characters: bytes that
-    print as themselves ('!'..'~', '¡'..'¬', '®'..'ÿ') keep their code point; the
-    68 others take U+0100, U+0101, ... in byte order: a space is "Ġ", a newline "Ċ"."""
+    """GPT-2's printable stand-ins for the 256 bytes: those that print as themselves
+    ('!'..'~', '¡'..'¬', '®'..'ÿ') keep their code point, the 68 others take U+0100,
+    U+0101, ... in byte order (a space is "Ġ", a newline "Ċ")."""
     keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     others = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
@@ -853,27 +819,28 @@ def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str
     # end exercise
 
 
-# Python's `re` has no \p{L}: the classes of the files' (Oniguruma) regexes are
-# spelled out as code-point ranges, from the Unicode general categories and from
-# White_Space, which is Oniguruma's \s (Python's \s adds U+001C..U+001F).
-CATEGORIES = "Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp Cc Cf Cs Co Cn".split()
-WHITE_SPACE = (*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
-               0x205F, 0x3000)
+# Python's `re` has no \p{L}: the files' (Oniguruma) classes are spelled out as
+# code-point ranges, of Unicode general categories and of White_Space (Oniguruma's
+# \s; Python's adds U+001C..U+001F).
+CATEGORIES = ("Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp "
+              "Cc Cf Cs Co Cn").split()
+WHITE_SPACE = (*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+               0x202F, 0x205F, 0x3000)
 ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS]))")
 
 
 @lru_cache(maxsize=1)
 def unicode_categories() -> bytes:
-    """Each code point's general category, one byte (its index in CATEGORIES) each: ~0.2 s, once."""
+    """Each code point's general category as a byte (its index in CATEGORIES): 0.2 s, once."""
     index = {c: i for i, c in enumerate(CATEGORIES)}
     return bytes(index[unicodedata.category(chr(c))] for c in range(0x110000))
 
 
 @lru_cache(maxsize=None)
 def class_body(name: str, negate: bool = False, limit: int = 0x110000) -> str:
-    r"""The inside of a character class for \p{name} (a general category: "L" =
-    Lu|Ll|Lt|Lm|Lo, "N", "Lu", ...) or \s ("s"), as ranges "\U00000041-\U0000005a...";
-    with negate, every other code point; only code points below `limit`."""
+    r"""The inside of a class for \p{name} (a category: "L" = Lu|Ll|Lt|Lm|Lo, "N", "Lu",
+    ...) or \s (name "s"), as ranges "\U00000041-\U0000005a..." of the code points
+    below `limit`; with negate, of every other one."""
     if name == "s":
         mask = bytearray(0x110000)
         for c in WHITE_SPACE:
@@ -888,12 +855,11 @@ def class_body(name: str, negate: bool = False, limit: int = 0x110000) -> str:
 
 
 def translate_regex(pattern: str, limit: int = 0x110000) -> str:
-    """A tokenizer.json regex (Oniguruma) as a Python `re` pattern: \\p{X} / \\P{X}
-    and \\s / \\S become class_body's ranges (inside [...] or as a class of their own);
-    the rest these files use -- (?i:...), lookahead, {1,3} -- means the same in both.
-    limit=0x10000 lists the Basic Multilingual Plane only: the same matches on text
-    without characters beyond it, 7x faster (`re` tests a class below U+10000 with one
-    bitmap lookup, but scans a class reaching beyond it range by range)."""
+    """A tokenizer.json regex as a Python `re` pattern: \\p{X}, \\P{X}, \\s, \\S become
+    class_body's ranges (inside [...], or a class of their own); the rest these files
+    use -- (?i:...), lookahead, {1,3} -- means the same in both. limit=0x10000: the
+    Basic Multilingual Plane only, the same on text without characters beyond it and
+    7x faster (`re` tests such a class with one bitmap lookup, not range by range)."""
     out, i, in_class = [], 0, False
     while i < len(pattern):
         m = ESCAPE.match(pattern, i)
@@ -917,12 +883,12 @@ def translate_regex(pattern: str, limit: int = 0x110000) -> str:
 
 
 BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel(use_regex)
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's
 
 
 class WordCache(dict):
-    """word -> token ids, filled on first sight: a data set repeats its words, so
-    most are looked up, not merged again. Cleared when it grows past `limit`."""
+    """word -> ids, filled on first sight (a data set repeats its words, so most are
+    looked up, not merged again); cleared when it grows past `limit`."""
 
     def __init__(self, encode_word, limit=1_000_000):
         super().__init__()
@@ -935,13 +901,17 @@ class WordCache(dict):
         return ids
 
 
+def sequence(step: dict | None, key: str) -> list:
+    """The steps of a tokenizer.json Sequence (its `key` list), or [step] itself."""
+    return step.get(key, [step]) if (step or {}).get("type") == "Sequence" else [step]
+
+
 class BPETokenizer(SpecialSplitting):
-    """A byte-level BPE tokenizer read from tokenizer.json, encoding as HF
-    `tokenizers` does: the added tokens are the special ones; the text between them
-    is cut into words by the file's regex(es), each word's bytes spelled in
-    byte_alphabet() and merged by rank (bpe_merge); with `ignore_merges`, a word in
-    the vocabulary is one token. BOS (and EOS) as the file's TemplateProcessing
-    adds them. Anything else a file asks for is a TuluError naming the field."""
+    """A byte-level BPE tokenizer.json, encoding as HF `tokenizers` does: its added
+    tokens are the special ones; the text between them is cut into words by the file's
+    regex(es), a word's bytes spelled in byte_alphabet() and merged (bpe_merge; with
+    `ignore_merges` a word in the vocabulary is one token); BOS (and EOS) as its
+    TemplateProcessing adds them. What else a file asks for is a TuluError naming it."""
 
     def __init__(self, path: str):
         self.file, self.dir = path, os.path.dirname(path)
@@ -956,21 +926,23 @@ class BPETokenizer(SpecialSplitting):
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         self.set_specials({t["content"]: t["id"] for t in spec.get("added_tokens") or []})
-        self.id_to_text = {**{i: t for t, i in self.vocab.items()}, **{i: t for t, i in self.specials.items()}}
+        self.id_to_text = {i: t for t, i in [*self.vocab.items(), *self.specials.items()]}
+        self.vocab_size = max(self.id_to_text) + 1
         self.split_patterns, self.prefix_space = self.read_pre_tokenizer(spec["pre_tokenizer"])
         self.bos_ids, eos_ids = self.read_template(spec.get("post_processor"))
-        self.vocab_size = max(self.id_to_text) + 1
         self.to_byte = {c: b for b, c in byte_alphabet().items()}
         self.byte_table = str.maketrans({chr(b): c for c, b in self.to_byte.items()})  # latin-1 -> stand-in
         self.cache = WordCache(self.encode_word)
-        config = tokenizer_config(self.dir)  # bos_token, eos_token: strings, or {"content": ...} objects
-        bos, eos = (t.get("content") if isinstance(t, dict) else t for t in map(config.get, ("bos_token", "eos_token")))
+        config = tokenizer_config(self.dir)  # bos_token, eos_token: a string, or {"content": ...}
+        bos, eos = (t.get("content") if isinstance(t, dict) else t for t in (config.get("bos_token"),
+                                                                              config.get("eos_token")))
         self.bos_id = self.token_id(bos) if bos else (self.bos_ids[0] if self.bos_ids else None)
         self.eos_text = eos or (self.id_to_text[eos_ids[-1]] if eos_ids else None)
         self.eos_id = self.token_id(self.eos_text) if self.eos_text else None
 
-    def unsupported(self, field, value, what="tulu reads byte-level BPE tokenizer.json files: Llama 3, GPT-2 style"):
-        raise TuluError(f"{self.file}: {field} {json.dumps(value)[:80]} is not supported ({what})")
+    def unsupported(self, field, value,
+                    why="tulu reads byte-level BPE tokenizer.json files: Llama 3, GPT-2 style"):
+        raise TuluError(f"{self.file}: {field} {json.dumps(value)[:80]} is not supported ({why})")
 
     def check(self, spec, model):
         if model.get("type") != "BPE":
@@ -989,47 +961,49 @@ class BPETokenizer(SpecialSplitting):
 
     def read_pre_tokenizer(self, pre):
         """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?)
-        from a Sequence of Split(regex, Isolated) or Digits steps ending in ByteLevel
-        (Llama 3; SmolLM2 splits off each digit first), or ByteLevel alone, which
-        splits with GPT-2's regex when use_regex is true."""
-        steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
-        if not steps or (steps[-1] or {}).get("type") != "ByteLevel":
+        from Split(regex, Isolated) or Digits steps then ByteLevel (Llama 3; SmolLM2
+        splits off each digit first), or ByteLevel alone, with GPT-2's regex if use_regex."""
+        steps = sequence(pre, "pretokenizers")
+        if (steps[-1] or {}).get("type") != "ByteLevel":
             self.unsupported("pre_tokenizer", pre, "a byte-level BPE ends its pre-tokenizer with ByteLevel")
         patterns = []
         for step in steps[:-1]:
             if step.get("type") == "Digits":  # numbers (Rust's char::is_numeric) alone, or runs of them
                 patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
-                continue
-            if step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
-                self.unsupported("pre_tokenizer step", step, "only Split with behavior Isolated, Digits and ByteLevel")
-            pattern = step.get("pattern", {})
-            patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
-        if steps[-1].get("use_regex", True):
-            patterns.append(GPT2_SPLIT)
-        compiled = [(re.compile(translate_regex(p, 0x10000)), re.compile(translate_regex(p))) for p in patterns]
+            elif step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
+                why = "only Split with behavior Isolated, Digits and ByteLevel"
+                self.unsupported("pre_tokenizer step", step, why)
+            else:
+                pattern = step.get("pattern", {})
+                patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
+        patterns += [GPT2_SPLIT] if steps[-1].get("use_regex", True) else []
+        bmp = [re.compile(translate_regex(p, 0x10000)) for p in patterns]  # fast; and for any text:
+        compiled = list(zip(bmp, [re.compile(translate_regex(p)) for p in patterns]))
         return compiled, bool(steps[-1].get("add_prefix_space"))
 
     def read_template(self, post):
         """(ids before the text, ids after it) of TemplateProcessing's "single"
         template, e.g. ([128000], []) for Llama 3: BOS added, no EOS."""
-        steps = (post or {}).get("processors", [post]) if (post or {}).get("type") == "Sequence" else [post]
         before, after, seen_text = [], [], False
-        for step in steps:
+        for step in sequence(post, "processors"):
             if step is None or step.get("type") == "ByteLevel":  # ByteLevel only adjusts offsets
                 continue
             if step.get("type") != "TemplateProcessing":
                 raise TuluError(f"{self.file}: post_processor {step.get('type')!r} is not supported "
                                 "(only TemplateProcessing and ByteLevel)")
-            for item in step["single"]:
+            for item in step["single"]:  # a SpecialToken, or the text ("Sequence")
                 seen_text = seen_text or "Sequence" in item
                 if "SpecialToken" in item:
-                    (after if seen_text else before).extend(step["special_tokens"][item["SpecialToken"]["id"]]["ids"])
+                    ids = step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+                    (after if seen_text else before).extend(ids)
         return before, after
 
     def token_id(self, text):
-        if text in self.specials or text in self.vocab:
-            return self.specials.get(text, self.vocab.get(text))
-        raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the vocabulary")
+        found = self.specials.get(text, self.vocab.get(text))
+        if found is None:
+            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the "
+                            "vocabulary")
+        return found
 
     def words(self, text: str) -> list[str]:
         """Cut text into words with each Split regex in turn, then GPT-2's. A
@@ -1058,40 +1032,33 @@ class BPETokenizer(SpecialSplitting):
         return [self.vocab[s] for s in bpe_merge(list(spelled), self.ranks)]
 
     def encode_piece(self, piece: str, first: bool = True) -> list[int]:
-        """Ids of text that holds no added token (`first` changes nothing here)."""
+        """Ids of text without added tokens (`first` changes nothing here)."""
         return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
 
     def decode(self, ids) -> str:
-        """Text of `ids`: each token's stand-in characters back to bytes, UTF-8
-        decoded (a character cut in half shows as U+FFFD); added tokens as written."""
-        out, pending = [], bytearray()
-        for i in ids:
-            t = self.id_to_text[int(i)]
-            if t in self.specials:
-                out += [pending.decode("utf-8", errors="replace"), t]
-                pending = bytearray()
-            else:
-                pending += bytes(self.to_byte[c] for c in t)
-        return "".join(out) + pending.decode("utf-8", errors="replace")
+        """Each token's stand-ins back to bytes, UTF-8 decoded (half a character shows
+        as U+FFFD); the added tokens as written."""
+        out = []
+        for special, run in groupby((self.id_to_text[int(i)] for i in ids), key=self.specials.__contains__):
+            text = "".join(run)
+            out.append(text if special else bytes(self.to_byte[c] for c in text).decode(errors="replace"))
+        return "".join(out)
 
 
 def Tokenizer(path: str, legacy: bool | None = None):
-    """The tokenizer of a model folder (or a tokenizer file): Llama 2's
-    sentencepiece tokenizer.model, else a byte-level BPE tokenizer.json (Llama 3).
-    HF's Llama 2 folders ship both files and read tokenizer.model; Llama 3 ships a
-    tokenizer.model too, in tiktoken's text format, which is not sentencepiece."""
+    """The tokenizer of a model folder or a tokenizer file: Llama 2's sentencepiece
+    tokenizer.model, else a byte-level BPE tokenizer.json (Llama 3). HF's Llama 2
+    folders ship both and read tokenizer.model; Llama 3's tokenizer.model is tiktoken's."""
     import sentencepiece as spm
-    is_dir = os.path.isdir(path) and not path.endswith(".json")
-    candidates = [os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")] if is_dir else [path]
+    candidates = [os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")] \
+        if os.path.isdir(path) else [path]
     for file in filter(os.path.exists, candidates):
         if file.endswith(".json"):
             return BPETokenizer(file)
         try:
-            sp = spm.SentencePieceProcessor(model_file=file)
+            return SentencePieceTokenizer(file, legacy, sp=spm.SentencePieceProcessor(model_file=file))
         except (RuntimeError, OSError):
             if file == candidates[-1]:
                 raise TuluError(f"{file}: not a sentencepiece model") from None
-            continue  # e.g. Llama 3's tiktoken tokenizer.model: use tokenizer.json
-        return SentencePieceTokenizer(file, legacy, sp=sp)
     raise TuluError(f"{path}: no tokenizer.model or tokenizer.json found" if os.path.isdir(path)
                     else f"{path}: no such tokenizer file")
