@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llama import pad_batch  # rows padded into a batch: the model's inputs (chapter 1)
+
 # -----------------------------------------------------------------------------
 # Preference data: one conversation, two candidate last answers
 
@@ -43,18 +45,6 @@ def check_pair(chosen, rejected) -> str | None:
 
 # -----------------------------------------------------------------------------
 # Batches: chosen and rejected answers scored in one forward pass
-
-
-def pad_batch(rows, pad_id) -> dict:
-    """rows: (input_ids, labels) pairs of int lists or tensors -> {"input_ids", "labels",
-    "attention_mask"}, each (N, T) long, right-padded to the longest row: ids with
-    pad_id (an existing token: no vocabulary resize), labels -100, mask 0. The SFT
-    loop batches with it too."""
-    shape = (len(rows), max(len(x) for x, _ in rows))  # (N, T)
-    ids, labels, mask = (torch.full(shape, v, dtype=torch.long) for v in (pad_id, -100, 0))
-    for i, (x, y) in enumerate(rows):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.as_tensor(x), torch.as_tensor(y), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def collate_pairs(pairs, pad_id) -> dict:

@@ -1,23 +1,20 @@
 """Chapter 1: the Llama model, loaded from real Hugging Face checkpoints.
 
-What this file teaches: a decoder-only transformer as Llama 2 / Llama 3 build
-it -- RMSNorm (arXiv 1910.07467), rotary position embeddings (RoFormer,
-2104.09864) with Llama 3.1's frequency scaling, grouped-query attention (GQA,
-2305.13245), the SwiGLU MLP -- and how to read and write the checkpoints that
-people actually download (Llama 2, 2307.09288). Parameter names are exactly
-those of `transformers`' LlamaForCausalLM, so loading is a copy, not a
-translation, and HF's "rotate half" RoPE convention means no weight
-permutation is needed. Then the text side: Llama 2's sentencepiece tokenizer,
-and the byte-level BPE (arXiv 1508.07909, as GPT-2 applies it to bytes) that
-Llama 3 ships as tokenizer.json, read in plain Python, token for token with
-HF `tokenizers`.
+What this file teaches: a decoder-only transformer as Llama 2 (arXiv 2307.09288)
+and Llama 3 build it -- RMSNorm (1910.07467), rotary position embeddings
+(RoFormer, 2104.09864) with Llama 3.1's frequency scaling, grouped-query
+attention (GQA, 2305.13245), the SwiGLU MLP -- with the parameter names of
+`transformers`' LlamaForCausalLM, so a checkpoint people download loads by
+copying, and HF's "rotate half" RoPE needs no weight permutation. Then
+generation with a key/value cache, and last the tokenizers: Llama 2's
+sentencepiece and the byte-level BPE (1508.07909, on bytes as GPT-2 does) of
+Llama 3's tokenizer.json, in plain Python, token for token with HF's.
 
 Shapes: B batch, T time (tokens), D hidden size, H query heads, Hkv key/value
 heads, Dh head size, V vocabulary.  Read top to bottom.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -26,7 +23,7 @@ import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, groupby
 
 import torch
 import torch.nn as nn
@@ -72,15 +69,13 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "LlamaConfig":
         d = dict(d)
-        # transformers >= 5 writes rope_theta and the scaling inside "rope_parameters"
-        rp = d.pop("rope_parameters", None) or {}
+        rp = d.pop("rope_parameters", None) or {}  # where transformers >= 5 writes theta and scaling
         if rp:
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
         names = {f.name for f in fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in d.items() if k in names},
-                  extra={k: v for k, v in d.items() if k not in names})
+        cfg = cls(**{k: d[k] for k in d if k in names}, extra={k: d[k] for k in d if k not in names})
         cfg.check(source)
         return cfg
 
@@ -96,13 +91,13 @@ class LlamaConfig:
         return cls.from_dict(d, source=path)
 
     def check(self, source: str):
-        mt = self.extra.get("model_type", "llama")
+        mt, rs = self.extra.get("model_type", "llama"), self.rope_scaling or {}
+        kind = rs.get("rope_type", rs.get("type"))
         if mt != "llama":
             raise TuluError(f"{source}: model_type {mt!r} is not supported (only 'llama')")
         if self.hidden_act != "silu":
             raise TuluError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
-        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
-        if self.rope_scaling and kind not in ("llama3", "default"):
+        if rs and kind not in ("llama3", "default"):
             raise TuluError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
         if self.num_attention_heads % self.num_key_value_heads:
             raise TuluError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
@@ -110,24 +105,11 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         d = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
         d.pop("rope_parameters", None)
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"])
-        return d
+        return {**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
 
 # -----------------------------------------------------------------------------
 # Building blocks
-
-
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps)   (Zhang & Sennrich 2019, arXiv 1910.07467, Eq. 4)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
 
 
 def rms_norm(x, weight, eps):
@@ -140,6 +122,15 @@ def rms_norm(x, weight, eps):
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
     # end exercise
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -186,19 +177,16 @@ def apply_rope(x, cos, sin):
 
 def attention_mask_4d(attention_mask, T, S, device):
     """Boolean (B or 1, 1, T, S) mask, True = may attend: causal (query t sits at
-    position S - T + t) and, if given, the (B, S) padding mask of 1/0. None when
-    plain causal attention is the same thing: no cache, and padding (if any) only
-    on the right, where no real token can see it. SDPA then uses its fused causal
-    kernels (flash attention on a GPU) instead of a (T, S) mask."""
+    position S - T + t) and, if given, the (B, S) padding mask of 1/0. None where
+    plain causal attention is the same (no cache; padding only on the right, where no
+    real token sees it): SDPA's fused causal kernels (flash attention) then serve."""
     if T == S and (attention_mask is None or bool((attention_mask.cumprod(-1) == attention_mask).all())):
         return None
     q_pos = torch.arange(S - T, S, device=device)[:, None]
     mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :].bool()
-        # A padded query may see no key at all; let it see everything so softmax
-        # stays finite (its output is ignored anyway).
-        mask = mask | ~mask.any(-1, keepdim=True)
+        mask = mask | ~mask.any(-1, keepdim=True)  # a pad query that sees nothing sees all (softmax finite)
     return mask
 
 
@@ -218,25 +206,45 @@ def gqa_attention(q, k, v, mask):
     # end exercise
 
 
+class KVCache:
+    """One layer's keys and values of every position so far, for generation: a step
+    computes k and v of its new tokens only. Buffers with room for `size` positions,
+    doubled when full, so a step writes in place (torch.cat would copy them all)."""
+
+    def __init__(self, size: int = 0):
+        self.size, self.len, self.k, self.v = size, 0, None, None
+
+    def update(self, k, v):
+        """Append (B, Hkv, T, Dh) keys and values; return those of all positions so far."""
+        old, n = self.len, self.len + k.shape[2]
+        if self.k is None or n > self.k.shape[2]:
+            room = max(n, self.size, 2 * (self.k.shape[2] if self.k is not None else 0))
+            grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)]
+            if self.k is not None:
+                grown[0][:, :, :old], grown[1][:, :, :old] = self.k[:, :, :old], self.v[:, :, :old]
+            self.k, self.v = grown
+        self.k[:, :, old:n], self.v[:, :, old:n], self.len = k, v, n
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.H, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        b = cfg.attention_bias
-        # Linear: nn.Linear with a fast path for generation on a CPU (the last chapter)
-        self.q_proj = Linear(cfg.hidden_size, self.H * self.Dh, bias=b)
-        self.k_proj = Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
-        self.v_proj = Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=b)
-        self.o_proj = Linear(self.H * self.Dh, cfg.hidden_size, bias=b)
+        D, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.H * self.Dh, bias=b)
+        self.k_proj = nn.Linear(D, self.Hkv * self.Dh, bias=b)
+        self.v_proj = nn.Linear(D, self.Hkv * self.Dh, bias=b)
+        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=b)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)    # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # keys/values of earlier positions, for generation (KVCache)
-            k, v = cache.update(k, v)  # (B, Hkv, S, Dh): the earlier positions' and these
+        if cache is not None:  # generation: the earlier positions' keys and values, then these
+            k, v = cache.update(k, v)  # (B, Hkv, S, Dh)
         y = gqa_attention(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
@@ -247,9 +255,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         D, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(D, I, bias=b)
-        self.up_proj = Linear(D, I, bias=b)
-        self.down_proj = Linear(I, D, bias=b)
+        self.gate_proj, self.up_proj = nn.Linear(D, I, bias=b), nn.Linear(D, I, bias=b)
+        self.down_proj = nn.Linear(I, D, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -258,14 +265,100 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn, self.mlp = Attention(cfg), MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # pre-norm residual
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The labels' log-probabilities without the whole logits
+#
+# Training needs log softmax(h W^T)[label] only where a label is learned, not the
+# (B, T, V) logits: with V = 32,000 to 128,256 those are a step's biggest tensors,
+# kept in float32 twice (the upcast and log_softmax's output). LabelLogps takes the
+# learned rows alone, a chunk at a time; reference_label_logps is the plain version
+# the tests hold it to. The model (next) returns them when given labels.
+
+# Logits computed at once: on a CPU 2**22 (16 MiB in float32) keeps a chunk's buffers
+# near the caches; on a GPU 2**26 gives each kernel enough work to be worth its launch.
+CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**26}
+
+
+def chunk_rows(device, vocab: int) -> int:
+    """Rows of logits label_logps computes at a time on `device` (at least one)."""
+    return max(1, CHUNK_LOGITS.get(torch.device(device).type, CHUNK_LOGITS["cpu"]) // vocab)
+
+
+def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), labels (B, T) -> (B, T-1) float32: log softmax(logits[t-1])[labels[t]]
+    (position t-1 predicts token t), 0 where labels[t] == -100."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = labels[:, 1:]
+    return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+
+
+class LabelLogps(torch.autograd.Function):
+    """(N, D) hidden rows, the (V, D) head weight, (N,) targets -> (N,) float32
+    log softmax(h W^T)[target], `rows` rows at a time in buffers that every chunk
+    reuses (new ones would cost more in page faults than the arithmetic). The gradient
+    by the logits, onehot - softmax, is known in forward: kept (negated) times W,
+    (N, D), if W is frozen (LoRA), else as (N, V) in the compute dtype (a fifth of
+    the bytes of the plain path's float32 logits and log-softmax)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows):
+        dev = h.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # the product's
+        (N, D), V, w = h.shape, weight.shape[0], weight.to(cd)
+        need_h, keep_w = ctx.needs_input_grad[:2]
+        out = torch.empty(N, dtype=torch.float32, device=h.device)
+        z = torch.empty(min(rows, N), V, dtype=cd, device=h.device)  # logits as the model rounds them
+        z32, logp = torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32)
+        kept = torch.empty(N, V if keep_w else D, dtype=cd, device=h.device) if need_h or keep_w else None
+        with torch.autocast(dev, enabled=False):
+            for s in range(0, N, rows):
+                n, t = min(rows, N - s), targets[s:s + rows]
+                torch.mm(h[s:s + n].to(cd), w.t(), out=z[:n])
+                torch.log_softmax(z32[:n].copy_(z[:n]), dim=-1, out=logp[:n])
+                out[s:s + n] = logp[:n].gather(1, t[:, None]).squeeze(1)
+                if kept is not None:
+                    p = torch.exp(logp[:n], out=z32[:n])  # softmax
+                    p[torch.arange(n, device=p.device), t] -= 1  # softmax - onehot, in float32
+                    if keep_w:
+                        kept[s:s + n].copy_(p)
+                    else:
+                        torch.mm(z[:n].copy_(p), w, out=kept[s:s + n])  # (n, D)
+        ctx.dtype, ctx.h_dtype = cd, h.dtype
+        if kept is not None:
+            ctx.save_for_backward(kept, *((h, weight) if keep_w else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        kept, *hw = ctx.saved_tensors
+        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V), or per h (N, D)
+        if not ctx.needs_input_grad[1]:  # the head is frozen: d is already per h
+            return d.to(ctx.h_dtype), None, None, None
+        h, weight = hw
+        grad_h = (d @ weight.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        return grad_h, (d.t() @ h.to(ctx.dtype)).to(weight.dtype), None, None
+
+
+def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: int | None = None):
+    """reference_label_logps(head(h), labels) by LabelLogps on the learned positions
+    only: h (B, T, D) final hidden states, head the lm_head, labels (B, T) -> (B, T-1).
+    A head other than a bias-free nn.Linear (LoRA, 4-bit) takes the plain path."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return reference_label_logps(head(h), labels)
+    labels = labels[:, 1:]
+    learned = labels != -100  # (B, T-1)
+    rows = rows or chunk_rows(h.device, head.out_features)
+    logp = LabelLogps.apply(h[:, :-1][learned], head.weight, labels[learned], rows)  # (N,)
+    return torch.zeros(labels.shape, dtype=torch.float32, device=h.device).index_put((learned,), logp)
 
 
 # -----------------------------------------------------------------------------
@@ -285,33 +378,29 @@ class LlamaBody(nn.Module):
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.config = cfg
-        self.model = LlamaBody(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.model = cfg, LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self._rope = None  # (device, dtype, cos, sin); plain attributes, not buffers: model.to(bf16) must not round them
+        self._rope = None  # (device, dtype, cos, sin): not buffers, which model.to(bf16) would round
 
     def rope_tables(self, T, start_pos, device, dtype):
-        """cos/sin for positions start_pos .. start_pos + T - 1: rows of tables computed
-        once (and again, twice as long, when a position beyond them is asked for), so a
-        generation step computes none. Each row is rope_cos_sin of its position alone."""
+        """cos/sin of positions start_pos .. start_pos + T - 1: rows of tables computed
+        once (again, twice as long, for a position beyond them), so that a generation
+        step computes none. Each row is rope_cos_sin of its position alone."""
         n = start_pos + T
         have = self._rope[2].shape[0] if self._rope and self._rope[:2] == (device, dtype) else 0
         if have < n:
-            inv_freq = rope_inv_freq(self.config).to(device)
-            self._rope = (device, dtype, *rope_cos_sin(inv_freq, torch.arange(max(n, 2 * have), device=device), dtype))
+            inv_freq, positions = rope_inv_freq(self.config).to(device), torch.arange(max(n, 2 * have))
+            self._rope = (device, dtype, *rope_cos_sin(inv_freq, positions.to(device), dtype))
         return self._rope[2][start_pos:n], self._rope[3][start_pos:n]
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False, labels=None):
-        """input_ids (B, T) long -> logits (B, T, V). attention_mask (B, start_pos+T)
-        of 1/0 marks real tokens. `cache` (from new_cache()) holds keys and values
-        of the first `start_pos` positions during generation. last_only: the logits
-        of the last position alone, (B, 1, V), all that choosing the next token needs.
-        labels (B, T): instead of logits, the log-probability of each label given
-        the tokens before it, (B, T-1) float32, 0 where the label is -100
-        (label_logps: the training losses' input, without the (B, T, V) logits)."""
+        """input_ids (B, T) -> logits (B, T, V). attention_mask (B, start_pos+T): 1 marks
+        real tokens. cache (new_cache()): keys and values of the first start_pos positions
+        in generation. last_only: the last position's logits alone, (B, 1, V). labels (B, T):
+        each label's log-probability given the tokens before it instead, (B, T-1) float32."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope_tables(T, start_pos, x.device, x.dtype)
@@ -323,137 +412,55 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, c, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, c)
-        if last_only:
-            x = x[:, -1:]
-        if labels is not None:
-            return label_logps(self.model.norm(x), self.lm_head, labels)
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        x = self.model.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x) if labels is None else label_logps(x, self.lm_head, labels)
 
-    def new_cache(self, size: int = 0):
+    def new_cache(self, size: int = 0) -> list[KVCache]:
         """A KVCache per layer, with room for `size` positions (grown when needed)."""
         return [KVCache(size) for _ in self.model.layers]
 
 
-# -----------------------------------------------------------------------------
-# The labels' log-probabilities without the whole logits (a fast path)
-#
-# Training needs log softmax(h W^T)[label] only at the positions that are learned,
-# not the (B, T, V) logits: with V = 32,000 to 128,256 those are the step's biggest
-# tensors, kept in float32 twice (the upcast and log_softmax's output) and filled
-# with zeros again in backward. LabelLogps takes the learned rows alone, a chunk
-# of rows at a time, and keeps per row what backward needs. reference_label_logps
-# is the plain version the tests hold it to.
-
-# Logits computed at once, by device type. On a CPU 2**22 (16 MiB in float32, 131 rows of
-# a 32,000-word vocabulary) keeps a chunk's buffers near the caches. On a GPU chunks that
-# small leave each of a chunk's kernels too little work to be worth its launch; 2**26 (2,097
-# rows of 32,000 words, 523 of 128,256) keeps them busy, in ~640 MiB of buffers (a bf16 and
-# two float32 copies), small next to the (N, V) logits the plain path keeps.
-CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**26}
-
-
-def chunk_rows(device, vocab: int) -> int:
-    """Rows of logits label_logps computes at a time on `device`: CHUNK_LOGITS for its
-    type (the CPU's for any other type) over the vocabulary size, at least one row."""
-    return max(1, CHUNK_LOGITS.get(torch.device(device).type, CHUNK_LOGITS["cpu"]) // vocab)
-
-
-def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), labels (B, T) -> (B, T-1) float32: log softmax(logits[t-1])[labels[t]]
-    (position t-1 predicts token t), 0 where labels[t] == -100."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    labels = labels[:, 1:]
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (labels != -100)
-
-
-def compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype a matrix product of h computes in: autocast's where it is on, else h's."""
-    on = torch.is_autocast_enabled(h.device.type)
-    return torch.get_autocast_dtype(h.device.type) if on else h.dtype
-
-
-class LabelLogps(torch.autograd.Function):
-    """(N, D) hidden rows, the (V, D) head weight, (N,) targets -> (N,) float32
-    log softmax(h W^T)[target], `rows` rows at a time, through three buffers of
-    `rows` x V reused by every chunk (fresh 16 MiB tensors each chunk would cost
-    more in page faults than the arithmetic). The gradient of a row's log-probability
-    with respect to its logits is onehot(target) - softmax, known in forward: with W
-    frozen (LoRA) forward keeps that times W, (N, D), and backward only scales it by
-    the incoming gradient; with W trained it keeps the (N, V) difference itself in
-    the compute dtype (a fifth of the bytes of the float32 logits and log-softmax
-    the plain path keeps). Kept with the opposite sign: softmax - onehot."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, rows):
-        N, V, cd = len(h), weight.shape[0], compute_dtype(h)
-        need_h, keep_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(cd)
-        out = torch.empty(N, dtype=torch.float32, device=h.device)
-        z = torch.empty(min(rows, N), V, dtype=cd, device=h.device)  # logits as the model rounds them
-        z32, logp = torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32)
-        if keep_w:
-            kept = torch.empty(N, V, dtype=cd, device=h.device)
-        elif need_h:
-            kept = torch.empty(N, weight.shape[1], dtype=cd, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
-            for s in range(0, N, rows):
-                n, t = min(rows, N - s), targets[s:s + rows]
-                torch.mm(h[s:s + n].to(cd), w.t(), out=z[:n])
-                z32[:n].copy_(z[:n])
-                torch.log_softmax(z32[:n], dim=-1, out=logp[:n])
-                out[s:s + n] = logp[:n].gather(1, t[:, None]).squeeze(1)
-                if not (need_h or keep_w):
-                    continue
-                p = torch.exp(logp[:n], out=z32[:n])  # softmax
-                p[torch.arange(n, device=p.device), t] -= 1  # softmax - onehot, in float32
-                if keep_w:
-                    kept[s:s + n].copy_(p)
-                else:
-                    z[:n].copy_(p)
-                    torch.mm(z[:n], w, out=kept[s:s + n])  # (n, D)
-        ctx.dtype, ctx.h_dtype = cd, h.dtype
-        if need_h or keep_w:
-            ctx.save_for_backward(kept, *((h, weight) if keep_w else ()))
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        kept, *hw = ctx.saved_tensors
-        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V) or, times W, per h (N, D)
-        if not ctx.needs_input_grad[1]:  # the head is frozen: d is already per h
-            return d.to(ctx.h_dtype), None, None, None
-        h, weight = hw
-        grad_w = (d.t() @ h.to(ctx.dtype)).to(weight.dtype)
-        grad_h = (d @ weight.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
-        return grad_h, grad_w, None, None
-
-
-def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """reference_label_logps(head(h), labels), computed by LabelLogps on the learned
-    positions only. h (B, T, D) final hidden states, head the model's lm_head, labels
-    (B, T) -> (B, T-1) float32, 0 where the label is -100. A head that is not a plain
-    bias-free nn.Linear or Linear (a LoRA or 4-bit layer) takes the plain path."""
-    if type(head) not in (nn.Linear, Linear) or head.bias is not None:
-        return reference_label_logps(head(h), labels)
-    labels = labels[:, 1:]
-    learned = labels != -100  # (B, T-1)
-    rows = rows or chunk_rows(h.device, head.out_features)
-    logp = LabelLogps.apply(h[:, :-1][learned], head.weight, labels[learned], rows)  # (N,)
-    return torch.zeros(labels.shape, dtype=torch.float32, device=h.device).index_put((learned,), logp)
+def pad_batch(rows, pad_id) -> dict:
+    """(input_ids, labels) pairs of int lists or tensors -> {"input_ids", "labels",
+    "attention_mask"}, each (N, T) long, right-padded to the longest row: ids with
+    pad_id (an existing token: no vocabulary resize), labels -100, mask 0."""
+    shape = (len(rows), max(len(x) for x, _ in rows))  # (N, T)
+    ids, labels, mask = (torch.full(shape, v, dtype=torch.long) for v in (pad_id, -100, 0))
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.as_tensor(x), torch.as_tensor(y), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: Hugging Face folders of safetensors files
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def atomic_write(path: str, write):
+    """write(tmp), then rename tmp to path: an interrupt never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, write)
 
 
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of an HF model folder, single or sharded."""
+    index = os.path.join(path, SAFE_INDEX)
     if not os.path.isdir(path):
         raise TuluError(f"{path}: no such model folder")
-    index = os.path.join(path, SAFE_INDEX)
     if os.path.exists(index):
         try:
             with open(index) as f:
@@ -482,15 +489,6 @@ def checkpoint_dtype(path: str) -> torch.dtype:
         return f.get_slice(keys[0])[0:1].dtype if keys else torch.float32
 
 
-def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
-    """Put a loaded tensor where `key` names it, replacing a meta placeholder."""
-    mod_name, _, name = key.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    old = getattr(mod, name)
-    check_shape(key, value.shape, old.shape)
-    setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
-
-
 def check_shape(key: str, got, want):
     if tuple(got) != tuple(want):
         raise TuluError(f"{key}: checkpoint shape {tuple(got)} != model shape {tuple(want)}")
@@ -500,45 +498,53 @@ def decoder_linear(key: str) -> bool:
     return key.startswith("model.layers.") and key.endswith("_proj.weight")
 
 
+def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device, quantize, bar) -> set[str]:
+    """Put the tensors of one safetensors file in place of the model's meta ones; their keys."""
+    from safetensors import SafetensorError, safe_open
+    if quantize:
+        import nf4  # chapter 2, read only when asked for
+    seen = set()
+    # Quantizing, read each tensor into memory of its own (pread): through mmap, the
+    # pages of every weight read would stay mapped in our RSS until the file closes.
+    backend = {"backend": "pread"} if quantize else {}
+    try:
+        with safe_open(fname, framework="pt", device="cpu", **backend) as f, \
+                (nf4.SafetensorsSlices(fname) if quantize else nullcontext()) as raw:  # read in slices
+            for key in (k for k in f.keys() if not k.endswith("rotary_emb.inv_freq")):  # old files' RoPE
+                if key not in expected:
+                    raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
+                if quantize and decoder_linear(key):
+                    nf4.load_nf4_linear(model, key, raw, dtype, device)
+                else:
+                    module, _, name = key.rpartition(".")
+                    old, new = model.get_parameter(key), f.get_tensor(key).to(device=device, dtype=dtype)
+                    check_shape(key, new.shape, old.shape)
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                    setattr(model.get_submodule(module), name, new)
+                seen.add(key)
+                bar.update()
+    except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
+        raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
+    return seen
+
+
 def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
     """Load an HF Llama folder. The model is built on the `meta` device (no memory)
     and filled one tensor at a time, so peak memory is the model plus one tensor.
-    quantize="nf4" turns each decoder linear weight into 4-bit as it is read
-    (QLoRA), a slice at a time (load_nf4_linear): the peak is the 4-bit model
-    plus one slice. Embeddings, norms and lm_head stay in `dtype`, as
-    bitsandbytes does."""
-    from safetensors import SafetensorError, safe_open
+    quantize="nf4" turns each decoder linear weight into 4-bit as it is read, a slice
+    at a time (QLoRA; nf4.load_nf4_linear): the peak is the 4-bit model plus one slice.
+    Embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
     if quantize not in (None, "nf4"):
         raise TuluError(f"quantize={quantize!r}: only None or 'nf4'")
     with torch.device("meta"):
         model = Llama(cfg)
-    seen, expected = set(), set(model.state_dict())
-    # Quantizing, read each tensor into memory of its own (pread): through mmap, the
-    # pages of every weight read would stay mapped in our RSS until the file closes.
-    backend = {"backend": "pread"} if quantize else {}
-    bar = tqdm(total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
-               leave=False, disable=len(expected) < 100)  # a real model, not a test's tiny one
-    for fname in files:
-        try:
-            with safe_open(fname, framework="pt", device="cpu", **backend) as f, \
-                    (SafetensorsSlices(fname) if quantize else nullcontext()) as raw:  # raw: read in slices
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue  # old checkpoints stored RoPE tables; we compute them
-                    if key not in expected:
-                        raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
-                    if quantize == "nf4" and decoder_linear(key):
-                        load_nf4_linear(model, key, raw, dtype, device)
-                        release_freed_memory()  # the slices' memory, so the peak stays the 4-bit model's
-                    else:
-                        set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
-                    seen.add(key)
-                    bar.update()
-        except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
-            raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
-    bar.close()
+    expected, seen, name = set(model.state_dict()), set(), os.path.basename(os.path.normpath(path))
+    with tqdm(total=len(expected), desc=f"loading {name}", unit="tensor", leave=False,
+              disable=len(expected) < 100) as bar:  # a real model, not a test's tiny one
+        for fname in files:
+            seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         seen.add("lm_head.weight")
@@ -549,218 +555,204 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     return model.eval()
 
 
-def load_nf4_linear(model: nn.Module, key: str, raw: "SafetensorsSlices", dtype, device):
-    """Read the decoder weight `key` and put it in the model as an NF4 Linear4bit
-    (chapter 2), in place of its meta nn.Linear.
-
-    The weight is read and quantized slice by slice (nf4.quantize_nf4_slices), so
-    neither the whole weight nor whole-weight temporaries are ever in memory:
-    read at once, a weight of Llama-2-7B's MLP is 86 MiB in bf16 and its
-    quantizing temporaries as much again, on top of the 4-bit model. Each slice
-    is cast to `dtype` before quantizing, as transformers quantizes the weight it
-    loaded in that dtype: the bytes are those of quantizing the whole tensor."""
-    from nf4 import Linear4bit, quantize_nf4_slices, slice_size
-    parent_name, _, child = key.rpartition(".")[0].rpartition(".")
-    parent = model.get_submodule(parent_name)
-    linear = getattr(parent, child)
-    check_shape(key, raw.shape(key), linear.weight.shape)
-    slices = (s.to(device=device, dtype=dtype) for s in raw.slices(key, slice_size()))
-    q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
-    setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
-
-
-@lru_cache(maxsize=None)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc (Linux)
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory():
-    """Hand the memory of freed tensors back to the operating system, where the C
-    library can (glibc's malloc_trim; elsewhere this does nothing). glibc keeps
-    freed blocks for reuse, and those between tensors still alive stay in the
-    process's resident memory: loading in NF4, a weight's slices and their
-    temporaries left ~6 MiB of such holes (bench/nf4_load_memory.py)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class SafetensorsSlices:
-    """Reads a tensor of a safetensors file a slice at a time, each slice straight
-    from the file into memory of its own (safetensors reads a tensor whole, even
-    for a slice of it; through mmap its pages would stay in our RSS).
-
-    The format is simple: 8 bytes, the length of a JSON header (little-endian);
-    the header, giving each tensor's dtype, shape and data_offsets (begin, end)
-    into the bytes that follow it; then those bytes, each tensor's values in
-    row-major order, little-endian. load_model opens the file with safetensors
-    first, which checks the header and the file's size, so the header read here
-    is a valid one."""
-
-    def __init__(self, fname: str):
-        self.fname, self.file = fname, open(fname, "rb", buffering=0)
-        n = int.from_bytes(self.file.read(8), "little")
-        self.header = json.loads(self.file.read(n))
-        self.data_start = 8 + n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-    def shape(self, key: str) -> tuple:
-        return tuple(self.header[key]["shape"])
-
-    def slices(self, key: str, n: int):
-        """The values of `key`, flat and in order, `n` at a time (the last slice
-        may hold fewer), each a new tensor in the file's dtype."""
-        info = self.header[key]
-        dtype = SAFE_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise TuluError(f"{self.fname}: {key} is {info['dtype']}; a weight to quantize must be one of "
-                            f"{', '.join(SAFE_DTYPES)}")
-        begin, end = info["data_offsets"]
-        step = n * dtype.itemsize
-        for offset in range(begin, end, step):
-            buf = torch.empty(min(step, end - offset), dtype=torch.uint8)
-            self.file.seek(self.data_start + offset)
-            if self.file.readinto(buf.numpy()) != buf.numel():
-                raise TuluError(f"{self.fname}: ends inside {key} (truncated?)")
-            yield buf.view(dtype)
-
-
-def atomic_write(path: str, write):
-    """Write via a temporary file and rename, so an interrupt never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path: str, obj):
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, w)
-
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dtype=None):
-    """Write `model` as an HF folder: config.json plus model.safetensors, or
-    model-0000k-of-0000n.safetensors shards and their index when larger than
-    max_shard_bytes. A tied lm_head is not stored (HF does the same). The weights
-    keep their dtype, or are cast to `dtype` (float32 master weights written as
-    the bf16 checkpoint they came from)."""
+    """Write `model` as an HF folder: config.json plus model.safetensors, or shards
+    model-0000k-of-0000n.safetensors and their index past max_shard_bytes. A tied
+    lm_head is not stored (as in HF). The weights keep their dtype, or are cast to
+    `dtype` (float32 master weights written as the bf16 checkpoint they came from)."""
     from safetensors.torch import save_file
     bad = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LoRALinear")]
     if bad:
-        raise TuluError(f"save_model: {bad[0]} is a {type(model.get_submodule(bad[0])).__name__}; merge it first (lora.merge_lora)")
+        kind = type(model.get_submodule(bad[0])).__name__
+        raise TuluError(f"save_model: {bad[0]} is a {kind}; merge it first (lora.merge_lora)")
     os.makedirs(out_dir, exist_ok=True)
     sd = {k: v.detach().to(dtype=dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")
     shards, size = [[]], 0
     for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
+        if shards[-1] and size + v.nbytes > max_shard_bytes:
+            shards, size = shards + [[]], 0
         shards[-1].append(k)
-        size += n
+        size += v.nbytes
     names = [SAFE_SINGLE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
-        atomic_write(os.path.join(out_dir, name),
-                     lambda tmp, keys=keys: save_file({k: sd[k] for k in keys}, tmp, metadata={"format": "pt"}))
+        tensors = {k: sd[k] for k in keys}
+        atomic_write(os.path.join(out_dir, name), lambda t: save_file(tensors, t, metadata={"format": "pt"}))
     if len(shards) > 1:
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in zip(names, shards) for k in ks}}
+        weight_map = {k: n for n, ks in zip(names, shards) for k in ks}
+        index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
         write_json(os.path.join(out_dir, SAFE_INDEX), index)
     elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
         os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards
     cfg = model.config.to_dict()
-    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(dtype or model.model.embed_tokens.weight.dtype, "float32")
+    stored = dtype or model.model.embed_tokens.weight.dtype
+    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(stored, "float32")
     write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers, part 1: sentencepiece, as Llama 2 ships it
+# Generation with a key/value cache
 
 
-class SentencePieceTokenizer:
-    """Llama 2's sentencepiece tokenizer (tokenizer.model), encoding as HF's slow
-    LlamaTokenizer does: the special tokens "<unk>", "<s>", "</s>" written in the
-    text become their ids (the chat format writes "</s>" after each answer) and
-    each piece of text between them is sentencepiece's.
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from (B, V) logits: argmax when temperature is 0,
+    else sample after HF's warpers in HF's order: temperature, top-k, top-p."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # the least likely, whose mass stays under
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
-    `legacy` is how HF treats text that follows a special token: True gives it
-    sentencepiece's dummy-prefix "▁" ("</s>", "▁", "\\n"), False does not
-    ("</s>", "\\n"). It is read from tokenizer_config.json beside the model;
-    without the key it is False: what the tokenizer_config.json of Llama 2 and
-    of the Tulu 2 models say, and transformers 5's default (transformers 4
-    assumed True, with a warning asking to set it)."""
 
-    def __init__(self, model_file: str, legacy: bool | None = None, sp=None):
-        import sentencepiece as spm
-        self.dir = os.path.dirname(model_file)
-        self.model_file = self.file = model_file
-        self.sp = sp or spm.SentencePieceProcessor(model_file=model_file)
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.eos_text = self.sp.id_to_piece(self.eos_id)  # "</s>": what the chat format writes after answers
-        self.vocab_size = self.sp.get_piece_size()
-        self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
-        self.special = special_pattern(tuple(self.specials))
-        self.unk_text = self.sp.id_to_piece(self.sp.unk_id())
-        self.legacy = self.read_legacy() if legacy is None else legacy
-        self._sp_no_prefix = None
+# A decoding step multiplies one row by every weight: its speed is that of reading
+# the weights. torch sends a float32 one-row product on a CPU to the BLAS's
+# matrix-vector routine, which on some machines reads far below the memory's speed
+# (MKL on an AMD EPYC: 16 GB/s, where summing the weights reads 50); the weight's two
+# halves as one batch (bmm) take the batched routine, 40-55 GB/s there: the same
+# products, summed in another order. bench/generate_speed.py measures the gain.
 
-    def read_legacy(self) -> bool:
-        cfg_file = os.path.join(self.dir, "tokenizer_config.json")
-        if not os.path.exists(cfg_file):
-            return False
-        try:
-            with open(cfg_file) as f:
-                legacy = json.load(f).get("legacy")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise TuluError(f"{cfg_file}: not a JSON object ({e})") from None
-        return bool(legacy)
+
+def one_row_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x of one row, (..., K) with one row in all,
+    computed as a batch of two products, each of half the weight's rows: (..., N)."""
+    N, K = weight.shape
+    column = x.reshape(1, 1, K).transpose(1, 2)  # (1, K, 1), strides (K, 1, K): the BLAS reads
+    halves = torch.bmm(weight.view(2, N // 2, K), column.expand(2, K, 1))  # it as a column; (2, N/2, 1)
+    y = halves.view(*x.shape[:-1], N)
+    return y if bias is None else y + bias
+
+
+def one_row_forward(layer: nn.Linear):
+    """A forward for `layer`: one_row_linear for one float32 row on a CPU outside
+    autocast (a decoding step), F.linear for anything else."""
+    def forward(x):
+        w = layer.weight
+        one_row = x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+        if one_row and w.shape[0] % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu"):
+            return one_row_linear(x, w, layer.bias)
+        return F.linear(x, w, layer.bias)
+    return forward
+
+
+@contextmanager
+def one_row_products(model: nn.Module):
+    """Inside, every plain nn.Linear of `model` runs one_row_forward: an instance
+    attribute `forward` hides the class's, and is deleted at the end."""
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    for m in layers:
+        m.forward = one_row_forward(m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             eos_id=None, on_token=None, generator=None) -> list[int]:
+    """Continue one prompt (list of ids, or a (T,) / (1, T) tensor). Returns the new
+    tokens (an EOS that stops generation is included, as HF's generate does);
+    `on_token(id)` is called for each one as it is produced, for streaming."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
+    cache, pos, out = model.new_cache(ids.shape[1] + max_new_tokens), 0, []
+    eos = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) - {None}
+    with one_row_products(model):
+        while len(out) < max_new_tokens and not (out and out[-1] in eos):
+            logits = model(ids, cache=cache, start_pos=pos, last_only=True)[:, -1]  # (1, V)
+            pos += ids.shape[1]
+            out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
+            if on_token:
+                on_token(out[-1])
+            ids = torch.tensor([[out[-1]]], device=device)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers, part 1: special tokens, and Llama 2's sentencepiece
+
+
+def tokenizer_config(folder: str) -> dict:
+    """tokenizer_config.json beside a tokenizer file, {} where there is none."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TuluError(f"{path}: not a JSON object ({e})") from None
+    if not isinstance(config, dict):
+        raise TuluError(f"{path}: not a JSON object")
+    return config
+
+
+class SpecialSplitting:
+    """What both tokenizers do alike: the special tokens written in a text become
+    their ids (the chat format writes the EOS text after each answer) and each piece
+    of text between them is encoded on its own, by the subclass's encode_piece."""
+
+    def set_specials(self, specials: dict[str, int]):
+        self.specials = specials  # {text: id}
+        # one regex for all (it scans in C); where two start at one place the longer wins, as in HF
+        alternatives = "|".join(map(re.escape, sorted(specials, key=len, reverse=True)))
+        self.special = re.compile(f"({alternatives})") if specials else None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of `text`; bos=True puts in front what the tokenizer adds by default (Llama 2's
+        <s>, Llama 3's <|begin_of_text|>, nothing for a GPT-2 style file); eos=True appends EOS."""
         ids = [i for _, _, span_ids, _ in self.spans(text) for i in span_ids]
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return (self.bos_ids if bos else []) + ids + [self.eos_id] * eos
 
     def spans(self, text: str):
         """Yield (start, end, ids, special?) for each special token of `text` and each
-        piece of text between them, in order: encode(text) is their ids. A piece's ids
-        depend on that piece alone and on whether it starts the text, so encode(text[:b])
-        is the ids of the spans that end by b, then those of encode_piece(the rest, ...):
-        tulu finds where each turn of a conversation ends that way. (legacy=False: HF
-        writes "▁" before the text and drops it when a special token follows; here a
-        text that begins with a special token simply gets none.)"""
-        for start, end, special in special_spans(text, self.special):
-            piece = text[start:end]
-            ids = [self.specials[piece]] if special else self.encode_piece(piece, start == 0)
-            yield start, end, ids, special
+        piece of text between them, in order. A piece's ids depend on it alone and on
+        whether it starts the text, so encode(text[:b]) is the ids of the spans that end
+        by b, then encode_piece(the rest): how tulu finds where each turn ends."""
+        start = 0
+        for m in self.special.finditer(text) if self.special else ():
+            if m.start() > start:
+                yield start, m.start(), self.encode_piece(text[start:m.start()], start == 0), False
+            yield m.start(), m.end(), [self.specials[m[0]]], True
+            start = m.end()
+        if start < len(text):
+            yield start, len(text), self.encode_piece(text[start:], start == 0), False
+
+
+class SentencePieceTokenizer(SpecialSplitting):
+    """Llama 2's tokenizer.model, encoding as HF's slow LlamaTokenizer does, "<unk>",
+    "<s>", "</s>" the special tokens. `legacy` is how HF treats text after one: True
+    gives it sentencepiece's dummy prefix "▁" ("</s>", "▁", "\\n"), False does not
+    ("</s>", "\\n"). Read from tokenizer_config.json; without the key False, as Llama
+    2's and the Tulu 2 models' files say (transformers 5's default; 4 assumed True)."""
+
+    def __init__(self, model_file: str, legacy: bool | None = None, sp=None):
+        import sentencepiece as spm
+        self.file = self.model_file = model_file
+        self.dir = os.path.dirname(model_file)
+        self.sp = sp or spm.SentencePieceProcessor(model_file=model_file)
+        self.bos_id, self.eos_id, unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.bos_ids, self.eos_text = [self.bos_id], self.sp.id_to_piece(self.eos_id)
+        self.vocab_size, self.unk_text = self.sp.get_piece_size(), self.sp.id_to_piece(unk)
+        self.set_specials({self.sp.id_to_piece(i): i for i in (unk, self.bos_id, self.eos_id) if i >= 0})
+        self.legacy = bool(tokenizer_config(self.dir).get("legacy")) if legacy is None else legacy
+        self._sp_no_prefix = None
 
     def encode_piece(self, piece: str, first: bool) -> list[int]:
-        """Ids of text that holds no special token; `first`: it begins the text.
-        legacy=True: every piece between special tokens is encoded on its own, so each
-        gets the dummy prefix "▁". legacy=False: only the start of the text does; a
-        piece after a special token is encoded as it is, except that one starting with
-        a space keeps it as "▁" (HF encodes "<unk>" + piece and drops the ids of "<unk>")."""
+        """Ids of text without special tokens; `first`: it begins the text. legacy=True:
+        each piece gets the dummy prefix "▁"; legacy=False: only the text's start, and a
+        later piece that starts with a space keeps it as "▁" (HF encodes "<unk>" + piece
+        and drops the ids of "<unk>")."""
         if self.legacy:
             return self.sp.encode(piece)
         sp, piece = self.sp_no_prefix(), "▁" * first + piece.replace("▁", " ")
@@ -769,10 +761,9 @@ class SentencePieceTokenizer:
         return sp.encode(piece)
 
     def sp_no_prefix(self):
-        """The same model with add_dummy_prefix off, as HF builds it for legacy=False.
-        Appending these 4 bytes to the serialized ModelProto repeats field 3
-        (normalizer_spec) holding field 3 (add_dummy_prefix) = 0, and protobuf
-        merges a repeated message field into the first: no protobuf needed."""
+        """The model with add_dummy_prefix off, as HF builds it for legacy=False: these 4
+        bytes after the serialized ModelProto repeat field 3 (normalizer_spec) holding
+        field 3 (add_dummy_prefix) = 0, which protobuf merges into the first one."""
         if self._sp_no_prefix is None:
             import sentencepiece as spm
             with open(self.model_file, "rb") as f:
@@ -784,43 +775,19 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def special_spans(text: str, pattern):
-    """(start, end, special?) of each special token that `pattern` (special_pattern)
-    finds in `text` and of each non-empty piece of text between them, in order:
-    "a</s>b" -> (0, 1, False), (1, 5, True), (5, 6, False)."""
-    start = 0
-    for m in pattern.finditer(text) if pattern else ():
-        if m.start() > start:
-            yield start, m.start(), False
-        yield m.start(), m.end(), True
-        start = m.end()
-    if start < len(text):
-        yield start, len(text), False
-
-
-@lru_cache(maxsize=16)
-def special_pattern(specials: tuple) -> re.Pattern:
-    """One regex that finds any of `specials`; where two start at the same place the
-    longer one wins (HF's rule). The regex engine scans in C, not a Python loop per character."""
-    return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
-
-
 # -----------------------------------------------------------------------------
 # Tokenizers, part 2: byte-level BPE from tokenizer.json (Llama 3, SmolLM2, GPT-2)
 #
-# Byte-pair encoding (Sennrich et al. 2016, arXiv 1508.07909) over bytes, as
-# GPT-2 introduced it (Radford et al. 2019, Sec. 2.2): text is cut into
-# "words" by a regex, each word's UTF-8 bytes are spelled with 256 printable
-# stand-in characters, and merges learned in training join adjacent symbols,
-# the earliest-learned pair first. tokenizer.json (HF `tokenizers`) holds the
-# regex, the vocabulary, the merges in rank order and the special tokens.
+# Byte-pair encoding (Sennrich et al. 2016, arXiv 1508.07909) on bytes, as GPT-2
+# does (Radford et al. 2019, Sec. 2.2): a regex cuts the text into words, a word's
+# UTF-8 bytes are spelled with 256 printable stand-ins, and the merges learned in
+# training join adjacent symbols, the earliest-learned pair first.
 
 
 def byte_alphabet() -> dict[int, str]:
-    """GPT-2's map from the 256 byte values to printable characters: bytes that
-    print as themselves ('!'..'~', '¡'..'¬', '®'..'ÿ') keep their code point; the
-    68 others (controls, space, ...) take U+0100, U+0101, ... in byte order. So a
-    space is "Ġ" and a newline "Ċ" in every byte-level tokenizer.json."""
+    """GPT-2's printable stand-ins for the 256 bytes: those that print as themselves
+    ('!'..'~', '¡'..'¬', '®'..'ÿ') keep their code point, the 68 others take U+0100,
+    U+0101, ... in byte order (a space is "Ġ", a newline "Ċ")."""
     keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     others = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
@@ -852,30 +819,28 @@ def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str
     # end exercise
 
 
+# Python's `re` has no \p{L}: the files' (Oniguruma) classes are spelled out as
+# code-point ranges, of Unicode general categories and of White_Space (Oniguruma's
+# \s; Python's adds U+001C..U+001F).
+CATEGORIES = ("Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp "
+              "Cc Cf Cs Co Cn").split()
+WHITE_SPACE = (*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+               0x202F, 0x205F, 0x3000)
+ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS]))")
+
+
 @lru_cache(maxsize=1)
 def unicode_categories() -> bytes:
-    """The general category of every code point, as one byte per code point (an
-    index into CATEGORIES): 1.1M lookups, done once, about 0.2 s."""
+    """Each code point's general category as a byte (its index in CATEGORIES): 0.2 s, once."""
     index = {c: i for i, c in enumerate(CATEGORIES)}
     return bytes(index[unicodedata.category(chr(c))] for c in range(0x110000))
 
 
-CATEGORIES = ("Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp "
-              "Cc Cf Cs Co Cn").split()
-
-
-# Unicode's White_Space, which is Oniguruma's \s; Python's \s adds U+001C..U+001F
-WHITE_SPACE = (*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
-               0x205F, 0x3000)
-
-
 @lru_cache(maxsize=None)
 def class_body(name: str, negate: bool = False, limit: int = 0x110000) -> str:
-    r"""The inside of a Python character class for \p{name} (a Unicode general
-    category: "L" = Lu|Ll|Lt|Lm|Lo, "N", "Lu", ...) or for \s ("s": White_Space),
-    as code-point ranges "\U00000041-\U0000005a..."; with negate, every other
-    code point. Python's `re` has no \p{L}; this stands in for it. Only code
-    points below `limit` are listed: see translate_regex."""
+    r"""The inside of a class for \p{name} (a category: "L" = Lu|Ll|Lt|Lm|Lo, "N", "Lu",
+    ...) or \s (name "s"), as ranges "\U00000041-\U0000005a..." of the code points
+    below `limit`; with negate, of every other one."""
     if name == "s":
         mask = bytearray(0x110000)
         for c in WHITE_SPACE:
@@ -889,19 +854,12 @@ def class_body(name: str, negate: bool = False, limit: int = 0x110000) -> str:
     return "".join(f"\\U{m.start():08x}-\\U{m.end() - 1:08x}" for m in runs.finditer(mask[:limit]))
 
 
-ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS]))")
-
-
 def translate_regex(pattern: str, limit: int = 0x110000) -> str:
-    """A tokenizer.json regex (Oniguruma syntax) as a Python `re` pattern: each
-    \\p{X} / \\P{X} becomes the code points of category X, and \\s / \\S those of
-    White_Space (inside [...], or as a class of their own). The rest of the
-    syntax these files use -- (?i:...), lookahead, {1,3} -- means the same in both.
-
-    With limit=0x10000 the classes list the Basic Multilingual Plane only: the
-    same matches on text without characters beyond it (nearly all text), and 7x
-    faster, because `re` tests a class of code points below U+10000 with one
-    bitmap lookup but scans a class reaching beyond it range by range."""
+    """A tokenizer.json regex as a Python `re` pattern: \\p{X}, \\P{X}, \\s, \\S become
+    class_body's ranges (inside [...], or a class of their own); the rest these files
+    use -- (?i:...), lookahead, {1,3} -- means the same in both. limit=0x10000: the
+    Basic Multilingual Plane only, the same on text without characters beyond it and
+    7x faster (`re` tests such a class with one bitmap lookup, not range by range)."""
     out, i, in_class = [], 0, False
     while i < len(pattern):
         m = ESCAPE.match(pattern, i)
@@ -925,12 +883,12 @@ def translate_regex(pattern: str, limit: int = 0x110000) -> str:
 
 
 BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel(use_regex)
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's
 
 
 class WordCache(dict):
-    """word -> token ids, filled on first sight: a data set repeats its words, so
-    most are looked up, not merged again. Cleared when it grows past `limit`."""
+    """word -> ids, filled on first sight (a data set repeats its words, so most are
+    looked up, not merged again); cleared when it grows past `limit`."""
 
     def __init__(self, encode_word, limit=1_000_000):
         super().__init__()
@@ -943,19 +901,20 @@ class WordCache(dict):
         return ids
 
 
-class BPETokenizer:
-    """A byte-level BPE tokenizer read from tokenizer.json, encoding as HF
-    `tokenizers` does: special (added) tokens written in the text become their
-    ids; the text between them is cut into words by the file's regex(es), each
-    word's bytes spelled in byte_alphabet() and merged by rank (bpe_merge); with
-    `ignore_merges`, a word that is itself in the vocabulary is one token. BOS
-    (and EOS) are added as the file's TemplateProcessing post-processor says.
-    Only what byte-level BPE files use is supported; anything else in the file
-    is a TuluError naming the field."""
+def sequence(step: dict | None, key: str) -> list:
+    """The steps of a tokenizer.json Sequence (its `key` list), or [step] itself."""
+    return step.get(key, [step]) if (step or {}).get("type") == "Sequence" else [step]
+
+
+class BPETokenizer(SpecialSplitting):
+    """A byte-level BPE tokenizer.json, encoding as HF `tokenizers` does: its added
+    tokens are the special ones; the text between them is cut into words by the file's
+    regex(es), a word's bytes spelled in byte_alphabet() and merged (bpe_merge; with
+    `ignore_merges` a word in the vocabulary is one token); BOS (and EOS) as its
+    TemplateProcessing adds them. What else a file asks for is a TuluError naming it."""
 
     def __init__(self, path: str):
-        self.file = path
-        self.dir = os.path.dirname(path)
+        self.file, self.dir = path, os.path.dirname(path)
         try:
             with open(path, encoding="utf-8") as f:
                 spec = json.load(f)
@@ -963,108 +922,88 @@ class BPETokenizer:
             raise TuluError(f"{path}: not a JSON tokenizer file ({e})") from None
         model = spec.get("model") or {}
         self.check(spec, model)
-        self.vocab = model["vocab"]
+        self.vocab, self.ignore_merges = model["vocab"], bool(model.get("ignore_merges"))
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         self.ranks = {pair: r for r, pair in enumerate(merges)}
-        self.ignore_merges = bool(model.get("ignore_merges"))
-        self.added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-        self.id_to_text = {**{i: t for t, i in self.vocab.items()}, **{i: t for t, i in self.added.items()}}
-        self.split_patterns, self.prefix_space = self.read_pre_tokenizer(spec["pre_tokenizer"])
-        self.bos_ids, self.eos_ids = self.read_template(spec.get("post_processor"))
+        self.set_specials({t["content"]: t["id"] for t in spec.get("added_tokens") or []})
+        self.id_to_text = {i: t for t, i in [*self.vocab.items(), *self.specials.items()]}
         self.vocab_size = max(self.id_to_text) + 1
-        self.to_char = byte_alphabet()
-        self.to_byte = {c: b for b, c in self.to_char.items()}
-        self.byte_table = str.maketrans({chr(b): c for b, c in self.to_char.items()})  # latin-1 char -> stand-in
+        self.split_patterns, self.prefix_space = self.read_pre_tokenizer(spec["pre_tokenizer"])
+        self.bos_ids, eos_ids = self.read_template(spec.get("post_processor"))
+        self.to_byte = {c: b for b, c in byte_alphabet().items()}
+        self.byte_table = str.maketrans({chr(b): c for c, b in self.to_byte.items()})  # latin-1 -> stand-in
         self.cache = WordCache(self.encode_word)
-        self.special = special_pattern(tuple(self.added)) if self.added else None
-        bos, eos = self.config_tokens("bos_token", "eos_token")
+        config = tokenizer_config(self.dir)  # bos_token, eos_token: a string, or {"content": ...}
+        bos, eos = (t.get("content") if isinstance(t, dict) else t for t in (config.get("bos_token"),
+                                                                              config.get("eos_token")))
         self.bos_id = self.token_id(bos) if bos else (self.bos_ids[0] if self.bos_ids else None)
-        self.eos_text = eos or (self.id_to_text[self.eos_ids[-1]] if self.eos_ids else None)
+        self.eos_text = eos or (self.id_to_text[eos_ids[-1]] if eos_ids else None)
         self.eos_id = self.token_id(self.eos_text) if self.eos_text else None
 
+    def unsupported(self, field, value,
+                    why="tulu reads byte-level BPE tokenizer.json files: Llama 3, GPT-2 style"):
+        raise TuluError(f"{self.file}: {field} {json.dumps(value)[:80]} is not supported ({why})")
+
     def check(self, spec, model):
-        """Refuse, by name, what this reader does not implement."""
-        def no(field, value):
-            raise TuluError(f"{self.file}: {field} {json.dumps(value)[:80]} is not supported "
-                            "(tulu reads byte-level BPE tokenizer.json files: Llama 3, GPT-2 style)")
         if model.get("type") != "BPE":
-            no("model.type", model.get("type"))
+            self.unsupported("model.type", model.get("type"))
         for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
-                no(f"model.{key}", model[key])
+                self.unsupported(f"model.{key}", model[key])
         if spec.get("normalizer"):
-            no("normalizer", spec["normalizer"])
+            self.unsupported("normalizer", spec["normalizer"])
         if (spec.get("decoder") or {}).get("type") != "ByteLevel":
-            no("decoder", spec.get("decoder"))
+            self.unsupported("decoder", spec.get("decoder"))
         for t in spec.get("added_tokens") or []:
             for key in ("lstrip", "rstrip", "single_word"):
                 if t.get(key):
-                    no(f"added token {t['content']!r} {key}", True)
+                    self.unsupported(f"added token {t['content']!r} {key}", True)
 
     def read_pre_tokenizer(self, pre):
-        """([compiled split regexes, applied in turn], add a leading space?). A
-        Sequence of Split(regex, Isolated) or Digits steps ending in ByteLevel
-        (Llama 3; SmolLM2 splits off each digit first), or ByteLevel alone, which
-        splits with GPT-2's regex when use_regex is true."""
-        steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
-        if not steps or (steps[-1] or {}).get("type") != "ByteLevel":
-            raise TuluError(f"{self.file}: pre_tokenizer {json.dumps(pre)[:80]} is not supported "
-                            "(a byte-level BPE ends its pre-tokenizer with ByteLevel)")
+        """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?)
+        from Split(regex, Isolated) or Digits steps then ByteLevel (Llama 3; SmolLM2
+        splits off each digit first), or ByteLevel alone, with GPT-2's regex if use_regex."""
+        steps = sequence(pre, "pretokenizers")
+        if (steps[-1] or {}).get("type") != "ByteLevel":
+            self.unsupported("pre_tokenizer", pre, "a byte-level BPE ends its pre-tokenizer with ByteLevel")
         patterns = []
         for step in steps[:-1]:
             if step.get("type") == "Digits":  # numbers (Rust's char::is_numeric) alone, or runs of them
                 patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
-                continue
-            pattern = step.get("pattern", {})
-            if step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
-                raise TuluError(f"{self.file}: pre_tokenizer step {json.dumps(step)[:80]} is not supported "
-                                "(only Split with behavior Isolated, Digits and ByteLevel)")
-            patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
-        if steps[-1].get("use_regex", True):
-            patterns.append(GPT2_SPLIT)
-        # each regex twice: for text within the Basic Multilingual Plane (fast), and for any text
-        compiled = [(re.compile(translate_regex(p, 0x10000)), re.compile(translate_regex(p))) for p in patterns]
+            elif step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
+                why = "only Split with behavior Isolated, Digits and ByteLevel"
+                self.unsupported("pre_tokenizer step", step, why)
+            else:
+                pattern = step.get("pattern", {})
+                patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
+        patterns += [GPT2_SPLIT] if steps[-1].get("use_regex", True) else []
+        bmp = [re.compile(translate_regex(p, 0x10000)) for p in patterns]  # fast; and for any text:
+        compiled = list(zip(bmp, [re.compile(translate_regex(p)) for p in patterns]))
         return compiled, bool(steps[-1].get("add_prefix_space"))
 
     def read_template(self, post):
         """(ids before the text, ids after it) of TemplateProcessing's "single"
         template, e.g. ([128000], []) for Llama 3: BOS added, no EOS."""
-        steps = (post or {}).get("processors", [post]) if (post or {}).get("type") == "Sequence" else [post]
         before, after, seen_text = [], [], False
-        for step in steps:
+        for step in sequence(post, "processors"):
             if step is None or step.get("type") == "ByteLevel":  # ByteLevel only adjusts offsets
                 continue
             if step.get("type") != "TemplateProcessing":
                 raise TuluError(f"{self.file}: post_processor {step.get('type')!r} is not supported "
                                 "(only TemplateProcessing and ByteLevel)")
-            for item in step["single"]:
-                if "Sequence" in item:
-                    seen_text = True
-                else:
+            for item in step["single"]:  # a SpecialToken, or the text ("Sequence")
+                seen_text = seen_text or "Sequence" in item
+                if "SpecialToken" in item:
                     ids = step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
                     (after if seen_text else before).extend(ids)
         return before, after
 
-    def config_tokens(self, *keys):
-        """The texts of tokens named in tokenizer_config.json beside the file (e.g.
-        bos_token, eos_token: a string, or an object with "content"), None if unnamed."""
-        cfg = os.path.join(self.dir, "tokenizer_config.json")
-        if not os.path.exists(cfg):
-            return [None] * len(keys)
-        try:
-            with open(cfg, encoding="utf-8") as f:
-                config = json.load(f)
-            values = [config.get(k) for k in keys]
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise TuluError(f"{cfg}: not a JSON object ({e})") from None
-        return [v.get("content") if isinstance(v, dict) else v for v in values]
-
     def token_id(self, text):
-        if text in self.added:
-            return self.added[text]
-        if text in self.vocab:
-            return self.vocab[text]
-        raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the vocabulary")
+        found = self.specials.get(text, self.vocab.get(text))
+        if found is None:
+            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the "
+                            "vocabulary")
+        return found
 
     def words(self, text: str) -> list[str]:
         """Cut text into words with each Split regex in turn, then GPT-2's. A
@@ -1092,168 +1031,34 @@ class BPETokenizer:
             return [self.vocab[spelled]]
         return [self.vocab[s] for s in bpe_merge(list(spelled), self.ranks)]
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Ids of `text`. bos=True adds what the tokenizer adds in front by default
-        (Llama 3: <|begin_of_text|>; nothing for a file whose template adds none);
-        eos=True appends the EOS id."""
-        ids = list(self.bos_ids) if bos else []
-        for _, _, span_ids, _ in self.spans(text):
-            ids += span_ids
-        return ids + [self.eos_id] * eos
-
-    def spans(self, text: str):
-        """Yield (start, end, ids, special?) for each added token of `text` and each
-        piece of text between them, in order: encode(text) is BOS and their ids. A
-        piece's ids depend on that piece alone (see SentencePieceTokenizer.spans)."""
-        for start, end, special in special_spans(text, self.special):
-            piece = text[start:end]
-            yield start, end, [self.added[piece]] if special else self.encode_piece(piece), special
-
     def encode_piece(self, piece: str, first: bool = True) -> list[int]:
-        """Ids of text that holds no added token (`first` changes nothing here)."""
+        """Ids of text without added tokens (`first` changes nothing here)."""
         return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
 
     def decode(self, ids) -> str:
-        """Text of `ids`: each token's stand-in characters back to bytes, UTF-8
-        decoded (a character cut in half shows as U+FFFD); added tokens as written."""
-        out, pending = [], bytearray()
-        for i in ids:
-            t = self.id_to_text[int(i)]
-            if t in self.added:
-                out += [pending.decode("utf-8", errors="replace"), t]
-                pending = bytearray()
-            else:
-                pending += bytes(self.to_byte[c] for c in t)
-        return "".join(out) + pending.decode("utf-8", errors="replace")
+        """Each token's stand-ins back to bytes, UTF-8 decoded (half a character shows
+        as U+FFFD); the added tokens as written."""
+        out = []
+        for special, run in groupby((self.id_to_text[int(i)] for i in ids), key=self.specials.__contains__):
+            text = "".join(run)
+            out.append(text if special else bytes(self.to_byte[c] for c in text).decode(errors="replace"))
+        return "".join(out)
 
 
 def Tokenizer(path: str, legacy: bool | None = None):
-    """The tokenizer of a model folder (or a tokenizer file): Llama 2's
-    sentencepiece tokenizer.model, else a byte-level BPE tokenizer.json (Llama 3).
-    HF's Llama 2 folders ship both files and read tokenizer.model; Llama 3 ships a
-    tokenizer.model too, in tiktoken's text format, which is not sentencepiece."""
+    """The tokenizer of a model folder or a tokenizer file: Llama 2's sentencepiece
+    tokenizer.model, else a byte-level BPE tokenizer.json (Llama 3). HF's Llama 2
+    folders ship both and read tokenizer.model; Llama 3's tokenizer.model is tiktoken's."""
     import sentencepiece as spm
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if path.endswith(".json"):
-        candidates = [path]
-    elif os.path.isdir(path):
-        candidates = [os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")]
-    else:
-        candidates = [path]
-    for file in candidates:
-        if not os.path.exists(file):
-            continue
+    candidates = [os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")] \
+        if os.path.isdir(path) else [path]
+    for file in filter(os.path.exists, candidates):
         if file.endswith(".json"):
             return BPETokenizer(file)
         try:
-            sp = spm.SentencePieceProcessor(model_file=file)
+            return SentencePieceTokenizer(file, legacy, sp=spm.SentencePieceProcessor(model_file=file))
         except (RuntimeError, OSError):
             if file == candidates[-1]:
                 raise TuluError(f"{file}: not a sentencepiece model") from None
-            continue  # e.g. Llama 3's tiktoken tokenizer.model: use tokenizer.json
-        return SentencePieceTokenizer(file, legacy, sp=sp)
     raise TuluError(f"{path}: no tokenizer.model or tokenizer.json found" if os.path.isdir(path)
                     else f"{path}: no such tokenizer file")
-
-
-# -----------------------------------------------------------------------------
-# Generation with a key/value cache
-
-
-class KVCache:
-    """One layer's keys and values of every position seen so far, for generation:
-    each step computes k and v for its new tokens only and attends over these.
-    Held in buffers with room for `size` positions, doubled when full, so that a
-    step writes its keys in place; torch.cat would copy the whole cache each step."""
-
-    def __init__(self, size: int = 0):
-        self.size, self.len, self.k, self.v = size, 0, None, None
-
-    def update(self, k, v):
-        """Append (B, Hkv, T, Dh) keys and values; return those of all positions so far."""
-        n = self.len + k.shape[2]
-        if self.k is None or n > self.k.shape[2]:
-            room = max(n, self.size, 2 * (self.k.shape[2] if self.k is not None else 0))
-            grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)]
-            if self.k is not None:
-                grown[0][:, :, :self.len], grown[1][:, :, :self.len] = self.k[:, :, :self.len], self.v[:, :, :self.len]
-            self.k, self.v = grown
-        self.k[:, :, self.len:n], self.v[:, :, self.len:n] = k, v
-        self.len = n
-        return self.k[:, :, :n], self.v[:, :, :n]
-
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from (B, V) logits: argmax when temperature is 0,
-    else sample after HF's warpers in HF's order: temperature, top-k, top-p."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p  # the smallest tokens whose mass stays under 1 - top_p
-        drop[..., -1] = False    # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             eos_id=None, on_token=None, generator=None) -> list[int]:
-    """Continue one prompt (list of ids, or a (T,) / (1, T) tensor). Returns the new
-    tokens (an EOS that stops generation is included, as HF's generate does);
-    `on_token(id)` is called for each one as it is produced, for streaming."""
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    cache, pos, out = model.new_cache(ids.shape[1] + max_new_tokens), 0, []
-    eos = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) - {None}
-    for _ in range(max_new_tokens):
-        logits = model(ids, cache=cache, start_pos=pos, last_only=True)[:, -1]  # (1, V)
-        pos += ids.shape[1]
-        nxt = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
-        out.append(nxt)
-        if on_token:
-            on_token(nxt)
-        if nxt in eos:
-            break
-        ids = torch.tensor([[nxt]], device=device)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# One row at a time on a CPU (a fast path)
-#
-# Each generation step multiplies a single row by every weight of the model, so
-# its speed is the speed of reading the weights. torch sends a float32 one-row
-# product on a CPU to the BLAS's matrix-vector routine, which on some machines
-# reads far below the memory's speed (MKL on an AMD EPYC: 16 GB/s, where
-# summing the same weights reads 50). Splitting the weight's rows into two
-# halves and multiplying both as one batch (bmm) takes the BLAS's batched
-# path instead, which on that machine reads at 40-55 GB/s: the same products,
-# summed in another order. bench/generate_speed.py measures what it gains.
-
-
-def one_row_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x of one row, (..., K) with one row in all,
-    computed as a batch of two products, each of half the weight's rows: (..., N)."""
-    N, K = weight.shape
-    column = x.reshape(1, 1, K).transpose(1, 2)  # (1, K, 1), strides (K, 1, K): the BLAS reads
-    halves = torch.bmm(weight.view(2, N // 2, K), column.expand(2, K, 1))  # it as a column; (2, N/2, 1)
-    y = halves.view(*x.shape[:-1], N)
-    return y if bias is None else y + bias
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state_dict) that takes one_row_linear for
-    one float32 row on a CPU, outside autocast: a generation step."""
-
-    def forward(self, x):
-        w = self.weight
-        if (x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-                and self.out_features % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu")):
-            return one_row_linear(x, w, self.bias)
-        return super().forward(x)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from llama import Linear, TuluError, atomic_write, write_json
+from llama import TuluError, atomic_write, write_json
 from nf4 import Linear4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -274,8 +274,8 @@ def lora_delta(layer: LoRALinear) -> torch.Tensor:
     # end exercise
 
 
-def merged_linear(layer: nn.Module, dtype=None) -> Linear:
-    """A plain linear layer (llama.Linear) computing what `layer` computes (LoRA Sec. 4.1):
+def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
+    """A plain linear layer (nn.Linear) computing what `layer` computes (LoRA Sec. 4.1):
 
         W' = W + (alpha / r) * B A
 
@@ -290,7 +290,7 @@ def merged_linear(layer: nn.Module, dtype=None) -> Linear:
         w, dtype = base.weight.detach(), dtype or base.weight.dtype
     w = w.float() + lora_delta(layer) if isinstance(layer, LoRALinear) else w
     with torch.device("meta"):  # no time spent initialising weights we overwrite
-        out = Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
     out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     if base.bias is not None:
         out.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)

@@ -14,21 +14,25 @@ bitsandbytes stores them:
    needs to the accelerator, never more than a fixed budget of it at once.
 `Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward
 and again in backward: gradients reach the input (and chapter 3's LoRA
-adapters), never the weight. llama.load_model(..., quantize="nf4") quantizes
-each decoder weight as it is read, a slice at a time (quantize_nf4_slices):
-neither the full-precision model nor a whole full-precision weight ever exists.
+adapters), never the weight. The last section quantizes each decoder weight as
+llama.load_model reads it, a slice at a time: no full-precision weight is ever whole.
 
 Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom.
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from llama import TuluError, check_shape
 
 # -----------------------------------------------------------------------------
 # Code books: NF4 for the weights, the 8-bit dynamic map for their scales
@@ -58,6 +62,18 @@ def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
     # end exercise
 
 
+def linspace_fma(start: float, end: float, n: int) -> torch.Tensor:
+    """torch.linspace(start, end, n) in float32 as its vectorized CPU kernel (AVX2 and
+    up, where bitsandbytes built its dynamic map) computes it: step = (end - start) /
+    (n - 1); the first half start + step*i, the rest end - step*(n-1-i), each one fused
+    multiply-add. Exact in float64, rounded once: the same bits on every machine (the
+    scalar kernel of other CPUs rounds twice)."""
+    s, e = torch.tensor(start, dtype=torch.float32), torch.tensor(end, dtype=torch.float32)
+    step = ((e - s) / (n - 1)).double()
+    i = torch.arange(n, dtype=torch.float64)
+    return torch.where(i < n // 2, s.double() + step * i, e.double() - step * (n - 1 - i)).float()
+
+
 def dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015, arXiv 1511.04561),
     used for the double-quantized scales: 256 sorted float32 values in [-1, 1].
@@ -75,20 +91,6 @@ def dynamic_map() -> torch.Tensor:
     return torch.cat(vals).sort().values
 
 
-def linspace_fma(start: float, end: float, n: int) -> torch.Tensor:
-    """torch.linspace(start, end, n) in float32, as its vectorized CPU kernel computes
-    it and so as bitsandbytes gets its dynamic map on any x86 CPU with AVX2 or
-    better: step = (end - start) / (n - 1); the first half start + step*i, the rest
-    end - step*(n-1-i), each a fused multiply-add (one rounding). torch.linspace
-    itself is not used because its scalar kernel (ATEN_CPU_CAPABILITY=default,
-    other CPUs) rounds twice and gives other last bits. Here the product and sum
-    are exact in float64 and rounded once to float32: the same on every machine."""
-    s, e = torch.tensor(start, dtype=torch.float32), torch.tensor(end, dtype=torch.float32)
-    step = ((e - s) / (n - 1)).double()
-    i = torch.arange(n, dtype=torch.float64)
-    return torch.where(i < n // 2, s.double() + step * i, e.double() - step * (n - 1 - i)).float()
-
-
 class Unfinished:
     """Stands for a constant whose exercise is not done yet (the student copy of
     `tulu.py exercises`): the module imports, and any use raises the exercise's error."""
@@ -99,8 +101,7 @@ class Unfinished:
     def __getattr__(self, name):
         raise self.error
 
-    def __getitem__(self, i):
-        raise self.error
+    __getitem__ = __getattr__
 
 
 try:
@@ -225,16 +226,6 @@ def double_quantize(absmax: torch.Tensor):
     # end exercise
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """QLoRA's storage of a weight (section 3): NF4 codes in blocks of
-    `blocksize`, and with double_quant the block scales quantized once more
-    (double_quantize). The same bytes as bitsandbytes' quantize_4bit(w, blocksize,
-    compress_statistics=double_quant, quant_type="nf4"), from the weight in its
-    own dtype (a bf16 weight is quantized from its bf16 values)."""
-    slices = w.detach().reshape(-1).split(slice_size(blocksize))
-    return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant, w.device)
-
-
 def slice_size(blocksize: int = 64) -> int:
     """SLICE rounded to an even number of whole blocks: cut there, a weight's
     slices split no block (each keeps its own absmax) and no byte (two codes)."""
@@ -271,11 +262,14 @@ def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant:
     return q
 
 
-def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    """w ~= NF4[c] * absmax_b in float32, cast to q.dtype. Double-quantized scales
-    are rebuilt first, absmax = DYNAMIC[c2] * nested_absmax + offset (QLoRA Eq. 6)."""
-    w = dequantize_blockwise(unpack_nibbles(q.packed, math.prod(q.shape)), block_scales(q), NF4, q.blocksize)
-    return w.view(q.shape).to(q.dtype)
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """QLoRA's storage of a weight (section 3): NF4 codes in blocks of
+    `blocksize`, and with double_quant the block scales quantized once more
+    (double_quantize). The same bytes as bitsandbytes' quantize_4bit(w, blocksize,
+    compress_statistics=double_quant, quant_type="nf4"), from the weight in its
+    own dtype (a bf16 weight is quantized from its bf16 values)."""
+    slices = w.detach().reshape(-1).split(slice_size(blocksize))
+    return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant, w.device)
 
 
 def block_scales(q: NF4Tensor) -> torch.Tensor:
@@ -283,6 +277,13 @@ def block_scales(q: NF4Tensor) -> torch.Tensor:
     if q.nested_absmax is None:
         return q.absmax
     return dequantize_blockwise(q.absmax, q.nested_absmax, DYNAMIC, DQ_BLOCKSIZE) + q.nested_offset
+
+
+def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
+    """w ~= NF4[c] * absmax_b in float32, cast to q.dtype. Double-quantized scales
+    are rebuilt first, absmax = DYNAMIC[c2] * nested_absmax + offset (QLoRA Eq. 6)."""
+    w = dequantize_blockwise(unpack_nibbles(q.packed, math.prod(q.shape)), block_scales(q), NF4, q.blocksize)
+    return w.view(q.shape).to(q.dtype)
 
 
 def bits_per_param(q: NF4Tensor) -> float:
@@ -296,7 +297,7 @@ def bits_per_param(q: NF4Tensor) -> float:
 # Linear4bit: a frozen NF4 weight inside the model
 
 
-PAIRS: dict[torch.device, torch.Tensor] = {}  # nf4_pairs' tables, one per device (a dict, which torch.compile reads)
+PAIRS: dict[torch.device, torch.Tensor] = {}  # nf4_pairs' tables by device (a dict: torch.compile reads it)
 
 
 def nf4_pairs(device) -> torch.Tensor:
@@ -377,7 +378,8 @@ class Linear4bit(nn.Module):
         return self
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+            f"compute_dtype={self.compute_dtype}"
 
 
 # -----------------------------------------------------------------------------
@@ -421,22 +423,15 @@ def device_budget(device: torch.device, page_bytes: int) -> float:
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW whose state (exp_avg, exp_avg_sq) lives in pages of at most
-    `page_bytes` in CPU memory (pinned when the parameters are on CUDA). step()
-    brings the pages it needs to the parameters' device, keeping at most
-    `device_budget_bytes` of them there at once; the least recently used go back
-    first, and pages stay between steps, so a state within the budget never moves.
-    The default budget (None) is automatic, fixed at the first step by device_budget:
-    on a GPU what is free then, less a margin (paged_budget), so the state stays on
-    the device while it fits and pages only under memory pressure; on a CPU
-    unlimited, and a page is its own device copy. A budget given explicitly is kept
-    on any device: on a CPU-only machine pages are then still copied and counted, so
-    `resident_bytes` and `peak_resident_bytes` show the paging at work.
-    Copies to and from a GPU are queued on its stream without stalling the host.
-    This is software-managed paging: we decide what moves and when, where
-    bitsandbytes' paged optimizers allocate CUDA unified memory and let the driver
-    page it. Either way the optimizer's share of device memory is bounded.
-    """
+    """AdamW whose state (exp_avg, exp_avg_sq) lives in CPU pages of at most
+    `page_bytes` (pinned for CUDA parameters). step() brings the pages it needs to
+    the parameters' device, at most `device_budget_bytes` of them at once, the least
+    recently used going back first; pages stay between steps, so a state within the
+    budget never moves. None: automatic, fixed at the first step (device_budget). A
+    budget given is kept on a CPU too, where pages are then copied and counted
+    (`resident_bytes`, `peak_resident_bytes`). Copies are queued on the GPU's stream
+    without stalling the host. We decide what moves and when; bitsandbytes' paged
+    optimizers let the driver page CUDA unified memory. Either way the share is bounded."""
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -532,3 +527,87 @@ class PagedAdamW(torch.optim.Optimizer):
             flat = {k: s[k].detach().reshape(-1).to(p.dtype) for k in self.MOMENTS}
             pages = {k: self._new_pages(v, p.device) for k, v in flat.items()}
             self.state[p] = {"step": step, **pages}
+
+
+# -----------------------------------------------------------------------------
+# Quantizing while a checkpoint is read (llama.load_model(..., quantize="nf4"))
+#
+# A safetensors file is 8 bytes, the length of a JSON header (little-endian); the
+# header, giving each tensor's dtype, shape and data_offsets (begin, end) into the
+# bytes that follow it; then those bytes, each tensor's values in row-major order.
+# So a weight can be read a slice at a time, each slice straight into memory of its
+# own (safetensors reads a tensor whole, even for a slice of it, and through mmap
+# its pages would stay in our RSS) and quantized at once (quantize_nf4_slices).
+
+SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class SafetensorsSlices:
+    """A safetensors file whose tensors are read a slice at a time. load_model opens
+    the file with safetensors first, which checks the header and the file's size."""
+
+    def __init__(self, fname: str):
+        self.fname, self.file = fname, open(fname, "rb", buffering=0)
+        n = int.from_bytes(self.file.read(8), "little")
+        self.header, self.data_start = json.loads(self.file.read(n)), 8 + n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self.header[key]["shape"])
+
+    def slices(self, key: str, n: int):
+        """The values of `key`, flat and in order, `n` at a time (the last slice
+        may hold fewer), each a new tensor in the file's dtype."""
+        info = self.header[key]
+        dtype = SAFE_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise TuluError(f"{self.fname}: {key} is {info['dtype']}; a weight to quantize must be one of "
+                            f"{', '.join(SAFE_DTYPES)}")
+        begin, end = info["data_offsets"]
+        step = n * dtype.itemsize
+        for offset in range(begin, end, step):
+            buf = torch.empty(min(step, end - offset), dtype=torch.uint8)
+            self.file.seek(self.data_start + offset)
+            if self.file.readinto(buf.numpy()) != buf.numel():
+                raise TuluError(f"{self.fname}: ends inside {key} (truncated?)")
+            yield buf.view(dtype)
+
+
+@lru_cache(maxsize=None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc (Linux)
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory():
+    """Hand the memory of freed tensors back to the operating system where the C
+    library can (glibc's malloc_trim; elsewhere nothing). glibc keeps freed blocks
+    for reuse, and those between live tensors stay in our resident memory: a
+    weight's slices and their temporaries left ~6 MiB of such holes each."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, device):
+    """Read the decoder weight `key` from `raw` a slice at a time and put it in the
+    model as a Linear4bit, in place of its meta nn.Linear: neither the weight nor
+    whole-weight temporaries are ever in memory (read at once, a weight of
+    Llama-2-7B's MLP is 86 MiB in bf16, and its quantizing temporaries as much
+    again). Each slice is cast to `dtype` first, as transformers quantizes the
+    weight it loaded in that dtype: the bytes are those of quantizing it whole."""
+    parent_name, _, child = key.rpartition(".")[0].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, child)
+    check_shape(key, raw.shape(key), linear.weight.shape)
+    slices = (s.to(device=device, dtype=dtype) for s in raw.slices(key, slice_size()))
+    q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
+    setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
+    release_freed_memory()  # the slices', so that the peak stays the 4-bit model's

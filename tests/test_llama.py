@@ -1,5 +1,6 @@
 """llama.py against transformers (golden files from tests/make_fixtures.py),
 plus the invariants a student can check by hand."""
+import contextlib
 import json
 import math
 import os
@@ -98,29 +99,35 @@ def one_row_calls(monkeypatch):
     return calls
 
 
-def test_linear_takes_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
+def test_one_row_forward_takes_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
     calls = one_row_calls
     torch.manual_seed(0)
-    lin, odd = llama.Linear(32, 48), llama.Linear(32, 47)
+    lin, odd = torch.nn.Linear(32, 48), torch.nn.Linear(32, 47)
+    fast, fast_odd = llama.one_row_forward(lin), llama.one_row_forward(odd)
     x = torch.randn(1, 1, 32)
     with torch.no_grad():
-        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
         assert len(calls) == 1
-        lin(torch.randn(1, 2, 32)), odd(x), lin.to(torch.bfloat16)(x.bfloat16())
+        fast(torch.randn(1, 2, 32)), fast_odd(x), lin.to(torch.bfloat16), fast(x.bfloat16())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            lin.float()(x)
+            lin.float(), fast(x)
     assert len(calls) == 1  # two rows, an odd number of outputs, bf16, autocast: plain F.linear
 
 
 def test_generate_decodes_through_one_row_linear_with_the_same_tokens(monkeypatch, one_row_calls):
     """Every projection of a decoding step (7 per layer) and the head of every step
-    take the fast path; switching it off gives the same tokens."""
+    take the fast path, and only inside generate; switching it off gives the same tokens."""
     model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
     prompt = expected("gqa")["input_ids"][0, :5].tolist()
     fast = llama.generate(model, prompt, max_new_tokens=6)
     assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
-    monkeypatch.setattr(llama.Linear, "forward", torch.nn.Linear.forward)
+    assert all("forward" not in vars(m) for m in model.modules())  # the plain layers again
+    with torch.no_grad():
+        model(torch.tensor([prompt[:1]]))
+    assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
+    monkeypatch.setattr(llama, "one_row_products", lambda model: contextlib.nullcontext())
     assert llama.generate(model, prompt, max_new_tokens=6) == fast
+    assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
 
 
 def test_rope_tables_are_rows_of_one_computation():

@@ -363,13 +363,13 @@ def test_load_model_nf4_reads_each_weight_in_slices(monkeypatch, dtype):
     path = os.path.join(FIX, "llama", "gqa")
     plain = llama.load_model(path, dtype=dtype)
     monkeypatch.setattr(nf4, "SLICE", 128)
-    sizes, read = [], llama.SafetensorsSlices.slices
+    sizes, read = [], nf4.SafetensorsSlices.slices
 
     def slices(self, key, n):
         for s in read(self, key, n):
             sizes.append(s.numel())
             yield s
-    monkeypatch.setattr(llama.SafetensorsSlices, "slices", slices)
+    monkeypatch.setattr(nf4.SafetensorsSlices, "slices", slices)
     model = llama.load_model(path, dtype=dtype, quantize="nf4")
     weights = {n: p for n, p in plain.named_parameters() if llama.decoder_linear(n)}
     assert max(sizes) == 128 and sum(sizes) == sum(w.numel() for w in weights.values())
@@ -386,10 +386,10 @@ def test_load_model_nf4_hands_freed_memory_back_after_each_weight(monkeypatch):
     memory back (on glibc, malloc_trim is found and called; elsewhere a no-op)."""
     import platform
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert llama._malloc_trim() is not None
-    llama.release_freed_memory()  # runs wherever the tests do
+        assert nf4._malloc_trim() is not None
+    nf4.release_freed_memory()  # runs wherever the tests do
     calls = []
-    monkeypatch.setattr(llama, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(nf4, "release_freed_memory", lambda: calls.append(1))
     model = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16, quantize="nf4")
     assert len(calls) == 7 * model.config.num_hidden_layers
     llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16)
