@@ -15,7 +15,8 @@ every turn, as open-instruct does. Four things make such a file cheap:
 - the examples are held as one flat int32 tensor (Examples: 8 bytes a token with its
   label, where two lists of Python ints take about 43);
 - they are cached, keyed by everything they depend on, so the next run, and every
-  --resume, reads them back instead of encoding again.
+  --resume, reads them back instead of encoding again; under torchrun rank 0 encodes
+  and caches the file while the other ranks wait, then they read the cache (rank0_first).
 
 The chat format itself is tulu.py's: it hands it in as a ChatFormat (this folder
 never imports the chapters). Problems in a file end as TuluError("path:line: ...").

@@ -15,6 +15,13 @@ CPU (gathered, full_model); resuming cuts a whole checkpoint to each rank's shar
 code asks. An error on one rank ends every rank with its one-line message (together),
 where the others would wait for it forever. Without torchrun all of this reduces to a
 Dist of one rank and costs nothing.
+
+Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
+the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
+step, rank), repeat only on the same number. The price is host memory under full
+fine-tuning: every rank reads the whole model to its CPU in float32 before shard, rank 0
+gathers a checkpoint (weights and AdamW's two states) on its CPU, and every rank reads it
+whole on --resume; for a 70B model on one 8-GPU machine that is not practical yet.
 """
 from __future__ import annotations
 

@@ -17,6 +17,13 @@ settles them). A finished run leaves finished.json instead.
 
 Under torchrun every rank takes part in gathering FSDP's shards and rank 0 alone
 writes; the ranks decide together, once a step, whether to save or stop (any_rank).
+
+Why both kinds of checkpoint: a scheduler's SIGTERM (Slurm, Kubernetes, torchrun passing
+it on) is followed by a kill after a grace period (Slurm's KillWait, Kubernetes'
+terminationGracePeriodSeconds, torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT: often 30 s).
+When the step in progress and a checkpoint fit in it, nothing is lost; where they do not
+(raise the grace period), and after a SIGKILL or a lost machine, the last periodic
+checkpoint (--save-minutes) remains.
 """
 from __future__ import annotations
 
