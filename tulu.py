@@ -14,10 +14,8 @@ command line is at the bottom.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -25,25 +23,25 @@ import torch
 
 import dpo
 import llama
-from llama import TuluError, Tokenizer, load_model, save_model, atomic_write
+from llama import TuluError, Tokenizer, load_model, save_model
 from tqdm import tqdm
-from machinery.checks import (check_batch_size, check_finite_weights, check_output, check_vocab,
+from machinery.checks import (check_batch_size, check_output, check_vocab,
                               folder_tokenizer, tokenizer_source, warn_beyond_context)
 from machinery.data import (ChatFormat, default_workers, example_lengths, load_examples,
                             read_jsonl, read_objects)
 from machinery.demo import DEMO_HELDOUT, print_answers, tiny_default_model, tiny_sft_model
-from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text, exit_after,
-                                   full_model, grad_sync, rank0, rank0_first, rank_batches, setup_distributed,
+from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text,
+                                   exit_after, grad_sync, rank0, rank0_first, rank_batches, setup_distributed,
                                    shard, together, undeal)
 from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics, choice_scores, data_kind,
                                 greedy_answers, preference_metrics, read_choices, report, sft_metrics)
 from machinery.exercises import EXERCISES, make_exercises
-from machinery.fast import use_fast_dropout
+from machinery.fast import compile_layers, use_fast_dropout
+from machinery.outputs import copy_tokenizer, read_prompt, save_outputs, stop_ids, stream_reply
 from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # -----------------------------------------------------------------------------
 # The chat format and the data files (Tulu 2 / open-instruct formats)
@@ -62,7 +60,8 @@ def chat_text(messages, eos: str = "</s>") -> str:
     for m in messages:
         if m["role"] not in ROLE_HEADERS:
             raise ValueError(f"unknown role {m['role']!r} (expected system, user or assistant)")
-        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + (eos if m["role"] == "assistant" else "") + "\n"
+        end = eos if m["role"] == "assistant" else ""
+        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + end + "\n"
     return text
 
 
@@ -97,7 +96,8 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
         if m["role"] == "assistant":
             continue
         start = 0 if i == 0 else prefix_len(chat_text(messages[:i], eos))
-        header = ROLE_HEADERS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
+        answer_next = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+        header = ROLE_HEADERS["assistant"] if answer_next else ""
         end = prefix_len(chat_text(messages[:i + 1], eos) + header)
         labels[start:end] = [-100] * len(labels[start:end])
         if end >= max_seq_length:
@@ -212,10 +212,12 @@ def storage_dtype(args) -> torch.dtype:
 
 
 RECIPES = {  # (command, method family) -> defaults
-    ("sft", "full"): dict(lr=2e-5, epochs=2, warmup_ratio=0.03, max_grad_norm=0.0, batch_size=4, grad_accum=32,
-                          max_seq_length=8192),   # Tulu 2 SFT: arXiv 2311.10702 Sec. 3 / model cards
-    ("sft", "lora"): dict(lr=1e-4, epochs=5, warmup_ratio=0.03, max_grad_norm=0.3, batch_size=4, grad_accum=32,
-                          max_seq_length=8192),   # Tulu 2 QLoRA 70B card; clip 0.3 from QLoRA (2305.14314)
+    # Tulu 2 SFT: arXiv 2311.10702 Sec. 3 / model cards
+    ("sft", "full"): dict(lr=2e-5, epochs=2, warmup_ratio=0.03, max_grad_norm=0.0, batch_size=4,
+                          grad_accum=32, max_seq_length=8192),
+    # Tulu 2 QLoRA 70B card; clip 0.3 from QLoRA (2305.14314)
+    ("sft", "lora"): dict(lr=1e-4, epochs=5, warmup_ratio=0.03, max_grad_norm=0.3, batch_size=4,
+                          grad_accum=32, max_seq_length=8192),
     ("dpo", "full"): dict(lr=5e-7, epochs=3, warmup_ratio=0.1, max_grad_norm=0.0, batch_size=4, grad_accum=8,
                           max_seq_length=2048),   # Tulu 2 DPO: beta 0.1, lr 5e-7, batch 32, 3 epochs
     ("dpo", "lora"): dict(lr=5e-6, epochs=3, warmup_ratio=0.1, max_grad_norm=0.3, batch_size=4, grad_accum=8,
@@ -224,8 +226,8 @@ RECIPES = {  # (command, method family) -> defaults
     # best at 5e-3, every weight at 5e-4 (62% right; 1e-3: 60%, 2e-3: 57%, 3e-3: 42%); DPO at 1e-4
     # raises held-out reward accuracy without costing right answers (3e-4: one fewer of 40; 1e-3:
     # a sixth fewer).
-    ("sft", "demo"): dict(lr=5e-3, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16, grad_accum=1,
-                          max_seq_length=256),
+    ("sft", "demo"): dict(lr=5e-3, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16,
+                          grad_accum=1, max_seq_length=256),
     ("sft", "demo-full"): dict(lr=5e-4, epochs=3, warmup_ratio=0.03, max_grad_norm=1.0, batch_size=16,
                                grad_accum=1, max_seq_length=256),
     ("dpo", "demo"): dict(lr=1e-4, epochs=2, warmup_ratio=0.1, max_grad_norm=1.0, batch_size=16, grad_accum=1,
@@ -244,7 +246,8 @@ def recipe_help(command, key, what, lora_source=None):
     demo_full = RECIPES.get((command, "demo-full"), {}).get(key, r("demo"))
     with_full = f", {demo_full} with full" if demo_full != r("demo") else ""
     return (f"{what} (default {r('full')} for full fine-tuning [{SOURCES[(command, 'full')]}], {r('lora')} "
-            f"with lora/qlora [{lora_source or SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny demo{with_full})")
+            f"with lora/qlora [{lora_source or SOURCES[(command, 'lora')]}]; {r('demo')} for the tiny "
+            f"demo{with_full})")
 
 
 def positive_int(s):
@@ -287,19 +290,21 @@ class TrainConfig:
     max_seq_length: int | None = flag("truncate longer examples", recipe=True, type=positive_int)
     warmup_ratio: float | None = flag("linear warmup over this fraction of the steps, then linear decay to 0",
                                       recipe=True, type=float)
-    max_grad_norm: float | None = flag("gradient clipping, 0 = off", recipe="QLoRA, arXiv 2305.14314", type=float)
+    max_grad_norm: float | None = flag("gradient clipping, 0 = off", recipe="QLoRA, arXiv 2305.14314",
+                                       type=float)
     weight_decay: float = flag("AdamW weight decay (default 0, Tulu 2)", 0.0, type=float)
     adam_betas: tuple = flag("AdamW betas (default 0.9 0.999, Tulu 2)", (0.9, 0.999), type=float, nargs=2,
                              metavar=("BETA1", "BETA2"))
     adam_eps: float = flag("AdamW epsilon (default 1e-8, Tulu 2)", 1e-8, type=float)
     lora_r: int = flag("LoRA rank (default 64, Tulu 2 QLoRA model card)", 64, type=positive_int)
     lora_alpha: float = flag("LoRA alpha (default 16, Tulu 2 QLoRA model card)", 16, type=float)
-    lora_dropout: float | None = flag("LoRA dropout (default 0.1 for sft, Tulu 2 QLoRA model card; 0 for dpo so "
-                                      "that policy = reference at step 0, as TRL)", type=float)
-    gradient_checkpointing: bool = flag("recompute activations in backward (QLoRA)", False, action="store_true")
+    lora_dropout: float | None = flag("LoRA dropout (default 0.1 for sft, Tulu 2 QLoRA model card; 0 for dpo "
+                                      "so that policy = reference at step 0, as TRL)", type=float)
+    gradient_checkpointing: bool = flag("recompute activations in backward (QLoRA)", False,
+                                        action="store_true")
     compile: bool = flag("torch.compile each decoder layer (default: off): fused kernels for the elementwise "
-                         "work, meant for CUDA; the first step compiles for tens of seconds, and on a CPU the "
-                         "step is no faster (README)", False, action="store_true")
+                         "work, meant for CUDA; the first step compiles for tens of seconds, and on a CPU "
+                         "the step is no faster (README)", False, action="store_true")
     group_by_length: bool = flag(
         "cut each step's examples into micro-batches longest first, so that little is padded: faster on data "
         "of mixed lengths; the step's examples and summed gradient stay the same, only dropout masks and "
@@ -310,15 +315,15 @@ class TrainConfig:
                            type=count, metavar="N")
     save_minutes: float = flag(
         "checkpoint once M minutes have passed since the last checkpoint (default %(default)g: a crash or "
-        "SIGKILL loses at most that much, while writing a checkpoint, seconds for an adapter, under a minute "
-        "at 1 GB/s for a 7B full fine-tune's 38 GiB of weights and AdamW state, costs a few percent of the "
-        "time; the demo ends sooner; 0: off). Ctrl-C and SIGTERM always checkpoint, after the step in "
+        "SIGKILL loses at most that much, while writing a checkpoint, seconds for an adapter, about 80 s "
+        "at 1 GB/s for a 7B full fine-tune's 75 GiB of float32 weights and AdamW state, costs a few percent "
+        "of the time; the demo ends sooner; 0: off). Ctrl-C and SIGTERM always checkpoint, after the step in "
         "progress", 30.0, type=float, metavar="M")
     resume: str | None = flag("continue the run in this output folder from its checkpoint, with the same "
                               "settings, model and data; a finished run exits at once")
     device: str = flag("default: cuda if available", "auto", choices=["auto", "cpu", "cuda"])
-    dtype: str = flag("compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU); what trains keeps float32 "
-                      "master weights", "auto", choices=["auto", "bf16", "fp32"])
+    dtype: str = flag("compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU); what trains keeps "
+                      "float32 master weights", "auto", choices=["auto", "bf16", "fp32"])
     num_workers: int = flag("processes that encode --data (default: this machine's cores, at most 8; here "
                             "%(default)s); the encoding is cached under $XDG_CACHE_HOME/tulu/data",
                             default_workers(), type=positive_int)
@@ -364,8 +369,8 @@ def training_flags(p, command):
             b = RECIPES[(command, "full")]
             help = recipe_help(command, f.name, help.format(batch=b["batch_size"] * b["grad_accum"]),
                                lora_source=recipe if isinstance(recipe, str) else None)
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=help.replace("{command}", command),
-                       **f.metadata["kw"])
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                       help=help.replace("{command}", command), **f.metadata["kw"])
 
 
 def build_policy(args, path):
@@ -389,17 +394,6 @@ def build_policy(args, path):
     if getattr(args, "compile", False):
         compile_layers(model)
     return shard(model, dist_of(args), args.dtype) if fsdp else model
-
-
-def compile_layers(model):
-    """--compile: torch.compile each decoder layer in place (state_dict keys unchanged).
-    The layers are alike, so they share the compiled code: inductor fuses the
-    elementwise work around the matrix products (norms, rotary, SiLU, LoRA's casts and
-    adds, NF4's dequantization) into generated kernels. The first step pays for the
-    compilation (tens of seconds); a change of shape (another sequence length) compiles
-    again, up to torch._dynamo's recompile limit, then runs the plain layer."""
-    for layer in model.model.layers:
-        layer.compile()
 
 
 def build_optimizer(args, model):
@@ -470,20 +464,6 @@ class DPOTask:
         return losses.sum() / denom, dpo.dpo_metrics(losses, cr, rj, pc, pr, reduction="sum")
 
 
-@torch.no_grad()
-def cache_reference(model, pairs, task, args):
-    """Append the reference log-probs (rc, rr) to every pair, from the model as it is
-    now, before the first update (open-instruct's dpo_tune_cache): the reference
-    then needs no second copy of the model in memory."""
-    d, scores = dist_of(args), []  # under torchrun each rank scores its share of the batches (deal)
-    for chunk, batch in eval_batches(model, pairs, task, args, "reference log-probs", d):
-        with autocast(args):
-            rc, rr = dpo.concatenated_logps(model, batch, task.avg)
-        scores.append([(float(c), float(r)) for c, r in zip(rc, rr)])
-    scores = [s for batch in undeal(scores, math.ceil(len(pairs) / args.batch_size), d) for s in batch]
-    return [p[:4] + s for p, s in zip(pairs, scores)]
-
-
 def eval_batches(model, examples, task, args, desc, d=None):
     """(examples, device batch) in order, the model in eval mode (no dropout); under
     torchrun (d), this rank's share (deal), the first batch standing in where short."""
@@ -499,6 +479,21 @@ def autocast(args):
     master weights cast for each one, reductions (softmax, norms) in float32."""
     device_type = torch.device(args.device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == torch.bfloat16)
+
+
+@torch.no_grad()
+def cache_reference(model, pairs, task, args):
+    """Append the reference log-probs (rc, rr) to every pair, from the model as it is
+    now, before the first update (open-instruct's dpo_tune_cache): the reference
+    then needs no second copy of the model in memory."""
+    d, scores = dist_of(args), []  # under torchrun each rank scores its share of the batches (deal)
+    for chunk, batch in eval_batches(model, pairs, task, args, "reference log-probs", d):
+        with autocast(args):
+            rc, rr = dpo.concatenated_logps(model, batch, task.avg)
+        scores.append([(float(c), float(r)) for c, r in zip(rc, rr)])
+    scores = [s for batch in undeal(scores, math.ceil(len(pairs) / args.batch_size), d) for s in batch]
+    return [p[:4] + s for p, s in zip(pairs, scores)]
+
 
 # -----------------------------------------------------------------------------
 # The training loop, shared by sft and dpo
@@ -549,14 +544,15 @@ def train(args, model, examples, task, out, save=None):
                 g["lr"] = lr
             idx = step_batches(len(examples), step, per_epoch, args.batch_size, args.grad_accum * d.world,
                                args.seed, lengths)  # one process's micro-batches with the same global batch
-            micro = rank_batches(idx, examples, task, d)  # this rank's share (a weight-0 stand-in where short)
+            micro = rank_batches(idx, examples, task, d)  # this rank's share (weight-0 stand-ins where short)
             denom = max(1, all_sum(d, sum(task.count(b) * b.get("weight", 1) for b in micro))[0])
             for i, b in enumerate(micro):
                 with autocast(args), grad_sync(net, last=i == len(micro) - 1):
                     loss, metrics = task.loss(net, on(b, args.device), denom)
                 (loss * (b.get("weight", 1) * d.world)).backward()  # DDP and FSDP average over ranks: we sum
                 run.add(loss, metrics, b)
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+            clip = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # 0: no clipping
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if run.finite(norm, denom):  # the whole step's loss and gradient norm: every rank alike
                 opt.step()
             opt.zero_grad(set_to_none=True)
@@ -565,44 +561,10 @@ def train(args, model, examples, task, out, save=None):
 
 
 # -----------------------------------------------------------------------------
-# Commands
-
-
-def stop_ids(model_dir, tok) -> list[int]:
-    """The tokenizer's EOS id and every EOS id the model folder names: config.json's
-    and generation_config.json's eos_token_id, an id or a list of them (Llama 3.1
-    Instruct stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>)."""
-    ids = [tok.eos_id]
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(model_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                value = json.load(f).get("eos_token_id")
-            ids += value if isinstance(value, list) else [value]
-    return sorted({i for i in ids if i is not None})
-
-
-def copy_tokenizer(src, out, names=TOKENIZER_FILES):
-    for name in names:
-        if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(out):
-            atomic_write(os.path.join(out, name), lambda tmp, n=name: shutil.copyfile(os.path.join(src, n), tmp))
-
-
-def save_outputs(args, model, model_dir, out):
-    """lora/qlora: a PEFT adapter; full: a Hugging Face model folder. Both get the tokenizer."""
-    from lora import save_adapter
-    model = full_model(model)  # under torchrun: rank 0's, FSDP's shards gathered; None elsewhere
-    if model is None:
-        return
-    check_finite_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad or args.method == "full"),
-                         "output")
-    if args.method == "full":  # in the base checkpoint's dtype, as open-instruct and transformers' Trainer
-        save_model(model, out, dtype=llama.checkpoint_dtype(model_dir))
-        copy_tokenizer(model_dir, out, ("generation_config.json",))
-    else:
-        save_adapter(model, out, base_model_name_or_path=model_dir)
-    copy_tokenizer(tokenizer_source(getattr(args, "adapter", None), model_dir), out)
-    print(f"wrote {'model' if args.method == 'full' else 'adapter'}, tokenizer and metrics.jsonl to {out}")
+# The command line: each command a cmd_<name>(args), then the parser. Defaults come
+# from the model cards and papers, each listed with its source in --help; with no
+# --model, the tiny demo's own defaults apply (a model trained from scratch needs a
+# far larger lr).
 
 
 def print_config(args):
@@ -625,7 +587,7 @@ def start_run(ns, default_model, default_data):
     together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
     check_output(args.output, args.model, getattr(args, "adapter", None))
     root = resume_root(args)
-    rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: its newest whole checkpoint
+    rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: the newest whole one
     together(args.dist, check_resume, args, root)  # before the model loads
     torch.manual_seed(args.seed)
     return args, demo, together(args.dist, lambda m: check_vocab(Tokenizer(m), m), args.model)
@@ -687,9 +649,11 @@ def cmd_dpo(args):
         before = preference_metrics(model, held, task, args, eval_batches, autocast)
         prompts, sft_answers = demo_answers(model, tok, args.model)  # the policy is the SFT model at step 0
     os.makedirs(args.output, exist_ok=True)
-    train(args, model, pairs, task, args.output, save=lambda: save_outputs(args, model, args.model, args.output))
+    save = lambda: save_outputs(args, model, args.model, args.output)
+    train(args, model, pairs, task, args.output, save=save)
     if demo:
-        print_answers(DEMO_HELDOUT, prompts, {"SFT": sft_answers, "DPO": demo_answers(model, tok, args.model)[1]})
+        dpo_answers = demo_answers(model, tok, args.model)[1]
+        print_answers(DEMO_HELDOUT, prompts, {"SFT": sft_answers, "DPO": dpo_answers})
         after = preference_metrics(model, held, task, args, eval_batches, autocast)
         print(f"held-out pairs ({heldout}): rewards/accuracy {before['rewards/accuracy']:.2f} -> "
               f"{after['rewards/accuracy']:.2f}, rewards/margin {before['rewards/margin']:.3f} -> "
@@ -732,39 +696,10 @@ def cmd_chat(args):
         if prompt is None:
             return
         history.append({"role": "user", "content": prompt})
-        reply = stream_reply(model, tok, history, args, g)
+        reply = stream_reply(model, tok, encode_prompt(history, tok), args, g)
         history.append({"role": "assistant", "content": reply})
         if args.prompt is not None:
             return
-
-
-def read_prompt():
-    try:
-        line = input("\n<|user|>\n")
-    except EOFError:
-        return None
-    return None if line.strip() in ("/exit", "/quit") else line
-
-
-def stream_reply(model, tok, history, args, g):
-    """Generate the assistant's answer and print it as it comes."""
-    new, shown = [], ""
-    print("<|assistant|>")
-
-    def on_token(i):
-        nonlocal shown
-        new.append(i)
-        text = tok.decode([t for t in new if t not in args.stop_ids])
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-
-    llama.generate(model, encode_prompt(history, tok), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, eos_id=args.stop_ids, on_token=on_token, generator=g)
-    final = tok.decode([t for t in new if t not in args.stop_ids])
-    print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
-    return final
-
 
 
 def cmd_eval(args):
@@ -777,7 +712,8 @@ def cmd_eval(args):
     kind = data_kind(args.data, read_objects(args.data))
     check_eval_args(args, kind)
     tok = check_vocab(Tokenizer(tokenizer_source(args.adapter, args.model)), args.model)
-    load = lambda path: load_model(path, dtype=args.dtype, device=args.device, quantize="nf4" if args.qlora else None)
+    quantize = "nf4" if args.qlora else None
+    load = lambda path: load_model(path, dtype=args.dtype, device=args.device, quantize=quantize)
     task = DPOTask(args, pad_id=tok.eos_id) if kind == "prefs" else SFTTask(tok.eos_id)
     if kind == "choice":
         examples = read_choices(args.data, read_objects(args.data))
@@ -793,7 +729,8 @@ def cmd_eval(args):
     if kind == "choice":
         shots = 5 if args.shots is None and dev else args.shots or 0
         score = lambda rows: choice_scores(model, rows, task, args, eval_batches, autocast)
-        return report(args, kind, len(examples), choice_metrics(examples, dev, shots, tok, args, score), shots)
+        metrics = choice_metrics(examples, dev, shots, tok, args, score)
+        return report(args, kind, len(examples), metrics, shots)
     metrics = sft_metrics if kind == "sft" else preference_metrics
     report(args, kind, len(examples), metrics(model, examples, task, args, eval_batches, autocast))
 
@@ -808,31 +745,24 @@ def cmd_exercises(args):
     print(f"wrote a student copy of tulu with {len(names)} exercises to {out}; read {out}/EXERCISES.md and "
           f"start with {names[0]} ({file}: {function}):\n  cd {out} && python -m pytest {selector}")
 
-# -----------------------------------------------------------------------------
-# The command line. Defaults come from the model cards and papers; each is
-# listed with its source in --help. With no --model, the tiny demo's own
-# defaults apply (a model trained from scratch needs a far larger lr).
 
-def build_parser():
-    ap = argparse.ArgumentParser(prog="tulu.py", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sft", help="supervised fine-tuning on Tulu-format conversations")
-    training_flags(p, "sft")
-    p.set_defaults(func=cmd_sft)
-    p = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs")
-    training_flags(p, "dpo")
-    p.set_defaults(func=cmd_dpo)
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write an HF folder")
+def exercises_flags(p):
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
+
+
+def merge_flags(p):
     p.add_argument("--model", required=True, help="the base model folder")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--output", required=True)
-    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 and back first, as the adapter "
-                   "was trained (open-instruct merge_lora.py --qlora)")
+    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 and back first, as the "
+                   "adapter was trained (open-instruct merge_lora.py --qlora)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="output dtype (default %(default)s); with --qlora also the dtype the base is quantized "
-                        "from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
-    p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("chat", help="talk to a model in the Tulu chat format")
+                   help="output dtype (default %(default)s); with --qlora also the dtype the base is "
+                        "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
+
+
+def chat_flags(p):
     p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
                                    "demo `tulu.py dpo` starts from; built once and cached)")
     p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
@@ -845,13 +775,14 @@ def build_parser():
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
-    p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("eval", help="held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy")
+
+
+def eval_flags(p):
     p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT)")
     p.add_argument("--adapter", help="PEFT adapter to evaluate on --model; for preference pairs the model "
                                      "without it is the reference")
-    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 first, as a qlora adapter was "
-                                                        "trained (default: the base as stored)")
+    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 first, as a qlora adapter "
+                                                        "was trained (default: the base as stored)")
     p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}: loss, perplexity), "
                    "preference pairs ({\"chosen\", \"rejected\"}: DPO's rewards/*) or multiple choice "
                    "({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
@@ -865,19 +796,34 @@ def build_parser():
         "as MMLU's evaluate.py (default %(default)s, MMLU's)"))
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default "
                                                                       "%(default)s)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, Tulu 2 DPO)")
-    p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES), help="DPO loss for the loss "
-                                                                                  "metric (default %(default)s)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, "
+                                                           "Tulu 2 DPO)")
+    p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES),
+                   help="DPO loss for the loss metric (default %(default)s)")
     p.add_argument("--output", help="also write the results to this JSON file")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="default: cuda if available")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="default: bf16 on CUDA, fp32 on CPU")
-    p.set_defaults(func=cmd_eval, label_smoothing=0.0)
-    p = sub.add_parser("exercises", help="write a student copy in which key functions are left to implement, "
-                                         "graded by the tests (see its EXERCISES.md)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")
-    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
-    p.set_defaults(func=cmd_exercises)
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="tulu.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    commands = [("sft", "supervised fine-tuning on Tulu-format conversations", cmd_sft,
+                 lambda p: training_flags(p, "sft")),
+                ("dpo", "direct preference optimisation on chosen/rejected pairs", cmd_dpo,
+                 lambda p: training_flags(p, "dpo")),
+                ("merge", "fold a LoRA adapter into its base and write an HF folder", cmd_merge, merge_flags),
+                ("chat", "talk to a model in the Tulu chat format", cmd_chat, chat_flags),
+                ("eval", "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy",
+                 cmd_eval, eval_flags),
+                ("exercises", "write a student copy in which key functions are left to implement, graded "
+                              "by the tests (see its EXERCISES.md)", cmd_exercises, exercises_flags)]
+    for name, help, func, flags in commands:
+        p = sub.add_parser(name, help=help)
+        flags(p)
+        p.set_defaults(func=func, **({"label_smoothing": 0.0} if name == "eval" else {}))
     return ap
 
 

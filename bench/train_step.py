@@ -96,7 +96,7 @@ def ours(args, path):
     model.train()
     if args.compile:
         import tulu
-        tulu.compile_layers(model)
+        fast.compile_layers(model)
     def loss_of(ids, labels):  # as tulu.SFTTask.loss
         return -model(ids, labels=labels).sum() / (labels[:, 1:] != -100).sum()
     return training_step(loss_of, opt, batch(args, model.config.vocab_size))

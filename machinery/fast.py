@@ -11,6 +11,9 @@ keep-with-probability-(1 - p) mask costs a quarter of the draws and one
 comparison. Dropout is nn.Dropout drawing its mask so, and use_fast_dropout puts
 it in place of each nn.Dropout of a model (lora.LoRALinear's) before training.
 tests/test_fast.py holds it to nn.Dropout's definition.
+
+--compile (compile_layers): torch.compile each decoder layer, for CUDA, where kernel
+launches and elementwise work weigh; the test holds its steps to the plain layers'.
 """
 from __future__ import annotations
 
@@ -56,3 +59,14 @@ def use_fast_dropout(model: nn.Module) -> nn.Module:
             drop.train(m.training)
             setattr(model.get_submodule(parent), child, drop)
     return model
+
+
+def compile_layers(model):
+    """--compile: torch.compile each decoder layer in place (state_dict keys unchanged).
+    The layers are alike, so they share the compiled code: inductor fuses the
+    elementwise work around the matrix products (norms, rotary, SiLU, LoRA's casts and
+    adds, NF4's dequantization) into generated kernels. The first step pays for the
+    compilation (tens of seconds); a change of shape (another sequence length) compiles
+    again, up to torch._dynamo's recompile limit, then runs the plain layer."""
+    for layer in model.model.layers:
+        layer.compile()

@@ -20,7 +20,7 @@ import torch
 import llama
 import lora
 import tulu
-from machinery import evaluate
+from machinery import evaluate, outputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -141,7 +141,7 @@ def test_preference_metrics_against_a_reference_folder_and_another_beta(tmp_path
     pairs = first_lines("prefs_train.jsonl", 5)
     policy = tmp_path / "policy"
     llama.save_model(merged(adapter), str(policy))
-    for name in tulu.TOKENIZER_FILES:
+    for name in outputs.TOKENIZER_FILES:
         if os.path.exists(os.path.join(HF_TINY, name)):
             (policy / name).write_bytes(open(os.path.join(HF_TINY, name), "rb").read())
     out = tmp_path / "r.json"
