@@ -42,7 +42,8 @@ def stop_ids(model_dir, tok) -> list[int]:
 def copy_tokenizer(src, out, names=TOKENIZER_FILES):
     for name in names:
         if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(out):
-            atomic_write(os.path.join(out, name), lambda tmp, n=name: shutil.copyfile(os.path.join(src, n), tmp))
+            copy = lambda tmp, n=name: shutil.copyfile(os.path.join(src, n), tmp)
+            atomic_write(os.path.join(out, name), copy)
 
 
 def save_outputs(args, model, model_dir, out):
@@ -51,15 +52,15 @@ def save_outputs(args, model, model_dir, out):
     model = full_model(model)  # under torchrun: rank 0's, FSDP's shards gathered; None elsewhere
     if model is None:
         return
-    check_finite_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad or args.method == "full"),
-                         "output")
-    if args.method == "full":  # in the base checkpoint's dtype, as open-instruct and transformers' Trainer
+    full = args.method == "full"
+    check_finite_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad or full), "output")
+    if full:  # in the base checkpoint's dtype, as open-instruct and transformers' Trainer
         save_model(model, out, dtype=llama.checkpoint_dtype(model_dir))
         copy_tokenizer(model_dir, out, ("generation_config.json",))
     else:
         save_adapter(model, out, base_model_name_or_path=model_dir)
     copy_tokenizer(tokenizer_source(getattr(args, "adapter", None), model_dir), out)
-    print(f"wrote {'model' if args.method == 'full' else 'adapter'}, tokenizer and metrics.jsonl to {out}")
+    print(f"wrote {'model' if full else 'adapter'}, tokenizer and metrics.jsonl to {out}")
 
 
 def read_prompt():
