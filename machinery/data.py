@@ -86,7 +86,7 @@ def parse_line(path: str, n: int, raw: bytes, kind: str, roles=None):
         if not isinstance(messages, list) or not messages:
             raise TuluError(f"{where} must be a non-empty list of messages")
         for j, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))):
                 raise TuluError(f"{where} message {j} must be an object with string 'role' and 'content'")
             if roles is not None and m["role"] not in roles:
                 expected = " or ".join(", ".join(roles).rsplit(", ", 1))  # "system, user or assistant"
@@ -138,7 +138,7 @@ class Prefixes:
         self.seen = [(0, len(self.ids), True)]  # (end, len(self.ids) after it, special?) of BOS and each span
 
     def cut(self, b: int) -> tuple[int, list[int]]:
-        """(n, tail): tokenizer.encode(text[:b], bos=True) is self.ids[:n] + tail, as far as `limit` tokens."""
+        """(n, tail): tokenizer.encode(text[:b], bos=True) is self.ids[:n] + tail (to `limit` tokens)."""
         while self.seen[-1][0] < b and len(self.ids) < self.limit:
             _, end, ids, special = next(self.spans)
             self.ids += ids
@@ -338,7 +338,8 @@ def encode_file(encoder: BatchEncoder, batches, lines, workers):
                 results.append(r)
                 tokens += len(r[0]) // 8  # ids and labels, 4 bytes each
                 bar.update(next_first - 1 - bar.n)
-                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-6):,.0f} tokens/s", refresh=False)
+                speed = tokens / max(time.perf_counter() - t0, 1e-6)
+                bar.set_postfix_str(f"{speed:,.0f} tokens/s", refresh=False)
     finally:
         bar.close()
     flat = lambda i: torch.from_numpy(np.frombuffer(bytearray().join(r[i] for r in results), np.int32))
