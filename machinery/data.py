@@ -1,25 +1,22 @@
-"""Data at scale: JSONL data files read with file:line errors, encoded fast by worker
-processes into flat storage, and cached.
-
-The Tulu v2 SFT mixture is ~326k conversations and hundreds of millions of tokens, and
-tulu.py's encode_messages tokenizes each conversation again up to the end of every
-turn, as open-instruct does. Four things make such a file cheap:
+"""Data at scale: JSONL files read with file:line errors, encoded fast by worker
+processes into flat storage, and cached. The Tulu v2 SFT mixture is ~326k conversations
+and hundreds of millions of tokens, and tulu.py's encode_messages tokenizes each one
+again up to the end of every turn, as open-instruct does. Four things make it cheap:
 
 - encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts a
   text at its special tokens and encodes the pieces between them on their own, so the
   encoding of any prefix is read off the spans of the whole text (Prefixes);
-- worker processes encode a batch of whole lines at a time; they start as fresh
-  processes (forkserver, or spawn), never as forks of this one, which may already run
-  threads (a compile pool, tqdm's monitor) whose locks a fork would copy held forever;
-  the encoder, tokenizer included, reaches them pickled;
+- worker processes encode a batch of whole lines at a time; they start fresh
+  (forkserver, or spawn), never as forks of this process, whose other threads (a compile
+  pool, tqdm's monitor) may hold a lock that a fork would copy held forever;
 - the examples are one flat int32 tensor (Examples: 8 bytes a token with its label,
   where two lists of Python ints take about 43);
 - they are cached, keyed by everything they depend on, so the next run and every
   --resume read them back; under torchrun rank 0 encodes and caches the file while the
   other ranks wait, then they read the cache (rank0_first).
 
-The chat format is tulu.py's, handed in as a ChatFormat (this folder never imports
-the chapters); its role headers are the roles a data file may use.
+tulu.py hands its chat format in as a ChatFormat (this folder never imports the
+chapters); its role headers are the roles a data file may use.
 """
 
 import array
@@ -50,6 +47,11 @@ from llama import TuluError, atomic_write
 # Reading data files: one JSON object a line, checked with the file and line
 
 KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
+OTHER_FILE = {  # kind -> what a line of the other kind of file is, and which command reads it
+    "sft": "a preference pair ('chosen' and 'rejected'): this file is for `tulu.py dpo` (sft reads "
+           "'messages')",
+    "prefs": "a conversation ('messages'): this file is for `tulu.py sft` (dpo reads 'chosen' and "
+             "'rejected')"}
 
 
 def parse_json_line(path: str, n: int, raw: bytes):
@@ -67,18 +69,14 @@ def parse_json_line(path: str, n: int, raw: bytes):
 
 
 def parse_line(path: str, n: int, raw: bytes, kind: str, roles=None):
-    """The object on line n of a file of kind "sft" ({"messages": [...]}) or "prefs"
-    ({"chosen": [...], "rejected": [...]}), None for a blank line; other keys (dataset,
-    id) are ignored. roles: those allowed (None: any; the encoder checks them)."""
+    """The object on line n of a file of kind "sft" ({"messages": [...]}) or "prefs" ({"chosen":
+    [...], "rejected": [...]}), None for a blank line. roles: those allowed (None: any)."""
     obj = parse_json_line(path, n, raw)
     if obj is None:
         return None
     other = "prefs" if kind == "sft" else "sft"
     if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
-        keys = lambda kind: " and ".join(map(repr, KIND_KEYS[kind]))  # a preference file given to sft...
-        command = {"sft": ("sft", "a conversation"), "prefs": ("dpo", "a preference pair")}
-        raise TuluError(f"{path}:{n}: {command[other][1]} ({keys(other)}): this file is for "
-                        f"`tulu.py {command[other][0]}` ({command[kind][0]} reads {keys(kind)})")
+        raise TuluError(f"{path}:{n}: {OTHER_FILE[kind]}")
     for key in KIND_KEYS[kind]:
         where, messages = f"{path}:{n}: {key!r}", obj.get(key)
         if key not in obj:
@@ -128,9 +126,8 @@ class ChatFormat(NamedTuple):
 
 class Prefixes:
     """tokenizer.encode(text[:b], bos=True)[:limit] for any b, from one pass over
-    tokenizer.spans(text): the ids of text[:b] are those of the spans that end by b,
-    then those of the piece of text that b cuts, encoded alone. Spans are encoded
-    when first needed, none past `limit` tokens."""
+    tokenizer.spans(text): the ids of the spans that end by b, then those of the piece
+    that b cuts, encoded alone. Spans are encoded when needed, none past `limit` tokens."""
 
     def __init__(self, tokenizer, text: str, limit: int):
         self.tok, self.text, self.limit, self.spans = tokenizer, text, limit, tokenizer.spans(text)
@@ -187,10 +184,9 @@ def encode_messages_fast(messages, tokenizer, max_seq_length: int, chat: ChatFor
 
 
 class Examples:
-    """Encoded examples, each `width` int32 sequences (sft: ids, labels; prefs: chosen
-    ids, chosen labels, rejected ids, rejected labels) laid end to end in `tokens`;
-    sequence j is tokens[offsets[j]:offsets[j + 1]]. examples[i] is the tuple of those
-    views (no copy), examples[a:b] a list of them."""
+    """Examples of `width` int32 sequences each (ids, labels; a pair's chosen, then rejected)
+    end to end in `tokens`: sequence j is tokens[offsets[j]:offsets[j + 1]]. examples[i]
+    is the tuple of those views (no copy), examples[a:b] a list of them."""
 
     def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, width: int):
         self.tokens, self.offsets, self.width = tokens, offsets, width
@@ -215,8 +211,7 @@ class Examples:
 
 
 def example_lengths(examples) -> list[int]:
-    """Each example's padded length in a batch: its longest sequence (a pair's two
-    answers are padded to the longer one)."""
+    """Each example's padded length in a batch: its longest sequence (a pair's too)."""
     if isinstance(examples, Examples):
         lengths = (examples.offsets[1:] - examples.offsets[:-1]).view(-1, examples.width)
         return lengths.max(1).values.tolist()
@@ -247,16 +242,14 @@ def scan_file(path: str, batch_bytes: int):
 
 
 class BatchEncoder:
-    """What a worker runs: a batch of lines -> (its examples' sequences end to end and
-    their lengths, as int32 bytes; the number of non-blank lines). A problem raises
-    TuluError("path:line: ..."), which the pool hands back to the parent."""
+    """What a worker runs: a batch of lines -> (its examples' sequences end to end and their
+    lengths, as int32 bytes; the number of non-blank lines), or TuluError("path:line: ...")."""
 
     def __init__(self, path, kind, tok, max_seq_length, chat: ChatFormat):
         self.path, self.kind, self.tok, self.max_seq_length, self.chat = path, kind, tok, max_seq_length, chat
 
     def encode(self, obj):
-        """(ids, labels), or (chosen ids, chosen labels, rejected ids, rejected labels);
-        None if nothing is left to learn after truncation (open-instruct drops those too)."""
+        """The example of a line; None if nothing is left to learn (open-instruct drops those too)."""
         encode = functools.partial(encode_messages_fast, chat=self.chat)
         if self.kind == "sft":
             ids, labels = encode(obj["messages"], self.tok, self.max_seq_length)
@@ -304,9 +297,8 @@ def default_workers() -> int:
 
 
 def worker_context():
-    """Fresh processes (forkserver; spawn where there is none), not forks: a fork copies
-    a lock another thread holds at that moment, held forever in the child (a run once
-    stalled ten minutes on that)."""
+    """Fresh processes (forkserver; spawn where there is none), not forks of this one with
+    its threads' locks (a run once stalled ten minutes on one)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
@@ -369,7 +361,7 @@ def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, s
 
 
 def read_cache(file, key):
-    """(Examples, lines read) from a cache file, or None: missing, another key, unreadable."""
+    """(Examples, lines read) from a cache file, or None (missing, another key, unreadable)."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(file, "pt") as f:
@@ -383,8 +375,7 @@ def read_cache(file, key):
 
 
 def write_cache(file, key, examples, read):
-    """Atomically; a cache that cannot be written (read-only, full) only costs the next
-    run the encoding."""
+    """Atomically; a cache that cannot be written (read-only, full) costs the next run the encoding."""
     from safetensors.torch import save_file
     meta = {"key": key, "width": str(examples.width), "read": str(read)}
     try:
