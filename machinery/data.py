@@ -24,7 +24,6 @@ import bisect
 import contextlib
 import functools
 import hashlib
-import inspect
 import itertools
 import json
 import multiprocessing
@@ -292,8 +291,7 @@ def _run_encoder(batch):
 
 
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 8)
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
 
 def worker_context():
@@ -353,7 +351,7 @@ def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, s
     settings = [digest, kind, encoder.max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
                 sentencepiece.__version__, unicodedata.unidata_version]
     h = hashlib.sha256(json.dumps(settings).encode())
-    code = (llama.__file__, __file__, inspect.getfile(encoder.chat.text))
+    code = (llama.__file__, __file__, encoder.chat.text.__code__.co_filename)
     for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), *code):
         h.update(pathlib.Path(f).read_bytes() if os.path.exists(f) else b"-")
     key = h.hexdigest()

@@ -1,15 +1,14 @@
-"""Exercise mode: a student copy of tulu in which key function bodies are left
-to write, each graded by the tests whose names contain the exercise's name.
-
-`python tulu.py exercises OUT_DIR` calls make_exercises. In the five chapter
-files, a teachable body sits between two comment lines at its indentation:
+"""Exercise mode: `python tulu.py exercises OUT_DIR` (make_exercises) writes a student
+copy of tulu in which key function bodies are left to write, each graded by the tests
+whose names contain the exercise's name. In the five chapter files, a teachable body
+sits between two comment lines at its indentation,
 
     # exercise: <name>
     ...body...
     # end exercise
 
-and the student copy has `raise NotImplementedError("exercise <name>: see
-EXERCISES.md")` in its place; the docstring above it is the contract.
+and the student copy has `raise NotImplementedError("exercise <name>: see EXERCISES.md")`
+in its place; the docstring above it is the contract.
 """
 import ast
 import inspect
@@ -21,48 +20,38 @@ import shutil
 
 from llama import TuluError
 
-EXERCISES = {  # name -> (file, function, what to read first, pytest selector), in reading order
-    "rms_norm": ("llama.py", "rms_norm", "RMSNorm (arXiv 1910.07467) Sec. 3, Eq. 4; llama.py: class RMSNorm",
-                 "tests/test_llama.py -k rms_norm"),
+EXERCISES = {  # name -> (file, function, what to read first[, pytest selector]), in reading order
+    "rms_norm": ("llama.py", "rms_norm", "RMSNorm (arXiv 1910.07467) Sec. 3, Eq. 4; llama.py: class RMSNorm"),
     "apply_rope": ("llama.py", "apply_rope",
-                   "RoFormer (arXiv 2104.09864) Sec. 3.2 and 3.4.2, Eq. 34; llama.py: rope_inv_freq, "
-                   "rope_cos_sin", "tests/test_llama.py -k apply_rope"),
+        "RoFormer (arXiv 2104.09864) Sec. 3.2 and 3.4.2, Eq. 34; llama.py: rope_inv_freq, rope_cos_sin"),
     "gqa_attention": ("llama.py", "gqa_attention",
-                      "GQA (arXiv 2305.13245) Sec. 2.2; llama.py: attention_mask_4d, Attention.forward",
-                      "tests/test_llama.py -k gqa_attention"),
-    "bpe_merge": ("llama.py", "bpe_merge",
-                  "BPE (arXiv 1508.07909) Sec. 3.2; GPT-2's byte-level BPE (Radford et al. 2019, Sec. 2.2); "
-                  "llama.py: byte_alphabet, BPETokenizer.encode_word",
-                  "tests/test_tokenizer.py -k bpe_merge"),
+        "GQA (arXiv 2305.13245) Sec. 2.2; llama.py: attention_mask_4d, Attention.forward"),
+    "bpe_merge": ("llama.py", "bpe_merge", "BPE (arXiv 1508.07909) Sec. 3.2; GPT-2's byte-level BPE (Radford "
+        "et al. 2019, Sec. 2.2); llama.py: byte_alphabet, BPETokenizer.encode_word",
+        "tests/test_tokenizer.py -k bpe_merge"),
     "nf4_code_book": ("nf4.py", "nf4_code_book",
-                      "QLoRA (arXiv 2305.14314) Sec. 3, 4-bit NormalFloat (Eq. 4); nf4.py: the module "
-                      "docstring", "tests/test_nf4.py -k nf4_code_book"),
+        "QLoRA (arXiv 2305.14314) Sec. 3, 4-bit NormalFloat (Eq. 4); nf4.py: the module docstring"),
     "quantize_blockwise": ("nf4.py", "quantize_blockwise",
-                           "QLoRA Sec. 2, block-wise k-bit quantization (Eq. 1); nf4.py: nearest_code",
-                           "tests/test_nf4.py -k test_quantize_blockwise"),
+        "QLoRA Sec. 2, block-wise k-bit quantization (Eq. 1); nf4.py: nearest_code",
+        "tests/test_nf4.py -k test_quantize_blockwise"),  # not dequantize_blockwise's tests
     "dequantize_blockwise": ("nf4.py", "dequantize_blockwise",
-                             "QLoRA Sec. 2 (Eq. 2); nf4.py: quantize_blockwise",
-                             "tests/test_nf4.py -k dequantize_blockwise"),
+        "QLoRA Sec. 2 (Eq. 2); nf4.py: quantize_blockwise"),
     "double_quant": ("nf4.py", "double_quantize",
-                     "QLoRA Sec. 3, Double Quantization (Eq. 6); nf4.py: dynamic_map, quantize_nf4, "
-                     "dequantize_nf4", "tests/test_nf4.py -k double_quant"),
+        "QLoRA Sec. 3, Double Quantization (Eq. 6); nf4.py: dynamic_map, quantize_nf4, dequantize_nf4"),
     "lora_forward": ("lora.py", "LoRALinear.forward",
-                     "LoRA (arXiv 2106.09685) Sec. 4.1, Eq. 3; lora.py: LoRALinear.__init__",
-                     "tests/test_lora.py -k lora_forward"),
+        "LoRA (arXiv 2106.09685) Sec. 4.1, Eq. 3; lora.py: LoRALinear.__init__"),
     "merge": ("lora.py", "lora_delta",
-              "LoRA Sec. 4.1 (no additional inference latency); lora.py: merged_linear, merge_lora",
-              "tests/test_lora.py -k merge"),
-    "sequence_logps": ("dpo.py", "sequence_logps",
-                       "DPO (arXiv 2305.18290) Sec. 4, Eq. 7: pi(y|x) is the whole answer's probability; "
-                       "dpo.py: answer_logps; llama.py: pad_batch", "tests/test_dpo.py -k sequence_logps"),
+        "LoRA Sec. 4.1 (no additional inference latency); lora.py: merged_linear, merge_lora"),
+    "sequence_logps": ("dpo.py", "sequence_logps", "DPO (arXiv 2305.18290) Sec. 4, Eq. 7: pi(y|x) is the "
+        "whole answer's probability; dpo.py: answer_logps; llama.py: pad_batch"),
     "dpo_loss": ("dpo.py", "dpo_loss",
-                 "DPO Sec. 4, Eq. 7 and its gradient; IPO (arXiv 2310.12036) Eq. 17; dpo.py: sequence_logps",
-                 "tests/test_dpo.py -k dpo_loss"),
+        "DPO Sec. 4, Eq. 7 and its gradient; IPO (arXiv 2310.12036) Eq. 17; dpo.py: sequence_logps"),
     "encode_messages": ("tulu.py", "encode_messages",
-                        "Tulu 2 (arXiv 2311.10702) trains on the Tulu chat format; tulu.py: ROLE_HEADERS, "
-                        "chat_text", "tests/test_tulu.py -k encode_messages"),
+        "Tulu 2 (arXiv 2311.10702) trains on the Tulu chat format; tulu.py: ROLE_HEADERS, chat_text"),
 }
-EXERCISE_FILES = ("llama.py", "nf4.py", "lora.py", "dpo.py", "tulu.py")
+# graded by the tests of its file whose names contain the exercise's name, unless said otherwise
+EXERCISES = {name: (*e, f"tests/test_{e[0][:-3]}.py -k {name}")[:4] for name, e in EXERCISES.items()}
+EXERCISE_FILES = tuple(dict.fromkeys(file for file, *_ in EXERCISES.values()))  # in reading order
 STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "requirements.txt", "README.md", "data", "machinery", "tests")
 # test_exercises.py tests this generator, not the student's work
 NOT_COPIED = ("__pycache__", "*.pyc", ".pytest_cache", "*.tmp[0-9]*", "test_exercises.py")
@@ -140,20 +129,18 @@ def blank_exercises(text: str, blocks: dict[str, tuple[int, int]]) -> str:
 
 
 def doc_summary(doc: str) -> str:
-    """A docstring's first sentence on one line, and when it ends with a colon, the
-    indented formula lines after it (as a Markdown code block)."""
-    lines, text = inspect.cleandoc(doc).splitlines(), ""
-    for i, line in enumerate(lines):
-        if not line.strip() or line.startswith(" "):
-            break
-        text = f"{text} {line.strip()}".strip()
-        if end := re.search(r"\.(?=\s+[A-Z])", text):
-            return text[:end.end()]
-        if text.endswith(":"):  # the formula: the indented lines after it, up to a blank or unindented one
-            rest = itertools.dropwhile(lambda s: not s.strip(), lines[i + 1:])
-            formula = itertools.takewhile(lambda s: s.strip() and s.startswith(" "), rest)
-            return text + "\n\n" + "".join(f"    {s.strip()}\n" for s in formula).rstrip()
-    return text
+    """A docstring's first sentence on one line, and when its first paragraph ends with a
+    colon, the indented formula lines after it (as a Markdown code block)."""
+    lines = inspect.cleandoc(doc).splitlines() + [""]
+    k = next(i for i, s in enumerate(lines) if not s.strip() or s.startswith(" "))  # paragraph's end
+    text = " ".join(s.strip() for s in lines[:k])
+    if end := re.search(r"\.(?=\s+[A-Z])", text):
+        return text[:end.end()]
+    if not text.endswith(":"):
+        return text
+    formula = itertools.takewhile(lambda s: s.strip() and s.startswith(" "),
+                                  itertools.dropwhile(lambda s: not s.strip(), lines[k:]))
+    return text + "\n\n" + "".join(f"    {s.strip()}\n" for s in formula).rstrip()
 
 
 def exercises_md(src_root: str) -> str:
