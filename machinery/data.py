@@ -1,34 +1,29 @@
-"""Data at scale: reading JSONL data files, encoding them fast, by worker processes,
-into flat storage, and caching the result.
+"""Data at scale: JSONL files read with file:line errors, encoded fast by worker
+processes into flat storage, and cached. The Tulu v2 SFT mixture is ~326k conversations
+and hundreds of millions of tokens, and tulu.py's encode_messages tokenizes each one
+again up to the end of every turn, as open-instruct does. Four things make it cheap:
 
-The Tulu v2 SFT mixture is ~326k conversations and hundreds of millions of tokens,
-and tulu.py's encode_messages tokenizes each conversation again up to the end of
-every turn, as open-instruct does. Four things make such a file cheap:
+- encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts a
+  text at its special tokens and encodes the pieces between them on their own, so the
+  encoding of any prefix is read off the spans of the whole text (Prefixes);
+- worker processes encode a batch of whole lines at a time; they start fresh
+  (forkserver, or spawn), never as forks of this process, whose other threads (a compile
+  pool, tqdm's monitor) may hold a lock that a fork would copy held forever;
+- the examples are one flat int32 tensor (Examples: 8 bytes a token with its label,
+  where two lists of Python ints take about 43);
+- they are cached, keyed by everything they depend on, so the next run and every
+  --resume read them back; under torchrun rank 0 encodes and caches the file while the
+  other ranks wait, then they read the cache (rank0_first).
 
-- encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts
-  a text at its special tokens and encodes the pieces between them on their own, so
-  the encoding of any prefix is read off the spans of the whole text (Prefixes);
-- worker processes encode a batch of whole lines of the file at a time; they start
-  from a fresh process (forkserver, or spawn), never as a fork of this one, which may
-  already run threads (a compile pool, tqdm's monitor) whose locks a fork would copy
-  held forever; the encoder, tokenizer included, reaches them pickled;
-- the examples are held as one flat int32 tensor (Examples: 8 bytes a token with its
-  label, where two lists of Python ints take about 43);
-- they are cached, keyed by everything they depend on, so the next run, and every
-  --resume, reads them back instead of encoding again; under torchrun rank 0 encodes
-  and caches the file while the other ranks wait, then they read the cache (rank0_first).
-
-The chat format itself is tulu.py's: it hands it in as a ChatFormat (this folder
-never imports the chapters). Problems in a file end as TuluError("path:line: ...").
+tulu.py hands its chat format in as a ChatFormat (this folder never imports the
+chapters); its role headers are the roles a data file may use.
 """
-from __future__ import annotations
 
 import array
 import bisect
 import contextlib
 import functools
 import hashlib
-import inspect
 import itertools
 import json
 import multiprocessing
@@ -36,6 +31,7 @@ import os
 import pathlib
 import sys
 import time
+import unicodedata
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -50,23 +46,15 @@ from llama import TuluError, atomic_write
 # Reading data files: one JSON object a line, checked with the file and line
 
 KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
-ROLES = ("system", "user", "assistant")  # the roles of tulu.py's ROLE_HEADERS
-
-
-def message_problem(messages) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "must be a non-empty list of messages"
-    for j, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            return f"message {j} must be an object with string 'role' and 'content'"
-        if m["role"] not in ROLES:
-            return f"message {j}: unknown role {m['role']!r} (expected system, user or assistant)"
-    return None
+OTHER_FILE = {  # kind -> what a line of the other kind of file is, and which command reads it
+    "sft": "a preference pair ('chosen' and 'rejected'): this file is for `tulu.py dpo` (sft reads "
+           "'messages')",
+    "prefs": "a conversation ('messages'): this file is for `tulu.py sft` (dpo reads 'chosen' and "
+             "'rejected')"}
 
 
 def parse_json_line(path: str, n: int, raw: bytes):
-    """The JSON object on line n of a file, None for a blank line. Problems:
-    TuluError("path:n: ...")."""
+    """The JSON object on line n of a file, None for a blank line."""
     try:
         line = raw.decode("utf-8").strip()
         obj = json.loads(line) if line else None
@@ -79,49 +67,47 @@ def parse_json_line(path: str, n: int, raw: bytes):
     return obj
 
 
-def check_kind(path, n, obj, kind):
-    """A preference file given to sft, or an SFT file to dpo: say which command it is for."""
-    other = "prefs" if kind == "sft" else "sft"
-    if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
-        keys = lambda kind: " and ".join(map(repr, KIND_KEYS[kind]))
-        command = {"sft": ("sft", "a conversation"), "prefs": ("dpo", "a preference pair")}
-        raise TuluError(f"{path}:{n}: {command[other][1]} ({keys(other)}): this file is for "
-                        f"`tulu.py {command[other][0]}` ({command[kind][0]} reads {keys(kind)})")
-
-
-def parse_line(path: str, n: int, raw: bytes, kind: str):
-    """The object on line n of a JSONL file of kind "sft" ({"messages": [...]}) or
-    "prefs" ({"chosen": [...], "rejected": [...]}), None for a blank line; other keys
-    (dataset, id) are ignored. Problems: TuluError("path:n: ...")."""
+def parse_line(path: str, n: int, raw: bytes, kind: str, roles=None):
+    """The object on line n of a file of kind "sft" ({"messages": [...]}) or "prefs" ({"chosen":
+    [...], "rejected": [...]}), None for a blank line. roles: those allowed (None: any)."""
     obj = parse_json_line(path, n, raw)
     if obj is None:
         return None
-    check_kind(path, n, obj, kind)
+    other = "prefs" if kind == "sft" else "sft"
+    if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
+        raise TuluError(f"{path}:{n}: {OTHER_FILE[kind]}")
     for key in KIND_KEYS[kind]:
-        problem = f"missing key {key!r}" if key not in obj else message_problem(obj[key])
-        if problem:
-            raise TuluError(f"{path}:{n}: {problem if key not in obj else repr(key) + ' ' + problem}")
+        where, messages = f"{path}:{n}: {key!r}", obj.get(key)
+        if key not in obj:
+            raise TuluError(f"{path}:{n}: missing key {key!r}")
+        if not isinstance(messages, list) or not messages:
+            raise TuluError(f"{where} must be a non-empty list of messages")
+        for j, m in enumerate(messages):
+            if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))):
+                raise TuluError(f"{where} message {j} must be an object with string 'role' and 'content'")
+            if roles is not None and m["role"] not in roles:
+                expected = " or ".join(", ".join(roles).rsplit(", ", 1))  # "system, user or assistant"
+                raise TuluError(f"{where} message {j}: unknown role {m['role']!r} (expected {expected})")
     return obj
 
 
 def read_objects(path: str, parse=parse_json_line):
-    """Yield (line_number, object) for each non-blank line of a JSONL file."""
+    """Yield (line number, object) for each non-blank line of a JSONL file."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
     seen = False
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
-            obj = parse(path, n, raw)
-            if obj is not None:
+            if (obj := parse(path, n, raw)) is not None:
                 seen = True
                 yield n, obj
     if not seen:
         raise TuluError(f"{path}: empty")
 
 
-def read_jsonl(path: str, kind: str):
-    """Yield (line_number, object) for each conversation or pair of a JSONL file (parse_line)."""
-    return read_objects(path, functools.partial(parse_line, kind=kind))
+def read_jsonl(path: str, kind: str, roles=None):
+    """read_objects for the conversations or pairs of a data file (parse_line)."""
+    return read_objects(path, functools.partial(parse_line, kind=kind, roles=roles))
 
 
 # -----------------------------------------------------------------------------
@@ -129,7 +115,7 @@ def read_jsonl(path: str, kind: str):
 
 
 class ChatFormat(NamedTuple):
-    """What tulu.py teaches and hands in: chat_text(messages, eos), eos_text(tokenizer),
+    """What tulu.py hands in: chat_text(messages, eos), eos_text(tokenizer),
     ROLE_HEADERS and encode_pair(chosen, rejected, tok, max_seq_length, encode)."""
     text: Callable
     eos: Callable
@@ -139,10 +125,8 @@ class ChatFormat(NamedTuple):
 
 class Prefixes:
     """tokenizer.encode(text[:b], bos=True)[:limit] for any b, from one pass over
-    tokenizer.spans(text). The tokenizer cuts a text at its special tokens and encodes
-    each piece between them on its own, so the ids of text[:b] are those of the
-    spans that end by b, then those of the piece of text that b cuts, encoded alone.
-    Spans are encoded when first needed, none past `limit` tokens."""
+    tokenizer.spans(text): the ids of the spans that end by b, then those of the piece
+    that b cuts, encoded alone. Spans are encoded when needed, none past `limit` tokens."""
 
     def __init__(self, tokenizer, text: str, limit: int):
         self.tok, self.text, self.limit, self.spans = tokenizer, text, limit, tokenizer.spans(text)
@@ -150,8 +134,7 @@ class Prefixes:
         self.seen = [(0, len(self.ids), True)]  # (end, len(self.ids) after it, special?) of BOS and each span
 
     def cut(self, b: int) -> tuple[int, list[int]]:
-        """(n, tail): tokenizer.encode(text[:b], bos=True) is self.ids[:n] + tail, as
-        far as `limit` tokens."""
+        """(n, tail): tokenizer.encode(text[:b], bos=True) is self.ids[:n] + tail (to `limit` tokens)."""
         while self.seen[-1][0] < b and len(self.ids) < self.limit:
             _, end, ids, special = next(self.spans)
             self.ids += ids
@@ -172,11 +155,9 @@ class Prefixes:
 
 
 def encode_messages_fast(messages, tokenizer, max_seq_length: int, chat: ChatFormat):
-    """tulu.py's encode_messages, the same ids and labels, without encoding the
-    conversation again up to the end of each turn: Prefixes reads every prefix's length
-    off one encoding. Each answer ends with the EOS token, a special token, so a prefix
-    re-encodes at most the turns since the last answer; nothing past max_seq_length
-    is encoded."""
+    """tulu.py's encode_messages, the same ids and labels, with every prefix's length
+    read off one encoding (Prefixes). Each answer ends with the EOS token, a special
+    token, so a prefix re-encodes at most the turns since the last answer."""
     if not messages:
         raise ValueError("no messages")
     turns = [chat.text([m], chat.eos(tokenizer)) for m in messages]
@@ -197,47 +178,22 @@ def encode_messages_fast(messages, tokenizer, max_seq_length: int, chat: ChatFor
     return ids, labels
 
 
-def encode_example(obj, kind, tok, max_seq_length, chat: ChatFormat):
-    """One line's object -> its example: (ids, labels), or (chosen ids, chosen labels,
-    rejected ids, rejected labels); None if nothing is left to learn after truncation
-    (open-instruct drops those too). A problem: ValueError."""
-    encode = functools.partial(encode_messages_fast, chat=chat)
-    if kind == "sft":
-        ids, labels = encode(obj["messages"], tok, max_seq_length)
-        return (ids, labels) if any(label != -100 for label in labels[1:]) else None
-    problem = dpo.check_pair(obj["chosen"], obj["rejected"])
-    if problem:
-        raise ValueError(problem)
-    return chat.pair(obj["chosen"], obj["rejected"], tok, max_seq_length, encode)
-
-
 # -----------------------------------------------------------------------------
 # Flat examples
 
 
 class Examples:
-    """Encoded examples, each `width` int32 sequences (sft: ids, labels; prefs:
-    chosen ids, chosen labels, rejected ids, rejected labels) laid end to end in
-    `tokens`; sequence j is tokens[offsets[j]:offsets[j + 1]]. examples[i] is the
-    tuple of those views (no copy), examples[a:b] a list of them: what the training
-    loop and the collate functions read."""
+    """Examples of `width` int32 sequences each (ids, labels; a pair's chosen, then rejected)
+    end to end in `tokens`: sequence j is tokens[offsets[j]:offsets[j + 1]]. examples[i]
+    is the tuple of those views (no copy), examples[a:b] a list of them."""
 
     def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, width: int):
         self.tokens, self.offsets, self.width = tokens, offsets, width
 
-    @classmethod
-    def join(cls, batches, width: int) -> "Examples":
-        """From BatchEncoder's results: (tokens, sequence lengths, ...) as int32 bytes."""
-        tokens = np.concatenate([np.frombuffer(b[0], np.int32) for b in batches] or [np.zeros(0, np.int32)])
-        lengths = np.concatenate([np.frombuffer(b[1], np.int32) for b in batches] or [np.zeros(0, np.int32)])
-        offsets = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(torch.from_numpy(tokens), torch.from_numpy(offsets), width)
-
     def __len__(self):
         return (len(self.offsets) - 1) // self.width
 
-    def __getitem__(self, i):
+    def __getitem__(self, i):  # iterating calls it with 0, 1, ... up to the IndexError
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
@@ -246,11 +202,7 @@ class Examples:
         o = self.offsets[first:first + self.width + 1].tolist()
         return tuple(self.tokens[a:b] for a, b in zip(o, o[1:]))
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
     def tolist(self):
-        """The examples as tuples of lists of ints (tests compare them with encode_messages)."""
         return [tuple(s.tolist() for s in e) for e in self]
 
     def nbytes(self) -> int:
@@ -258,8 +210,7 @@ class Examples:
 
 
 def example_lengths(examples) -> list[int]:
-    """Each example's padded length in a batch: its longest sequence (a pair's two
-    answers are padded to the longer one)."""
+    """Each example's padded length in a batch: its longest sequence (a pair's too)."""
     if isinstance(examples, Examples):
         lengths = (examples.offsets[1:] - examples.offsets[:-1]).view(-1, examples.width)
         return lengths.max(1).values.tolist()
@@ -268,6 +219,8 @@ def example_lengths(examples) -> list[int]:
 
 # -----------------------------------------------------------------------------
 # Worker processes, each a batch of whole lines of the file at a time
+
+BATCH_BYTES = 1 << 20  # of the data file a worker encodes at a time
 
 
 def scan_file(path: str, batch_bytes: int):
@@ -287,17 +240,22 @@ def scan_file(path: str, batch_bytes: int):
     return h.hexdigest(), batches, line - 1 + bool(pending)
 
 
-BATCH_BYTES = 1 << 20  # of the data file a worker encodes at a time
-
-
 class BatchEncoder:
-    """What a worker process runs: one batch of lines of the file -> (the tokens of
-    its examples' sequences end to end, as int32 bytes; their lengths, as int32
-    bytes; the number of non-blank lines read). A problem raises TuluError naming
-    the file and line, which the pool hands back to the parent."""
+    """What a worker runs: a batch of lines -> (its examples' sequences end to end and their
+    lengths, as int32 bytes; the number of non-blank lines), or TuluError("path:line: ...")."""
 
     def __init__(self, path, kind, tok, max_seq_length, chat: ChatFormat):
         self.path, self.kind, self.tok, self.max_seq_length, self.chat = path, kind, tok, max_seq_length, chat
+
+    def encode(self, obj):
+        """The example of a line; None if nothing is left to learn (open-instruct drops those too)."""
+        encode = functools.partial(encode_messages_fast, chat=self.chat)
+        if self.kind == "sft":
+            ids, labels = encode(obj["messages"], self.tok, self.max_seq_length)
+            return (ids, labels) if any(label != -100 for label in labels[1:]) else None
+        if problem := dpo.check_pair(obj["chosen"], obj["rejected"]):
+            raise ValueError(problem)
+        return self.chat.pair(obj["chosen"], obj["rejected"], self.tok, self.max_seq_length, encode)
 
     def __call__(self, batch):
         offset, size, first_line = batch
@@ -306,12 +264,12 @@ class BatchEncoder:
             lines = f.read(size).split(b"\n")
         tokens, lengths, read = array.array("i"), array.array("i"), 0
         for n, raw in enumerate(lines, start=first_line):
-            obj = parse_line(self.path, n, raw, self.kind)
+            obj = parse_line(self.path, n, raw, self.kind, self.chat.headers)
             if obj is None:
                 continue
             read += 1
             try:
-                example = encode_example(obj, self.kind, self.tok, self.max_seq_length, self.chat)
+                example = self.encode(obj)
             except ValueError as e:
                 raise TuluError(f"{self.path}:{n}: {e}") from None
             for seq in example or ():
@@ -333,14 +291,12 @@ def _run_encoder(batch):
 
 
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 8)
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
 
 def worker_context():
-    """Where workers start: a fresh process (forkserver; spawn where there is none).
-    A fork would copy this process, whose other threads may hold a lock at that
-    moment, in the child held forever: a run once stalled ten minutes on that."""
+    """Fresh processes (forkserver; spawn where there is none), not forks of this one with
+    its threads' locks (a run once stalled ten minutes on one)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
@@ -350,28 +306,19 @@ def worker_context():
 
 @contextlib.contextmanager
 def encoded_batches(encoder: BatchEncoder, batches, workers: int):
-    """The encoder's result for each batch, in file order: from up to `workers`
-    worker processes, or from this one. The workers end when the results are read
-    (or, on an error, at once)."""
+    """The encoder's result for each batch, in file order, from up to `workers` worker
+    processes (or this one); the pool ends when the results are read, or at an error."""
     workers = min(workers, len(batches) - 1)  # the first batch is encoded here
     if workers < 2:
         yield map(encoder, batches)
         return
     first = encoder(batches[0])  # so the workers' copies of a BPE word cache know the common words
-    pool = worker_context().Pool(workers, _set_encoder, (encoder,))
-    try:
+    with worker_context().Pool(workers, _set_encoder, (encoder,)) as pool:
         yield itertools.chain([first], pool.imap(_run_encoder, batches[1:]))
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
 
 
 def encode_file(encoder: BatchEncoder, batches, lines, workers):
-    """(Examples, non-blank lines read): every batch of the encoder's file encoded
-    (encoded_batches), with a progress bar."""
+    """(Examples, non-blank lines read) of the encoder's file, with a progress bar."""
     bar = tqdm(total=lines, unit=" conv" if encoder.kind == "sft" else " pair", leave=False,
                dynamic_ncols=True, desc=f"encoding {os.path.basename(encoder.path)}")
     results, tokens, t0 = [], 0, time.perf_counter()
@@ -385,8 +332,9 @@ def encode_file(encoder: BatchEncoder, batches, lines, workers):
                 bar.set_postfix_str(f"{speed:,.0f} tokens/s", refresh=False)
     finally:
         bar.close()
-    width = 2 * len(KIND_KEYS[encoder.kind])
-    return Examples.join(results, width), sum(r[2] for r in results)
+    flat = lambda i: torch.from_numpy(np.frombuffer(bytearray().join(r[i] for r in results), np.int32))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(1).cumsum(0, dtype=torch.int64)])
+    return Examples(flat(0), offsets, 2 * len(KIND_KEYS[encoder.kind])), sum(r[2] for r in results)
 
 
 # -----------------------------------------------------------------------------
@@ -394,18 +342,16 @@ def encode_file(encoder: BatchEncoder, batches, lines, workers):
 
 
 def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, str]:
-    """(file, key) of the cached encoding of a data file: the key hashes everything
-    the examples depend on -- the file's sha256, sft or prefs, --max-seq-length, the
-    tokenizer's files and settings, and the code that encodes (llama.py, this file,
-    the chat format's tulu.py, the sentencepiece and Unicode versions) -- so a
-    change to any of them misses."""
+    """(file, key) of the cached encoding of a data file. The key hashes everything the
+    examples depend on, so a change to any of them misses: the file's sha256, its kind,
+    --max-seq-length, the tokenizer's files and settings, and the code that encodes
+    (llama.py, this file, the chat format's tulu.py, sentencepiece's and Unicode's versions)."""
     import sentencepiece
-    import unicodedata
     kind, tok = encoder.kind, encoder.tok
     settings = [digest, kind, encoder.max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
                 sentencepiece.__version__, unicodedata.unidata_version]
     h = hashlib.sha256(json.dumps(settings).encode())
-    code = (llama.__file__, __file__, inspect.getfile(encoder.chat.text))
+    code = (llama.__file__, __file__, encoder.chat.text.__code__.co_filename)
     for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), *code):
         h.update(pathlib.Path(f).read_bytes() if os.path.exists(f) else b"-")
     key = h.hexdigest()
@@ -413,24 +359,21 @@ def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, s
 
 
 def read_cache(file, key):
-    """(Examples, lines read) from a cache file written by write_cache, or None."""
+    """(Examples, lines read) from a cache file, or None (missing, another key, unreadable)."""
     from safetensors import SafetensorError, safe_open
-    if not os.path.exists(file):
-        return None
     try:
         with safe_open(file, "pt") as f:
             meta = f.metadata() or {}
             if meta.get("key") != key:
                 return None
-            t = {k: f.get_tensor(k) for k in ("tokens", "offsets")}
+            tokens, offsets = f.get_tensor("tokens"), f.get_tensor("offsets")
     except (SafetensorError, OSError, ValueError):
-        return None  # unreadable: encode again, and write it anew
-    return Examples(t["tokens"], t["offsets"], int(meta["width"])), int(meta["read"])
+        return None  # encoded again, and written anew
+    return Examples(tokens, offsets, int(meta["width"])), int(meta["read"])
 
 
 def write_cache(file, key, examples, read):
-    """Write the examples to the cache, atomically; a cache that cannot be written
-    (read-only, full) only costs the next run the encoding."""
+    """Atomically; a cache that cannot be written (read-only, full) costs the next run the encoding."""
     from safetensors.torch import save_file
     meta = {"key": key, "width": str(examples.width), "read": str(read)}
     try:
@@ -444,9 +387,7 @@ def write_cache(file, key, examples, read):
 def load_examples(path, kind, tok, max_seq_length, chat: ChatFormat, workers=1, cache=None) -> Examples:
     """The examples of a data file of `kind` ("sft" or "prefs"), encoded by `workers`
     processes, or read back from the folder `cache` (None: no cache) when encoded
-    before with the same everything (data_cache_file); written there otherwise.
-    Under torchrun, call it on rank 0 first and on the other ranks after a barrier:
-    they find the examples cached instead of each encoding the whole file."""
+    before with the same everything (data_cache_file), and written there otherwise."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
     digest, batches, lines = scan_file(path, BATCH_BYTES)

@@ -1,24 +1,15 @@
-"""The demo builder: the models `python tulu.py sft` and `dpo` start from when no
---model is given, so that the whole recipe runs on a laptop CPU in minutes.
+"""The demo builder: the models `python tulu.py sft` and `dpo` start from without
+--model, so that the whole recipe runs on a laptop CPU in minutes.
 
-A real run starts from a pretrained base model; the demo has none to download,
-so it makes one. tiny_default_model trains a sentencepiece tokenizer on the
-chat text of data/sft_train.jsonl, initialises a 4-layer Llama as Hugging Face
-does, and "pretrains" it for about a minute and a half on plain text (the
-conversations without chat markers, and data/pretrain.jsonl's reference pages),
-so that, as with a real base model, it knows the content and SFT only teaches it
-to chat. tiny_sft_model runs the demo's full SFT once on top, the model DPO, chat
-and eval start from. Both are cached under ~/.cache/tulu (or $XDG_CACHE_HOME),
-in folders named by a hash of everything they are built from: data/ and the
-settings below. A changed data file or setting builds a new one; the same ones
-find the old one.
-
-This folder never imports tulu.py, so what the builder needs from it (the chat
-format, the data readers, the training loop, the SFT task, the command line)
-comes in as parameters.
+A real run starts from a pretrained base model; the demo makes one. tiny_default_model
+trains a sentencepiece tokenizer on the chat text of data/sft_train.jsonl, initialises a
+4-layer Llama as Hugging Face does, and "pretrains" it for about a minute and a half on
+plain text (the conversations without chat markers, and data/pretrain.jsonl's reference
+pages), so that, as with a real base model, it knows the content and SFT only teaches it
+to chat. tiny_sft_model runs the demo's full SFT on top once: DPO, chat and eval start
+from it. Both are cached under ~/.cache/tulu (or $XDG_CACHE_HOME), named by a hash of
+what they are built from (data/, the settings below); tulu.py's parts come as parameters.
 """
-from __future__ import annotations
-
 import hashlib
 import io
 import os
@@ -44,12 +35,10 @@ PAGE_COPIES = 3  # data/pretrain.jsonl's reference pages are read this many time
 
 
 def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
-    """Train a BPE sentencepiece model on `chats`, the chat texts of conversations
-    (markers included, so "<|user|>" costs few tokens; cut at each "</s>", which is
-    an id, not text) and write a folder transformers loads as a LlamaTokenizer.
-    Settings as Llama 2's trainer_spec: <unk>=0, <s>=1, </s>=2, byte fallback,
-    dummy prefix, digits split; "\n" is a token of its own so that no token spans
-    the end of a turn. One thread, input in order: the same texts give the same bytes."""
+    """A BPE sentencepiece model trained on the chat texts `chats` (markers included, so "<|user|>"
+    costs few tokens; cut at each "</s>", an id, not text), in a folder transformers loads as a
+    LlamaTokenizer. Settings as Llama 2's trainer_spec; "\n" a token of its own, so none spans the
+    end of a turn; one thread, input in order: the same texts give the same bytes."""
     import sentencepiece as spm
     sentences = [s for text in chats for s in text.strip().split("</s>") if s]
     model = io.BytesIO()
@@ -72,12 +61,10 @@ def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
 
 
 def tiny_llama(tok) -> llama.Llama:
-    """A TINY Llama for `tok`, initialised as Hugging Face does: N(0, 0.02) for
-    matrices, ones for norms."""
-    cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                            **TINY)
+    """A TINY Llama for `tok`, initialised as Hugging Face does: N(0, 0.02) matrices, unit norms."""
     torch.manual_seed(0)
-    model = llama.Llama(cfg)
+    model = llama.Llama(llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                          eos_token_id=tok.eos_id, **TINY))
     for p in model.parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, 0.0, 0.02)
@@ -85,18 +72,13 @@ def tiny_llama(tok) -> llama.Llama:
 
 
 def tiny_default_model(folder, read_jsonl, read_objects, chat_text, train, task, config) -> str:
-    """Build (once) the demo's base model in `folder` and return its path: a tiny
-    Llama as a real HF folder, with a sentencepiece tokenizer trained on data/, and
-    "pretrained" on plain text (no chat markers): the conversations of
-    data/sft_train.jsonl and the reference pages of data/pretrain.jsonl (arithmetic
-    tables, words spelled out, facts). Deterministic on a given machine; rebuilt
-    when data/ changes. The rest are tulu.py's: its readers of JSONL files, its chat
-    format, its training loop, its SFT task and its run config (the classes)."""
+    """The path of the demo's base model in `folder` (a HF folder), built there once,
+    deterministically on a given machine. The rest are tulu.py's: the readers, chat_text,
+    the training loop, the SFT task and the run config (classes)."""
     source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
-    with open(source, "rb") as f, open(pages, "rb") as g:
-        key = f.read() + g.read() + repr((TINY, PRETRAIN, PAGE_COPIES)).encode()
-    digest = hashlib.sha256(key).hexdigest()[:10]
-    path = os.path.join(folder, f"tiny-llama-{digest}")
+    h = hashlib.sha256(pathlib.Path(source).read_bytes() + pathlib.Path(pages).read_bytes())
+    h.update(repr((TINY, PRETRAIN, PAGE_COPIES)).encode())
+    path = os.path.join(folder, f"tiny-llama-{h.hexdigest()[:10]}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     print(f"building the tiny default model in {path} (once, about a minute and a half)")
@@ -116,8 +98,7 @@ def tiny_default_model(folder, read_jsonl, read_objects, chat_text, train, task,
 
 
 def tiny_sft_model(base, main) -> str:
-    """DPO starts from an SFT model: the tiny default (`base()`, its path) after the
-    demo's full SFT (`main`, tulu.py's command line), built once and cached beside it."""
+    """The tiny default (`base()`) after the demo's full SFT by `main`, tulu.py's command line, once."""
     path = base().replace("tiny-llama-", "tiny-sft-")
     if not os.path.exists(os.path.join(path, "config.json")):
         print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
@@ -128,8 +109,7 @@ def tiny_sft_model(base, main) -> str:
 
 
 def print_answers(path, prompts, answers: dict, shown=4):
-    """A few held-out prompts with the reference and each model's answer (answers:
-    name -> list), then each model's exact-match rate over all the prompts."""
+    """A few prompts, the reference and each model's answer (name -> list), then exact-match rates."""
     w = max(len("reference"), *map(len, answers))
     one_line = lambda text: text.replace("\n", " / ")
     for i, (msgs, reference) in enumerate(prompts[:shown]):

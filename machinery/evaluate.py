@@ -1,21 +1,16 @@
-"""The evaluation harness: what the model cards report -- held-out loss,
-preference accuracy, multiple-choice accuracy (MMLU 5-shot, QLoRA Sec. 5) -- and
-the demo's exact answers.
+"""The evaluation harness: what the model cards report -- held-out loss, preference
+accuracy, multiple-choice accuracy (MMLU 5-shot, QLoRA Sec. 5) -- and the demo's exact
+answers. `tulu.py eval` tells a data file's kind by the keys of its first object:
+messages (SFT), chosen/rejected (preferences), question/choices/answer (multiple choice).
+Every number comes from the model in eval mode, in batches of --batch-size, by the code
+that trains: tulu.py's task (SFTTask, DPOTask), eval_batches and autocast, handed in as
+parameters (this folder never imports tulu.py), as are the files' objects (read with
+file:line errors by machinery/data.py's readers).
 
-`tulu.py eval` recognises a data file's kind by the keys of its first object:
-messages (SFT), chosen/rejected (preferences), question/choices/answer (multiple
-choice). Every number is computed with the model in eval mode (no dropout), in
-batches of --batch-size, with the same code that trains: the task's loss (tulu.py's
-SFTTask and DPOTask), its batches (eval_batches) and its autocast. This folder
-never imports tulu.py, so those come in as parameters, as do the data files'
-objects (tulu.py's readers, which say file:line of a problem).
-
-Multiple choice follows Hendrycks et al.'s evaluate.py: a header, solved examples
-of the same subject, the question ending in "Answer:", and each letter scored by
-the summed log-probability of the tokens " A" adds to the prompt.
+Multiple choice follows Hendrycks et al.'s evaluate.py: a header, solved examples of
+the same subject, the question ending in "Answer:", and each letter scored by the
+summed log-probability of the tokens " A" adds to the prompt.
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -23,15 +18,14 @@ from tqdm import tqdm
 
 import llama
 from llama import TuluError
+from machinery.data import KIND_KEYS
 
-EVAL_KINDS = {"sft": ("messages",), "prefs": ("chosen", "rejected"),  # tulu.py's KIND_KEYS
-              "choice": ("question", "choices", "answer")}
+EVAL_KINDS = {**KIND_KEYS, "choice": ("question", "choices", "answer")}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def data_kind(path, objects) -> str:
-    """sft, prefs or choice, from the keys of the first of a file's `objects`
-    ((line, object) pairs)."""
+    """sft, prefs or choice, from the keys of the first of `objects` ((line, object) pairs)."""
     n, obj = next(objects)
     kind = next((k for k, keys in EVAL_KINDS.items() if all(key in obj for key in keys)), None)
     if kind is None:
@@ -42,9 +36,8 @@ def data_kind(path, objects) -> str:
 
 @torch.no_grad()
 def sft_metrics(model, examples, task, args, eval_batches, autocast) -> dict:
-    """loss: the mean negative log-likelihood of the learned tokens (the labels of
-    encode_messages: the assistant answers and their EOS), every token weighing the
-    same across conversations; perplexity: exp(loss). task: an SFTTask."""
+    """loss: the mean negative log-likelihood of the learned tokens (the assistant answers
+    and their EOS), every token weighing the same; perplexity: exp(loss)."""
     nll, tokens = 0.0, 0
     for _, batch in eval_batches(model, examples, task, args, "loss"):
         with autocast(args):
@@ -55,15 +48,13 @@ def sft_metrics(model, examples, task, args, eval_batches, autocast) -> dict:
 
 @torch.no_grad()
 def preference_metrics(model, pairs, task, args, eval_batches, autocast) -> dict:
-    """DPO's metrics (dpo.dpo_metrics), averaged over pairs: rewards/accuracy is the
-    fraction of pairs whose chosen answer gains more log-probability over the
-    reference than the rejected one, rewards/margin the mean of that difference x beta."""
+    """DPO's metrics (dpo.dpo_metrics) averaged over pairs: rewards/accuracy is the fraction
+    whose chosen answer gains more over the reference than the rejected one."""
     sums = {}
     for _, batch in eval_batches(model, pairs, task, args, desc="pairs"):
         with autocast(args):
             _, m = task.loss(model, batch, 1)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v
+        sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
     return {k: v / len(pairs) for k, v in sums.items()}
 
 
@@ -74,8 +65,7 @@ def choice_question(item, with_answer: bool) -> str:
 
 
 def choice_prompt(item, shots) -> str:
-    """The header ("... about {subject}.", underscores read as spaces), the solved
-    examples `shots`, then the question, ending with "Answer:"."""
+    """The header ("... about {subject}."), the solved examples `shots`, the question."""
     subject = item.get("subject")
     about = f" about {subject.replace('_', ' ')}" if subject else ""
     head = f"The following are multiple choice questions (with answers){about}.\n\n"
@@ -86,16 +76,12 @@ def choice_rows(prompt, n_choices, tok) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) for each letter: ids = encode(prompt + " " + letter) with BOS,
     labels only on the tokens beyond encode(prompt), the letter's (one or more)."""
     cut = len(tok.encode(prompt, bos=True))
-    rows = []
-    for letter in LETTERS[:n_choices]:
-        ids = tok.encode(f"{prompt} {letter}", bos=True)
-        rows.append((ids, [-100] * cut + ids[cut:]))
-    return rows
+    rows = [tok.encode(f"{prompt} {letter}", bos=True) for letter in LETTERS[:n_choices]]
+    return [(ids, [-100] * cut + ids[cut:]) for ids in rows]
 
 
 def read_choices(path, objects) -> list[dict]:
-    """The multiple-choice items of a file's `objects` ((line, object) pairs);
-    problems: file:line."""
+    """The multiple-choice items of a file's `objects` ((line, object) pairs), checked."""
     items = []
     for n, obj in objects:
         q, c, a, s = obj.get("question"), obj.get("choices"), obj.get("answer"), obj.get("subject")
@@ -112,8 +98,7 @@ def read_choices(path, objects) -> list[dict]:
 
 
 def fitting_prompt(item, shots, tok, max_seq_length) -> str:
-    """choice_prompt with as many of `shots` as fit in max_seq_length (MMLU's
-    evaluate.py drops examples from the end until the prompt fits)."""
+    """choice_prompt with as many of `shots` as fit (MMLU's evaluate.py drops them from the end)."""
     k = len(shots)
     while k and len(tok.encode(choice_prompt(item, shots[:k]), bos=True)) + 2 > max_seq_length:
         k -= 1
@@ -122,8 +107,7 @@ def fitting_prompt(item, shots, tok, max_seq_length) -> str:
 
 @torch.no_grad()
 def choice_scores(model, rows, task, args, eval_batches, autocast) -> list[float]:
-    """The summed log-probability of each row's labelled tokens (choice_rows), in
-    batches of --batch-size rows. task: an SFTTask (its padding)."""
+    """The summed log-probability of each row's labelled tokens (choice_rows); task: an SFTTask."""
     scores = []
     for _, batch in eval_batches(model, rows, task, args, "choices"):
         with autocast(args):
@@ -135,30 +119,23 @@ def choice_scores(model, rows, task, args, eval_batches, autocast) -> list[float
 def choice_metrics(items, dev, shots, tok, args, score) -> dict:
     """accuracy: the fraction of questions whose right letter has the highest summed
     log-probability (`score`: rows -> choice_scores); accuracy/SUBJECT the same per subject."""
-    by_subject = {}
-    for d in dev:
-        by_subject.setdefault(d.get("subject"), []).append(d)
     rows, spans = [], []
     for item in items:
-        same = by_subject.get(item.get("subject"), [])[:shots]
+        same = [d for d in dev if d.get("subject") == item.get("subject")][:shots]
         prompt = fitting_prompt(item, same, tok, args.max_seq_length)
         spans.append((len(rows), len(item["choices"])))
         rows += choice_rows(prompt, len(item["choices"]), tok)
-    scores, right, per = score(rows), 0, {}
+    scores, right = score(rows), {}  # subject -> [right or not, for each of its questions]
     for item, (start, n) in zip(items, spans):
         ok = max(range(n), key=lambda i: scores[start + i]) == item["answer"]
-        right += ok
-        s = per.setdefault(item.get("subject"), [0, 0])
-        s[0], s[1] = s[0] + ok, s[1] + 1
-    out = {"accuracy": right / len(items)}
-    out.update({f"accuracy/{s}": r / n for s, (r, n) in sorted(per.items()) if s is not None})
-    return out
+        right.setdefault(item.get("subject"), []).append(ok)
+    per = {f"accuracy/{s}": sum(r) / len(r) for s, r in sorted(i for i in right.items() if i[0] is not None)}
+    return {"accuracy": sum(map(sum, right.values())) / len(items), **per}
 
 
 def answer_prompts(conversations, n=None) -> list[tuple[list[dict], str]]:
-    """(prompt, reference) for the first n of an SFT file's `conversations` ((line,
-    object) pairs): every turn before the last assistant answer (earlier answers as
-    written), and that answer."""
+    """(prompt, reference) for the first n `conversations` ((line, object) pairs): every
+    turn before the last assistant answer (earlier answers as written), and that answer."""
     out = []
     for _, obj in conversations:
         last = max((i for i, m in enumerate(obj["messages"]) if m["role"] == "assistant"), default=None)
@@ -171,14 +148,11 @@ def answer_prompts(conversations, n=None) -> list[tuple[list[dict], str]]:
 
 @torch.no_grad()
 def greedy_answers(model, tok, prompts, stop, max_new_tokens=48, desc="answers", show=True) -> list[str]:
-    """The model's greedy answer to each prompt (its ids: tulu.py's encode_prompt),
-    decoded and stripped; show: a progress bar."""
+    """The model's greedy answer to each prompt's ids (tulu.py's encode_prompt), stripped."""
     model.eval()
-    out = []
-    for ids in tqdm(prompts, desc=desc, leave=False, disable=not show):
-        ids = llama.generate(model, ids, max_new_tokens, eos_id=stop)
-        out.append(tok.decode([t for t in ids if t not in stop]).strip())
-    return out
+    bar = tqdm(prompts, desc=desc, leave=False, disable=not show)
+    answers = [llama.generate(model, ids, max_new_tokens, eos_id=stop) for ids in bar]
+    return [tok.decode([t for t in a if t not in stop]).strip() for a in answers]
 
 
 def exact_match(answers, references) -> float:
