@@ -618,7 +618,7 @@ def demo_answers(model, tok, model_dir):
 def tiny_default() -> str:
     """The demo's base model, where sft starts without --model: built once
     (machinery/demo.py) with this file's chat format and training loop."""
-    return tiny_default_model(cache_dir(), read_jsonl, read_objects, chat_text, train, SFTTask, TrainConfig)
+    return tiny_default_model(cache_dir(), chat_text, train, SFTTask, TrainConfig)
 
 
 def tiny_sft() -> str:

@@ -20,6 +20,7 @@ import torch
 
 import llama
 from llama import Tokenizer, atomic_write, save_model, write_json
+from machinery.data import read_jsonl, read_objects
 from machinery.evaluate import exact_match
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -71,10 +72,10 @@ def tiny_llama(tok) -> llama.Llama:
     return model
 
 
-def tiny_default_model(folder, read_jsonl, read_objects, chat_text, train, task, config) -> str:
+def tiny_default_model(folder, chat_text, train, task, config) -> str:
     """The path of the demo's base model in `folder` (a HF folder), built there once,
-    deterministically on a given machine. The rest are tulu.py's: the readers, chat_text,
-    the training loop, the SFT task and the run config (classes)."""
+    deterministically on a given machine. The rest are tulu.py's: chat_text, the
+    training loop, the SFT task and the run config (classes)."""
     source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
     h = hashlib.sha256(pathlib.Path(source).read_bytes() + pathlib.Path(pages).read_bytes())
     h.update(repr((TINY, PRETRAIN, PAGE_COPIES)).encode())
