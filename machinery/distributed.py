@@ -8,13 +8,12 @@ learned tokens (or pairs) of the whole step, summed over the ranks (all_sum), so
 summed gradient, the loss and the clipping norm are one process's, up to rounding.
 
 lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel);
-full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its
-gradient and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's
-CPU (gathered, full_model); resuming cuts a whole checkpoint to each rank's shards
-(placed). Rank 0 alone prints and writes, the files one process writes: rank0() is how
-code asks. An error on one rank ends every rank with its one-line message (together),
-where the others would wait for it forever. Without torchrun all of this reduces to a
-Dist of one rank and costs nothing.
+full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its gradient
+and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's CPU
+(gathered, full_model); resuming cuts a whole checkpoint to each rank's shards (placed).
+Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
+ends every rank with its one-line message (together), where the others would wait for
+it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
 
 Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
 the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
@@ -23,8 +22,6 @@ fine-tuning: every rank reads the whole model to its CPU in float32 before shard
 gathers a checkpoint (weights and AdamW's two states) on its CPU, and every rank reads it
 whole on --resume; for a 70B model on one 8-GPU machine that is not practical yet.
 """
-from __future__ import annotations
-
 import contextlib
 import datetime
 import gc
@@ -46,14 +43,9 @@ class Dist:
     """This process among torchrun's; without torchrun, rank 0 of 1."""
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")  # for collectives' tensors (NCCL: this rank's GPU)
+    device: torch.device = torch.device("cpu")  # this rank's GPU under NCCL: collectives' tensors, DDP's device
     stop: bool = False  # Ctrl-C or SIGTERM arrived (see machinery.runs.Run)
     waits: object = None  # the process group for long waits on one rank (setup_distributed)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 SINGLE = Dist()
@@ -61,9 +53,6 @@ SINGLE = Dist()
 
 def dist_of(args) -> Dist:
     return getattr(args, "dist", None) or SINGLE
-
-
-WAIT_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 alone encoding data or writing a checkpoint
 
 
 def rank_device(local_rank: int) -> torch.device:
@@ -90,21 +79,20 @@ def is_sharded(model) -> bool:
 def setup_distributed(device: str) -> Dist:
     """Join torchrun's process group: NCCL, each rank on the GPU LOCAL_RANK names, or
     gloo on CPU. Without torchrun, or inside a run (the demo SFT that rank 0 builds), a
-    Dist of one. Ctrl-C and SIGTERM now only raise a flag (Run.end_step). Ranks other than 0
-    print nothing and draw no progress bars (their errors still reach stderr)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    Dist of one. Ctrl-C and SIGTERM now only raise a flag (Run.end_step). Ranks other than
+    0 print nothing and draw no progress bars (their errors still reach stderr)."""
+    world, cuda = int(os.environ.get("WORLD_SIZE", 1)), device == "cuda"
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
-    rank, local, cuda = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), device == "cuda"
-    dev = rank_device(local) if cuda else torch.device("cpu")
+    dev = rank_device(int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)  # from here on, "cuda" is this rank's GPU
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
     # the waits for one rank (rank 0 encoding a large data file or writing a 70B checkpoint)
     # go through a gloo group of their own with a long timeout; NCCL's 10 minutes stay the
     # limit for a collective of the training step, where a hung rank should fail fast
-    waits = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    d = Dist(rank, world, local, dev, waits=waits)
+    waits = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=3))
+    d = Dist(int(os.environ["RANK"]), world, dev, waits=waits)
     for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun passes a Ctrl-C on as SIGINT
         signal.signal(sig, lambda *_: setattr(d, "stop", True))
     if not rank0():
@@ -202,7 +190,7 @@ def data_parallel(args, model):
         if p.requires_grad:
             torch.distributed.broadcast(p.detach(), src=0)
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, init_sync=False,
+        model, device_ids=[d.device] if d.device.type == "cuda" else None, init_sync=False,
         broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
@@ -297,16 +285,3 @@ def full_model(model):
                 model = llama.Llama(cfg)
             model.load_state_dict(sd, assign=True)
     return model if rank0() else None
-
-
-class MemoryLog:
-    """What ranks other than 0 keep instead of metrics.jsonl and loss.svg: the rows."""
-
-    def __init__(self):
-        self.rows = []
-
-    def log(self, row):
-        self.rows.append(row)
-
-    def plot(self, title):
-        pass
