@@ -2,19 +2,18 @@
 and loss.svg, all kept by the Run object that tulu.py's training loop calls once a step.
 
 A checkpoint (out/checkpoint/) holds the trainable weights, the optimiser state and the
-random state after a completed step, as safetensors plus a JSON skeleton (no pickle),
-and trainer_state.json with the step and the run's record: the settings, the global
-batch, and the model, adapter and data by content (run_record). --resume refuses a
-checkpoint whose record differs, with one line naming the difference, before the model
-loads. A finished run leaves finished.json instead, and its --resume exits at once.
+random state after a completed step (safetensors and a JSON skeleton: no pickle), and
+trainer_state.json with the step and the run's record: the settings, the global batch,
+and the model, adapter and data by content (run_record). --resume refuses a checkpoint
+whose record differs, in one line naming the difference, before the model loads. A
+finished run leaves finished.json instead, and its --resume exits at once.
 
-out/checkpoint/ is whole whenever a kill comes: save_checkpoint writes out/checkpoint.tmp/,
-its trainer_state.json last, then settle_checkpoint makes the newer whole one
-out/checkpoint/ and removes the other; a folder without trainer_state.json is never
-read. A kill during the write leaves the old checkpoint; after it, the new one under
-either name (the next save or --resume settles them). Under torchrun every rank helps
-gather FSDP's shards and rank 0 alone writes; the ranks decide together, once a step,
-whether to save or stop (any_rank).
+out/checkpoint/ is whole whenever a kill comes: save_checkpoint writes checkpoint.tmp/,
+its trainer_state.json last (a folder without one is never read), then settle_checkpoint
+renames the newer whole one to checkpoint/ and removes the other; a kill anywhere leaves
+a whole one under either name, which the next save or --resume settles.
+Under torchrun every rank helps gather FSDP's shards, rank 0 alone writes, and the ranks
+decide together, once a step, whether to save or stop (any_rank).
 
 Why both kinds of checkpoint: a scheduler's SIGTERM (Slurm, Kubernetes, torchrun passing
 it on) is followed by a kill after a grace period (Slurm's KillWait, Kubernetes'
@@ -42,7 +41,8 @@ from tqdm import tqdm
 
 from llama import TuluError, atomic_write, write_json
 from machinery.checks import check_finite_weights, json_safe, stop_if_diverged
-from machinery.distributed import all_sum, any_rank, dist_of, gathered, placed, placed_state, rank0, together, whole
+from machinery.distributed import (all_sum, any_rank, dist_of, gathered, placed, placed_state, rank0,
+                                   together, whole)
 
 CHECKPOINT, FINISHED, STATE = "checkpoint", "finished.json", "trainer_state.json"
 
@@ -81,13 +81,12 @@ def set_rng_state(rng):
         torch.cuda.set_rng_state(rng["cuda"][0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # size and mtime_ns in the key: a changed file is read again
 def file_digest(path, size, mtime_ns, sampled, piece=1 << 16) -> str:
-    """sha256 of a file's bytes, or with `sampled`, of 16 pieces of 64 KiB spread evenly
-    over it: a 140 GB model is told from another in a second (a fine-tuned weight differs
-    in every piece). size and mtime_ns make the cache forget a changed file."""
-    h = hashlib.sha256()
-    starts = [(size - piece) * i // 15 for i in range(16)] if sampled and size > 16 * piece else range(0, size, piece)
+    """sha256 of a file, or with `sampled` of 16 pieces of 64 KiB spread over it: a 140 GB
+    model is told from another in a second (a fine-tuned weight differs in every piece)."""
+    h, spread = hashlib.sha256(), sampled and size > 16 * piece
+    starts = [(size - piece) * i // 15 for i in range(16)] if spread else range(0, size, piece)
     with open(path, "rb") as f:
         for start in starts:
             f.seek(start)
@@ -112,14 +111,15 @@ def run_record(args, examples=None, total=None) -> dict:
     """What a resumed run must share with its checkpoint to continue the same loss curve:
     the recipe, the global batch, and the model, adapter and data by content (a folder that
     moved is the same; a file changed in place is not); examples and total once the data is read."""
-    keys = ["command", "method", "lr", "warmup_ratio", "seed", "max_seq_length", "max_grad_norm", "weight_decay",
-            "adam_eps", "beta", "loss", "label_smoothing"]
+    keys = ["command", "method", "lr", "warmup_ratio", "seed", "max_seq_length", "max_grad_norm",
+            "weight_decay", "adam_eps", "beta", "loss", "label_smoothing"]
     if args.method != "full":  # an --adapter brings its own rank and alpha
         keys += ["lora_dropout"] + ([] if getattr(args, "adapter", None) else ["lora_r", "lora_alpha"])
     run = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     run.update(global_batch=args.batch_size * args.grad_accum * dist_of(args).world,
                adam_betas=list(args.adam_betas))
-    run.update({k: fingerprint(getattr(args, k)) for k in ("model", "adapter", "data") if getattr(args, k, None)})
+    run.update({k: fingerprint(getattr(args, k)) for k in ("model", "adapter", "data")
+                if getattr(args, k, None)})
     return run if examples is None else {**run, "total_steps": total, "examples": examples}
 
 
@@ -162,10 +162,9 @@ def sync(path):
 
 
 def settle_checkpoint(root) -> str | None:
-    """Make root/checkpoint the newer whole one of checkpoint/ and checkpoint.tmp/, remove
-    the other, and return its path (None: there is none). The newer is only ever renamed,
-    so a kill during this leaves it findable too. Beside finished.json, a checkpoint is
-    one that a kill during Run.finish left: it goes."""
+    """Make root/checkpoint the newer whole one of checkpoint/ and checkpoint.tmp/ (only ever
+    renamed: a kill during this leaves it findable), remove the other, return its path or
+    None. Beside finished.json, a checkpoint is one that a kill during Run.finish left: it goes."""
     final, tmp = os.path.join(root, CHECKPOINT), os.path.join(root, CHECKPOINT + ".tmp")
     old, new = ((read_state(os.path.join(f, STATE)) or {}).get("step", -1) for f in (final, tmp))
     if max(old, new) < 0 or os.path.exists(os.path.join(root, FINISHED)):
@@ -199,7 +198,7 @@ def save_checkpoint(out, step, model, opt, rng, run):
     save_file(tensors, os.path.join(tmp, "state.safetensors"))
     for name in os.listdir(tmp):
         sync(os.path.join(tmp, name))
-    write_json(os.path.join(tmp, STATE), {"step": step, "run": run, "state": skeleton})  # last: now it is whole
+    write_json(os.path.join(tmp, STATE), {"step": step, "run": run, "state": skeleton})  # now it is whole
     sync(os.path.join(tmp, STATE))
     settle_checkpoint(out)
 
@@ -218,11 +217,12 @@ def check_resume(args, root):
     finished, state = read_state(done), read_state(os.path.join(ckpt, STATE))
     if not args.resume:
         if state and not finished:
-            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step {state['step']}): "
-                            f"continue it with --resume {args.output}, or choose another --output")
+            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step "
+                            f"{state['step']}): continue it with --resume {args.output}, "
+                            f"or choose another --output")
         return
-    changed = differences((finished or state or {}).get("run", {}), run_record(args))
     if finished:
+        changed = differences(finished["run"], run_record(args))
         if changed:
             raise TuluError(f"{done}: that run finished, with other settings ({changed}); "
                             f"start a new run with another --output")
@@ -231,6 +231,7 @@ def check_resume(args, root):
         sys.exit(0)
     if not state:
         raise TuluError(f"{args.resume}: no checkpoint to resume from ({CHECKPOINT}/{STATE} missing)")
+    changed = differences(state["run"], run_record(args))
     if changed:
         raise TuluError(f"{ckpt}: the checkpoint was made with other settings ({changed})")
 
@@ -265,7 +266,8 @@ def loss_svg(rows, title) -> str:
     blue, red = "#1f77b4", "#d62728"
     steps = [r["step"] for r in rows]
     x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    y1 = max((r["loss"] for r in rows if r["loss"] is not None), default=1.0) * 1.05 or 1.0  # None: non-finite
+    losses = [r["loss"] for r in rows if r["loss"] is not None]  # None: a non-finite step
+    y1 = max(losses, default=1.0) * 1.05 or 1.0
     X = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)
     Y = lambda v, top: H - B - v / top * (H - T - B)
 
@@ -277,7 +279,8 @@ def loss_svg(rows, title) -> str:
            f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
            f'<path d="M{L},{T} V{H - B} H{W - R}" fill="none" stroke="black"/>',
            f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">optimizer step</text>',
-           f'<text transform="translate(16,{H / 2}) rotate(-90)" text-anchor="middle" fill="{blue}">loss</text>']
+           f'<text transform="translate(16,{H / 2}) rotate(-90)" text-anchor="middle" fill="{blue}">'
+           f'loss</text>']
     for i in range(5):  # ticks: 5 on each axis
         v, s = y1 * i / 4, x0 + (x1 - x0) * i / 4
         out += [f'<text x="{L - 6}" y="{Y(v, y1) + 4:.1f}" text-anchor="end">{v:.2f}</text>',
@@ -304,8 +307,7 @@ class Run:
     and after Ctrl-C or SIGTERM (then exit 130), the stop at a non-finite step, --resume.
     While it runs (`with run:`), Ctrl-C and SIGTERM (a scheduler's preemption) only raise
     d.stop, so a run never stops inside an optimiser step; a second Ctrl-C stops at once,
-    without saving. Under torchrun the ranks decide each step together (any_rank), the
-    signal handlers are setup_distributed's, and rank 0 alone writes."""
+    without saving. Under torchrun the signal handlers are setup_distributed's."""
 
     def __init__(self, args, out, record, total, per_epoch):
         self.args, self.out, self.record, self.total, self.per_epoch = args, out, record, total, per_epoch
@@ -314,13 +316,11 @@ class Run:
         self.title = f"tulu {args.command} --method {args.method}: {name}"
 
     def resume(self, model, opt):
-        """Restore the --resume checkpoint, if any, into model and opt; keep metrics.jsonl's
-        rows up to its step (and none cut short by a kill). An earlier run's finished.json
-        in out goes, so that --resume never takes one run for the other."""
+        """Restore the --resume checkpoint, if any, into model and opt; keep metrics.jsonl's rows
+        up to its step, none cut short by a kill. An earlier run's finished.json in out goes."""
         resume, self.rows = self.args.resume, []
         self.start = together(self.d, load_checkpoint, resume, model, opt, self.record) if resume else 0
-        self.saved = self.start if resume else None  # the step of the newest checkpoint
-        self.metrics_path = os.path.join(self.out, "metrics.jsonl") if rank0() else None  # ranks > 0: rows alone
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl") if rank0() else None  # others: rows alone
         if self.metrics_path:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.out, FINISHED))
@@ -351,9 +351,8 @@ class Run:
             self.metrics[k] = self.metrics.get(k, 0.0) + v * w
 
     def finite(self, norm, denom) -> bool:
-        """Whether the step may be applied: its loss and gradient norm, summed over the ranks
-        (under FSDP the whole gradient's norm), are finite, so every rank decides alike. A
-        non-finite step is never applied; end_step stops the run on its row."""
+        """Whether the step may be applied: its loss and gradient norm (FSDP's: the whole
+        gradient's), summed over the ranks, are finite, so every rank decides alike."""
         norm = float(whole(norm))
         loss, tokens, *totals = all_sum(self.d, *self.sums, *self.metrics.values())
         metrics = {k: v / denom for k, v in zip(self.metrics, totals)}
@@ -383,7 +382,7 @@ class Run:
         if due or stop:
             together(self.d, save_checkpoint, self.out, step, model, opt, rng_state(), self.record)
             self.plot()
-            self.saved, self.since = step, time.monotonic()
+            self.since = time.monotonic()
             stop = stop or any_rank(self.d, self.d.stop)[0]  # a SIGTERM during the save: no step more
         if stop:
             self.bar.close()
@@ -424,7 +423,8 @@ class Run:
             self.d.stop = False
         if kind is KeyboardInterrupt:  # a second Ctrl-C, perhaps inside an optimiser step: nothing more saved
             self.bar.close()
-            kept = (f"the checkpoint of step {self.saved} stays; continue with --resume {self.out}"
-                    if self.saved is not None else "no checkpoint was written")
+            saved = read_state(os.path.join(self.out, CHECKPOINT, STATE))
+            kept = (f"the checkpoint of step {saved['step']} stays; continue with --resume {self.out}"
+                    if saved else "no checkpoint was written")
             print(f"\nstopped at once: {kept}", file=sys.stderr)
             sys.exit(130)
