@@ -1,18 +1,14 @@
 """Failing loudly and early: mistakes that would otherwise cost a GPU-day.
 
-A fine-tuning run reads a model folder, a tokenizer and a data file, then trains for
-hours. Most mistakes in what it is given would surface only deep inside that run, as a
-traceback from F.embedding ("index out of range"), a NaN in metrics.jsonl that stops a
-dashboard, or a folder of NaN weights written over good ones. Each check here runs
-before the first step (or before a file is written) and ends the run with a one-line
-TuluError that names the file and says what to do: a tokenizer with more ids than the
-embedding has rows, an --output that is the folder being read, a batch larger than the
-data set. Examples longer than the model's context only warn, as transformers does. A
-step whose loss or gradient norm is not finite is never applied: the run stops there,
-its last checkpoint kept, and no non-finite weight is ever saved.
+A run reads a model folder, a tokenizer and a data file, then trains for hours; most
+mistakes in them would surface deep inside it: a traceback from F.embedding ("index out
+of range"), a NaN in metrics.jsonl, NaN weights written over good ones. Each check here
+runs before the first step (or before a file is written) and ends the run with a
+one-line TuluError that names the file and says what to do; examples longer than the
+model's context only warn, as transformers does. A step whose loss or gradient norm is
+not finite is never applied: the run stops there, its last checkpoint kept.
 """
-from __future__ import annotations
-
+import contextlib
 import json
 import math
 import os
@@ -26,13 +22,9 @@ from llama import Tokenizer, TuluError
 
 def check_vocab(tok, model_dir):
     """Every id the tokenizer can produce needs a row of the embedding (config.json's
-    vocab_size, which load_model holds the weights to); otherwise training ends deep in
-    F.embedding with "index out of range". More rows than ids (padded vocabularies) is fine."""
-    if tok is None:
-        return None
+    vocab_size, which load_model holds the weights to); more rows (padded) are fine."""
     config = os.path.join(model_dir, "config.json")
-    rows = llama.LlamaConfig.from_json(config).vocab_size
-    if tok.vocab_size > rows:
+    if tok is not None and tok.vocab_size > (rows := llama.LlamaConfig.from_json(config).vocab_size):
         raise TuluError(f"{tok.file}: the tokenizer has {tok.vocab_size} ids "
                         f"but the model's embedding has {rows} rows (vocab_size in {config}); a tokenizer of "
                         f"another model, or tokens added without resizing the embedding?")
@@ -43,18 +35,13 @@ def tokenizer_source(adapter, model_dir):
     """The folder whose tokenizer a run uses: the adapter's when it has one (sft and
     dpo write the tokenizer beside the adapter), else the model's."""
     files = ("tokenizer.model", "tokenizer.json")
-    if adapter and any(os.path.exists(os.path.join(adapter, n)) for n in files):
-        return adapter
-    return model_dir
+    return adapter if adapter and any(os.path.exists(os.path.join(adapter, n)) for n in files) else model_dir
 
 
 def folder_tokenizer(adapter, model_dir):
-    """The tokenizer a merge copies (the adapter's, else its base's), or None where there
-    is none or tulu cannot read it: merge only copies it."""
-    try:
+    """The tokenizer a merge copies, or None where tulu cannot read it: merge only copies it."""
+    with contextlib.suppress(TuluError):
         return Tokenizer(tokenizer_source(adapter, model_dir))
-    except TuluError:
-        return None
 
 
 def check_output(output, model, adapter=None):
@@ -73,8 +60,7 @@ def check_batch_size(args, examples, what):
 
 
 def warn_beyond_context(args, examples):
-    """Like transformers, warn (not stop) when an example is longer than the model's
-    context: RoPE still runs past max_position_embeddings, but quality usually drops."""
+    """RoPE runs past max_position_embeddings, but quality usually drops: warn, not stop."""
     config = os.path.join(args.model, "config.json")
     ctx = llama.LlamaConfig.from_json(config).max_position_embeddings
     longest = max(len(x) for e in examples for x in e[:4:2])  # (ids, labels) or (c_ids, c_labels, r_ids, ...)
@@ -85,37 +71,32 @@ def warn_beyond_context(args, examples):
 
 
 def json_safe(row):
-    """NaN and ±inf are not JSON (json.dumps writes a bare NaN that jq, JavaScript and
-    most dashboards reject): write null, and name what was non-finite under "nonfinite"."""
+    """NaN and ±inf are not JSON (jq, JavaScript, dashboards reject json.dumps' bare NaN):
+    write null, and name what was non-finite under "nonfinite"."""
     bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
     return {**{k: None if k in bad else v for k, v in row.items()}, **({"nonfinite": bad} if bad else {})}
 
 
-def finite(loss, norm) -> bool:
-    return math.isfinite(loss) and math.isfinite(float(norm))
-
-
-def stop_if_diverged(row, args, out, log, title):
-    """A non-finite loss or gradient norm ends the run at its step (train_step did not
-    apply it): nothing more is saved, the last checkpoint stays, and the curve is drawn."""
-    if finite(row["loss"], row["grad_norm"]):
-        return
-    log.plot(title)
+def stop_if_diverged(row, args, out, plot):
+    """A non-finite loss or gradient norm ends the run at its step (the loop did not apply
+    it): nothing more is saved, the last checkpoint stays, and plot() draws the curve."""
     names = {"loss": "loss", "grad_norm": "gradient norm"}
     what = " and ".join(f"the {name} is {row[k]}" for k, name in names.items() if not math.isfinite(row[k]))
+    if not what:
+        return
+    plot()
     kept, state = "", os.path.join(out, "checkpoint", "trainer_state.json")
     if os.path.exists(state):
         with open(state) as f:
             kept = f"; the checkpoint of step {json.load(f)['step']} stays in {os.path.dirname(state)}"
-    clip = f"a smaller --max-grad-norm (this run: {args.max_grad_norm:g})" if args.max_grad_norm > 0 else \
-        "clipping with --max-grad-norm (off in this run)"
+    clip = (f"a smaller --max-grad-norm (this run: {args.max_grad_norm:g})" if args.max_grad_norm > 0
+            else "clipping with --max-grad-norm (off in this run)")
     raise TuluError(f"step {row['step']}: {what}; stopped without applying this step, nothing saved{kept}; "
                     f"try a lower --lr (this run: {args.lr:g}) or {clip}")
 
 
 def check_finite_weights(named, what):
-    """Never write non-finite weights (a step can overflow a weight with a finite loss).
-    named: (name, tensor) pairs, the weights about to be written."""
+    """Never write non-finite weights (a step can overflow a weight with a finite loss)."""
     for n, p in named:
         if not torch.isfinite(p).all():
             raise TuluError(f"{n} holds non-finite values: {what} not written; "

@@ -8,13 +8,12 @@ learned tokens (or pairs) of the whole step, summed over the ranks (all_sum), so
 summed gradient, the loss and the clipping norm are one process's, up to rounding.
 
 lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel);
-full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its
-gradient and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's
-CPU (gathered, full_model); resuming cuts a whole checkpoint to each rank's shards
-(placed). Rank 0 alone prints and writes, the files one process writes: rank0() is how
-code asks. An error on one rank ends every rank with its one-line message (together),
-where the others would wait for it forever. Without torchrun all of this reduces to a
-Dist of one rank and costs nothing.
+full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its gradient
+and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's CPU
+(gathered, full_model); resuming cuts a whole checkpoint to each rank's shards (placed).
+Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
+ends every rank with its one-line message (together), where the others would wait for
+it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
 
 Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
 the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
@@ -23,8 +22,6 @@ fine-tuning: every rank reads the whole model to its CPU in float32 before shard
 gathers a checkpoint (weights and AdamW's two states) on its CPU, and every rank reads it
 whole on --resume; for a 70B model on one 8-GPU machine that is not practical yet.
 """
-from __future__ import annotations
-
 import contextlib
 import datetime
 import gc
@@ -46,14 +43,9 @@ class Dist:
     """This process among torchrun's; without torchrun, rank 0 of 1."""
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")  # for collectives' tensors (NCCL: this rank's GPU)
+    device: torch.device = torch.device("cpu")  # NCCL: this rank's GPU (for collectives and DDP)
     stop: bool = False  # Ctrl-C or SIGTERM arrived (see machinery.runs.Run)
     waits: object = None  # the process group for long waits on one rank (setup_distributed)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 SINGLE = Dist()
@@ -63,13 +55,9 @@ def dist_of(args) -> Dist:
     return getattr(args, "dist", None) or SINGLE
 
 
-WAIT_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 alone encoding data or writing a checkpoint
-
-
 def rank_device(local_rank: int) -> torch.device:
-    """This rank's GPU: LOCAL_RANK among the visible ones, modulo their number where a
-    scheduler shows each task only its own GPU (Slurm's per-task binding: one device,
-    LOCAL_RANK 0..7)."""
+    """This rank's GPU: LOCAL_RANK modulo the visible GPUs, where a scheduler shows each task
+    only its own (Slurm's per-task binding: one device, LOCAL_RANK 0..7)."""
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -88,23 +76,20 @@ def is_sharded(model) -> bool:
 
 
 def setup_distributed(device: str) -> Dist:
-    """Join torchrun's process group: NCCL, each rank on the GPU LOCAL_RANK names, or
-    gloo on CPU. Without torchrun, or inside a run (the demo SFT that rank 0 builds), a
-    Dist of one. Ctrl-C and SIGTERM now only raise a flag (Run.end_step). Ranks other than 0
-    print nothing and draw no progress bars (their errors still reach stderr)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """Join torchrun's process group: NCCL on the GPU LOCAL_RANK names, or gloo on CPU; without
+    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one. Ctrl-C and
+    SIGTERM now only raise d.stop; ranks but 0 print nothing and draw no bars (errors still show)."""
+    world, cuda = int(os.environ.get("WORLD_SIZE", 1)), device == "cuda"
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
-    rank, local, cuda = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), device == "cuda"
-    dev = rank_device(local) if cuda else torch.device("cpu")
+    dev = rank_device(int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)  # from here on, "cuda" is this rank's GPU
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
-    # the waits for one rank (rank 0 encoding a large data file or writing a 70B checkpoint)
-    # go through a gloo group of their own with a long timeout; NCCL's 10 minutes stay the
-    # limit for a collective of the training step, where a hung rank should fail fast
-    waits = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    d = Dist(rank, world, local, dev, waits=waits)
+    # waits for one rank (rank 0 encoding a large data file, writing a 70B checkpoint) get a gloo
+    # group with a long timeout; NCCL's 10 minutes stay a step's limit, where a hung rank should fail
+    waits = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=3))
+    d = Dist(int(os.environ["RANK"]), world, dev, waits=waits)
     for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun passes a Ctrl-C on as SIGINT
         signal.signal(sig, lambda *_: setattr(d, "stop", True))
     if not rank0():
@@ -115,9 +100,8 @@ def setup_distributed(device: str) -> Dist:
 
 
 def exit_after(main):
-    """Run main() and exit with its status; under torchrun, destroy the process group
-    first, once the error that ended the run (and the model it holds) is gone: a gloo
-    group that lives on into Python's shutdown can abort the process."""
+    """Run main() and exit with its status; under torchrun destroy the process group first, once
+    the error and the model it holds are gone: a gloo group alive at shutdown can abort Python."""
     try:
         main()
         code = 0
@@ -156,12 +140,9 @@ def together(d: Dist, fn, *args):
 
 
 def rank0_first(d: Dist, fn, *args):
-    """fn(*args) on rank 0, then on the other ranks, which find cached what it made: the
-    demo model, the encoded data (one rank encodes the file, not every rank the whole
-    file; a node that does not share rank 0's cache folder encodes it again). An error
-    on any rank ends every rank, as in together."""
-    if d.world == 1:
-        return fn(*args)
+    """fn(*args) on rank 0, then on the others, which find cached what it made: the demo model,
+    the encoded data (a node that does not share rank 0's cache folder encodes it again).
+    An error on any rank ends every rank, as in together."""
     out = together(d, lambda: fn(*args) if rank0() else None)
     return together(d, lambda: out if rank0() else fn(*args))
 
@@ -178,18 +159,16 @@ def shard(model, d: Dist, compute_dtype=torch.float32):
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's
-    # reference) it would hold whole weights, which the optimiser built next would take.
-    # fully_shard moves the shards to the device
+    # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's reference)
+    # it would hold whole weights, which the optimiser built next would take. It moves shards to the device
     return fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
 
 
 def data_parallel(args, model):
-    """The model train_step runs: under torchrun with lora/qlora, DDP, which averages the
-    adapters' gradients over the ranks in the backward of a step's last micro-batch, in
-    its buckets (the gradients are views of them: no second copy). The frozen (NF4) base
-    is read by every rank and never sent; rank 0's adapters are (DDP's init_sync would
-    send the base too, and broadcast_buffers its NF4 buffers)."""
+    """The model the loop runs: under torchrun with lora/qlora, DDP, which averages the adapters'
+    gradients over the ranks in a step's last backward, in its buckets (the gradients are views
+    of them: no second copy). The frozen (NF4) base is never sent; rank 0's adapters are (DDP's
+    init_sync would send the base too, and broadcast_buffers its NF4 buffers)."""
     d = dist_of(args)
     if d.world == 1:
         return model
@@ -202,7 +181,7 @@ def data_parallel(args, model):
         if p.requires_grad:
             torch.distributed.broadcast(p.detach(), src=0)
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, init_sync=False,
+        model, device_ids=[d.device] if d.device.type == "cuda" else None, init_sync=False,
         broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
@@ -215,9 +194,8 @@ def grad_sync(model, last: bool):
 
 
 def deal(batches, d: Dist) -> list:
-    """This rank's share of one process's batches: every N-th, from the rank's own. All
-    ranks get as many (FSDP gathers weights in each forward, all ranks together): None
-    stands for a batch that a rank is short of."""
+    """This rank's share of one process's batches: every N-th, from its own. All ranks get as
+    many (FSDP gathers weights in each forward, all ranks together): None where one is short."""
     mine = batches[d.rank::d.world]
     return mine + [None] * (math.ceil(len(batches) / d.world) - len(mine))
 
@@ -232,9 +210,8 @@ def undeal(results, n: int, d: Dist) -> list:
 
 
 def rank_batches(idx, examples, task, d: Dist) -> list:
-    """This rank's collated micro-batches of a step, whose micro-batches in one process
-    are idx (example indices); where a rank is short of one, a stand-in: the step's first
-    example with weight 0."""
+    """This rank's collated micro-batches of a step (idx: one process's, as example indices);
+    where a rank is short of one, a stand-in: the step's first example with weight 0."""
     stand_in = lambda: {**task.collate([examples[idx[0][0]]]), "weight": 0}
     return [task.collate([examples[i] for i in c]) if c else stand_in() for c in deal(idx, d)]
 
@@ -249,8 +226,7 @@ def all_sum(d: Dist, *values) -> list:
 
 
 def any_rank(d: Dist, *flags) -> list[bool]:
-    """Each flag True on every rank if it is on any (one all-reduce): so that all ranks
-    stop, or save, after the same step."""
+    """Each flag True on every rank if it is on any (one all-reduce): all stop, or save, alike."""
     return [v > 0 for v in all_sum(d, *map(float, flags))]
 
 
@@ -297,16 +273,3 @@ def full_model(model):
                 model = llama.Llama(cfg)
             model.load_state_dict(sd, assign=True)
     return model if rank0() else None
-
-
-class MemoryLog:
-    """What ranks other than 0 keep instead of metrics.jsonl and loss.svg: the rows."""
-
-    def __init__(self):
-        self.rows = []
-
-    def log(self, row):
-        self.rows.append(row)
-
-    def plot(self, title):
-        pass

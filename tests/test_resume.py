@@ -208,25 +208,6 @@ def test_a_checkpoint_killed_while_removed_is_never_taken_for_whole(tmp_path, mo
     assert runs.settle_checkpoint(out) is None and not os.path.exists(out / "checkpoint")
 
 
-@pytest.mark.parametrize("tmp_whole", [True, False])
-def test_earlier_versions_rename_window_is_found(tmp_path, monkeypatch, capsys, data, full, tmp_whole):
-    """tulu before this version renamed checkpoint/ to checkpoint.old<pid>/ before it moved
-    checkpoint.tmp<pid>/ in: a kill between the two left no checkpoint/ at all. The newest
-    whole one of the two is taken (the .old one where the new one is not whole)."""
-    out = tmp_path / "out"
-    flags = sft_flags(data / "sft.jsonl", out, 6, "--save-every", 2)
-    with monkeypatch.context() as m:
-        kill_during_save_of_step_4(m, "after its trainer_state.json" if tmp_whole else "before its trainer_state.json")
-        with pytest.raises(Killed):
-            cli(*flags)
-    os.replace(out / "checkpoint", out / "checkpoint.old4242")
-    os.replace(out / "checkpoint.tmp", out / "checkpoint.tmp4242")
-    capsys.readouterr()
-    cli(*flags, "--resume", out)
-    assert f"resumed from {out}/checkpoint after step {4 if tmp_whole else 2}" in capsys.readouterr().out
-    assert_continues(out, full[6])
-
-
 # -----------------------------------------------------------------------------
 # When checkpoints are written, and what a finished run leaves
 
