@@ -52,8 +52,8 @@ EXERCISES = {  # name -> (file, function, what to read first[, pytest selector])
 # graded by the tests of its file whose names contain the exercise's name, unless said otherwise
 EXERCISES = {name: (*e, f"tests/test_{e[0][:-3]}.py -k {name}")[:4] for name, e in EXERCISES.items()}
 EXERCISE_FILES = tuple(dict.fromkeys(file for file, *_ in EXERCISES.values()))  # in reading order
-STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "pytest.ini", "requirements.txt", "README.md", "data", "machinery",
-                                 "tests")
+STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "pytest.ini", "requirements.txt", "README.md", "data",
+                                 "machinery", "tests")
 # test_exercises.py tests this generator, not the student's work
 NOT_COPIED = ("__pycache__", "*.pyc", ".pytest_cache", "*.tmp[0-9]*", "test_exercises.py")
 EXERCISE_BEGIN, EXERCISE_END = re.compile(r"( *)# exercise: (\w+)$"), re.compile(r"( *)# end exercise$")
