@@ -123,12 +123,13 @@ def test_bf16_trains_under_autocast_with_float32_master_weights(monkeypatch):
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
-def test_torchrun_full_bf16_is_fsdp_with_float32_masters(tmp_path, fp32_base, data):
+@pytest.mark.parametrize("command, lr", [("sft", 2e-5), ("dpo", 5e-7)])
+def test_torchrun_full_bf16_is_fsdp_with_float32_masters(tmp_path, fp32_base, data, command, lr):
     """Two ranks under FSDP2 (bf16 gathered weights, float32 shards and reductions) learn
     what one bf16 process learns, and write the base's dtype."""
     one, two = tmp_path / "one", tmp_path / "two"
-    flags = ["sft", "--model", fp32_base, "--data", data["sft"], "--method", "full", "--dtype", "bf16",
-             "--lr", 2e-5, *SMALL]
+    flags = [command, "--model", fp32_base, "--data", data[command], "--method", "full", "--dtype", "bf16",
+             "--lr", lr, *SMALL]
     tulu.main([str(a) for a in flags + ["--grad-accum", "2", "--output", one]])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
