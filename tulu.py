@@ -568,7 +568,8 @@ def train(args, model, examples, task, out, save=None):
 
 
 def print_config(args):
-    shown = {f.name: getattr(args, f.name) for f in fields(args) if f.name != "dist"}
+    has = lambda f: not isinstance(f.metadata.get("help"), dict) or args.command in f.metadata["help"]
+    shown = {f.name: getattr(args, f.name) for f in fields(args) if f.name != "dist" and has(f)}
     shown = {k: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v for k, v in shown.items()}
     print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
 
