@@ -382,16 +382,16 @@ def build_policy(args, path):
     model = load_model(path, dtype=storage_dtype(args), device="cpu" if fsdp else args.device,
                        quantize="nf4" if args.method == "qlora" else None)
     if args.method == "full":
-        if getattr(args, "adapter", None):
+        if args.adapter:
             raise TuluError("--adapter needs --method lora or qlora (merge it first for full fine-tuning)")
         model.requires_grad_(True)
-    elif getattr(args, "adapter", None):
+    elif args.adapter:
         load_adapter(model, args.adapter, trainable=True, dropout=args.lora_dropout)
     else:
         add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     use_fast_dropout(model)  # LoRA's nn.Dropout, drawn from a quarter of the random numbers
     model.gradient_checkpointing = args.gradient_checkpointing
-    if getattr(args, "compile", False):
+    if args.compile:
         compile_layers(model)
     return shard(model, dist_of(args), args.dtype) if fsdp else model
 
@@ -530,7 +530,7 @@ def train(args, model, examples, task, out, save=None):
     per_epoch = math.ceil(len(examples) / E)
     total = args.max_steps or args.epochs * per_epoch
     warmup = int(total * args.warmup_ratio)
-    lengths = example_lengths(examples) if getattr(args, "group_by_length", False) else None
+    lengths = example_lengths(examples) if args.group_by_length else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
     run = Run(args, out, run_record(args, len(examples), total), total, per_epoch)
@@ -586,7 +586,7 @@ def start_run(ns, default_model, default_data):
     args.resolve(demo)
     print_config(args)
     together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
-    check_output(args.output, args.model, getattr(args, "adapter", None))
+    check_output(args.output, args.model, args.adapter)
     root = resume_root(args)
     rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: the newest whole one
     together(args.dist, check_resume, args, root)  # before the model loads

@@ -15,6 +15,7 @@ Most tests call tulu.main in this process (fast); what a user sees when a
 command fails, and commands exactly as typed, run `python tulu.py` itself.
 """
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -174,7 +175,7 @@ def short_pretraining(steps):
 
     def wrapper(args, *rest, **kw):
         if args.command == "pretrain":
-            args = argparse.Namespace(**{**vars(args), "max_steps": steps})
+            args = dataclasses.replace(args, max_steps=steps)
         return train(args, *rest, **kw)
     return wrapper
 
