@@ -464,13 +464,18 @@ class DPOTask:
         return losses.sum() / denom, dpo.dpo_metrics(losses, cr, rj, pc, pr, reduction="sum")
 
 
+def on(batch, device):
+    """A collated batch on the device, without rank_batches' weight mark."""
+    return {k: v.to(device) for k, v in batch.items() if k != "weight"}
+
+
 def eval_batches(model, examples, task, args, desc, d=None):
     """(examples, device batch) in order, the model in eval mode (no dropout); under
     torchrun (d), this rank's share (deal), the first batch standing in where short."""
     model.eval()
     chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     for chunk in tqdm(deal(chunks, d or SINGLE), desc=desc, leave=False):
-        yield chunk, {k: v.to(args.device) for k, v in task.collate(chunk or chunks[0]).items()}
+        yield chunk, on(task.collate(chunk or chunks[0]), args.device)
 
 
 def autocast(args):
@@ -513,10 +518,6 @@ def step_batches(n, step, steps_per_epoch, batch_size, grad_accum, seed, lengths
     if lengths is not None:
         chunk.sort(key=lambda j: -lengths[j])  # stable: equal lengths keep the permutation's order
     return [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-
-
-def on(batch, device):
-    return {k: v.to(device) for k, v in batch.items() if k != "weight"}
 
 
 def train(args, model, examples, task, out, save=None):
