@@ -498,10 +498,12 @@ def decoder_linear(key: str) -> bool:
     return key.startswith("model.layers.") and key.endswith("_proj.weight")
 
 
-def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device, quantize, bar) -> set[str]:
-    """Put the tensors of one safetensors file in place of the model's meta ones; their keys."""
+def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device, quantize, bar,
+                         four_bit: dict | None) -> set[str]:
+    """Put the tensors of one safetensors file in place of the model's meta ones; their keys.
+    A bitsandbytes folder's 4-bit weights (uint8) and their parts go to `four_bit` instead."""
     from safetensors import SafetensorError, safe_open
-    if quantize:
+    if quantize or four_bit is not None:
         import nf4  # chapter 2, read only when asked for
     seen = set()
     # Quantizing, read each tensor into memory of its own (pread): through mmap, the
@@ -511,9 +513,12 @@ def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device,
         with safe_open(fname, framework="pt", device="cpu", **backend) as f, \
                 (nf4.SafetensorsSlices(fname) if quantize else nullcontext()) as raw:  # read in slices
             for key in (k for k in f.keys() if not k.endswith("rotary_emb.inv_freq")):  # old files' RoPE
-                if key not in expected:
+                if four_bit is not None and (key.endswith(nf4.BNB_PARTS) or key in expected
+                                             and f.get_slice(key).get_dtype() == "U8"):
+                    four_bit[key] = f.get_tensor(key).to(device)  # built by nf4.load_bnb_linears
+                elif key not in expected:
                     raise TuluError(f"{fname}: unexpected tensor {key} (not a Llama checkpoint?)")
-                if quantize and decoder_linear(key):
+                elif quantize and decoder_linear(key):
                     nf4.load_nf4_linear(model, key, raw, dtype, device)
                 else:
                     module, _, name = key.rpartition(".")
@@ -540,11 +545,19 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
         raise TuluError(f"quantize={quantize!r}: only None or 'nf4'")
     with torch.device("meta"):
         model = Llama(cfg)
+    four_bit = {} if cfg.extra.get("quantization_config") else None  # a bitsandbytes 4-bit folder
+    if four_bit is not None:
+        import nf4
+        nf4.check_bnb_config(cfg.extra.pop("quantization_config"), os.path.join(path, "config.json"))
     expected, seen, name = set(model.state_dict()), set(), os.path.basename(os.path.normpath(path))
     with tqdm(total=len(expected), desc=f"loading {name}", unit="tensor", leave=False,
               disable=len(expected) < 100) as bar:  # a real model, not a test's tiny one
         for fname in files:
-            seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar)
+            seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar, four_bit)
+    if four_bit:
+        seen |= nf4.load_bnb_linears(model, four_bit, dtype)
+        if four_bit:
+            raise TuluError(f"{path}: unexpected tensor {next(iter(four_bit))} (not a 4-bit weight's part)")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         seen.add("lm_head.weight")

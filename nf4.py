@@ -611,3 +611,67 @@ def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, d
     q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
     setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
     release_freed_memory()  # the slices', so that the peak stays the 4-bit model's
+
+
+# -----------------------------------------------------------------------------
+# bitsandbytes 4-bit folders (transformers' load_in_4bit, then save_pretrained)
+#
+# transformers saves a bitsandbytes Linear4bit as the fields of its NF4Tensor: the codes as
+# WEIGHT (uint8, (N/2, 1)), WEIGHT.absmax (or with double quantization their 8-bit codes and
+# WEIGHT.nested_absmax), the code books as WEIGHT.quant_map (NF4) and WEIGHT.nested_quant_map
+# (DYNAMIC), and the rest as JSON in the bytes of WEIGHT.quant_state.bitsandbytes__nf4 (shape,
+# dtype, blocksize, nested_offset). config.json's quantization_config tells a loader so.
+
+BNB_STATE = "quant_state.bitsandbytes__nf4"
+BNB_PARTS = tuple(f".{p}" for p in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", BNB_STATE))
+BNB_CONFIG = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+              "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": "uint8"}
+DTYPE_OF = {str(t).removeprefix("torch."): t for t in SAFE_DTYPES.values()}
+
+
+def check_bnb_config(config: dict, source: str):
+    """A quantization_config tulu reads: bitsandbytes' 4-bit NF4, with or without double quantization."""
+    for field, want in BNB_CONFIG.items():
+        if config.get(field, want) != want:
+            raise TuluError(f"{source}: quantization_config {field} {config[field]!r} is not supported (only "
+                            f"bitsandbytes 4-bit NF4: {field} {json.dumps(want)})")
+
+
+def bnb_tensors(key: str, q: NF4Tensor) -> dict[str, torch.Tensor]:
+    """The tensors transformers saves for the 4-bit weight `key` (bitsandbytes' QuantState.as_dict(packed=True))."""
+    state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
+             "shape": list(q.shape)}
+    out = {key: q.packed.view(-1, 1), f"{key}.absmax": q.absmax, f"{key}.quant_map": NF4}
+    if q.nested_absmax is not None:
+        state |= {"nested_blocksize": DQ_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": q.nested_offset.item()}
+        out |= {f"{key}.nested_absmax": q.nested_absmax, f"{key}.nested_quant_map": DYNAMIC}
+    return out | {f"{key}.{BNB_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
+
+
+def from_bnb(tensors: dict[str, torch.Tensor], key: str) -> NF4Tensor:
+    """bnb_tensors backwards: the NF4Tensor of `key`, its parts taken out of `tensors`."""
+    parts = {p: tensors.pop(key + p) for p in ("", ".absmax", "." + BNB_STATE)}
+    state = json.loads(bytes(parts["." + BNB_STATE].tolist()))
+    q = NF4Tensor(parts[""].view(-1), parts[".absmax"], torch.Size(state["shape"]), DTYPE_OF[state["dtype"]],
+                  state["blocksize"])
+    if "nested_offset" in state:
+        q.nested_absmax = tensors.pop(key + ".nested_absmax")
+        q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
+    tensors.pop(key + ".quant_map"), tensors.pop(key + ".nested_quant_map", None)  # NF4 and DYNAMIC
+    return q
+
+
+def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype) -> set[str]:
+    """Put each 4-bit weight of `tensors` (read from a bitsandbytes folder, with their parts) in the
+    model as a Linear4bit: the same bytes, not quantized again. Its keys; the parts are taken out."""
+    keys = [k for k in tensors if not k.endswith(BNB_PARTS)]
+    for key in keys:
+        try:
+            q = from_bnb(tensors, key)
+        except KeyError as e:
+            raise TuluError(f"{key}: a 4-bit weight without {e.args[0]}") from None
+        parent_name, _, child = key.rpartition(".")[0].rpartition(".")
+        parent = model.get_submodule(parent_name)
+        check_shape(key, q.shape, getattr(parent, child).weight.shape)
+        setattr(parent, child, Linear4bit(q, getattr(parent, child).bias, compute_dtype=dtype))
+    return set(keys)

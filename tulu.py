@@ -378,6 +378,10 @@ def build_policy(args, path):
     (AdamW); lora: a frozen base + LoRA adapters; qlora: the base quantised to
     NF4 while loading, LoRA adapters on top, and paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
+    if args.method == "full" and llama.LlamaConfig.from_json(os.path.join(path, "config.json")).extra.get(
+            "quantization_config"):
+        raise TuluError(f"{path}: a bitsandbytes 4-bit folder; --method full trains a full-precision base "
+                        "(use --method qlora or lora here)")
     fsdp = args.method == "full" and dist_of(args).world > 1  # read to the CPU, then shard to the device
     model = load_model(path, dtype=storage_dtype(args), device="cpu" if fsdp else args.device,
                        quantize="nf4" if args.method == "qlora" else None)
@@ -680,6 +684,13 @@ def cmd_merge(args):
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
+def cmd_quantize(args):
+    from machinery.quantize import quantize_folder
+    check_output(args.output, args.model)
+    quantize_folder(args.model, args.output)
+    print(f"wrote {args.output}: {args.model} in 4-bit NF4 with double quantization, as bitsandbytes stores it")
+
+
 def cmd_chat(args):
     from lora import load_adapter, merge_lora
     args.device = resolve_device(args.device)
@@ -764,6 +775,11 @@ def merge_flags(p):
                         "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
+def quantize_flags(p):
+    p.add_argument("--model", required=True, help="the HF Llama folder to quantize")
+    p.add_argument("--output", required=True, help="where to write its bitsandbytes 4-bit folder")
+
+
 def chat_flags(p):
     p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
                                    "demo `tulu.py dpo` starts from; built once and cached)")
@@ -817,6 +833,8 @@ def build_parser():
                 ("dpo", "direct preference optimisation on chosen/rejected pairs", cmd_dpo,
                  lambda p: training_flags(p, "dpo")),
                 ("merge", "fold a LoRA adapter into its base and write an HF folder", cmd_merge, merge_flags),
+                ("quantize", "write a model as a bitsandbytes 4-bit folder (NF4, double quantization)",
+                 cmd_quantize, quantize_flags),
                 ("chat", "talk to a model in the Tulu chat format", cmd_chat, chat_flags),
                 ("eval", "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy",
                  cmd_eval, eval_flags),
