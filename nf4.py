@@ -626,7 +626,6 @@ BNB_STATE = "quant_state.bitsandbytes__nf4"
 BNB_PARTS = tuple(f".{p}" for p in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", BNB_STATE))
 BNB_CONFIG = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
               "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": "uint8"}
-DTYPE_OF = {str(t).removeprefix("torch."): t for t in SAFE_DTYPES.values()}
 
 
 def check_bnb_config(config: dict, source: str):
@@ -648,16 +647,16 @@ def bnb_tensors(key: str, q: NF4Tensor) -> dict[str, torch.Tensor]:
     return out | {f"{key}.{BNB_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
 
 
-def from_bnb(tensors: dict[str, torch.Tensor], key: str) -> NF4Tensor:
-    """bnb_tensors backwards: the NF4Tensor of `key`, its parts taken out of `tensors`."""
-    parts = {p: tensors.pop(key + p) for p in ("", ".absmax", "." + BNB_STATE)}
+def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype) -> NF4Tensor:
+    """bnb_tensors backwards: the NF4Tensor of `key`, its parts taken out of `tensors`. It dequantizes
+    to `dtype`, as Linear4bit computes: the JSON's dtype is the one it was quantized from, and
+    bitsandbytes (0.50) too dequantizes straight into the dtype its matmul computes in."""
+    parts = {p: tensors.pop(key + p) for p in ("", ".absmax", ".quant_map", "." + BNB_STATE)}  # NF4 code book
     state = json.loads(bytes(parts["." + BNB_STATE].tolist()))
-    q = NF4Tensor(parts[""].view(-1), parts[".absmax"], torch.Size(state["shape"]), DTYPE_OF[state["dtype"]],
-                  state["blocksize"])
+    q = NF4Tensor(parts[""].view(-1), parts[".absmax"], torch.Size(state["shape"]), dtype, state["blocksize"])
     if "nested_offset" in state:
-        q.nested_absmax = tensors.pop(key + ".nested_absmax")
+        q.nested_absmax, _ = tensors.pop(key + ".nested_absmax"), tensors.pop(key + ".nested_quant_map")  # DYNAMIC
         q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
-    tensors.pop(key + ".quant_map"), tensors.pop(key + ".nested_quant_map", None)  # NF4 and DYNAMIC
     return q
 
 
@@ -667,7 +666,7 @@ def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype) 
     keys = [k for k in tensors if not k.endswith(BNB_PARTS)]
     for key in keys:
         try:
-            q = from_bnb(tensors, key)
+            q = from_bnb(tensors, key, dtype)
         except KeyError as e:
             raise TuluError(f"{key}: a 4-bit weight without {e.args[0]}") from None
         parent_name, _, child = key.rpartition(".")[0].rpartition(".")

@@ -999,6 +999,87 @@ def make_cli():
     record_versions(out, "transformers", "peft", "bitsandbytes")
 
 
+# -----------------------------------------------------------------------------
+# bitsandbytes 4-bit folders (nf4.py's last section, `tulu.py quantize`): cli/hf_tiny loaded
+# by transformers with load_in_4bit (NF4, with and without double quantization) and saved, as
+# the hub's *-bnb-4bit repositories are made (tokenizer copied beside); transformers' logits of
+# each folder, and PEFT's with the cli area's qlora adapter over the double-quantized one.
+# While the references are at hand: our quantize writes the same file, transformers reads ours
+# with those logits, and PEFT reads an adapter our sft trained on the 4-bit folder.
+# (reads tests/fixtures/cli: run the cli area first)
+
+BNB_FOLDERS = {"tiny-bnb-4bit": True, "tiny-bnb-4bit-no-dq": False}  # name -> double quantization
+
+
+def bnb_hf_model(path, adapter=None):
+    """transformers' model of a 4-bit folder, computing in float32 (the folder says bf16)."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
+    for m in hf.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.compute_dtype, m.support_avx512bf16_for_cpu = torch.float32, False  # see cli_hf_model
+    return PeftModel.from_pretrained(hf, adapter).eval() if adapter else hf
+
+
+def bnb_write_folder(d, double_quant):
+    import bitsandbytes  # noqa: F401 (registers its kernels, which nf4_exact_absmax_codes replaces)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    with nf4_exact_absmax_codes():  # the CUDA kernel's scales, as the hub's folders have (see make_nf4)
+        hf = AutoModelForCausalLM.from_pretrained(CLI_HF_TINY, dtype=torch.bfloat16, device_map="cpu",
+                                                  quantization_config=q)
+    hf.save_pretrained(d)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(os.path.join(CLI_HF_TINY, name), os.path.join(d, name))
+
+
+def bnb_check_ours(tmp, folder, ref):
+    """Our quantize writes the folder's model.safetensors byte for byte, and an adapter our sft
+    trained on the folder gives in PEFT over transformers' model of it our logits."""
+    import tulu
+    ours = os.path.join(tmp, "quantized")
+    tulu.main(["quantize", "--model", CLI_HF_TINY, "--output", ours])
+    with open(os.path.join(ours, "model.safetensors"), "rb") as f, \
+            open(os.path.join(folder, "model.safetensors"), "rb") as g:
+        assert f.read() == g.read(), "tulu.py quantize differs from transformers + bitsandbytes"
+    with torch.no_grad():
+        assert torch.equal(bnb_hf_model(ours)(ref["input_ids"]).logits, ref["tiny-bnb-4bit.logits"])
+    data = os.path.join(tmp, "sft.jsonl")
+    with open(os.path.join(ROOT, "data", "sft_train.jsonl")) as f, open(data, "w") as g:
+        g.writelines(next(f) for _ in range(CLI_DATA_LINES))
+    adapter = os.path.join(tmp, "sft")
+    tulu.main(["sft", "--model", folder, "--data", data, "--method", "qlora", "--output", adapter] + CLI_SFT_FLAGS)
+    with torch.no_grad():
+        peft = bnb_hf_model(folder, adapter)(ref["input_ids"]).logits
+    assert torch.allclose(peft, cli_ours(folder, ref["input_ids"], adapter), atol=1e-4, rtol=0), "sft on a 4-bit folder"
+
+
+@area
+def make_bnb():
+    import tempfile
+    import llama
+    out = fresh_dir("bnb")
+    ref = {"input_ids": load_file(os.path.join(FIX, "cli", "expected.safetensors"))["input_ids"]}
+    with cli_in_root():
+        for name, double_quant in BNB_FOLDERS.items():
+            bnb_write_folder(os.path.join(out, name), double_quant)
+            with torch.no_grad():
+                ref[f"{name}.logits"] = bnb_hf_model(os.path.join(out, name))(ref["input_ids"]).logits
+            ours = cli_ours(os.path.join(out, name), ref["input_ids"])
+            assert torch.allclose(ours, ref[f"{name}.logits"], atol=1e-4, rtol=0), f"load_model of {name}"
+        folder = os.path.join(out, "tiny-bnb-4bit")
+        with torch.no_grad():
+            ref["qlora.peft"] = bnb_hf_model(folder, os.path.join(FIX, "cli", "sft_qlora"))(ref["input_ids"]).logits
+        with tempfile.TemporaryDirectory() as tmp:
+            bnb_check_ours(tmp, folder, ref)
+    assert llama.load_model(folder) is not None
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "expected.safetensors"))
+    record_versions(out, "transformers", "bitsandbytes", "peft")
+
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(AREAS)
     for n in names:
