@@ -555,7 +555,7 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
         for fname in files:
             seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar, four_bit)
     if four_bit:
-        seen |= nf4.load_bnb_linears(model, four_bit, dtype)
+        seen |= nf4.load_bnb_linears(model, four_bit, dtype, path)
         if four_bit:
             raise TuluError(f"{path}: unexpected tensor {next(iter(four_bit))} (not a 4-bit weight's part)")
     if cfg.tie_word_embeddings:

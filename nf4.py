@@ -637,38 +637,40 @@ def check_bnb_config(config: dict, source: str):
 
 
 def bnb_tensors(key: str, q: NF4Tensor) -> dict[str, torch.Tensor]:
-    """The tensors transformers saves for the 4-bit weight `key` (bitsandbytes' QuantState.as_dict(packed=True))."""
+    """The tensors transformers saves for the 4-bit weight `key` (bitsandbytes' QuantState.as_dict)."""
     state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
              "shape": list(q.shape)}
     out = {key: q.packed.view(-1, 1), f"{key}.absmax": q.absmax, f"{key}.quant_map": NF4}
     if q.nested_absmax is not None:
-        state |= {"nested_blocksize": DQ_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": q.nested_offset.item()}
+        state |= {"nested_blocksize": DQ_BLOCKSIZE, "nested_dtype": "float32",
+                  "nested_offset": q.nested_offset.item()}
         out |= {f"{key}.nested_absmax": q.nested_absmax, f"{key}.nested_quant_map": DYNAMIC}
     return out | {f"{key}.{BNB_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
 
 
 def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype) -> NF4Tensor:
-    """bnb_tensors backwards: the NF4Tensor of `key`, its parts taken out of `tensors`. It dequantizes
-    to `dtype`, as Linear4bit computes: the JSON's dtype is the one it was quantized from, and
-    bitsandbytes (0.50) too dequantizes straight into the dtype its matmul computes in."""
-    parts = {p: tensors.pop(key + p) for p in ("", ".absmax", ".quant_map", "." + BNB_STATE)}  # NF4 code book
-    state = json.loads(bytes(parts["." + BNB_STATE].tolist()))
-    q = NF4Tensor(parts[""].view(-1), parts[".absmax"], torch.Size(state["shape"]), dtype, state["blocksize"])
+    """bnb_tensors backwards: the NF4Tensor of `key`, its tensors taken out of `tensors` (the code
+    books are NF4 and DYNAMIC). It dequantizes to `dtype`, which Linear4bit computes in: the JSON's
+    dtype is the one it was quantized from, and bitsandbytes 0.50 dequantizes into its compute dtype too."""
+    part = lambda name: tensors.pop(key + name)
+    state = json.loads(bytes(part("." + BNB_STATE).tolist()))
+    q = NF4Tensor(part("").view(-1), part(".absmax"), torch.Size(state["shape"]), dtype, state["blocksize"])
+    part(".quant_map")
     if "nested_offset" in state:
-        q.nested_absmax, _ = tensors.pop(key + ".nested_absmax"), tensors.pop(key + ".nested_quant_map")  # DYNAMIC
+        q.nested_absmax, _ = part(".nested_absmax"), part(".nested_quant_map")
         q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
     return q
 
 
-def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype) -> set[str]:
-    """Put each 4-bit weight of `tensors` (read from a bitsandbytes folder, with their parts) in the
-    model as a Linear4bit: the same bytes, not quantized again. Its keys; the parts are taken out."""
+def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, source: str) -> set[str]:
+    """Put each 4-bit weight of `tensors` (read from the bitsandbytes folder `source`, with their parts)
+    in the model as a Linear4bit: the same bytes, not quantized again. Its keys; the parts are taken out."""
     keys = [k for k in tensors if not k.endswith(BNB_PARTS)]
     for key in keys:
         try:
             q = from_bnb(tensors, key, dtype)
         except KeyError as e:
-            raise TuluError(f"{key}: a 4-bit weight without {e.args[0]}") from None
+            raise TuluError(f"{source}: checkpoint lacks {e.args[0]} (a part of the 4-bit {key})") from None
         parent_name, _, child = key.rpartition(".")[0].rpartition(".")
         parent = model.get_submodule(parent_name)
         check_shape(key, q.shape, getattr(parent, child).weight.shape)
