@@ -15,8 +15,8 @@ again up to the end of every turn, as open-instruct does. Four things make it ch
   --resume read them back; under torchrun rank 0 encodes and caches the file while the
   other ranks wait, then they read the cache (rank0_first).
 
-tulu.py hands its chat format in as a ChatFormat (this folder never imports the
-chapters); its role headers are the roles a data file may use.
+tulu.py hands its chat format in as a ChatFormat (this folder never imports tulu.py);
+its role headers are the roles a data file may use.
 """
 
 import array
@@ -231,7 +231,7 @@ def scan_file(path: str, batch_bytes: int):
 
 class BatchEncoder:
     """What a worker runs: a batch of lines -> (its examples' sequences end to end and their
-    lengths, as int32 bytes; the number of non-blank lines), or TuluError("path:line: ...")."""
+    lengths, int32 arrays; the number of non-blank lines), or TuluError("path:line: ...")."""
 
     def __init__(self, path, kind, tok, max_seq_length, chat: ChatFormat):
         self.path, self.kind, self.tok, self.max_seq_length, self.chat = path, kind, tok, max_seq_length, chat
@@ -263,7 +263,7 @@ class BatchEncoder:
             for seq in example or ():
                 tokens.extend(seq)
                 lengths.append(len(seq))
-        return tokens.tobytes(), lengths.tobytes(), read
+        return tokens, lengths, read
 
 
 _encoder = None  # a worker process's BatchEncoder, unpickled once when it starts (with its word cache)
@@ -297,17 +297,19 @@ def encode_file(encoder: BatchEncoder, batches, lines: int, workers: int):
     order by up to `workers` worker processes (or this one), with a progress bar; the
     pool ends when the last is read, or at an error."""
     workers = min(workers, len(batches))
-    pool = lambda: worker_context().Pool(workers, _start_worker, (encoder,))
+    start = lambda: worker_context().Pool(workers, _start_worker, (encoder,))
     bar = tqdm(total=lines, unit=" conv" if encoder.kind == "sft" else " pair", leave=False,
                dynamic_ncols=True, desc=f"encoding {os.path.basename(encoder.path)}")
-    results = []
-    with bar, pool() if workers > 1 else contextlib.nullcontext() as pool:
-        for r in pool.imap(_encode_in_worker, batches) if pool else map(encoder, batches):
-            results.append(r)
-            bar.update(r[2])
-    flat = lambda i: torch.from_numpy(np.frombuffer(bytearray().join(r[i] for r in results), np.int32))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(1).cumsum(0, dtype=torch.int64)])
-    return Examples(flat(0), offsets, 4 if encoder.kind == "prefs" else 2), sum(r[2] for r in results)
+    tokens, lengths, read = array.array("i"), array.array("i"), 0
+    with bar, (start() if workers > 1 else contextlib.nullcontext()) as pool:
+        for t, n, r in pool.imap(_encode_in_worker, batches) if pool else map(encoder, batches):
+            tokens.extend(t)
+            lengths.extend(n)
+            read += r
+            bar.update(r)
+    flat = lambda a: torch.from_numpy(np.frombuffer(a, np.int32))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(lengths).cumsum(0, dtype=torch.int64)])
+    return Examples(flat(tokens), offsets, 4 if encoder.kind == "prefs" else 2), read
 
 
 # -----------------------------------------------------------------------------
