@@ -43,10 +43,6 @@ def check_eval_args(args, kind):
         raise TuluError("--shots needs --dev, the file the solved examples come from")
 
 
-# -----------------------------------------------------------------------------
-# Held-out conversations and preference pairs
-
-
 @torch.no_grad()
 def sft_metrics(model, examples, task, args, eval_batches, autocast) -> dict:
     """loss: the mean negative log-likelihood of the learned tokens (the assistant answers
