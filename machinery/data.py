@@ -46,6 +46,7 @@ from llama import TuluError, atomic_write
 
 KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}  # a file's kind -> its rows' keys
 ROW_OF = {"sft": ("a conversation", "sft"), "prefs": ("a preference pair", "dpo")}  # -> (a row, its command)
+WIDTH = {"sft": 2, "prefs": 4}  # -> sequences an example: ids, labels (a pair's chosen, then rejected)
 
 
 def check_row(where: str, obj: dict, kind: str, roles=None):
@@ -309,7 +310,7 @@ def encode_file(encoder: BatchEncoder, batches, lines: int, workers: int):
             bar.update(r)
     flat = lambda a: torch.from_numpy(np.frombuffer(a, np.int32))
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(lengths).cumsum(0, dtype=torch.int64)])
-    return Examples(flat(tokens), offsets, 4 if encoder.kind == "prefs" else 2), read
+    return Examples(flat(tokens), offsets, WIDTH[encoder.kind]), read
 
 
 # -----------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def load_examples(path, kind, tok, max_seq_length, chat: ChatFormat, workers=1, 
     digest, batches, lines = scan_file(path, BATCH_BYTES)
     encoder = BatchEncoder(path, kind, tok, max_seq_length, chat)
     file = cache and data_cache_file(cache, digest, encoder)
-    found = file and read_cache(file, 4 if kind == "prefs" else 2)
+    found = file and read_cache(file, WIDTH[kind])
     examples, read = found or encode_file(encoder, batches, lines, workers)
     what, why, none = {"sft": ("conversations", "nothing left to learn",
                                "no conversation with an assistant turn to learn from"),
