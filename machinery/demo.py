@@ -19,7 +19,7 @@ import shutil
 import torch
 
 import llama
-from llama import Tokenizer, atomic_write, save_model, write_json
+from llama import Tokenizer, save_model, write_json
 from machinery.data import read_jsonl
 from machinery.evaluate import exact_match
 
@@ -51,8 +51,7 @@ def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
         bos_piece="<s>", eos_piece="</s>", user_defined_symbols=["\n"], num_threads=1,
         shuffle_input_sentence=False, minloglevel=2)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "tokenizer.model"),
-                 lambda tmp: pathlib.Path(tmp).write_bytes(model.getvalue()))
+    pathlib.Path(out_dir, "tokenizer.model").write_bytes(model.getvalue())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
