@@ -38,6 +38,7 @@ from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics,
 from machinery.exercises import EXERCISES, make_exercises
 from machinery.fast import compile_layers, use_fast_dropout
 from machinery.outputs import copy_tokenizer, read_prompt, save_outputs, stop_ids, stream_reply
+from machinery import quantize
 from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -684,13 +685,6 @@ def cmd_merge(args):
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
-def cmd_quantize(args):
-    from machinery.quantize import quantize_folder
-    check_output(args.output, args.model)
-    quantize_folder(args.model, args.output)
-    print(f"wrote {args.output}: {args.model} in 4-bit NF4 with double quantization, as bitsandbytes stores it")
-
-
 def cmd_chat(args):
     from lora import load_adapter, merge_lora
     args.device = resolve_device(args.device)
@@ -775,11 +769,6 @@ def merge_flags(p):
                         "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
-def quantize_flags(p):
-    p.add_argument("--model", required=True, help="the HF Llama folder to quantize")
-    p.add_argument("--output", required=True, help="where to write its bitsandbytes 4-bit folder")
-
-
 def chat_flags(p):
     p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
                                    "demo `tulu.py dpo` starts from; built once and cached)")
@@ -834,7 +823,7 @@ def build_parser():
                  lambda p: training_flags(p, "dpo")),
                 ("merge", "fold a LoRA adapter into its base and write an HF folder", cmd_merge, merge_flags),
                 ("quantize", "write a model as a bitsandbytes 4-bit folder (NF4, double quantization)",
-                 cmd_quantize, quantize_flags),
+                 quantize.command, quantize.flags),
                 ("chat", "talk to a model in the Tulu chat format", cmd_chat, chat_flags),
                 ("eval", "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy",
                  cmd_eval, eval_flags),

@@ -20,6 +20,7 @@ import torch
 import nf4
 from llama import (LlamaConfig, SAFE_INDEX, TuluError, atomic_write, checkpoint_files, decoder_linear,
                    write_json)
+from machinery.checks import check_output
 from machinery.outputs import copy_tokenizer
 
 # what transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -97,3 +98,14 @@ def quantize_folder(path: str, out_dir: str):
     write_json(os.path.join(out_dir, "config.json"), {**config, "quantization_config": BNB_WRITTEN})
     copy_tokenizer(path, out_dir, ("generation_config.json",))
     copy_tokenizer(path, out_dir)
+
+
+def flags(p):
+    p.add_argument("--model", required=True, help="the HF Llama folder to quantize")
+    p.add_argument("--output", required=True, help="where to write its bitsandbytes 4-bit folder")
+
+
+def command(args):
+    check_output(args.output, args.model)
+    quantize_folder(args.model, args.output)
+    print(f"wrote {args.output}: {args.model} in 4-bit NF4 with double quantization, as bitsandbytes writes it")
