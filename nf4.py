@@ -378,8 +378,8 @@ class PagedAdamW(torch.optim.Optimizer):
                     state.update(step=torch.tensor(0.0), **{k: self._home(zeros, p.device) for k in self.MOMENTS})
                 state["step"] += 1  # float32 on the CPU, as AdamW keeps it
                 n = max(1, self.page_bytes // p.element_size())  # values a page
-                pages = (t.view(-1).split(n) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
-                for j, (p_j, g_j, m_j, v_j) in enumerate(zip(*pages)):
+                flat = (p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1))
+                for j, (p_j, g_j, m_j, v_j) in enumerate(zip(*(t.split(n) for t in flat))):
                     m = self._page_in((id(p), "exp_avg", j), m_j, p.device)
                     v = self._page_in((id(p), "exp_avg_sq", j), v_j, p.device)
                     adamw_update(p_j, g_j, m, v, state["step"].item(), group["lr"], *group["betas"],
