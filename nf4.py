@@ -188,7 +188,7 @@ def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant:
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
     nf4, done = code_books(device)[0], 0
     for s in slices:
-        assert done % (2 * blocksize) == 0, "only the last slice may be shorter"
+        assert done % (2 * blocksize) == 0, "only the last slice may be shorter"  # else it cut a block
         codes, scales = quantize_blockwise(s.float().reshape(-1), nf4, blocksize)
         packed[done // 2:done // 2 + (len(codes) + 1) // 2] = pack_nibbles(codes)
         absmax[done // blocksize:done // blocksize + len(scales)] = scales
@@ -264,8 +264,7 @@ class Linear4bit(nn.Module):
         return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
                          self.weight_dtype, self.blocksize, self.nested_absmax, self.nested_offset)
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The (O, D) weight bitsandbytes' dequantize_4bit gives, cast to `dtype`."""
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:  # bitsandbytes' dequantize_4bit, cast
         return dequantize_nf4(self.quant_state()).to(dtype)
 
     def forward(self, x):
@@ -359,8 +358,7 @@ class PagedAdamW(torch.optim.Optimizer):
         return self.resident[key][1]
 
     def flush(self):
-        """Send every page home and wait for the copies (and those of earlier steps) to
-        land: then the CPU state may be read (state_dict) or replaced (load_state_dict)."""
+        """Send every page home and wait for the copies: then the CPU state may be read."""
         self._page_out(0)
         for device in {p.device for g in self.param_groups for p in g["params"] if p.is_cuda}:
             torch.cuda.synchronize(device)
@@ -413,8 +411,8 @@ SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 
 class SafetensorsSlices(io.FileIO):
-    """A safetensors file open for reading, its header parsed. load_model opens the
-    file with safetensors first, which checks the header and the file's size."""
+    """A safetensors file open for reading, its header parsed. (load_model opens it with
+    safetensors first, which checks the header and the file's size.)"""
 
     def __init__(self, fname: str):
         super().__init__(fname, "rb")
@@ -422,8 +420,7 @@ class SafetensorsSlices(io.FileIO):
         self.header, self.data_start = json.loads(self.read(n)), 8 + n
 
     def slices(self, key: str, n: int):
-        """The values of `key`, flat and in order, `n` at a time (the last slice may
-        hold fewer), each a new tensor in the file's dtype."""
+        """The values of `key` in order, `n` at a time, each a new tensor in the file's dtype."""
         info = self.header[key]
         if info["dtype"] not in SAFE_DTYPES:
             raise TuluError(f"{self.name}: {key} is {info['dtype']}, not one of {', '.join(SAFE_DTYPES)}")
