@@ -21,7 +21,6 @@ Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom
 """
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import math
@@ -432,16 +431,6 @@ class SafetensorsSlices(io.FileIO):
             yield buf.view(dtype)
 
 
-def release_freed_memory():
-    """Hand the memory of freed tensors back to the operating system (glibc's malloc_trim;
-    elsewhere nothing). glibc keeps freed blocks for reuse, and those between live tensors
-    stay in our resident memory: a weight's slices left ~6 MiB of such holes each."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, device):
     """Read the decoder weight `key` from `raw` a slice at a time into a Linear4bit, in
     place of the model's meta nn.Linear: neither the weight (86 MiB in bf16 for one of
@@ -454,4 +443,3 @@ def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, d
     slices = (s.to(device=device, dtype=dtype) for s in raw.slices(key, SLICE))
     q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
     setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
-    release_freed_memory()  # the slices', so that the peak stays the 4-bit model's

@@ -386,27 +386,6 @@ def test_load_model_nf4_reads_each_weight_in_slices(monkeypatch, dtype):
         assert got.dtype == dtype
 
 
-def test_load_model_nf4_hands_freed_memory_back_after_each_weight(monkeypatch):
-    """After quantizing each decoder weight load_model gives the allocator's freed
-    memory back (on glibc, malloc_trim is found and called; elsewhere a no-op)."""
-    import ctypes
-    import platform
-    trims, cdll = [], ctypes.CDLL
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: type("libc", (), {"malloc_trim": trims.append})())
-    nf4.release_freed_memory()
-    assert trims == [0]  # malloc_trim(0): trim all the free memory it can
-    monkeypatch.setattr(ctypes, "CDLL", cdll)
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert ctypes.CDLL(None).malloc_trim  # what release_freed_memory calls is there
-    nf4.release_freed_memory()  # runs wherever the tests do
-    calls = []
-    monkeypatch.setattr(nf4, "release_freed_memory", lambda: calls.append(1))
-    model = llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16, quantize="nf4")
-    assert len(calls) == 7 * model.config.num_hidden_layers
-    llama.load_model(os.path.join(FIX, "llama", "gqa"), dtype=torch.bfloat16)
-    assert len(calls) == 7 * model.config.num_hidden_layers  # a plain load frees nothing to hand back
-
-
 def test_load_model_nf4_closer_to_full_precision_than_int4():
     """The 4-bit model's logits stay near the full-precision ones (fixture from
     transformers), nearer than with 4-bit integers in the same blocks."""
