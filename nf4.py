@@ -69,9 +69,9 @@ def dynamic_map() -> torch.Tensor:
     """
     vals, start = [torch.tensor([0.0, 1.0])], torch.tensor(0.1)
     for e in range(7):
-        n = 2**e + 1  # step in float32; start + step*i, or from the end in the second half
-        step, i = ((1 - start) / (n - 1)).double(), torch.arange(n, dtype=torch.float64)
-        edges = torch.where(i < n // 2, start.double() + step * i, 1 - step * (n - 1 - i)).float()
+        n = 2**e + 1
+        step, i = ((1 - start) / (n - 1)).double(), torch.arange(n, dtype=torch.float64)  # step in float32
+        edges = torch.where(i < n // 2, start.double() + step * i, 1 - step * (n - 1 - i)).float()  # fma
         mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (e - 6)
         vals += [mids, -mids]
     return torch.cat(vals).sort().values
@@ -372,10 +372,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     zeros = torch.zeros_like(p, device="cpu")
-                    state.update(step=torch.tensor(0.0), **{k: self._home(zeros, p.device) for k in self.MOMENTS})
+                    state.update(step=torch.tensor(0.0), exp_avg=self._home(zeros, p.device),
+                                 exp_avg_sq=self._home(zeros, p.device))
                 state["step"] += 1  # float32 on the CPU, as AdamW keeps it
                 n = max(1, self.page_bytes // p.element_size())  # values a page
-                flat = (p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1))
+                flat = [p.view(-1), p.grad.reshape(-1)] + [state[k].view(-1) for k in self.MOMENTS]
                 for j, (p_j, g_j, m_j, v_j) in enumerate(zip(*(t.split(n) for t in flat))):
                     m = self._page_in((id(p), "exp_avg", j), m_j, p.device)
                     v = self._page_in((id(p), "exp_avg_sq", j), v_j, p.device)
