@@ -348,7 +348,7 @@ class PagedAdamW(torch.optim.Optimizer):
         if key not in self.resident:
             nbytes = page.numel() * page.element_size()
             self._page_out(self.device_budget_bytes - nbytes)
-            # no limit, already there (a CPU): no copy. One is queued after the page's write-backs
+            # no limit and already there (a CPU): the page itself; else a copy queued after its write-backs
             same = self.device_budget_bytes == math.inf and page.device == torch.device(device)
             self.resident[key] = (page, page if same else page.to(device, non_blocking=True, copy=True))
             self.resident_bytes += nbytes

@@ -388,6 +388,19 @@ def test_load_model_nf4_reads_each_weight_in_slices(monkeypatch, dtype):
         assert got.dtype == dtype
 
 
+def test_safetensors_slices_reads_in_order_and_refuses_what_it_cannot_quantize(tmp_path):
+    """slices(key, n) gives a tensor's values in order, n at a time; a weight stored as
+    integers (a checkpoint quantized already) is a one-line error naming the file."""
+    from safetensors.torch import save_file
+    fname = str(tmp_path / "model.safetensors")
+    save_file({"w": torch.zeros(4, 4, dtype=torch.int8), "x": torch.arange(300.0).bfloat16()}, fname)
+    with nf4.SafetensorsSlices(fname) as raw:
+        got = list(raw.slices("x", 128))
+        assert [len(s) for s in got] == [128, 128, 44] and torch.equal(torch.cat(got), torch.arange(300.0).bfloat16())
+        with pytest.raises(llama.TuluError, match=f"{fname}: w is I8, not one of F64, F32, F16, BF16"):
+            next(raw.slices("w", 128))
+
+
 def test_load_model_nf4_closer_to_full_precision_than_int4():
     """The 4-bit model's logits stay near the full-precision ones (fixture from
     transformers), nearer than with 4-bit integers in the same blocks."""
