@@ -70,11 +70,10 @@ def quantized_tensors(fname: str):
             for key in (k for k in f.keys() if not k.endswith("rotary_emb.inv_freq")):  # old files' RoPE
                 if decoder_linear(key):  # quantized from its stored dtype, as transformers loads it
                     dtype = nf4.SAFE_DTYPES.get(raw.header[key]["dtype"])
-                    q = nf4.quantize_nf4_slices(raw.slices(key, nf4.slice_size()), raw.shape(key), dtype)
+                    q = nf4.quantize_nf4_slices(raw.slices(key, nf4.SLICE), raw.header[key]["shape"], dtype)
                     yield from nf4.bnb_tensors(key, q).items()
                 else:
                     yield key, f.get_tensor(key)
-                nf4.release_freed_memory()
     except SafetensorError as e:
         raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
 
@@ -108,4 +107,4 @@ def flags(p):
 def command(args):
     check_output(args.output, args.model)
     quantize_folder(args.model, args.output)
-    print(f"wrote {args.output}: {args.model} in 4-bit NF4 with double quantization, as bitsandbytes writes it")
+    print(f"wrote {args.output}: {args.model} in 4-bit NF4, double-quantized, as bitsandbytes writes it")
