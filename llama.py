@@ -554,10 +554,8 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
               disable=len(expected) < 100) as bar:  # a real model, not a test's tiny one
         for fname in files:
             seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar, four_bit)
-    if four_bit:
-        seen |= nf4.load_bnb_linears(model, four_bit, dtype, path)
-        if four_bit:
-            raise TuluError(f"{path}: unexpected tensor {next(iter(four_bit))} (not a 4-bit weight's part)")
+    if four_bit is not None:
+        nf4.load_bnb_linears(model, four_bit, dtype, path)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         seen.add("lm_head.weight")

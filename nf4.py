@@ -449,20 +449,20 @@ def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, d
 # -----------------------------------------------------------------------------
 # bitsandbytes 4-bit folders (transformers' load_in_4bit, then save_pretrained)
 #
-# transformers saves a bitsandbytes Linear4bit as the fields of its NF4Tensor: the codes as
-# WEIGHT (uint8, (N/2, 1)), WEIGHT.absmax (or with double quantization their 8-bit codes and
+# transformers saves a bitsandbytes Linear4bit as the fields of an NF4Tensor: WEIGHT (the packed
+# codes, uint8 (N/2, 1)), WEIGHT.absmax (with double quantization their 8-bit codes, and
 # WEIGHT.nested_absmax), the code books as WEIGHT.quant_map (NF4) and WEIGHT.nested_quant_map
-# (DYNAMIC), and the rest as JSON in the bytes of WEIGHT.quant_state.bitsandbytes__nf4 (shape,
-# dtype, blocksize, nested_offset). config.json's quantization_config tells a loader so.
+# (DYNAMIC), the rest as JSON in the bytes of WEIGHT.quant_state.bitsandbytes__nf4 (shape, dtype,
+# blocksize, nested_offset); and config.json's quantization_config says so.
 
 BNB_STATE = "quant_state.bitsandbytes__nf4"
-BNB_PARTS = tuple(f".{p}" for p in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", BNB_STATE))
+BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + BNB_STATE)
 BNB_CONFIG = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
               "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": "uint8"}
 
 
 def check_bnb_config(config: dict, source: str):
-    """A quantization_config tulu reads: bitsandbytes' 4-bit NF4, with or without double quantization."""
+    """What tulu reads: bitsandbytes' 4-bit NF4, with or without double quantization."""
     for field, want in BNB_CONFIG.items():
         if config.get(field, want) != want:
             raise TuluError(f"{source}: quantization_config {field} {config[field]!r} is not supported (only "
@@ -483,9 +483,8 @@ def bnb_tensors(key: str, q: NF4Tensor) -> dict[str, torch.Tensor]:
 
 
 def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype) -> NF4Tensor:
-    """bnb_tensors backwards: the NF4Tensor of `key`, its tensors taken out of `tensors` (the code
-    books are NF4 and DYNAMIC). It dequantizes to `dtype`, which Linear4bit computes in: the JSON's
-    dtype is the one it was quantized from, and bitsandbytes 0.50 dequantizes into its compute dtype too."""
+    """bnb_tensors backwards, taking them out of `tensors`. The weight dequantizes to `dtype` (the
+    JSON's is the one it was quantized from): bitsandbytes 0.50 too dequantizes into its compute dtype."""
     part = lambda name: tensors.pop(key + name)
     state = json.loads(bytes(part("." + BNB_STATE).tolist()))
     q = NF4Tensor(part("").view(-1), part(".absmax"), torch.Size(state["shape"]), dtype, state["blocksize"])
@@ -496,11 +495,10 @@ def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype) -> NF4Tensor:
     return q
 
 
-def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, source: str) -> set[str]:
-    """Put each 4-bit weight of `tensors` (read from the bitsandbytes folder `source`, with their parts)
-    in the model as a Linear4bit: the same bytes, not quantized again. Its keys; the parts are taken out."""
-    keys = [k for k in tensors if not k.endswith(BNB_PARTS)]
-    for key in keys:
+def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, source: str):
+    """Each 4-bit weight in `tensors` (what was read of the bitsandbytes folder `source` besides the
+    model's own parameters) into the model as a Linear4bit: the same bytes, not quantized again."""
+    for key in [k for k in tensors if not k.endswith(BNB_PARTS)]:
         try:
             q = from_bnb(tensors, key, dtype)
         except KeyError as e:
@@ -509,4 +507,5 @@ def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, 
         parent = model.get_submodule(parent_name)
         check_shape(key, q.shape, getattr(parent, child).weight.shape)
         setattr(parent, child, Linear4bit(q, getattr(parent, child).bias, compute_dtype=dtype))
-    return set(keys)
+    if tensors:  # a part of no weight
+        raise TuluError(f"{source}: unexpected tensor {next(iter(tensors))} (not a Llama checkpoint?)")
