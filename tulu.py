@@ -31,14 +31,14 @@ from machinery.data import (ChatFormat, default_workers, example_lengths, load_e
                             read_jsonl, read_objects)
 from machinery.demo import DEMO_HELDOUT, print_answers, tiny_default_model, tiny_sft_model
 from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text,
-                                   exit_after, grad_sync, rank0, rank0_first, rank_batches, setup_distributed,
+                                   exit_after, grad_sync, rank0, rank0_first, setup_distributed,
                                    shard, together, undeal)
 from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics, choice_scores, data_kind,
                                 greedy_answers, preference_metrics, read_choices, report, sft_metrics)
 from machinery.exercises import EXERCISES, make_exercises
 from machinery.fast import compile_layers, use_fast_dropout
 from machinery.outputs import copy_tokenizer, read_prompt, save_outputs, stop_ids, stream_reply
-from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
+from machinery.runs import Run, check_resume
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -534,7 +534,7 @@ def train(args, model, examples, task, out, save=None):
     lengths = example_lengths(examples) if args.group_by_length else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
-    run = Run(args, out, run_record(args, len(examples), total), total, per_epoch)
+    run = Run(args, out, total, per_epoch)
     run.resume(model, opt)
     net = data_parallel(args, model)
     model.train()
@@ -545,7 +545,7 @@ def train(args, model, examples, task, out, save=None):
                 g["lr"] = lr
             idx = step_batches(len(examples), step, per_epoch, args.batch_size, args.grad_accum * d.world,
                                args.seed, lengths)  # one process's micro-batches with the same global batch
-            micro = rank_batches(idx, examples, task, d)  # this rank's share (weight-0 stand-ins where short)
+            micro = [task.collate([examples[i] for i in c]) for c in deal(idx, d)]  # this rank's share
             denom = max(1, all_sum(d, sum(task.count(b) * b.get("weight", 1) for b in micro))[0])
             for i, b in enumerate(micro):
                 with autocast(args), grad_sync(net, last=i == len(micro) - 1):
@@ -588,9 +588,7 @@ def start_run(ns, default_model, default_data):
     print_config(args)
     together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
     check_output(args.output, args.model, args.adapter)
-    root = resume_root(args)
-    rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: the newest whole one
-    together(args.dist, check_resume, args, root)  # before the model loads
+    together(args.dist, check_resume, args)  # before the model loads
     torch.manual_seed(args.seed)
     return args, demo, together(args.dist, lambda m: check_vocab(Tokenizer(m), m), args.model)
 

@@ -9,7 +9,6 @@ model's context only warn, as transformers does. A step whose loss or gradient n
 not finite is never applied: the run stops there, its last checkpoint kept.
 """
 import contextlib
-import json
 import math
 import os
 import sys
@@ -75,24 +74,6 @@ def json_safe(row):
     write null, and name what was non-finite under "nonfinite"."""
     bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
     return {**{k: None if k in bad else v for k, v in row.items()}, **({"nonfinite": bad} if bad else {})}
-
-
-def stop_if_diverged(row, args, out, plot):
-    """A non-finite loss or gradient norm ends the run at its step (the loop did not apply
-    it): nothing more is saved, the last checkpoint stays, and plot() draws the curve."""
-    names = {"loss": "loss", "grad_norm": "gradient norm"}
-    what = " and ".join(f"the {name} is {row[k]}" for k, name in names.items() if not math.isfinite(row[k]))
-    if not what:
-        return
-    plot()
-    kept, state = "", os.path.join(out, "checkpoint", "trainer_state.json")
-    if os.path.exists(state):
-        with open(state) as f:
-            kept = f"; the checkpoint of step {json.load(f)['step']} stays in {os.path.dirname(state)}"
-    clip = (f"a smaller --max-grad-norm (this run: {args.max_grad_norm:g})" if args.max_grad_norm > 0
-            else "clipping with --max-grad-norm (off in this run)")
-    raise TuluError(f"step {row['step']}: {what}; stopped without applying this step, nothing saved{kept}; "
-                    f"try a lower --lr (this run: {args.lr:g}) or {clip}")
 
 
 def check_finite_weights(named, what):

@@ -2,10 +2,13 @@
 
 `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program and tells
 each its RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step
-takes batch-size x grad-accum x N examples: the micro-batches one process takes with
-grad-accum x N, dealt out to the ranks in turn (deal). Every rank divides by the
-learned tokens (or pairs) of the whole step, summed over the ranks (all_sum), so the
-summed gradient, the loss and the clipping norm are one process's, up to rounding.
+takes batch-size x grad-accum x N examples: the micro-batches one process would take
+with grad-accum x N, dealt to the ranks in turn (deal). Every rank divides by the learned
+tokens (or pairs) of the whole step, summed over the ranks (all_sum), so the summed
+gradient, the loss and the clipping norm are one process's over the same micro-batches.
+Where N does not divide a step's micro-batches (an epoch's short last step), the first
+ones are dealt again, as torch's DistributedSampler pads its last round: every rank runs
+as many (FSDP's ranks gather each layer together), and a repeated micro-batch counts twice.
 
 lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel);
 full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its gradient
@@ -15,19 +18,15 @@ Rank 0 alone prints and writes: rank0() is the one way code asks. An error on on
 ends every rank with its one-line message (together), where the others would wait for
 it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
 
-Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
-the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
-step, rank), repeat only on the same number. The price is host memory under full
-fine-tuning: every rank reads the whole model to its CPU in float32 before shard, rank 0
-gathers a checkpoint (weights and AdamW's two states) on its CPU, and every rank reads it
-whole on --resume; for a 70B model on one 8-GPU machine that is not practical yet.
+Checkpoints hold whole tensors, so --resume works on another number of ranks with the
+same global batch; dropout masks, drawn from (seed, step, rank), repeat only on the same
+number. The price is host memory under full fine-tuning: every rank reads the whole model
+to its CPU before shard, and rank 0 gathers a checkpoint (weights, AdamW's two states).
 """
 import contextlib
 import datetime
 import gc
-import math
 import os
-import signal
 import sys
 from dataclasses import dataclass
 
@@ -44,7 +43,6 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")  # NCCL: this rank's GPU (for collectives and DDP)
-    stop: bool = False  # Ctrl-C or SIGTERM arrived (see machinery.runs.Run)
     waits: object = None  # the process group for long waits on one rank (setup_distributed)
 
 
@@ -52,7 +50,7 @@ SINGLE = Dist()
 
 
 def dist_of(args) -> Dist:
-    return getattr(args, "dist", None) or SINGLE
+    return args.dist or SINGLE
 
 
 def rank_device(local_rank: int) -> torch.device:
@@ -77,8 +75,8 @@ def is_sharded(model) -> bool:
 
 def setup_distributed(device: str) -> Dist:
     """Join torchrun's process group: NCCL on the GPU LOCAL_RANK names, or gloo on CPU; without
-    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one. Ctrl-C and
-    SIGTERM now only raise d.stop; ranks but 0 print nothing and draw no bars (errors still show)."""
+    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one. Ranks but 0
+    print nothing and draw no bars (errors still show)."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), device == "cuda"
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
@@ -89,14 +87,11 @@ def setup_distributed(device: str) -> Dist:
     # waits for one rank (rank 0 encoding a large data file, writing a 70B checkpoint) get a gloo
     # group with a long timeout; NCCL's 10 minutes stay a step's limit, where a hung rank should fail
     waits = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=3))
-    d = Dist(int(os.environ["RANK"]), world, dev, waits=waits)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun passes a Ctrl-C on as SIGINT
-        signal.signal(sig, lambda *_: setattr(d, "stop", True))
     if not rank0():
         sys.stdout = open(os.devnull, "w")
         init = tqdm.__init__
         tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
-    return d
+    return Dist(int(os.environ["RANK"]), world, dev, waits)
 
 
 def exit_after(main):
@@ -141,8 +136,7 @@ def together(d: Dist, fn, *args):
 
 def rank0_first(d: Dist, fn, *args):
     """fn(*args) on rank 0, then on the others, which find cached what it made: the demo model,
-    the encoded data (a node that does not share rank 0's cache folder encodes it again).
-    An error on any rank ends every rank, as in together."""
+    the encoded data (a node that does not share rank 0's cache folder encodes it again)."""
     out = together(d, lambda: fn(*args) if rank0() else None)
     return together(d, lambda: out if rank0() else fn(*args))
 
@@ -193,27 +187,22 @@ def grad_sync(model, last: bool):
     return model.no_sync() if ddp and not last else contextlib.nullcontext()
 
 
-def deal(batches, d: Dist) -> list:
-    """This rank's share of one process's batches: every N-th, from its own. All ranks get as
-    many (FSDP gathers weights in each forward, all ranks together): None where one is short."""
-    mine = batches[d.rank::d.world]
-    return mine + [None] * (math.ceil(len(batches) / d.world) - len(mine))
+def deal(items: list, d: Dist) -> list:
+    """This rank's share of a list (a step's micro-batches, batches to score): every N-th
+    item, from its own. A list that N does not divide is first padded with its first
+    items (DistributedSampler's padding), so that every rank takes as many."""
+    padded = items + (items * d.world)[:-len(items) % d.world]
+    return padded[d.rank::d.world]
 
 
-def undeal(results, n: int, d: Dist) -> list:
-    """Every rank's results for its deal of n batches, one per batch, in the batches' order."""
+def undeal(results: list, n: int, d: Dist) -> list:
+    """Every rank's results for its deal of n items, one per item, in the items' order
+    (the padding's results dropped)."""
     if d.world == 1:
         return results
     shares = [None] * d.world
     torch.distributed.all_gather_object(shares, results)
     return [shares[k % d.world][k // d.world] for k in range(n)]
-
-
-def rank_batches(idx, examples, task, d: Dist) -> list:
-    """This rank's collated micro-batches of a step (idx: one process's, as example indices);
-    where a rank is short of one, a stand-in: the step's first example with weight 0."""
-    stand_in = lambda: {**task.collate([examples[idx[0][0]]]), "weight": 0}
-    return [task.collate([examples[i] for i in c]) if c else stand_in() for c in deal(idx, d)]
 
 
 def all_sum(d: Dist, *values) -> list:
