@@ -31,7 +31,7 @@ from machinery.data import (ChatFormat, default_workers, example_lengths, load_e
                             read_jsonl, read_objects)
 from machinery.demo import DEMO_HELDOUT, print_answers, tiny_default_model, tiny_sft_model
 from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text,
-                                   exit_after, grad_sync, rank0, rank0_first, setup_distributed,
+                                   grad_sync, rank0, rank0_first, setup_distributed,
                                    shard, together, undeal)
 from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics, choice_scores, data_kind,
                                 greedy_answers, preference_metrics, read_choices, report, sft_metrics)
@@ -841,4 +841,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_after(main)
+    main()

@@ -1,28 +1,21 @@
 """More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning.
 
-`torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program and tells
-each its RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step
-takes batch-size x grad-accum x N examples: the micro-batches one process would take
-with grad-accum x N, dealt to the ranks in turn (deal). Every rank divides by the learned
-tokens (or pairs) of the whole step, summed over the ranks (all_sum), so the summed
-gradient, the loss and the clipping norm are one process's over the same micro-batches.
-Where N does not divide a step's micro-batches (an epoch's short last step), the first
-ones are dealt again, as torch's DistributedSampler pads its last round: every rank runs
-as many (FSDP's ranks gather each layer together), and a repeated micro-batch counts twice.
+`torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program, each told its
+RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches,
+batch-size x grad-accum x N examples, are dealt to the ranks in turn (deal); where N does not
+divide them (an epoch's short last step), the first are dealt again, as DistributedSampler
+pads, since FSDP's ranks must run as many. Every rank divides by the learned tokens (or pairs)
+of the whole step, summed over the ranks (all_sum), so the summed gradient and the loss are
+one process's over those micro-batches.
 
-lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel);
-full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its gradient
-and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's CPU
-(gathered, full_model); resuming cuts a whole checkpoint to each rank's shards (placed).
-Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
-ends every rank with its one-line message (together), where the others would wait for
-it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
-
-Checkpoints hold whole tensors, so --resume works on another number of ranks with the
-same global batch; dropout masks, drawn from (seed, step, rank), repeat only on the same
-number. The price is host memory under full fine-tuning: every rank reads the whole model
-to its CPU before shard, and rank 0 gathers a checkpoint (weights, AdamW's two states).
+lora/qlora train under DDP, over the adapters alone (data_parallel); full under FSDP2, which
+shards every weight, gradient and AdamW state (shard, as torchtune's recipe). A checkpoint is
+gathered whole to rank 0's CPU (gathered) and cut to each rank's shards on --resume (placed),
+so a run may resume on another number of ranks with the same global batch. Rank 0 alone
+prints and writes (rank0); an error on one rank ends every rank with its one-line message
+(together), where the others would wait for it forever. Without torchrun, a Dist of one rank.
 """
+import atexit
 import contextlib
 import datetime
 import gc
@@ -87,25 +80,14 @@ def setup_distributed(device: str) -> Dist:
     # waits for one rank (rank 0 encoding a large data file, writing a 70B checkpoint) get a gloo
     # group with a long timeout; NCCL's 10 minutes stay a step's limit, where a hung rank should fail
     waits = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=3))
+    # a gloo group alive at Python's shutdown can abort it: destroy it at exit, once the error
+    # that ended the run and the model are gone (FSDP's modules sit in reference cycles)
+    atexit.register(lambda: (gc.collect(), torch.distributed.destroy_process_group()))
     if not rank0():
         sys.stdout = open(os.devnull, "w")
         init = tqdm.__init__
         tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
     return Dist(int(os.environ["RANK"]), world, dev, waits)
-
-
-def exit_after(main):
-    """Run main() and exit with its status; under torchrun destroy the process group first, once
-    the error and the model it holds are gone: a gloo group alive at shutdown can abort Python."""
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    if distributed():
-        gc.collect()  # FSDP's modules sit in reference cycles
-        torch.distributed.destroy_process_group()
-    sys.exit(code)
 
 
 class RankError(TuluError):
@@ -225,12 +207,10 @@ def whole(t):
 
 
 def gathered(obj):
-    """obj (nested dicts and lists) with each tensor whole on rank 0's CPU. The other
-    ranks take part in gathering FSDP's shards, a tensor at a time, and keep None."""
+    """obj (nested dicts: a state dict, an optimiser's) with each tensor whole on rank 0's CPU.
+    The other ranks take part in gathering FSDP's shards, a tensor at a time, and keep None."""
     if isinstance(obj, dict):
         return {k: gathered(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(gathered(v) for v in obj)
     if torch.is_tensor(obj):
         t = whole(obj).detach()
         return t.cpu() if rank0() else None

@@ -1,21 +1,17 @@
 """Runs that survive: checkpoints that resume exactly, Ctrl-C and SIGTERM, metrics.jsonl
 and loss.svg, kept by the Run object that tulu.py's training loop calls once a step.
 
-A checkpoint (out/checkpoint/) holds the trainable weights, the optimiser state and the
-random state after a completed step (safetensors and a JSON skeleton: no pickle), and
-trainer_state.json with the step and the run's record: its config and the data's sha256
-(run_record). --resume refuses a checkpoint whose record differs, in one line naming the
-difference, before the model loads. A finished run leaves finished.json instead, and its
---resume exits at once. trainer_state.json is written last, by rename, and names the
-tensors' file: a kill at any point leaves a whole checkpoint, the new one or the last.
+out/checkpoint/ holds, after a completed step, the trainable weights, the optimiser state
+and the random state (safetensors and a JSON skeleton: no pickle), and trainer_state.json:
+the step, the file of those tensors, and the run's record (the config and the data's
+sha256). trainer_state.json is written last and by rename, so a kill at any point leaves
+a whole checkpoint. --resume refuses a record that differs, in one line naming the
+difference, before the model loads; a finished run leaves finished.json instead.
 
 Why both periodic (--save-minutes) and preemption checkpoints: a scheduler's SIGTERM
 (Slurm, Kubernetes, torchrun passing it on) is followed by a kill after a grace period
-(Slurm's KillWait, Kubernetes' terminationGracePeriodSeconds, torchrun's
-TORCH_ELASTIC_SHUTDOWN_TIMEOUT: often 30 s). When the step in progress and a checkpoint
-fit in it, nothing is lost; where they do not, and after a SIGKILL or a lost machine,
-the last periodic checkpoint remains. Under torchrun every rank helps gather FSDP's
-shards, rank 0 alone writes, and the ranks decide together whether to save or stop.
+(often 30 s): where the step in progress and a checkpoint fit in it, nothing is lost;
+where not, and after a SIGKILL or a lost machine, the last periodic checkpoint remains.
 """
 import contextlib
 import hashlib
@@ -40,19 +36,19 @@ from machinery.distributed import (all_sum, any_rank, dist_of, gathered, placed,
                                    together, whole)
 
 CHECKPOINT, FINISHED, STATE = "checkpoint", "finished.json", "trainer_state.json"
-# what a resumed run may change: where it writes, how often it saves, what it runs on, and
-# how it splits the global batch (another number of ranks)
+# what a resumed run may change: where it writes, how often it saves, what it runs on,
+# and how it splits the global batch (on another number of ranks)
 MAY_CHANGE = {"output", "resume", "save_every", "save_minutes", "device", "dtype", "num_workers", "compile",
               "gradient_checkpointing", "group_by_length", "batch_size", "grad_accum", "dist"}
 
 
 def pack(obj, tensors, path="s"):
     """A nested state (dicts, lists, tensors, numbers) as a JSON skeleton, its tensors put
-    in `tensors` for safetensors (unpack reverses it): resume state without pickle."""
+    in `tensors` for safetensors (unpack reverses it)."""
     if torch.is_tensor(obj):
         tensors[path] = obj.detach().cpu().contiguous()
         return {"tensor": path}
-    if isinstance(obj, dict):
+    if isinstance(obj, dict):  # pairs: the optimiser's state has int keys, which JSON makes strings
         return {"dict": [[k, pack(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         return {"list": [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
@@ -82,27 +78,19 @@ def set_rng_state(rng):
 
 def run_record(args) -> dict:
     """What a resumed run must share with its checkpoint to continue the same loss curve:
-    the config (all but MAY_CHANGE) with the global batch, the model and adapter by path,
-    the data by content (a data file moved is the same; one changed in place is not)."""
-    run = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in MAY_CHANGE}
+    the config but MAY_CHANGE, the global batch, the model and adapter by path and the
+    data by content (a data file moved is the same; one changed in place is not)."""
+    run = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in MAY_CHANGE | {"data"}}
     run.update({k: os.path.abspath(run[k]) for k in ("model", "adapter") if run.get(k)})
     run["global_batch"] = args.batch_size * args.grad_accum * dist_of(args).world
     if args.data:
         with open(args.data, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()[:12]
-        run["data"] = f"{os.path.abspath(args.data)} (sha256 {sha})"
+            run["data_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     return json.loads(json.dumps(run))  # as trainer_state.json holds it: tuples are lists
 
 
-def differences(saved: dict, run: dict) -> str:
-    """'key: then -> now; ...' for each setting that the checkpoint recorded otherwise
-    (the data by its sha256 alone)."""
-    same = lambda k, v: v.split(" (sha256")[-1] == saved[k].split(" (sha256")[-1] if k == "data" else v == saved[k]
-    return "; ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in run.items() if k not in saved or not same(k, v))
-
-
 def read_state(path):
-    """The JSON object in `path`, or None where there is none (or half of one)."""
+    """The JSON object in `path`, or None where there is none."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -119,9 +107,9 @@ def sync(path):
 
 
 def save_checkpoint(out, step, model, opt, rng, run):
-    """out/checkpoint/: the trainable weights, optimiser state and RNG after `step` steps in
-    state-STEP.safetensors, then trainer_state.json naming it, replaced by rename: a kill
-    at any point leaves the trainer_state.json of before or after, each naming a whole file."""
+    """out/checkpoint/: the tensors after `step` steps in state-STEP.safetensors, then the
+    trainer_state.json that names them, replacing the last one by rename; then the last
+    one's tensors go. A kill at any point leaves a trainer_state.json naming a whole file."""
     from safetensors.torch import save_file
     weights = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
     optimizer = gathered(opt.state_dict())
@@ -135,7 +123,7 @@ def save_checkpoint(out, step, model, opt, rng, run):
     sync(os.path.join(folder, name))
     write_json(os.path.join(folder, STATE), {"step": step, "file": name, "run": run, "state": skeleton})
     sync(folder)
-    for old in set(os.listdir(folder)) - {name, STATE}:  # the one it replaced, or what a kill left
+    for old in set(os.listdir(folder)) - {name, STATE}:  # the last one's, or what a kill left
         os.remove(os.path.join(folder, old))
 
 
@@ -155,16 +143,17 @@ def check_resume(args):
     saved = finished or read_state(os.path.join(ckpt, STATE))
     if not args.resume:
         if saved and not finished:
-            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step "
-                            f"{saved['step']}): continue it with --resume {args.output}, or choose another --output")
+            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step {saved['step']}"
+                            f"): continue it with --resume {args.output}, or choose another --output")
         return
     if not saved:
         raise TuluError(f"{args.resume}: no checkpoint to resume from ({CHECKPOINT}/{STATE} missing)")
-    changed = differences(saved["run"], run_record(args))
+    run = run_record(args)
+    changed = "; ".join(f"{k}: {saved['run'].get(k)} -> {v}" for k, v in run.items() if saved["run"].get(k) != v)
     if changed:
         raise TuluError(f"{done}: that run finished, with other settings ({changed}); start a new run with "
-                        f"another --output" if finished else f"{ckpt}: the checkpoint was made with other "
-                        f"settings ({changed})")
+                        f"another --output" if finished else
+                        f"{ckpt}: the checkpoint was made with other settings ({changed})")
     if finished:
         if rank0():
             print(f"{root}: the run finished all {saved['step']} steps ({FINISHED}): nothing to resume")
@@ -172,8 +161,8 @@ def check_resume(args):
 
 
 def load_checkpoint(args, model, opt) -> int:
-    """Restore what save_checkpoint wrote (check_resume found it, with this run's record)
-    into model and opt; return its step."""
+    """Restore what save_checkpoint wrote (check_resume compared its record) into model and
+    opt; return its step."""
     from safetensors.torch import load_file
     ckpt = os.path.join(resume_root(args), CHECKPOINT)
     meta = read_state(os.path.join(ckpt, STATE))
@@ -191,28 +180,25 @@ def load_checkpoint(args, model, opt) -> int:
 
 
 def loss_svg(rows, title) -> str:
-    """metrics.jsonl's loss against the optimiser step as an SVG line chart, no plotting
-    library; a dashed red line marks a non-finite step."""
+    """metrics.jsonl's loss against the step as an SVG line chart, no plotting library; a
+    red line marks a non-finite step."""
     W, H, M = 640, 360, 50  # size, margin
-    steps = [r["step"] for r in rows]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    x0, x1 = rows[0]["step"], max(rows[-1]["step"], rows[0]["step"] + 1)
     top = max((r["loss"] for r in rows if r["loss"] is not None), default=1.0) * 1.05 or 1.0
     X = lambda s: M + (s - x0) / (x1 - x0) * (W - 2 * M)
     Y = lambda v: H - M - v / top * (H - 2 * M)
-    line = " ".join(f"{X(r['step']):.1f},{Y(r['loss']):.1f}" for r in rows if r["loss"] is not None)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
-           f'<text x="{M}" y="{M - 10}" text-anchor="middle">loss</text>',
-           f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">optimizer step</text>',
+    text = lambda x, y, s, anchor="middle": f'<text x="{x:.0f}" y="{y:.0f}" text-anchor="{anchor}">{s}</text>'
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif">',
+           f'<rect width="{W}" height="{H}" fill="white"/>', text(W / 2, 20, html.escape(title)),
            f'<path d="M{M},{M} V{H - M} H{W - M}" fill="none" stroke="black"/>',
-           f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/>']
+           text(M, M - 10, "loss"), text(W / 2, H - 10, "optimizer step")]
     for i in range(5):  # ticks
         v, s = top * i / 4, x0 + (x1 - x0) * i / 4
-        out += [f'<text x="{M - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>',
-                f'<text x="{X(s):.1f}" y="{H - M + 16}" text-anchor="middle">{s:.0f}</text>']
-    out += [f'<path d="M{X(s):.1f},{M} V{H - M}" stroke="red" stroke-dasharray="4 3"/><text x="{X(s) - 4:.1f}" '
-            f'y="{M + 12}" text-anchor="end" fill="red">non-finite</text>' for s, r in zip(steps, rows) if "nonfinite" in r]
+        out += [text(M - 6, Y(v) + 4, f"{v:.2f}", "end"), text(X(s), H - M + 16, f"{s:.0f}")]
+    points = " ".join(f"{X(r['step']):.1f},{Y(r['loss']):.1f}" for r in rows if r["loss"] is not None)
+    out.append(f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{points}"/>')
+    out += [f'<path d="M{X(r["step"]):.1f},{M} V{H - M}" stroke="red"/>' + text(X(r["step"]) - 4, M + 12,
+            "non-finite", "end") for r in rows if "nonfinite" in r]  # json_safe marked it
     return "\n".join(out + ["</svg>\n"])
 
 
@@ -224,9 +210,9 @@ class Run:
     """What a training run does besides the recipe, called by the loop once per step:
     metrics.jsonl and loss.svg, a checkpoint every --save-every steps or --save-minutes
     and after Ctrl-C or SIGTERM (then exit 130), the stop at a non-finite step, --resume.
-    While it runs (`with run:`), Ctrl-C and SIGTERM (a scheduler's preemption) only set
-    self.stop, so a run never stops inside an optimiser step; a second Ctrl-C stops at once,
-    without saving (in one process: under torchrun the other ranks would wait for this one)."""
+    While it runs (`with run:`), Ctrl-C and SIGTERM only set self.stop: a run never stops
+    inside an optimiser step, and under torchrun the ranks decide together (any_rank). In
+    one process a second Ctrl-C stops at once, without saving."""
 
     def __init__(self, args, out, total, per_epoch):
         self.args, self.out, self.total, self.per_epoch = args, out, total, per_epoch
@@ -235,8 +221,8 @@ class Run:
         self.title = f"tulu {args.command} --method {args.method}: {os.path.basename(args.model or out)}"
 
     def resume(self, model, opt):
-        """Restore the --resume checkpoint into model and opt and keep metrics.jsonl's rows up to
-        its step (none cut short by a kill); a new run first removes what an earlier one left."""
+        """Restore the --resume checkpoint into model and opt, and metrics.jsonl's rows up to its
+        step (a kill may have cut one short); a new run removes what an earlier one left."""
         self.start = together(self.d, load_checkpoint, self.args, model, opt) if self.args.resume else 0
         self.rows = []
         if rank0() and self.start:
@@ -246,7 +232,7 @@ class Run:
             shutil.rmtree(os.path.join(self.out, CHECKPOINT), ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.out, FINISHED))
-        if rank0():  # the other ranks keep their rows alone
+        if rank0():
             write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def steps(self):
@@ -275,7 +261,6 @@ class Run:
         return math.isfinite(loss) and math.isfinite(norm)
 
     def plot(self):
-        """loss.svg beside metrics.jsonl: at each checkpoint, at a non-finite step and at the end."""
         if rank0() and self.rows:
             write_text(os.path.join(self.out, "loss.svg"), loss_svg(self.rows, self.title))
 
@@ -290,11 +275,9 @@ class Run:
         what = " and ".join(f"the {name} is {row[k]}" for k, name in names.items() if not math.isfinite(row[k]))
         if what:
             self.plot()
-            a, kept = self.args, self.kept() and "; " + self.kept()
-            clip = (f"a smaller --max-grad-norm (this run: {a.max_grad_norm:g})" if a.max_grad_norm > 0
-                    else "clipping with --max-grad-norm (off in this run)")
             raise TuluError(f"step {row['step']}: {what}; stopped without applying this step, nothing saved"
-                            f"{kept}; try a lower --lr (this run: {a.lr:g}) or {clip}")
+                            f"{'; ' * bool(self.kept())}{self.kept()}; try a lower --lr (this run: "
+                            f"{self.args.lr:g}) or --max-grad-norm (this run: {self.args.max_grad_norm:g}; 0: off)")
 
     def end_step(self, step, model, opt, lr):
         """After `step` steps: log the row, stop on a non-finite one, then checkpoint when due
@@ -325,8 +308,8 @@ class Run:
 
     def finish(self, model, save=None) -> list[dict]:
         """After the last step: the chart, then save() writes the outputs (still under the
-        signal handlers: a SIGTERM now waits for whole outputs), then finished.json records
-        the run and its checkpoint goes (a kill between the two: finished.json wins)."""
+        signal handlers: a SIGTERM waits for whole outputs), then finished.json records the
+        run, and the checkpoint goes (a kill between the two: finished.json wins)."""
         self.plot()
         model.eval()
         if save is not None:
@@ -337,21 +320,21 @@ class Run:
         return self.rows
 
     def on_signal(self, sig, frame):
-        if self.stop and sig == signal.SIGINT and self.d.world == 1:
-            raise KeyboardInterrupt
         self.stop = True
+        if self.d.world == 1:  # under torchrun, the other ranks would wait for this one
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
         os.write(2, f"\n{signal.Signals(sig).name}: stopping after this step\n".encode())
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # torchrun passes a Ctrl-C on as SIGINT
+        if threading.current_thread() is threading.main_thread():
             self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, kind, e, tb):
         for s, handler in self.old.items():
             signal.signal(s, handler)
-        if kind is KeyboardInterrupt:  # a second Ctrl-C, perhaps inside an optimiser step: nothing more saved
+        if kind is KeyboardInterrupt:  # a second Ctrl-C, perhaps inside an optimiser step
             self.bar.close()
-            kept = self.kept() or "no checkpoint was written"
-            print(f"\nstopped at once: {kept}; continue with --resume {self.out}", file=sys.stderr)
+            print(f"\nstopped at once: {self.kept() or 'no checkpoint was written'}; continue with --resume "
+                  f"{self.out}", file=sys.stderr)
             sys.exit(130)

@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tulu  # noqa: E402
 from machinery import data  # noqa: E402
-from machinery.distributed import exit_after  # noqa: E402
 
 if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
     for var, sig in (("TULU_TEST_SIGTERM_AT", signal.SIGTERM), ("TULU_TEST_SIGKILL_AT", signal.SIGKILL)):
@@ -69,4 +68,4 @@ if os.environ.get("TULU_TEST_STEPS"):
     tulu.build_optimizer = build_optimizer
 
 if __name__ == "__main__":  # not in a data worker, which imports this file afresh
-    exit_after(lambda: tulu.main(sys.argv[1:]))
+    tulu.main(sys.argv[1:])
