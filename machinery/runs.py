@@ -143,13 +143,14 @@ def check_resume(args):
     saved = finished or read_state(os.path.join(ckpt, STATE))
     if not args.resume:
         if saved and not finished:
-            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step {saved['step']}"
-                            f"): continue it with --resume {args.output}, or choose another --output")
+            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step "
+                            f"{saved['step']}): continue it with --resume {args.output}, or choose another "
+                            f"--output")
         return
     if not saved:
         raise TuluError(f"{args.resume}: no checkpoint to resume from ({CHECKPOINT}/{STATE} missing)")
-    run = run_record(args)
-    changed = "; ".join(f"{k}: {saved['run'].get(k)} -> {v}" for k, v in run.items() if saved["run"].get(k) != v)
+    then = saved["run"]
+    changed = "; ".join(f"{k}: {then.get(k)} -> {v}" for k, v in run_record(args).items() if then.get(k) != v)
     if changed:
         raise TuluError(f"{done}: that run finished, with other settings ({changed}); start a new run with "
                         f"another --output" if finished else
@@ -256,8 +257,9 @@ class Run:
         """Whether the step may be applied: its loss and gradient norm (FSDP's: the whole
         gradient's), summed over the ranks, are finite, so every rank decides alike."""
         sums = dict(zip(self.sums, all_sum(self.d, *self.sums.values())))
-        loss, tokens, norm = sums.pop("loss"), int(sums.pop("tokens")), float(whole(norm))
-        self.row = {"loss": loss, "grad_norm": norm, "tokens": tokens, **{k: v / denom for k, v in sums.items()}}
+        loss, norm = sums.pop("loss"), float(whole(norm))
+        self.row = {"loss": loss, "grad_norm": norm, "tokens": int(sums.pop("tokens")),
+                    **{k: v / denom for k, v in sums.items()}}  # the task's sums over pairs: means
         return math.isfinite(loss) and math.isfinite(norm)
 
     def plot(self):
@@ -271,13 +273,14 @@ class Run:
     def diverged(self, row):
         """A non-finite loss or gradient norm ends the run at its step (the loop did not apply
         it): nothing more is saved, the last checkpoint stays, and the chart shows the step."""
-        names = {"loss": "loss", "grad_norm": "gradient norm"}
-        what = " and ".join(f"the {name} is {row[k]}" for k, name in names.items() if not math.isfinite(row[k]))
-        if what:
+        bad = [f"the {name} is {row[k]}" for k, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
+               if not math.isfinite(row[k])]
+        if bad:
             self.plot()
-            raise TuluError(f"step {row['step']}: {what}; stopped without applying this step, nothing saved"
-                            f"{'; ' * bool(self.kept())}{self.kept()}; try a lower --lr (this run: "
-                            f"{self.args.lr:g}) or --max-grad-norm (this run: {self.args.max_grad_norm:g}; 0: off)")
+            a, kept = self.args, self.kept()
+            raise TuluError(f"step {row['step']}: {' and '.join(bad)}; stopped without applying this step, "
+                            f"nothing saved{kept and '; ' + kept}; try a lower --lr (this run: {a.lr:g}) or "
+                            f"--max-grad-norm (this run: {a.max_grad_norm:g}; 0: off)")
 
     def end_step(self, step, model, opt, lr):
         """After `step` steps: log the row, stop on a non-finite one, then checkpoint when due
