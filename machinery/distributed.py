@@ -43,7 +43,7 @@ SINGLE = Dist()
 
 
 def dist_of(args) -> Dist:
-    return args.dist or SINGLE
+    return getattr(args, "dist", None) or SINGLE  # eval's flags have none
 
 
 def rank_device(local_rank: int) -> torch.device:
