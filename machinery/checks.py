@@ -1,12 +1,10 @@
 """Failing loudly and early: mistakes that would otherwise cost a GPU-day.
 
 A run reads a model folder, a tokenizer and a data file, then trains for hours; most
-mistakes in them would surface deep inside it: a traceback from F.embedding ("index out
-of range"), a NaN in metrics.jsonl, NaN weights written over good ones. Each check here
-runs before the first step (or before a file is written) and ends the run with a
-one-line TuluError that names the file and says what to do; examples longer than the
-model's context only warn, as transformers does. A step whose loss or gradient norm is
-not finite is never applied: the run stops there, its last checkpoint kept.
+mistakes in them would surface deep inside it, as a traceback from F.embedding ("index
+out of range") or NaN weights written over good ones. Each check here runs before the
+first step (or before a file is written) and ends the run with a one-line TuluError that
+names the file and says what to do; examples longer than the model's context only warn.
 """
 import contextlib
 import math

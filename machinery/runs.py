@@ -13,7 +13,6 @@ Why both periodic (--save-minutes) and preemption checkpoints: a scheduler's SIG
 (often 30 s): where the step in progress and a checkpoint fit in it, nothing is lost;
 where not, and after a SIGKILL or a lost machine, the last periodic checkpoint remains.
 """
-import contextlib
 import hashlib
 import html
 import json
@@ -231,8 +230,7 @@ class Run:
                 self.rows = [json.loads(line) for line in f if line.endswith("\n")][:self.start]
         elif rank0():
             shutil.rmtree(os.path.join(self.out, CHECKPOINT), ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.out, FINISHED))
+            pathlib.Path(self.out, FINISHED).unlink(missing_ok=True)
         if rank0():
             write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
 
@@ -323,10 +321,11 @@ class Run:
         return self.rows
 
     def on_signal(self, sig, frame):
-        self.stop = True
+        self.stop, again = True, ""
         if self.d.world == 1:  # under torchrun, the other ranks would wait for this one
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
-        os.write(2, f"\n{signal.Signals(sig).name}: stopping after this step\n".encode())
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+            again = " (Ctrl-C again: at once, without saving)"
+        os.write(2, f"\n{signal.Signals(sig).name}: stopping after this step{again}\n".encode())
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -39,7 +39,7 @@ SMALL = ["--model", HF_TINY, "--max-seq-length", "128", "--lora-r", "8", "--lora
          "--batch-size", "2"]
 
 GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
-pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available on this platform")
+pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available here")
 
 
 def torchrun(*argv, **fault):
@@ -245,6 +245,7 @@ def test_every_rank_decides_on_the_whole_step_loss_and_norm(tmp_path, data):
     ranks' weights would part. The run then stops there, on every rank."""
     steps = tmp_path / "steps"
     p = torchrun("sft", *SMALL, "--data", data / "sft.jsonl", "--method", "full", "--max-steps", 3,
-                 "--grad-accum", 1, "--output", tmp_path / "out", TULU_TEST_RANK=1, TULU_TEST_LOSS_INF_AT=2, TULU_TEST_STEPS=steps)
+                 "--grad-accum", 1, "--output", tmp_path / "out", TULU_TEST_RANK=1, TULU_TEST_LOSS_INF_AT=2,
+                 TULU_TEST_STEPS=steps)
     assert p.returncode != 0 and "step 2: the loss is inf" in p.stderr, p.stderr
     assert sorted(steps.read_text().split()) == ["0", "1"]  # step 1 on both ranks, step 2 on none

@@ -171,7 +171,8 @@ KILLS = {  # where the save of step 4 is killed -> the step a resumed run contin
 
 
 @pytest.mark.parametrize("where", KILLS)
-def test_a_kill_during_a_checkpoint_write_leaves_a_whole_one(tmp_path, monkeypatch, capsys, data, full, where):
+def test_a_kill_during_a_checkpoint_write_leaves_a_whole_one(tmp_path, monkeypatch, capsys, data, full,
+                                                               where):
     out = tmp_path / "out"
     flags = sft_flags(data / "sft.jsonl", out, 6, "--save-every", 2)
     with monkeypatch.context() as m:
@@ -205,7 +206,8 @@ def test_a_kill_while_a_finished_run_removes_its_checkpoint(tmp_path, capsys, da
 
 def saved_steps(monkeypatch):
     steps, save = [], runs.save_checkpoint
-    monkeypatch.setattr(runs, "save_checkpoint", lambda out, step, *a: steps.append(step) or save(out, step, *a))
+    monkeypatch.setattr(runs, "save_checkpoint",
+                        lambda out, step, *a: steps.append(step) or save(out, step, *a))
     return steps
 
 
@@ -235,7 +237,8 @@ def test_resume_of_a_finished_run_exits_0_and_retrains_nothing(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         cli(*sft_flags(data / "sft.jsonl", out), "--resume", out)
     assert e.value.code == 0
-    assert f"{out}: the run finished all 6 steps (finished.json): nothing to resume" in capsys.readouterr().out
+    want = f"{out}: the run finished all 6 steps (finished.json): nothing to resume"
+    assert want in capsys.readouterr().out
     assert (out / ADAPTER).read_bytes() == before and not os.path.exists(out / "checkpoint")
 
 
@@ -307,7 +310,7 @@ def other_model(t):
     w = load_file(d / "model.safetensors")
     save_file({k: (v.float() * 1.01).to(v.dtype) for k, v in w.items()}, d / "model.safetensors",
               metadata={"format": "pt"})
-    assert os.path.getsize(d / "model.safetensors") == os.path.getsize(os.path.join(HF_TINY, "model.safetensors"))
+    assert os.path.getsize(d / "model.safetensors") == os.path.getsize(f"{HF_TINY}/model.safetensors")
     return str(d)
 
 
@@ -327,7 +330,8 @@ def edited_data(t, data):
 
 
 MISMATCHES = {  # name -> (command, flags to change(t, data) -> [(flag, value)], what the line names(t, data))
-    "model": ("sft", lambda t, d: [("--model", other_model(t))], lambda t, d: [f"model: {HF_TINY} -> {t}/other_model"]),
+    "model": ("sft", lambda t, d: [("--model", other_model(t))],
+              lambda t, d: [f"model: {HF_TINY} -> {t}/other_model"]),
     "data": ("sft", lambda t, d: [("--data", edited_data(t, d))],
              lambda t, d: [f"data_sha256: {sha256(d / 'sft.jsonl')} -> {sha256(t / 'edited.jsonl')}"]),
     "adapter": ("dpo", lambda t, d: [("--adapter", os.path.join(FIX, "sft_qlora"))],
@@ -348,14 +352,15 @@ def changed(argv, flags):
 
 
 @pytest.mark.parametrize("name", MISMATCHES)
-def test_resume_of_another_run_is_one_line_naming_the_difference(tmp_path, monkeypatch, capsys, data, unfinished,
-                                                                  name):
+def test_resume_of_another_run_is_one_line_naming_the_difference(tmp_path, monkeypatch, capsys, data,
+                                                                  unfinished, name):
     command, flags, want = MISMATCHES[name]
     out = str(unfinished[command])
     argv = sft_flags(data / "sft.jsonl", out, 4) if command == "sft" else dpo_flags(data / "prefs.jsonl", out)
     monkeypatch.setattr(tulu, "build_policy", lambda *a: pytest.fail("loaded the model of a refused run"))
     line = one_line_error(capsys, changed(argv, flags(tmp_path, data)) + ["--resume", out])
-    assert line.startswith(f"tulu {command}: error: {out}/checkpoint: the checkpoint was made with other settings ("), line
+    want_start = f"tulu {command}: error: {out}/checkpoint: the checkpoint was made with other settings ("
+    assert line.startswith(want_start), line
     for w in want(tmp_path, data):
         assert w in line, (w, line)
     assert checkpoint_step(out) == 2  # untouched
@@ -368,7 +373,7 @@ def test_data_changed_in_place_is_another_run(tmp_path, capsys, data, unfinished
     shutil.copyfile(edited_data(tmp_path, data), moved)
     argv = changed(sft_flags(data / "sft.jsonl", out, 4), [("--data", moved)])
     line = one_line_error(capsys, argv + ["--resume", out])
-    assert line.endswith(f"other settings (data_sha256: {sha256(data / 'sft.jsonl')} -> {sha256(moved)})"), line
+    assert line.endswith(f"(data_sha256: {sha256(data / 'sft.jsonl')} -> {sha256(moved)})"), line
 
 
 def test_the_data_is_compared_by_content_the_model_by_path(tmp_path, capsys, data, unfinished):
@@ -388,6 +393,6 @@ def test_the_data_is_compared_by_content_the_model_by_path(tmp_path, capsys, dat
 def test_resume_of_a_finished_run_with_other_settings_is_one_line(tmp_path, capsys, data, full):
     out = tmp_path / "out"
     shutil.copytree(full[6], out)
-    line = one_line_error(capsys, changed(sft_flags(data / "sft.jsonl", out), [("--data", edited_data(tmp_path, data))])
-                          + ["--resume", out])
+    argv = changed(sft_flags(data / "sft.jsonl", out), [("--data", edited_data(tmp_path, data))])
+    line = one_line_error(capsys, argv + ["--resume", out])
     assert f"{out}/finished.json: that run finished, with other settings (data_sha256: " in line, line
