@@ -147,14 +147,31 @@ def rank0_first(d: Dist, fn, *args):
     return together(d, lambda: out if rank0() else fn(*args))
 
 
+def shardable_nf4(model):
+    """FSDP2 shards parameters, not buffers, each in N equal pieces of its first dimension.
+    So each Linear4bit's packed codes become a frozen (blocks, 32) parameter, a row per block of
+    64 weights, and its scales' 8-bit codes a (blocks,) one: a rank's rows of the two cover the
+    same blocks. Both are uint8, which FSDP's mixed precision never casts (Answer.AI's fsdp_qlora
+    stored them as bf16 instead, its compute dtype). The scales' scales and offset, 1/16384 of
+    the weight, stay buffers that every rank holds whole."""
+    from nf4 import Linear4bit
+    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):
+        if m.absmax.dtype != torch.uint8 or m.packed.numel() * 2 != m.absmax.numel() * m.blocksize:
+            raise TuluError("--fsdp: a 4-bit weight needs double-quantized scales and whole blocks")
+        for name, rows in (("packed", (-1, m.blocksize // 2)), ("absmax", (-1,))):
+            setattr(m, name, torch.nn.Parameter(m._buffers.pop(name).view(rows), requires_grad=False))
+
+
 def shard(model, d: Dist, compute_dtype=torch.float32):
-    """FSDP2 (--method full under torchrun): one unit per decoder layer, then the root
-    (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
+    """FSDP2 (--method full, or --fsdp, under torchrun): one unit per decoder layer, then the
+    root (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
     AdamW state, and gathers a unit's weights only while it computes with them. With
     bf16 compute the shards stay float32 (master weights) and are gathered in bf16,
-    half the bytes sent; gradients are reduced in float32 (torchtune's policy)."""
+    half the bytes sent; gradients are reduced in float32 (torchtune's policy). A frozen
+    base (lora, qlora) is sharded as it is stored: bf16, or NF4 (shardable_nf4)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    shardable_nf4(model)
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
@@ -262,14 +279,3 @@ def placed_state(state, opt):
     params = [p for g in opt.param_groups for p in g["params"]]
     return {**state, "state": {i: {k: placed(v, params[int(i)]) if v.dim() else v for k, v in s.items()}
                                for i, s in state["state"].items()}}
-
-
-def full_model(model):
-    """Rank 0: the model whole, to save (FSDP's shards gathered to its CPU); others: None."""
-    if is_sharded(model):
-        sd, cfg = gathered(model.state_dict()), model.config  # every rank takes part
-        if rank0():
-            with torch.device("meta"):
-                model = llama.Llama(cfg)
-            model.load_state_dict(sd, assign=True)
-    return model if rank0() else None
