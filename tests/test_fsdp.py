@@ -24,9 +24,15 @@ def test_sft_qlora_fsdp_is_the_one_process_run(tmp_path, data):
              "--lr", 1e-2, "--max-grad-norm", 1.0]
     one, two = tmp_path / "one", tmp_path / "two"
     one_process(*flags, "--grad-accum", 4, "--output", one)
-    p = torchrun(*flags, "--grad-accum", 2, "--output", two, "--fsdp")
+    held = tmp_path / "held"
+    p = torchrun(*flags, "--grad-accum", 2, "--output", two, "--fsdp", TULU_TEST_HELD=held)
     assert p.returncode == 0, p.stderr
     assert "torchrun: 2 ranks, FSDP2" in p.stdout
+    # each rank holds half of every weight (NF4 codes, their scales' codes, bf16 and the adapters)
+    model = llama.load_model(HF_TINY, torch.float32, quantize="nf4")
+    lora.add_lora(model, r=8)
+    whole = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    assert [int(n) / whole for n in held.read_text().split()] == pytest.approx([0.5, 0.5], abs=0.02)
     assert_same_run(two, one, steps=3)
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
     base = lambda: llama.load_model(HF_TINY, torch.float32, quantize="nf4")
