@@ -555,7 +555,8 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     return model.eval()
 
 
-SAFE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint8: "U8"}
+SAFE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.int64: "I64", torch.uint8: "U8"}
 
 
 def write_safetensors(fname: str, tensors: dict, dtype=None, fetch=lambda t: t):

@@ -322,8 +322,8 @@ class TrainConfig:
     resume: str | None = flag("continue the run in this output folder from its checkpoint, with the same "
                               "settings, model and data; a finished run exits at once")
     fsdp: bool = flag("under torchrun, lora and qlora too shard the frozen base, the adapters and AdamW's "
-                      "state over the ranks (FSDP2, a decoder layer gathered at a time; qlora's AdamW is then "
-                      "not paged), as Answer.AI's FSDP+QLoRA trained 70B on two 24 GB GPUs (default: DDP, "
+                      "state over the ranks (FSDP2, a decoder layer gathered at a time; qlora's AdamW then "
+                      "unpaged), as Answer.AI's FSDP+QLoRA trained 70B on two 24 GB GPUs (default: DDP, "
                       "each rank holding the whole base: faster where it fits; full always shards)", False,
                       action="store_true")
     device: str = flag("default: cuda if available", "auto", choices=["auto", "cpu", "cuda"])

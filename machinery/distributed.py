@@ -1,4 +1,4 @@
-"""More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning.
+"""More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning and --fsdp.
 
 `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program and tells
 each its RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step
@@ -7,20 +7,19 @@ grad-accum x N, dealt out to the ranks in turn (deal). Every rank divides by the
 learned tokens (or pairs) of the whole step, summed over the ranks (all_sum), so the
 summed gradient, the loss and the clipping norm are one process's, up to rounding.
 
-lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel);
-full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its gradient
-and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's CPU
-(gathered, full_model); resuming cuts a whole checkpoint to each rank's shards (placed).
+lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel), or
+with --fsdp FSDP2 as for full (Answer.AI's FSDP+QLoRA): it shards every weight, frozen (NF4
+too: shardable_nf4) or trained, its gradient and AdamW state over the ranks (shard). Saving
+writes a tensor at a time, each gathered to rank 0 as it is written (write_gathered);
+resuming cuts a whole checkpoint to each rank's shards (placed).
 Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
 ends every rank with its one-line message (together), where the others would wait for
 it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
 
 Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
 the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
-step, rank), repeat only on the same number. The price is host memory under full
-fine-tuning: every rank reads the whole model to its CPU in float32 before shard, rank 0
-gathers a checkpoint (weights and AdamW's two states) on its CPU, and every rank reads it
-whole on --resume; for a 70B model on one 8-GPU machine that is not practical yet.
+step, rank), repeat only on the same number. The price is host memory under FSDP: every
+rank reads the whole model to its CPU before shard, and a checkpoint whole on --resume.
 """
 import contextlib
 import datetime
@@ -252,17 +251,14 @@ def whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gathered(obj):
-    """obj (nested dicts and lists) with each tensor whole on rank 0's CPU. The other
-    ranks take part in gathering FSDP's shards, a tensor at a time, and keep None."""
-    if isinstance(obj, dict):
-        return {k: gathered(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(gathered(v) for v in obj)
-    if torch.is_tensor(obj):
-        t = whole(obj).detach()
-        return t.cpu() if rank0() else None
-    return obj
+def write_gathered(fname: str, tensors: dict):
+    """Rank 0 writes `tensors` to a safetensors file, each gathered whole (FSDP's shards) just
+    before it is written and freed after, so it never holds them all; the other ranks take
+    part in each gather, in the same order."""
+    if rank0():
+        return llama.write_safetensors(fname, tensors, fetch=whole)
+    for t in tensors.values():
+        whole(t)
 
 
 def placed(value, like):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from llama import TuluError, atomic_write, write_json
 from machinery.checks import check_finite_weights, json_safe, stop_if_diverged
-from machinery.distributed import (all_sum, any_rank, dist_of, gathered, placed, placed_state, rank0,
+from machinery.distributed import (all_sum, any_rank, dist_of, placed, placed_state, rank0, write_gathered,
                                    together, whole)
 
 CHECKPOINT, FINISHED, STATE = "checkpoint", "finished.json", "trainer_state.json"
@@ -183,19 +183,19 @@ def settle_checkpoint(root) -> str | None:
 def save_checkpoint(out, step, model, opt, rng, run):
     """out/checkpoint/: trainable weights, optimiser state and RNG after `step` completed
     steps, written beside the old one and swapped in by rename."""
-    from safetensors.torch import save_file
-    weights = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
-    optimizer = gathered(opt.state_dict())
-    if not rank0():
-        return  # under torchrun every rank helps gather FSDP's shards; rank 0 writes
-    check_finite_weights(weights.items(), "checkpoint")
-    tmp = os.path.join(out, CHECKPOINT + ".tmp")
-    discard(tmp)  # a save that a kill cut short
-    os.makedirs(tmp)
-    save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_finite_weights(weights.items(), "checkpoint")  # every rank: FSDP's shards where they are
     tensors = {}
-    skeleton = pack({"optimizer": optimizer, "rng": rng}, tensors)
-    save_file(tensors, os.path.join(tmp, "state.safetensors"))
+    skeleton = pack({"optimizer": opt.state_dict(), "rng": rng}, tensors)
+    tmp = os.path.join(out, CHECKPOINT + ".tmp")
+    if rank0():
+        discard(tmp)  # a save that a kill cut short
+        os.makedirs(tmp)
+    # under torchrun rank 0 writes each tensor as the ranks gather it from FSDP's shards
+    write_gathered(os.path.join(tmp, "trainable.safetensors"), weights)
+    write_gathered(os.path.join(tmp, "state.safetensors"), tensors)
+    if not rank0():
+        return
     for name in os.listdir(tmp):
         sync(os.path.join(tmp, name))
     write_json(os.path.join(tmp, STATE), {"step": step, "run": run, "state": skeleton})  # now it is whole
