@@ -31,7 +31,7 @@ from machinery.data import (ChatFormat, default_workers, example_lengths, load_e
                             read_jsonl, read_objects)
 from machinery.demo import DEMO_HELDOUT, print_answers, tiny_default_model, tiny_sft_model
 from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text,
-                                   grad_sync, rank0, rank0_first, setup_distributed,
+                                   grad_sync, is_sharded, rank0, rank0_first, setup_distributed,
                                    shard, together, undeal)
 from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics, choice_scores, data_kind,
                                 greedy_answers, preference_metrics, read_choices, report, sft_metrics)
@@ -321,6 +321,11 @@ class TrainConfig:
         "progress", 30.0, type=float, metavar="M")
     resume: str | None = flag("continue the run in this output folder from its checkpoint, with the same "
                               "settings, model and data; a finished run exits at once")
+    fsdp: bool = flag("under torchrun, lora and qlora too shard the frozen base, the adapters and AdamW's "
+                      "state over the ranks (FSDP2, a decoder layer gathered at a time; qlora's AdamW then "
+                      "unpaged), as Answer.AI's FSDP+QLoRA trained 70B on two 24 GB GPUs (default: DDP, "
+                      "each rank holding the whole base: faster where it fits; full always shards)", False,
+                      action="store_true")
     device: str = flag("default: cuda if available", "auto", choices=["auto", "cpu", "cuda"])
     dtype: str = flag("compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU); what trains keeps "
                       "float32 master weights", "auto", choices=["auto", "bf16", "fp32"])
@@ -378,7 +383,7 @@ def build_policy(args, path):
     (AdamW); lora: a frozen base + LoRA adapters; qlora: the base quantised to
     NF4 while loading, LoRA adapters on top, and paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
-    fsdp = args.method == "full" and dist_of(args).world > 1  # read to the CPU, then shard to the device
+    fsdp = dist_of(args).world > 1 and (args.method == "full" or args.fsdp)  # read to the CPU, then shard
     model = load_model(path, dtype=storage_dtype(args), device="cpu" if fsdp else args.device,
                        quantize="nf4" if args.method == "qlora" else None)
     if args.method == "full":
@@ -400,7 +405,7 @@ def build_optimizer(args, model):
     from nf4 import PagedAdamW
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps, weight_decay=args.weight_decay)
-    if args.method == "qlora":
+    if args.method == "qlora" and not is_sharded(model):  # sharded, AdamW's state is 1/N a rank already
         return PagedAdamW(params, **kw)
     # one fused kernel per update on CPU and CUDA (2.3x the per-tensor loop on 2 cores), as
     # transformers' Trainer defaults to (adamw_torch_fused, torch >= 2.8)

@@ -1,4 +1,4 @@
-"""More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning.
+"""More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning and --fsdp.
 
 `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program, each told its
 RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches,
@@ -8,12 +8,19 @@ pads, since FSDP's ranks must run as many. Every rank divides by the learned tok
 of the whole step, summed over the ranks (all_sum), so the summed gradient and the loss are
 one process's over those micro-batches.
 
-lora/qlora train under DDP, over the adapters alone (data_parallel); full under FSDP2, which
-shards every weight, gradient and AdamW state (shard, as torchtune's recipe). A checkpoint is
-gathered whole to rank 0's CPU (gathered) and cut to each rank's shards on --resume (placed),
-so a run may resume on another number of ranks with the same global batch. Rank 0 alone
-prints and writes (rank0); an error on one rank ends every rank with its one-line message
-(together), where the others would wait for it forever. Without torchrun, a Dist of one rank.
+lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel), or
+with --fsdp FSDP2 as for full (Answer.AI's FSDP+QLoRA): it shards every weight, frozen (NF4
+too: shardable_nf4) or trained, its gradient and AdamW state over the ranks (shard). Saving
+writes a tensor at a time, each gathered to rank 0 as it is written (write_gathered);
+resuming cuts a whole checkpoint to each rank's shards (placed).
+Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
+ends every rank with its one-line message (together), where the others would wait for
+it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
+
+Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
+the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
+step, rank), repeat only on the same number. The price is host memory under FSDP: every
+rank reads the whole model to its CPU before shard, and a checkpoint whole on --resume.
 """
 import atexit
 import contextlib
@@ -123,14 +130,31 @@ def rank0_first(d: Dist, fn, *args):
     return together(d, lambda: out if rank0() else fn(*args))
 
 
+def shardable_nf4(model):
+    """FSDP2 shards parameters, not buffers, each in N equal pieces of its first dimension.
+    So each Linear4bit's packed codes become a frozen (blocks, 32) parameter, a row per block of
+    64 weights, and its scales' 8-bit codes a (blocks,) one: a rank's rows of the two cover the
+    same blocks. Both are uint8, which FSDP's mixed precision never casts (Answer.AI's fsdp_qlora
+    stored them as bf16 instead, its compute dtype). The scales' scales and offset, 1/16384 of
+    the weight, stay buffers that every rank holds whole."""
+    from nf4 import Linear4bit
+    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):
+        if m.absmax.dtype != torch.uint8 or m.packed.numel() * 2 != m.absmax.numel() * m.blocksize:
+            raise TuluError("--fsdp: a 4-bit weight needs double-quantized scales and whole blocks")
+        for name, rows in (("packed", (-1, m.blocksize // 2)), ("absmax", (-1,))):
+            setattr(m, name, torch.nn.Parameter(m._buffers.pop(name).view(rows), requires_grad=False))
+
+
 def shard(model, d: Dist, compute_dtype=torch.float32):
-    """FSDP2 (--method full under torchrun): one unit per decoder layer, then the root
-    (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
+    """FSDP2 (--method full, or --fsdp, under torchrun): one unit per decoder layer, then the
+    root (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
     AdamW state, and gathers a unit's weights only while it computes with them. With
     bf16 compute the shards stay float32 (master weights) and are gathered in bf16,
-    half the bytes sent; gradients are reduced in float32 (torchtune's policy)."""
+    half the bytes sent; gradients are reduced in float32 (torchtune's policy). A frozen
+    base (lora, qlora) is sharded as it is stored: bf16, or NF4 (shardable_nf4)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    shardable_nf4(model)
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
@@ -206,15 +230,14 @@ def whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gathered(obj):
-    """obj (nested dicts: a state dict, an optimiser's) with each tensor whole on rank 0's CPU.
-    The other ranks take part in gathering FSDP's shards, a tensor at a time, and keep None."""
-    if isinstance(obj, dict):
-        return {k: gathered(v) for k, v in obj.items()}
-    if torch.is_tensor(obj):
-        t = whole(obj).detach()
-        return t.cpu() if rank0() else None
-    return obj
+def write_gathered(fname: str, tensors: dict):
+    """Rank 0 writes `tensors` to a safetensors file, each gathered whole (FSDP's shards) just
+    before it is written and freed after, so it never holds them all; the other ranks take
+    part in each gather, in the same order."""
+    if rank0():
+        return llama.write_safetensors(fname, tensors, fetch=whole)
+    for t in tensors.values():
+        whole(t)
 
 
 def placed(value, like):
@@ -231,14 +254,3 @@ def placed_state(state, opt):
     params = [p for g in opt.param_groups for p in g["params"]]
     return {**state, "state": {i: {k: placed(v, params[int(i)]) if v.dim() else v for k, v in s.items()}
                                for i, s in state["state"].items()}}
-
-
-def full_model(model):
-    """Rank 0: the model whole, to save (FSDP's shards gathered to its CPU); others: None."""
-    if is_sharded(model):
-        sd, cfg = gathered(model.state_dict()), model.config  # every rank takes part
-        if rank0():
-            with torch.device("meta"):
-                model = llama.Llama(cfg)
-            model.load_state_dict(sd, assign=True)
-    return model if rank0() else None

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from llama import TuluError, atomic_write, write_json
 from machinery.checks import check_finite_weights, json_safe
-from machinery.distributed import (all_sum, any_rank, dist_of, gathered, placed, placed_state, rank0,
+from machinery.distributed import (all_sum, any_rank, dist_of, placed, placed_state, rank0, write_gathered,
                                    together, whole)
 
 CHECKPOINT, FINISHED, STATE = "checkpoint", "finished.json", "trainer_state.json"
@@ -109,16 +109,16 @@ def save_checkpoint(out, step, model, opt, rng, run):
     """out/checkpoint/: the tensors after `step` steps in state-STEP.safetensors, then the
     trainer_state.json that names them, replacing the last one by rename; then the last
     one's tensors go. A kill at any point leaves a trainer_state.json naming a whole file."""
-    from safetensors.torch import save_file
-    weights = gathered({n: p for n, p in model.named_parameters() if p.requires_grad})
-    optimizer = gathered(opt.state_dict())
-    if not rank0():
-        return  # under torchrun every rank helps gather FSDP's shards; rank 0 writes
-    check_finite_weights(weights.items(), "checkpoint")
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_finite_weights(weights.items(), "checkpoint")  # every rank: FSDP's shards where they are
     folder, name, tensors = os.path.join(out, CHECKPOINT), f"state-{step}.safetensors", {}
-    os.makedirs(folder, exist_ok=True)
-    skeleton = pack({"weights": weights, "optimizer": optimizer, "rng": rng}, tensors)
-    save_file(tensors, os.path.join(folder, name))
+    skeleton = pack({"weights": weights, "optimizer": opt.state_dict(), "rng": rng}, tensors)
+    if rank0():
+        os.makedirs(folder, exist_ok=True)
+    # under torchrun rank 0 writes each tensor as the ranks gather it from FSDP's shards
+    write_gathered(os.path.join(folder, name), tensors)
+    if not rank0():
+        return
     sync(os.path.join(folder, name))
     write_json(os.path.join(folder, STATE), {"step": step, "file": name, "run": run, "state": skeleton})
     sync(folder)

@@ -143,11 +143,11 @@ class Killed(BaseException):
 
 
 def kill_during_save_of_step_4(monkeypatch, where):
-    import safetensors.torch
-    write_json, save_file = runs.write_json, safetensors.torch.save_file
+    import llama
+    write_json, write_safetensors = runs.write_json, llama.write_safetensors
 
-    def save(tensors, path, *a, **kw):
-        save_file(tensors, path, *a, **kw)
+    def save(path, tensors, *a, **kw):
+        write_safetensors(path, tensors, *a, **kw)
         if path.endswith("state-4.safetensors") and where == "while its tensors are written":
             os.truncate(path, os.path.getsize(path) // 2)
             raise Killed
@@ -159,7 +159,7 @@ def kill_during_save_of_step_4(monkeypatch, where):
         write_json(path, obj)
         if last and where == "after its trainer_state.json":
             raise Killed
-    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    monkeypatch.setattr(llama, "write_safetensors", save)
     monkeypatch.setattr(runs, "write_json", write)
 
 
