@@ -18,8 +18,8 @@ import tempfile
 import torch
 
 import nf4
-from llama import (LlamaConfig, SAFE_INDEX, TuluError, atomic_write, checkpoint_files, decoder_linear,
-                   write_json)
+from llama import (LlamaConfig, SAFE_INDEX, SAFE_NAMES, TuluError, atomic_write, checkpoint_files,
+                   decoder_linear, write_json)
 from machinery.checks import check_output
 from machinery.outputs import copy_tokenizer
 
@@ -29,11 +29,10 @@ BNB_WRITTEN = {**nf4.BNB_CONFIG, "_load_in_4bit": True, "_load_in_8bit": False,
                "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True,
                "llm_int8_enable_fp32_cpu_offload": False,
                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0}
-SAFE_NAMES = {t: name for name, t in nf4.SAFE_DTYPES.items()} | {torch.uint8: "U8"}
 SAFE_ORDER = ("F64", "F32", "BF16", "F16", "U8")  # safetensors' order of tensors in a file: dtype, then name
 
 
-def write_safetensors(fname: str, tensors) -> dict[str, int]:
+def save_file_streamed(fname: str, tensors) -> dict[str, int]:
     """Write the (key, tensor) pairs of an iterable, each to a scratch file as it comes; then the
     file, as safetensors' save_file writes the same tensors: the header, and the tensors widest
     dtype first (each then starts at a multiple of its width) and by name, copied 16 MiB at a
@@ -86,7 +85,7 @@ def quantize_folder(path: str, out_dir: str):
     os.makedirs(out_dir, exist_ok=True)
     weight_map, total = {}, 0  # file for file, and an index as save_model writes it
     for f in files:
-        written = write_safetensors(os.path.join(out_dir, os.path.basename(f)), quantized_tensors(f))
+        written = save_file_streamed(os.path.join(out_dir, os.path.basename(f)), quantized_tensors(f))
         weight_map |= dict.fromkeys(written, os.path.basename(f))
         total += sum(written.values())
     if len(files) > 1:
