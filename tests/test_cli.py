@@ -35,7 +35,7 @@ import dpo
 import llama
 import lora
 import tulu
-from machinery import checks, demo, evaluate, runs
+from machinery import checks, data, demo, evaluate, outputs, runs
 from machinery.data import Examples, example_lengths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -890,7 +890,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
         model.lm_head.weight[3, 1] = float("inf")
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(llama.TuluError, match="lm_head.weight"):
-        tulu.save_outputs(argparse.Namespace(method="full"), model, HF_TINY, str(tmp_path))
+        outputs.save_outputs(argparse.Namespace(method="full"), model, HF_TINY, str(tmp_path))
     with pytest.raises(llama.TuluError, match="lm_head.weight"):
         runs.save_checkpoint(str(tmp_path), 1, model, opt, runs.rng_state(), {})
     assert os.listdir(tmp_path) == []
@@ -1046,8 +1046,8 @@ def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, capsys, tiny_de
     main = tulu.main
     monkeypatch.setattr(tulu, "main", lambda argv: main(argv + ["--max-steps", str(DEMO_SFT_STEPS)]
                                                         if argv[0] == "sft" else argv))
-    held, f = [], tulu.preference_metrics
-    monkeypatch.setattr(tulu, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], evaluate.preference_metrics
+    monkeypatch.setattr(evaluate, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
     out = tmp_path / "out"
     main(["dpo", "--max-steps", "20", "--output", str(out)])
     sft = tiny_default.replace("tiny-llama-", "tiny-sft-")
@@ -1057,7 +1057,7 @@ def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, capsys, tiny_de
     assert after["rewards/accuracy"] > 0.5 and after["rewards/margin"] > 0, after
     assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     printed = capsys.readouterr().out
-    prompts = evaluate.answer_prompts(tulu.read_jsonl(os.path.join(DATA, "sft_heldout.jsonl"), "sft"), 4)
+    prompts = evaluate.answer_prompts(data.read_jsonl(os.path.join(DATA, "sft_heldout.jsonl"), "sft"), 4)
     for msgs, reference in prompts:
         assert f"\n> {msgs[-1]['content']}\n  reference  {reference}\n  SFT        " in printed
     assert re.search(r"exact match, greedy, on the first 40 conversations of .*sft_heldout.jsonl: "
@@ -1124,8 +1124,8 @@ def test_dpo_demo_with_an_sft_adapter_starts_with_zero_rewards(tmp_path, monkeyp
     """The demo (no --model) with --adapter: the reference is base + SFT adapter on
     the held-out pairs too, so at step 0 every held-out reward is 0."""
     monkeypatch.setattr(tulu, "tiny_sft", lambda: tiny_default)  # the base tiny_adapter was trained on
-    held, f = [], tulu.preference_metrics
-    monkeypatch.setattr(tulu, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], evaluate.preference_metrics
+    monkeypatch.setattr(evaluate, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
     cli("dpo", "--adapter", tiny_adapter, "--method", "lora", "--max-steps", 1, "--output", tmp_path / "out")
     assert held[0]["rewards/accuracy"] == 0 and held[0]["rewards/margin"] == 0, held[0]
 
