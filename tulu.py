@@ -236,7 +236,6 @@ class TrainConfig:
     label_smoothing: float = flag({"dpo": "conservative DPO epsilon (default 0)"}, 0.0, type=float)
     dist: object = field(default=None, repr=False)  # this process among torchrun's (setup_distributed)
 
-
     def resolve(self, demo: bool) -> "TrainConfig":
         """Fill what is None from the recipe (the tiny demo's without --model); device and dtype,
         resolved here once; where the data comes from and the outputs go."""
