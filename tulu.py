@@ -523,6 +523,7 @@ def cmd_dpo(args):
 def cmd_eval(args):
     """Held-out loss, DPO's rewards or multiple-choice accuracy, by this file's tasks (machinery/cli.py)."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    cfg.device, cfg.dtype = cli.device_and_dtype(cfg.device, cfg.dtype)
     cfg.model = cfg.model or tiny_sft()
     tasks = lambda eos: {"sft": SFTTask(eos), "prefs": DPOTask(cfg, eos), "choice": SFTTask(eos)}
     cli.evaluate_model(args, cfg, tasks, CHAT, cache_reference)
@@ -537,7 +538,7 @@ def build_parser():
                         "direct preference optimisation on chosen/rejected pairs"),
                 "merge": (cli.merge, cli.merge_flags,
                           "fold a LoRA adapter into its base and write an HF folder"),
-                "chat": (lambda args: cli.chat(args, args.model or tiny_sft(), encode_prompt), cli.chat_flags,
+                "chat": (lambda args: cli.chat(args, tiny_sft, encode_prompt), cli.chat_flags,
                          "talk to a model in the Tulu chat format"),
                 "eval": (cmd_eval, cli.eval_flags,
                          "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy"),

@@ -112,11 +112,12 @@ def merge(args):
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
-def chat(args, model_dir, encode_prompt):
-    """`tulu.py chat`: the model (and adapter, merged in memory) answers each prompt after the
-    conversation so far, in the chat format (encode_prompt): --prompt once, else line by line
-    until EOF or /exit. Generation stops at every EOS id the model folder names."""
+def chat(args, default_model, encode_prompt):
+    """`tulu.py chat`: the model (default_model() without --model) and adapter, merged in memory,
+    answer each prompt after the conversation so far, in the chat format (encode_prompt): --prompt
+    once, else line by line until EOF or /exit. Generation stops at every EOS id the model names."""
     device, dtype = device_and_dtype(args.device, args.dtype)
+    model_dir = args.model or default_model()
     tok = tokenizer(model_dir, args.adapter)
     model = tuned_model(model_dir, args.adapter, dtype, device, merged=True)
     stop = outputs.stop_ids(model_dir, tok)
@@ -132,7 +133,6 @@ def evaluate_model(args, cfg, tasks, chat_format, cache_reference):
     """`tulu.py eval`: by the keys of --data's first object (one read), held-out loss, DPO's
     rewards (the reference: --reference, else --model without --adapter) or multiple-choice
     accuracy, by tulu.py's tasks (tasks(eos_id): by kind), chat format and reference scoring."""
-    cfg.device, cfg.dtype = device_and_dtype(cfg.device, cfg.dtype)
     first, objects = itertools.tee(data.read_objects(cfg.data))
     kind = evaluate.data_kind(cfg.data, first)
     evaluate.check_eval_args(args, kind)
