@@ -202,7 +202,7 @@ def test_a_letter_of_two_tokens_is_scored_by_both(tok):
     cut = len(tok.encode(prompt, bos=True))
     assert [len(ids) - cut for ids, _ in rows] == [1, 1, 1, 2, 2]  # D and E: "▁" + the letter
     model = base()
-    args = tulu.argparse.Namespace(batch_size=3, device="cpu", dtype=torch.float32)
+    args = tulu.TrainConfig(batch_size=3, device="cpu", dtype=torch.float32)
     got = evaluate.choice_scores(model, rows, tulu.SFTTask(tok.eos_id), args, cli.eval_batches, cli.autocast)
     want = [logp_after(model, tok.encode(f"{prompt} {letter}", bos=True), cut) for letter in "ABCDE"]
     assert got == pytest.approx(want, rel=1e-5)
