@@ -138,10 +138,6 @@ def load_pref_data(path, tok, max_seq_length, workers=1, cache=None):
     return data.load_examples(path, "prefs", tok, max_seq_length, CHAT, workers, cache)
 
 
-def cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tulu")
-
-
 # -----------------------------------------------------------------------------
 # The run config: the model cards' recipes, each default with its source
 
@@ -220,6 +216,11 @@ class TrainConfig:
         "progress", 30.0, type=float, metavar="M")
     resume: str | None = flag("continue the run in this output folder from its checkpoint, with the same "
                               "settings, model and data; a finished run exits at once")
+    fsdp: bool = flag("under torchrun, lora and qlora too shard the frozen base, the adapters and AdamW's "
+                      "state over the ranks (FSDP2, a decoder layer gathered at a time; qlora's AdamW then "
+                      "unpaged), as Answer.AI's FSDP+QLoRA trained 70B on two 24 GB GPUs (default: DDP, "
+                      "each rank holding the whole base: faster where it fits; full always shards)", False,
+                      action="store_true")
     device: str = flag("default: cuda if available", "auto", choices=["auto", "cpu", "cuda"])
     dtype: str = flag("compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU); what trains keeps "
                       "float32 master weights", "auto", choices=["auto", "bf16", "fp32"])
@@ -282,7 +283,7 @@ def build_policy(cfg, path):
     than ~6e-5: at Tulu 2's lr of 2e-5 most would never change); lora: LoRA adapters on a frozen
     base in the compute dtype; qlora: an NF4 base, LoRA on top, paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
-    fsdp = cfg.method == "full" and dist.dist_of(cfg).world > 1  # read to the CPU, then shard to the device
+    fsdp = dist.dist_of(cfg).world > 1 and (cfg.method == "full" or cfg.fsdp)  # read to the CPU, then shard
     model = llama.load_model(path, dtype=torch.float32 if cfg.method == "full" else cfg.dtype,
                              device="cpu" if fsdp else cfg.device,
                              quantize="nf4" if cfg.method == "qlora" else None)
@@ -305,7 +306,7 @@ def build_optimizer(cfg, model):
     from nf4 import PagedAdamW
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if cfg.method == "qlora":
+    if cfg.method == "qlora" and not dist.is_sharded(model):  # sharded, AdamW's state is 1/N a rank already
         return PagedAdamW(params, **kw)
     # one fused kernel per update (2.3x the per-tensor loop on 2 cores), as Trainer's adamw_torch_fused
     return torch.optim.AdamW(params, fused=True, **kw)
@@ -418,7 +419,7 @@ def train(cfg, model, examples, task, out, save=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, model)
     os.makedirs(out, exist_ok=True)
-    run = runs.Run(cfg, out, runs.run_record(cfg, len(examples), total), total, per_epoch)
+    run = runs.Run(cfg, out, total, per_epoch)
     run.resume(model, opt)
     net = dist.data_parallel(cfg, model)
     model.train()
@@ -429,12 +430,12 @@ def train(cfg, model, examples, task, out, save=False):
                 g["lr"] = lr
             idx = step_batches(len(examples), step, per_epoch, cfg.batch_size, cfg.grad_accum * d.world,
                                cfg.seed, lengths)  # one process's micro-batches with the same global batch
-            micro = dist.rank_batches(idx, examples, task, d)  # this rank's share (weight-0 stand-ins)
-            denom = max(1, dist.all_sum(d, sum(task.count(b) * b.get("weight", 1) for b in micro))[0])
+            micro = [task.collate([examples[i] for i in c]) for c in dist.deal(idx, d)]  # this rank's share
+            denom = max(1, dist.all_sum(d, sum(task.count(b) for b in micro))[0])
             for i, b in enumerate(micro):
                 with cli.autocast(cfg), dist.grad_sync(net, last=i == len(micro) - 1):
                     loss, metrics = task.loss(net, cli.on(b, cfg.device), denom)
-                (loss * (b.get("weight", 1) * d.world)).backward()  # DDP and FSDP average over ranks: we sum
+                (loss * d.world).backward()  # DDP and FSDP average over ranks: the recipe sums
                 run.add(loss, metrics, b)
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # 0: no clipping
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -452,7 +453,7 @@ def train(cfg, model, examples, task, out, save=False):
 
 def tiny_default() -> str:
     """The demo's base model, where sft starts without --model: built once (machinery/demo.py)."""
-    return demo.tiny_default_model(cache_dir(), chat_text, train, SFTTask, TrainConfig)
+    return demo.tiny_default_model(cli.cache_dir(), chat_text, train, SFTTask, TrainConfig)
 
 
 def tiny_sft() -> str:
@@ -469,14 +470,12 @@ def start_run(args):
     cli.print_config(cfg, fields(cfg))
     dist.together(d, llama.checkpoint_files, cfg.model)  # a missing or unusable folder: say so first
     checks.check_output(cfg.output, cfg.model, cfg.adapter)
-    root = runs.resume_root(cfg)
-    dist.rank0_first(d, lambda: runs.settle_checkpoint(root))  # a kill during a save: the newest whole one
-    dist.together(d, runs.check_resume, cfg, root)  # before the model loads
+    dist.together(d, runs.check_resume, cfg)  # before the model loads
     torch.manual_seed(cfg.seed)
     tok = dist.together(d, cli.tokenizer, cfg.model)
     sft = cfg.command == "sft"
     examples = dist.rank0_first(d, load_sft_data if sft else load_pref_data, cfg.data, tok,
-                                cfg.max_seq_length, cfg.num_workers, os.path.join(cache_dir(), "data"))
+                                cfg.max_seq_length, cfg.num_workers, os.path.join(cli.cache_dir(), "data"))
     checks.check_batch_size(cfg, examples, "conversation" if sft else "preference pair")
     checks.warn_beyond_context(cfg, examples)
     return cfg, args.model is None, tok, examples, dist.together(d, build_policy, cfg, cfg.model)
@@ -556,4 +555,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    dist.exit_after(main)
+    main()

@@ -34,6 +34,11 @@ def positive_int(s):
     return count(s, least=1)
 
 
+def cache_dir():
+    """Where the demo's models and the encoded data are kept: $XDG_CACHE_HOME/tulu or ~/.cache/tulu."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tulu")
+
+
 def device_and_dtype(device, dtype):
     """--device auto: cuda where there is one. --dtype auto: bf16 on a CUDA GPU that has it (as
     QLoRA and the Tulu 2 runs), fp32 elsewhere; a GPU without bf16 (V100, T4) computes in fp32."""
@@ -61,17 +66,17 @@ def autocast(cfg):
 
 
 def on(batch, device):
-    """A collated batch on the device, without rank_batches' weight mark."""
-    return {k: v.to(device) for k, v in batch.items() if k != "weight"}
+    """A collated batch on the device."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def eval_batches(model, examples, task, cfg, desc, d=None):
     """(examples, device batch) in order, the model in eval mode (no dropout); under
-    torchrun (d), this rank's share (deal), the first batch standing in where short."""
+    torchrun (d), this rank's share (deal, padded with the first batches)."""
     model.eval()
     chunks = [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     for chunk in tqdm(dist.deal(chunks, d or dist.SINGLE), desc=desc, leave=False):
-        yield chunk, on(task.collate(chunk or chunks[0]), cfg.device)
+        yield chunk, on(task.collate(chunk), cfg.device)
 
 
 def print_config(cfg, fields):

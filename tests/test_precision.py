@@ -184,4 +184,5 @@ def test_device_and_dtype_fall_back_where_a_gpu_has_no_bf16(monkeypatch, capsys)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
     assert cli.device_and_dtype("auto", "auto") == ("cuda", torch.bfloat16)
     assert cli.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
-    assert cli.device_and_dtype("cpu", "bf16") == ("cpu", torch.bfloat16) and "no bf16" not in capsys.readouterr().out
+    assert cli.device_and_dtype("cpu", "bf16") == ("cpu", torch.bfloat16)
+    assert "no bf16" not in capsys.readouterr().out
