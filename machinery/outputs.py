@@ -73,21 +73,21 @@ def read_prompt():
     return None if line.strip() in ("/exit", "/quit") else line
 
 
-def stream_reply(model, tok, prompt_ids, args, g):
-    """Generate the assistant's answer and print it as it comes."""
+def stream_reply(model, tok, prompt_ids, args, g, stop):
+    """Generate the assistant's answer and print it as it comes; it ends at an id in `stop`."""
     new, shown = [], ""
     print("<|assistant|>")
 
     def on_token(i):
         nonlocal shown
         new.append(i)
-        text = tok.decode([t for t in new if t not in args.stop_ids])
+        text = tok.decode([t for t in new if t not in stop])
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[len(shown):], end="", flush=True)
             shown = text
 
     llama.generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, eos_id=args.stop_ids, on_token=on_token, generator=g)
-    final = tok.decode([t for t in new if t not in args.stop_ids])
+                   top_k=args.top_k, top_p=args.top_p, eos_id=stop, on_token=on_token, generator=g)
+    final = tok.decode([t for t in new if t not in stop])
     print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
     return final
