@@ -14,6 +14,7 @@ command line is at the bottom.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -37,7 +38,8 @@ from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics,
                                 greedy_answers, preference_metrics, read_choices, report, sft_metrics)
 from machinery.exercises import EXERCISES, make_exercises
 from machinery.fast import compile_layers, use_fast_dropout
-from machinery.outputs import copy_tokenizer, read_prompt, save_outputs, stop_ids, stream_reply
+from machinery.outputs import (copy_tokenizer, jinja_chat_template, read_prompt, save_outputs, stop_ids,
+                               stream_reply, write_chat_template)
 from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,16 +108,6 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
     # end exercise
 
 
-def encode_prompt(messages, tokenizer) -> list[int]:
-    """Ids of a conversation ending with a user turn, then "<|assistant|>\n", for
-    the model to write the answer: tokenized exactly as in training. (open-instruct's
-    evaluation writes "<s>" into the prompt text instead, which with legacy=False
-    encodes the first "<|user|>" without "▁", unlike training.)"""
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("a prompt must end with a user turn")
-    return tokenizer.encode(chat_text(messages, eos_text(tokenizer)) + ROLE_HEADERS["assistant"], bos=True)
-
-
 def final_answer_start(labels):
     """Index where the last run of learned labels begins: the final assistant
     answer, since encode_messages masks the "<|assistant|>\n" header before it."""
@@ -140,17 +132,78 @@ def encode_pair(chosen, rejected, tok, max_seq_length, encode=encode_messages):
     return out
 
 
+# QLoRA's formats (artidoro/qlora, arXiv 2305.14314): its model cards' prompt, and its rows
+
+QLORA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+                "gives helpful, detailed, and polite answers to the user's questions.")
+QLORA_HEADERS = {"system": "", "user": "### Human: ", "assistant": "### Assistant: "}
+QLORA_PROMPT = " ### Assistant:"  # the card's prompt ends "### Human: {prompt} ### Assistant:"
+
+
+def qlora_text(messages) -> str:
+    """The QLoRA card's chat: its system line (or the conversation's own) and a newline,
+    then the turns as the oasst1-guanaco text writes them, "### Human: {c}### Assistant: {c}"."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": QLORA_SYSTEM}, *messages]
+    return "".join(QLORA_HEADERS[m["role"]] + m["content"].strip() + "\n" * (m["role"] == "system")
+                   for m in messages)
+
+
+def encode_instruction(row, tokenizer, source_max_len: int = 1024, target_max_len: int = 256,
+                       train_on_source: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one of QLoRA's rows, as artidoro/qlora's DataCollatorForCausalLM
+    makes them: the source is the BOS text + row["input"], the target row["output"] + the
+    EOS text, each tokenized on its own (no BOS added) and cut on the right to its max
+    length; labels are -100 on the source unless train_on_source. A {"text"} row (oasst1,
+    Guanaco's data) trains as input "" and output = text, so all but BOS is learned."""
+    source, target = (row["input"], row["output"]) if "output" in row else ("", row["text"])
+    bos = next((text for text, i in tokenizer.specials.items() if i == tokenizer.bos_id), "")
+    source_ids = tokenizer.encode(bos + source)[:source_max_len]
+    target_ids = tokenizer.encode(target + eos_text(tokenizer))[:target_max_len]
+    labels = source_ids if train_on_source else [-100] * len(source_ids)
+    return source_ids + target_ids, labels + target_ids
+
+
+# Either format: prompts, and the chat template an output folder ships
+
+
+def encode_prompt(messages, tokenizer, chat_format: str = "tulu") -> list[int]:
+    """Ids of a conversation ending with a user turn, then "<|assistant|>\n", for
+    the model to write the answer: tokenized exactly as in training. (open-instruct's
+    evaluation writes "<s>" into the prompt text instead, which with legacy=False
+    encodes the first "<|user|>" without "▁", unlike training.) chat_format="qlora":
+    the QLoRA card's prompt, "... ### Human: {prompt} ### Assistant:" (qlora_text)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a prompt must end with a user turn")
+    if chat_format == "qlora":
+        return tokenizer.encode(qlora_text(messages) + QLORA_PROMPT, bos=True)
+    return tokenizer.encode(chat_text(messages, eos_text(tokenizer)) + ROLE_HEADERS["assistant"], bos=True)
+
+
+def chat_template(tokenizer, chat_format: str = "tulu") -> str:
+    """The Jinja chat_template an output folder ships (machinery/outputs.py): transformers'
+    apply_chat_template then gives encode_messages' ids for a whole conversation (for
+    "qlora", BOS + qlora_text's) and encode_prompt's with add_generation_prompt=True."""
+    if chat_format == "qlora":
+        turns = {role: (header, "\n" * (role == "system")) for role, header in QLORA_HEADERS.items()}
+        return jinja_chat_template(tokenizer, turns, QLORA_PROMPT, system=QLORA_SYSTEM)
+    eos = eos_text(tokenizer)
+    turns = {role: (header, eos * (role == "assistant") + "\n") for role, header in ROLE_HEADERS.items()}
+    return jinja_chat_template(tokenizer, turns, ROLE_HEADERS["assistant"], strip=True)
+
+
 # The data files as training examples: machinery/data.py reads them, encodes them
 # with this chat format (a fast path with the same ids and labels), by worker
 # processes, into flat storage, and caches them.
-CHAT = ChatFormat(chat_text, eos_text, ROLE_HEADERS, encode_pair)
+CHAT = ChatFormat(chat_text, eos_text, ROLE_HEADERS, encode_pair, encode_instruction)
 
 
-def load_sft_data(path, tok, max_seq_length, workers=1, cache=None):
-    """Every conversation of a JSONL file as (ids, labels), in order, held flat
-    (Examples); conversations with nothing to learn are dropped and counted. workers,
-    cache: see load_examples."""
-    return load_examples(path, "sft", tok, max_seq_length, CHAT, workers, cache)
+def load_sft_data(path, tok, max_seq_length, workers=1, cache=None, rows=None):
+    """Every conversation (or QLoRA row: encode_instruction, with the keywords `rows`) of a
+    JSONL file as (ids, labels), in order, held flat (Examples); conversations with nothing
+    to learn are dropped and counted. workers, cache: see load_examples."""
+    chat = CHAT._replace(row=functools.partial(encode_instruction, **(rows or {})))
+    return load_examples(path, "sft", tok, max_seq_length, chat, workers, cache)
 
 
 def load_pref_data(path, tok, max_seq_length, workers=1, cache=None):
@@ -284,6 +337,9 @@ class TrainConfig:
     epochs: int | None = flag("passes over the data", recipe=True, type=positive_int)
     max_steps: int = flag("stop after N optimiser steps (default 0: all epochs)", 0, type=count)
     lr: float | None = flag("peak learning rate", recipe=True, type=float)
+    lr_scheduler: str = flag("linear: warmup, then linear decay to 0 (Tulu 2); constant: --lr at every step, "
+                             "no warmup (QLoRA; transformers' constant) (default %(default)s)", "linear",
+                             choices=["linear", "constant"])
     batch_size: int | None = flag("examples per micro-batch", recipe=True, type=positive_int)
     grad_accum: int | None = flag("micro-batches per optimiser step; batch-size x grad-accum = {batch}, the "
                                   "model cards' batch", recipe=True, type=positive_int)
@@ -335,6 +391,11 @@ class TrainConfig:
     loss: str = flag({"dpo": "sigmoid: DPO (Tulu 2); dpo_norm: on average log-probs (Tulu 3); ipo (default "
                              "%(default)s)"}, "sigmoid", choices=list(dpo.LOSS_TYPES))
     label_smoothing: float = flag({"dpo": "conservative DPO epsilon (default 0)"}, 0.0, type=float)
+    source_max_len: int = flag({"sft": "QLoRA rows: cut the source (BOS + input) to N tokens (default "
+                                       "%(default)s, QLoRA's)"}, 1024, type=positive_int, metavar="N")
+    target_max_len: int = flag({"sft": "QLoRA rows: cut the target (output + EOS) to N tokens (default "
+                                       "%(default)s, QLoRA's)"}, 256, type=positive_int, metavar="N")
+    train_on_source: bool = flag({"sft": "QLoRA rows: learn the input too"}, False, action="store_true")
     dist: object = field(default=None, repr=False)  # this process among torchrun's (setup_distributed)
 
     def resolve(self, demo: bool) -> "TrainConfig":
@@ -521,7 +582,7 @@ def step_batches(n, step, steps_per_epoch, batch_size, grad_accum, seed, lengths
 
 
 def train(args, model, examples, task, out, save=None):
-    """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient
+    """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay (or QLoRA's constant lr), gradient
     accumulation that sums the token losses of the whole step and divides once by its
     learned tokens (open-instruct's reduce_loss="sum": every token weighs the same however
     the step is split), clipping; the rest (metrics, checkpoints, signals, the non-finite
@@ -540,7 +601,7 @@ def train(args, model, examples, task, out, save=None):
     model.train()
     with run:
         for step in run.steps():
-            lr = args.lr * linear_schedule(step, warmup, total)
+            lr = args.lr * (1.0 if args.lr_scheduler == "constant" else linear_schedule(step, warmup, total))
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = step_batches(len(examples), step, per_epoch, args.batch_size, args.grad_accum * d.world,
@@ -597,14 +658,17 @@ def start_run(ns, default_model, default_data):
 
 def cmd_sft(args):
     args, demo, tok = start_run(args, tiny_default, "sft_train.jsonl")
+    rows = {k: getattr(args, k) for k in ("source_max_len", "target_max_len", "train_on_source")}
     examples = rank0_first(args.dist, load_sft_data, args.data, tok, args.max_seq_length, args.num_workers,
-                        data_cache_dir())
+                        data_cache_dir(), rows)
+    chat_format = "tulu" if "messages" in next(read_objects(args.data))[1] else "qlora"  # as it trains
     check_batch_size(args, examples, "conversation")
     warn_beyond_context(args, examples)
     model = together(args.dist, build_policy, args, args.model)
     os.makedirs(args.output, exist_ok=True)
+    template = functools.partial(chat_template, chat_format=chat_format)
     train(args, model, examples, SFTTask(pad_id=tok.eos_id), args.output,
-          save=lambda: save_outputs(args, model, args.model, args.output))
+          save=lambda: save_outputs(args, model, args.model, args.output, template))
     if demo:
         prompts, answers = demo_answers(model, tok, args.model)
         print_answers(DEMO_HELDOUT, prompts, {"SFT": answers})
@@ -651,7 +715,7 @@ def cmd_dpo(args):
         before = preference_metrics(model, held, task, args, eval_batches, autocast)
         prompts, sft_answers = demo_answers(model, tok, args.model)  # the policy is the SFT model at step 0
     os.makedirs(args.output, exist_ok=True)
-    save = lambda: save_outputs(args, model, args.model, args.output)
+    save = lambda: save_outputs(args, model, args.model, args.output, chat_template)
     train(args, model, pairs, task, args.output, save=save)
     if demo:
         dpo_answers = demo_answers(model, tok, args.model)[1]
@@ -666,7 +730,7 @@ def cmd_merge(args):
     from lora import load_adapter, merge_lora
     dtype = resolve_dtype(args.dtype, "cpu")
     check_output(args.output, args.model)
-    check_vocab(folder_tokenizer(args.adapter, args.model), args.model)
+    tok = check_vocab(folder_tokenizer(args.adapter, args.model), args.model)
     # --qlora: quantise the base to NF4 exactly as for training, then dequantise:
     # the adapter was trained against those weights (open-instruct merge_lora.py --qlora).
     # The base is read in the output dtype, as open-instruct does; each sum W + delta
@@ -676,7 +740,10 @@ def cmd_merge(args):
     merge_lora(model, dtype=dtype)
     save_model(model, args.output)
     copy_tokenizer(args.model, args.output, ("generation_config.json",))
-    copy_tokenizer(tokenizer_source(args.adapter, args.model), args.output)
+    src = tokenizer_source(args.adapter, args.model)
+    copy_tokenizer(src, args.output)
+    if tok and (src != args.adapter or "chat_template" not in llama.tokenizer_config(src)):
+        write_chat_template(args.output, chat_template(tok))  # the adapter's own stays: it trained with it
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
@@ -698,7 +765,7 @@ def cmd_chat(args):
         if prompt is None:
             return
         history.append({"role": "user", "content": prompt})
-        reply = stream_reply(model, tok, encode_prompt(history, tok), args, g)
+        reply = stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g)
         history.append({"role": "assistant", "content": reply})
         if args.prompt is not None:
             return
@@ -720,6 +787,10 @@ def cmd_eval(args):
     if kind == "choice":
         examples = read_choices(args.data, read_objects(args.data))
         dev = read_choices(args.dev, read_objects(args.dev)) if args.dev else []
+    elif kind == "sft" and args.chat_format == "qlora":  # QLoRA's eval loss: a conversation as a {"text"} row
+        rows = (o if "messages" not in o else {"text": qlora_text(o["messages"])}
+                for _, o in read_jsonl(args.data, "sft"))
+        examples = [encode_instruction(row, tok) for row in rows]
     else:
         examples = (load_sft_data if kind == "sft" else load_pref_data)(args.data, tok, args.max_seq_length)
     if kind == "prefs" and args.reference:  # scored first, then freed: one model in memory at a time
@@ -764,12 +835,18 @@ def merge_flags(p):
                         "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
+def chat_format_flag(p):
+    p.add_argument("--chat-format", choices=["tulu", "qlora"], default="tulu", help=(
+        "tulu: the Tulu 2 format (default); qlora: the QLoRA card's, for its Guanaco and OpenOrca adapters"))
+
+
 def chat_flags(p):
     p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
                                    "demo `tulu.py dpo` starts from; built once and cached)")
     p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
     p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
     p.add_argument("--system", help="system message")
+    chat_format_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="default %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
@@ -790,6 +867,7 @@ def eval_flags(p):
                    "({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
     p.add_argument("--reference", help="reference model folder for preference pairs (default with --adapter: "
                                        "--model without the adapter)")
+    chat_format_flag(p)
     p.add_argument("--dev", help="multiple choice: JSONL of solved examples, taken in file order by subject")
     p.add_argument("--shots", type=count, help="multiple choice: solved examples before each question "
                                                "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")

@@ -16,7 +16,8 @@ again up to the end of every turn, as open-instruct does. Four things make it ch
   other ranks wait, then they read the cache (rank0_first).
 
 tulu.py hands its chat format in as a ChatFormat (this folder never imports the
-chapters); its role headers are the roles a data file may use.
+chapters); its role headers are the roles a data file may use. `sft` also reads QLoRA's
+rows ({"input", "output"} or {"text"}), which the ChatFormat's `row` encodes.
 """
 
 import array
@@ -46,6 +47,7 @@ from llama import TuluError, atomic_write
 # Reading data files: one JSON object a line, checked with the file and line
 
 KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
+ROW_KEYS = (("input", "output"), ("text",))  # QLoRA's rows, which sft reads beside conversations
 OTHER_FILE = {  # kind -> what a line of the other kind of file is, and which command reads it
     "sft": "a preference pair ('chosen' and 'rejected'): this file is for `tulu.py dpo` (sft reads "
            "'messages')",
@@ -67,12 +69,22 @@ def parse_json_line(path: str, n: int, raw: bytes):
     return obj
 
 
+def row_keys(obj):
+    """The keys of the QLoRA row that obj is, or None."""
+    return next((keys for keys in ROW_KEYS if all(k in obj for k in keys)), None)
+
+
 def parse_line(path: str, n: int, raw: bytes, kind: str, roles=None):
-    """The object on line n of a file of kind "sft" ({"messages": [...]}) or "prefs" ({"chosen":
-    [...], "rejected": [...]}), None for a blank line. roles: those allowed (None: any)."""
+    """The object on line n of a file of kind "sft" ({"messages": [...]}, or a QLoRA row) or
+    "prefs" ({"chosen": [...], "rejected": [...]}), None for a blank line. roles: those allowed
+    (None: any)."""
     obj = parse_json_line(path, n, raw)
     if obj is None:
         return None
+    if kind == "sft" and "messages" not in obj and (keys := row_keys(obj)):
+        if not all(isinstance(obj[k], str) for k in keys):
+            raise TuluError(f"{path}:{n}: {' and '.join(map(repr, keys))} must be strings")
+        return obj
     other = "prefs" if kind == "sft" else "sft"
     if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
         raise TuluError(f"{path}:{n}: {OTHER_FILE[kind]}")
@@ -115,12 +127,14 @@ def read_jsonl(path: str, kind: str, roles=None):
 
 
 class ChatFormat(NamedTuple):
-    """What tulu.py hands in: chat_text(messages, eos), eos_text(tokenizer),
-    ROLE_HEADERS and encode_pair(chosen, rejected, tok, max_seq_length, encode)."""
+    """What tulu.py hands in: chat_text(messages, eos), eos_text(tokenizer), ROLE_HEADERS,
+    encode_pair(chosen, rejected, tok, max_seq_length, encode) and row(row, tok), QLoRA's
+    rows' encoder (encode_instruction, with the run's lengths as keywords)."""
     text: Callable
     eos: Callable
     headers: dict
     pair: Callable
+    row: Callable
 
 
 class Prefixes:
@@ -251,7 +265,8 @@ class BatchEncoder:
         """The example of a line; None if nothing is left to learn (open-instruct drops those too)."""
         encode = functools.partial(encode_messages_fast, chat=self.chat)
         if self.kind == "sft":
-            ids, labels = encode(obj["messages"], self.tok, self.max_seq_length)
+            ids, labels = (encode(obj["messages"], self.tok, self.max_seq_length) if "messages" in obj
+                           else self.chat.row(obj, self.tok))
             return (ids, labels) if any(label != -100 for label in labels[1:]) else None
         if problem := dpo.check_pair(obj["chosen"], obj["rejected"]):
             raise ValueError(problem)
@@ -349,7 +364,7 @@ def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, s
     import sentencepiece
     kind, tok = encoder.kind, encoder.tok
     settings = [digest, kind, encoder.max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
-                sentencepiece.__version__, unicodedata.unidata_version]
+                sentencepiece.__version__, unicodedata.unidata_version, encoder.chat.row.keywords]
     h = hashlib.sha256(json.dumps(settings).encode())
     code = (llama.__file__, __file__, encoder.chat.text.__code__.co_filename)
     for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), *code):
