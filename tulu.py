@@ -164,9 +164,6 @@ def encode_instruction(row, tokenizer, source_max_len: int = 1024, target_max_le
     return source_ids + target_ids, labels + target_ids
 
 
-# Either format: prompts, and the chat template an output folder ships
-
-
 def encode_prompt(messages, tokenizer, chat_format: str = "tulu") -> list[int]:
     """Ids of a conversation ending with a user turn, then "<|assistant|>\n", for
     the model to write the answer: tokenized exactly as in training. (open-instruct's
@@ -383,7 +380,8 @@ class TrainConfig:
     num_workers: int = flag("processes that encode --data (default: this machine's cores, at most 8; here "
                             "%(default)s); the encoding is cached under $XDG_CACHE_HOME/tulu/data",
                             default_workers(), type=positive_int)
-    data: str | None = flag({"sft": "JSONL of {\"messages\": [...]} (default: data/sft_train.jsonl)",
+    data: str | None = flag({"sft": "JSONL of {\"messages\": [...]}, or QLoRA's rows {\"input\", \"output\"} or "
+                                    "{\"text\"} (default: data/sft_train.jsonl)",
                              "dpo": "JSONL of {\"chosen\": [...], \"rejected\": [...]} (default: "
                                     "data/prefs_train.jsonl)"})
     adapter: str | None = flag({"dpo": "start from this SFT adapter; it is also the reference model"})
@@ -835,9 +833,8 @@ def merge_flags(p):
                         "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
-def chat_format_flag(p):
-    p.add_argument("--chat-format", choices=["tulu", "qlora"], default="tulu", help=(
-        "tulu: the Tulu 2 format (default); qlora: the QLoRA card's, for its Guanaco and OpenOrca adapters"))
+CHAT_FORMAT_FLAG = dict(choices=["tulu", "qlora"], default="tulu", help="tulu: the Tulu 2 format (default); "
+                        "qlora: the QLoRA card's, for its Guanaco and OpenOrca adapters")
 
 
 def chat_flags(p):
@@ -846,7 +843,7 @@ def chat_flags(p):
     p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
     p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
     p.add_argument("--system", help="system message")
-    chat_format_flag(p)
+    p.add_argument("--chat-format", **CHAT_FORMAT_FLAG)
     p.add_argument("--max-new-tokens", type=int, default=256, help="default %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
@@ -862,12 +859,13 @@ def eval_flags(p):
                                      "without it is the reference")
     p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 first, as a qlora adapter "
                                                         "was trained (default: the base as stored)")
-    p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}: loss, perplexity), "
+    p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}, or QLoRA's rows: "
+                   "loss, perplexity), "
                    "preference pairs ({\"chosen\", \"rejected\"}: DPO's rewards/*) or multiple choice "
                    "({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
     p.add_argument("--reference", help="reference model folder for preference pairs (default with --adapter: "
                                        "--model without the adapter)")
-    chat_format_flag(p)
+    p.add_argument("--chat-format", **CHAT_FORMAT_FLAG)
     p.add_argument("--dev", help="multiple choice: JSONL of solved examples, taken in file order by subject")
     p.add_argument("--shots", type=count, help="multiple choice: solved examples before each question "
                                                "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")

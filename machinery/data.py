@@ -363,8 +363,9 @@ def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, s
     (llama.py, this file, the chat format's tulu.py, sentencepiece's and Unicode's versions)."""
     import sentencepiece
     kind, tok = encoder.kind, encoder.tok
+    rows = getattr(encoder.chat.row, "keywords", None)  # QLoRA rows' lengths
     settings = [digest, kind, encoder.max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
-                sentencepiece.__version__, unicodedata.unidata_version, encoder.chat.row.keywords]
+                sentencepiece.__version__, unicodedata.unidata_version, rows]
     h = hashlib.sha256(json.dumps(settings).encode())
     code = (llama.__file__, __file__, encoder.chat.text.__code__.co_filename)
     for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), *code):
