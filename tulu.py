@@ -380,8 +380,8 @@ class TrainConfig:
     num_workers: int = flag("processes that encode --data (default: this machine's cores, at most 8; here "
                             "%(default)s); the encoding is cached under $XDG_CACHE_HOME/tulu/data",
                             default_workers(), type=positive_int)
-    data: str | None = flag({"sft": "JSONL of {\"messages\": [...]}, or QLoRA's rows {\"input\", \"output\"} or "
-                                    "{\"text\"} (default: data/sft_train.jsonl)",
+    data: str | None = flag({"sft": "JSONL of {\"messages\": [...]}, or QLoRA's rows {\"input\", \"output\"} "
+                                    "or {\"text\"} (default: data/sft_train.jsonl)",
                              "dpo": "JSONL of {\"chosen\": [...], \"rejected\": [...]} (default: "
                                     "data/prefs_train.jsonl)"})
     adapter: str | None = flag({"dpo": "start from this SFT adapter; it is also the reference model"})

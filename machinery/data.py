@@ -359,8 +359,8 @@ def encode_file(encoder: BatchEncoder, batches, lines, workers):
 def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, str]:
     """(file, key) of the cached encoding of a data file. The key hashes everything the
     examples depend on, so a change to any of them misses: the file's sha256, its kind,
-    --max-seq-length, the tokenizer's files and settings, and the code that encodes
-    (llama.py, this file, the chat format's tulu.py, sentencepiece's and Unicode's versions)."""
+    --max-seq-length (and QLoRA rows' lengths), the tokenizer's files and settings, and the code
+    that encodes (llama.py, this file, the chat format's tulu.py, sentencepiece's and Unicode's versions)."""
     import sentencepiece
     kind, tok = encoder.kind, encoder.tok
     rows = getattr(encoder.chat.row, "keywords", None)  # QLoRA rows' lengths

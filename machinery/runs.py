@@ -111,8 +111,9 @@ def run_record(args, examples=None, total=None) -> dict:
     """What a resumed run must share with its checkpoint to continue the same loss curve:
     the recipe, the global batch, and the model, adapter and data by content (a folder that
     moved is the same; a file changed in place is not); examples and total once the data is read."""
-    keys = ["command", "method", "lr", "warmup_ratio", "seed", "max_seq_length", "max_grad_norm",
-            "weight_decay", "adam_eps", "beta", "loss", "label_smoothing"]
+    keys = ["command", "method", "lr", "lr_scheduler", "warmup_ratio", "seed", "max_seq_length",
+            "max_grad_norm", "weight_decay", "adam_eps", "beta", "loss", "label_smoothing", "source_max_len",
+            "target_max_len", "train_on_source"]
     if args.method != "full":  # an --adapter brings its own rank and alpha
         keys += ["lora_dropout"] + ([] if getattr(args, "adapter", None) else ["lora_r", "lora_alpha"])
     run = {k: getattr(args, k) for k in keys if hasattr(args, k)}

@@ -121,8 +121,8 @@ def same_bytes(a, b):
 def tulu_tokenizer(out):
     """An output's tokenizer is the base's, with the Tulu chat template in tokenizer_config.json."""
     config = {**llama.tokenizer_config(HF_TINY), "chat_template": tulu.chat_template(llama.Tokenizer(HF_TINY))}
-    same = [same_bytes(os.path.join(out, n), os.path.join(HF_TINY, n)) for n in TOKENIZER_FILES[::2]]
-    return llama.tokenizer_config(out) == config and all(same)  # tokenizer.model, special_tokens_map.json
+    same = [same_bytes(os.path.join(out, n), os.path.join(HF_TINY, n)) for n in ("tokenizer.model", "special_tokens_map.json")]
+    return llama.tokenizer_config(out) == config and all(same)
 
 
 def visible_lines(stderr):
