@@ -209,3 +209,21 @@ def test_merge_writes_the_tulu_template_over_the_bases(tmp_path):
         for c in ref["bases"]["tokenizer_json"]["tulu"]:
             messages = ref["conversations"][c["name"]]
             assert tok.encode(render(template, messages, c["add_generation_prompt"])) == c["ids"], (a, c["name"])
+
+
+def test_eval_reads_qlora_rows_and_scores_conversations_in_the_qlora_format(tmp_path):
+    """eval tells QLoRA's rows by their keys and scores them as sft trains them; --chat-format
+    qlora scores a conversation as QLoRA scores oasst1's: its QLoRA text as one {"text"} row."""
+    chats = [[{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+    conversations, rows = tmp_path / "chats.jsonl", tmp_path / "rows.jsonl"
+    conversations.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    rows.write_text("".join(json.dumps({"text": tulu.qlora_text(c)}) + "\n" for c in chats))
+    results = []
+    for data_file, chat_format in ((rows, "tulu"), (conversations, "qlora"), (conversations, "tulu")):
+        out = tmp_path / f"{data_file.stem}_{chat_format}.json"
+        tulu.main(["eval", "--model", HF_TINY, "--data", str(data_file), "--chat-format", chat_format,
+                   "--dtype", "fp32", "--output", str(out)])
+        results.append(json.loads(out.read_text())["loss"])
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+    assert results[1] != pytest.approx(results[2], abs=1e-3)  # the Tulu format is another text
