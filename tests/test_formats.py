@@ -153,16 +153,19 @@ def test_qlora_rows_are_read_by_their_keys(tmp_path):
 # merge a Tulu-format fine-tune of a tokenizer.json base whose template was ChatML
 
 
-def test_sft_on_qlora_rows_then_chat_in_the_qlora_format(tmp_path, capsys):
+def test_sft_on_qlora_rows_then_chat_in_the_qlora_format(tmp_path, capsys, monkeypatch):
     ref = load("transformers4.json")
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in ref["rows"] * 2))
-    out = tmp_path / "adapter"
+    out, loaded, load_sft_data = tmp_path / "adapter", [], tulu.load_sft_data
+    monkeypatch.setattr(tulu, "load_sft_data", lambda *a: loaded.append(load_sft_data(*a)) or loaded[-1])
     tulu.main(["sft", "--model", HF_TINY, "--data", str(rows), "--output", str(out), "--max-steps", "3",
-               "--lr", "1e-3", "--lr-scheduler", "constant", "--warmup-ratio", "0.5", *SMALL])
+               "--lr", "1e-3", "--lr-scheduler", "constant", "--warmup-ratio", "0.5", "--source-max-len", "12",
+               "--target-max-len", "8", "--train-on-source", *SMALL])
+    tok = llama.Tokenizer(str(out))
+    assert loaded[0].tolist() == [tulu.encode_instruction(r, tok, 12, 8, True) for r in ref["rows"] * 2]
     with open(out / "metrics.jsonl") as f:
         assert [json.loads(line)["lr"] for line in f] == [1e-3] * 3  # transformers' constant: no warmup
-    tok = llama.Tokenizer(str(out))
     with open(out / "tokenizer_config.json") as f:
         template = json.load(f)["chat_template"]
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
