@@ -36,6 +36,18 @@ class TuluError(Exception):
     prints it as one line and exits non-zero, without a traceback."""
 
 
+def read_json(path: str, what: str) -> dict:
+    """The JSON object in `path`; anything else is a one-line TuluError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:  # not JSON (the message names the line and column), or not UTF-8
+        raise TuluError(f"{path}: not {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise TuluError(f"{path}: not {what}")
+    return obj
+
+
 # -----------------------------------------------------------------------------
 # Configuration: the fields of Hugging Face's config.json
 
@@ -67,28 +79,17 @@ class LlamaConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "LlamaConfig":
-        d = dict(d)
+    def from_json(cls, path: str) -> "LlamaConfig":
+        d = read_json(path, "a JSON model config")
         rp = d.pop("rope_parameters", None) or {}  # where transformers >= 5 writes theta and scaling
-        if rp:
-            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-            if rp.get("rope_type", "default") != "default":
-                d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
+        if "rope_theta" in rp:
+            d.setdefault("rope_theta", rp["rope_theta"])
+        if rp.get("rope_type", "default") != "default":
+            d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
         names = {f.name for f in fields(cls)} - {"extra"}
         cfg = cls(**{k: d[k] for k in d if k in names}, extra={k: d[k] for k in d if k not in names})
-        cfg.check(source)
+        cfg.check(path)
         return cfg
-
-    @classmethod
-    def from_json(cls, path: str) -> "LlamaConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TuluError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise TuluError(f"{path}: not a model config (a JSON object)")
-        return cls.from_dict(d, source=path)
 
     def check(self, source: str):
         mt, rs = self.extra.get("model_type", "llama"), self.rope_scaling or {}
@@ -208,22 +209,18 @@ def gqa_attention(q, k, v, mask):
 
 class KVCache:
     """One layer's keys and values of every position so far, for generation: a step
-    computes k and v of its new tokens only. Buffers with room for `size` positions,
-    doubled when full, so a step writes in place (torch.cat would copy them all)."""
+    computes k and v of its new tokens only and writes them into buffers made once,
+    with room for `size` positions (torch.cat would copy all the earlier ones)."""
 
-    def __init__(self, size: int = 0):
+    def __init__(self, size: int):
         self.size, self.len, self.k, self.v = size, 0, None, None
 
     def update(self, k, v):
         """Append (B, Hkv, T, Dh) keys and values; return those of all positions so far."""
-        old, n = self.len, self.len + k.shape[2]
-        if self.k is None or n > self.k.shape[2]:
-            room = max(n, self.size, 2 * (self.k.shape[2] if self.k is not None else 0))
-            grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)]
-            if self.k is not None:
-                grown[0][:, :, :old], grown[1][:, :, :old] = self.k[:, :, :old], self.v[:, :, :old]
-            self.k, self.v = grown
-        self.k[:, :, old:n], self.v[:, :, old:n], self.len = k, v, n
+        if self.k is None:
+            self.k, self.v = (t.new_empty(*t.shape[:2], self.size, t.shape[3]) for t in (k, v))
+        n = self.len + k.shape[2]
+        self.k[:, :, self.len:n], self.v[:, :, self.len:n], self.len = k, v, n
         return self.k[:, :, :n], self.v[:, :, :n]
 
 
@@ -313,12 +310,11 @@ class LabelLogps(torch.autograd.Function):
     def forward(ctx, h, weight, targets, rows):
         dev = h.device.type
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # the product's
-        (N, D), V, w = h.shape, weight.shape[0], weight.to(cd)
-        need_h, keep_w = ctx.needs_input_grad[:2]
+        (N, D), V, w, frozen = h.shape, weight.shape[0], weight.to(cd), not ctx.needs_input_grad[1]
         out = torch.empty(N, dtype=torch.float32, device=h.device)
         z = torch.empty(min(rows, N), V, dtype=cd, device=h.device)  # logits as the model rounds them
         z32, logp = torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32)
-        kept = torch.empty(N, V if keep_w else D, dtype=cd, device=h.device) if need_h or keep_w else None
+        kept = h.new_empty(N, D if frozen else V, dtype=cd) if any(ctx.needs_input_grad[:2]) else None
         with torch.autocast(dev, enabled=False):
             for s in range(0, N, rows):
                 n, t = min(rows, N - s), targets[s:s + rows]
@@ -328,20 +324,20 @@ class LabelLogps(torch.autograd.Function):
                 if kept is not None:
                     p = torch.exp(logp[:n], out=z32[:n])  # softmax
                     p[torch.arange(n, device=p.device), t] -= 1  # softmax - onehot, in float32
-                    if keep_w:
-                        kept[s:s + n].copy_(p)
-                    else:
+                    if frozen:
                         torch.mm(z[:n].copy_(p), w, out=kept[s:s + n])  # (n, D)
+                    else:
+                        kept[s:s + n].copy_(p)
         ctx.dtype, ctx.h_dtype = cd, h.dtype
         if kept is not None:
-            ctx.save_for_backward(kept, *((h, weight) if keep_w else ()))
+            ctx.save_for_backward(kept, *(() if frozen else (h, weight)))
         return out
 
     @staticmethod
     def backward(ctx, g):
         kept, *hw = ctx.saved_tensors
-        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V), or per h (N, D)
-        if not ctx.needs_input_grad[1]:  # the head is frozen: d is already per h
+        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per h (N, D), or per logit (N, V)
+        if not hw:  # the head is frozen: d is already per h
             return d.to(ctx.h_dtype), None, None, None
         h, weight = hw
         grad_h = (d @ weight.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
@@ -365,45 +361,33 @@ def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: in
 # The model
 
 
-class LlamaBody(nn.Module):
-    """The `model.` prefix of HF's keys: embeddings, layers, final norm."""
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 class Llama(nn.Module):
+    """HF's LlamaForCausalLM: `model` holds the embeddings, the layers and the final
+    norm (a ModuleDict, as nanoGPT's `transformer`, for HF's "model." key prefix)."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.config, self.model = cfg, LlamaBody(cfg)
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self._rope = None  # (device, dtype, cos, sin): not buffers, which model.to(bf16) would round
-
-    def rope_tables(self, T, start_pos, device, dtype):
-        """cos/sin of positions start_pos .. start_pos + T - 1: rows of tables computed
-        once (again, twice as long, for a position beyond them), so that a generation
-        step computes none. Each row is rope_cos_sin of its position alone."""
-        n = start_pos + T
-        have = self._rope[2].shape[0] if self._rope and self._rope[:2] == (device, dtype) else 0
-        if have < n:
-            inv_freq, positions = rope_inv_freq(self.config).to(device), torch.arange(max(n, 2 * have))
-            self._rope = (device, dtype, *rope_cos_sin(inv_freq, positions.to(device), dtype))
-        return self._rope[2][start_pos:n], self._rope[3][start_pos:n]
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False, labels=None):
         """input_ids (B, T) -> logits (B, T, V). attention_mask (B, start_pos+T): 1 marks
-        real tokens. cache (new_cache()): keys and values of the first start_pos positions
-        in generation. last_only: the last position's logits alone, (B, 1, V). labels (B, T):
-        each label's log-probability given the tokens before it instead, (B, T-1) float32."""
+        real tokens. cache (a KVCache per layer): keys and values of the first start_pos
+        positions in generation. last_only: the last position's logits alone, (B, 1, V).
+        labels (B, T): each label's log-probability given the tokens before it instead,
+        (B, T-1) float32."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.rope_tables(T, start_pos, x.device, x.dtype)
+        positions = torch.arange(start_pos, start_pos + T, device=x.device)
+        # inv_freq in float32 on the CPU, as HF makes it (not a buffer, which model.to(bf16) would round)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.config).to(x.device), positions, x.dtype)
         mask = attention_mask_4d(attention_mask, T, start_pos + T, x.device)
         for i, layer in enumerate(self.model.layers):
             c = cache[i] if cache is not None else None
@@ -414,10 +398,6 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, c)
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x) if labels is None else label_logps(x, self.lm_head, labels)
-
-    def new_cache(self, size: int = 0) -> list[KVCache]:
-        """A KVCache per layer, with room for `size` positions (grown when needed)."""
-        return [KVCache(size) for _ in self.model.layers]
 
 
 def pad_batch(rows, pad_id) -> dict:
@@ -435,7 +415,6 @@ def pad_batch(rows, pad_id) -> dict:
 # Checkpoints: Hugging Face folders of safetensors files
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def atomic_write(path: str, write):
@@ -462,11 +441,7 @@ def checkpoint_files(path: str) -> list[str]:
     if not os.path.isdir(path):
         raise TuluError(f"{path}: no such model folder")
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise TuluError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        shards = sorted(set(read_json(index, "a safetensors index").get("weight_map", {}).values()))
         lost = [s for s in shards if not os.path.exists(os.path.join(path, s))]
         if lost:
             raise TuluError(f"{os.path.join(path, lost[0])}: listed in {SAFE_INDEX} but missing "
@@ -587,8 +562,7 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
     elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
         os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards
     cfg = model.config.to_dict()
-    stored = dtype or model.model.embed_tokens.weight.dtype
-    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(stored, "float32")
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype or model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
@@ -613,17 +587,16 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-# A decoding step multiplies one row by every weight: its speed is that of reading
-# the weights. torch sends a float32 one-row product on a CPU to the BLAS's
-# matrix-vector routine, which on some machines reads far below the memory's speed
-# (MKL on an AMD EPYC: 16 GB/s, where summing the weights reads 50); the weight's two
-# halves as one batch (bmm) take the batched routine, 40-55 GB/s there: the same
-# products, summed in another order. bench/generate_speed.py measures the gain.
+# A decoding step multiplies one row by every weight: its speed is that of reading the
+# weights. On a CPU torch sends a float32 one-row product to the BLAS's matrix-vector
+# routine, which on some machines reads far below the memory's speed (MKL on an AMD
+# EPYC: 16 GB/s, where summing the weights reads 50); the weight's two halves as one
+# batch (bmm) take the batched routine, 40-55 GB/s there. bench/generate_speed.py.
 
 
 def one_row_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x of one row, (..., K) with one row in all,
-    computed as a batch of two products, each of half the weight's rows: (..., N)."""
+    """F.linear(x, weight, bias) for x (..., K) of one row in all -> (..., N), as a batch
+    of two products, each of half the weight's rows: the same sums in another order."""
     N, K = weight.shape
     column = x.reshape(1, 1, K).transpose(1, 2)  # (1, K, 1), strides (K, 1, K): the BLAS reads
     halves = torch.bmm(weight.view(2, N // 2, K), column.expand(2, K, 1))  # it as a column; (2, N/2, 1)
@@ -645,8 +618,8 @@ def one_row_forward(layer: nn.Linear):
 
 @contextmanager
 def one_row_products(model: nn.Module):
-    """Inside, every plain nn.Linear of `model` runs one_row_forward: an instance
-    attribute `forward` hides the class's, and is deleted at the end."""
+    """Inside, every plain nn.Linear of `model` runs one_row_forward (an instance
+    attribute `forward` hides the class's until it is deleted)."""
     layers = [m for m in model.modules() if type(m) is nn.Linear]
     for m in layers:
         m.forward = one_row_forward(m)
@@ -665,12 +638,11 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     `on_token(id)` is called for each one as it is produced, for streaming."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    cache, pos, out = model.new_cache(ids.shape[1] + max_new_tokens), 0, []
-    eos = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) - {None}
+    cache, out = [KVCache(ids.shape[1] + max_new_tokens) for _ in model.model.layers], []
+    eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id} - {None}
     with one_row_products(model):
         while len(out) < max_new_tokens and not (out and out[-1] in eos):
-            logits = model(ids, cache=cache, start_pos=pos, last_only=True)[:, -1]  # (1, V)
-            pos += ids.shape[1]
+            logits = model(ids, cache=cache, start_pos=cache[0].len, last_only=True)[:, -1]  # (1, V)
             out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
             if on_token:
                 on_token(out[-1])
@@ -685,16 +657,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
 def tokenizer_config(folder: str) -> dict:
     """tokenizer_config.json beside a tokenizer file, {} where there is none."""
     path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TuluError(f"{path}: not a JSON object ({e})") from None
-    if not isinstance(config, dict):
-        raise TuluError(f"{path}: not a JSON object")
-    return config
+    return read_json(path, "a JSON object") if os.path.exists(path) else {}
 
 
 class SpecialSplitting:
@@ -736,17 +699,21 @@ class SentencePieceTokenizer(SpecialSplitting):
     ("</s>", "\\n"). Read from tokenizer_config.json; without the key False, as Llama
     2's and the Tulu 2 models' files say (transformers 5's default; 4 assumed True)."""
 
-    def __init__(self, model_file: str, legacy: bool | None = None, sp=None):
+    def __init__(self, model_file: str, legacy: bool | None = None):
         import sentencepiece as spm
-        self.file = self.model_file = model_file
-        self.dir = os.path.dirname(model_file)
-        self.sp = sp or spm.SentencePieceProcessor(model_file=model_file)
+        self.file, self.dir = model_file, os.path.dirname(model_file)
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id, unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.bos_ids, self.eos_text = [self.bos_id], self.sp.id_to_piece(self.eos_id)
         self.vocab_size, self.unk_text = self.sp.get_piece_size(), self.sp.id_to_piece(unk)
         self.set_specials({self.sp.id_to_piece(i): i for i in (unk, self.bos_id, self.eos_id) if i >= 0})
         self.legacy = bool(tokenizer_config(self.dir).get("legacy")) if legacy is None else legacy
-        self._sp_no_prefix = None
+        # The model as HF builds it for legacy=False, add_dummy_prefix off: these 4 bytes after
+        # the serialized ModelProto repeat field 3 (normalizer_spec) holding field 3
+        # (add_dummy_prefix) = 0, which protobuf merges into the first one.
+        with open(model_file, "rb") as f:
+            self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
+        self.unk_len = len(self.sp_no_prefix.encode(self.unk_text))
 
     def encode_piece(self, piece: str, first: bool) -> list[int]:
         """Ids of text without special tokens; `first`: it begins the text. legacy=True:
@@ -755,21 +722,10 @@ class SentencePieceTokenizer(SpecialSplitting):
         and drops the ids of "<unk>")."""
         if self.legacy:
             return self.sp.encode(piece)
-        sp, piece = self.sp_no_prefix(), "▁" * first + piece.replace("▁", " ")
+        sp, piece = self.sp_no_prefix, "▁" * first + piece.replace("▁", " ")
         if piece.startswith(("▁", " ")):
             return sp.encode(self.unk_text + piece)[self.unk_len:]
         return sp.encode(piece)
-
-    def sp_no_prefix(self):
-        """The model with add_dummy_prefix off, as HF builds it for legacy=False: these 4
-        bytes after the serialized ModelProto repeat field 3 (normalizer_spec) holding
-        field 3 (add_dummy_prefix) = 0, which protobuf merges into the first one."""
-        if self._sp_no_prefix is None:
-            import sentencepiece as spm
-            with open(self.model_file, "rb") as f:
-                self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
-            self.unk_len = len(self._sp_no_prefix.encode(self.unk_text))
-        return self._sp_no_prefix
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -826,7 +782,8 @@ CATEGORIES = ("Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So
               "Cc Cf Cs Co Cn").split()
 WHITE_SPACE = (*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
                0x202F, 0x205F, 0x3000)
-ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS]))")
+ESCAPE = r"\\(?:([pP])\{(\w+)\}|([sS])|.)"  # \p{X}, \P{X}, \s, \S, or any other escape
+CLASS = r"\[\^?\]?(?:\\.|[^\]\\])*\]"  # [...], where a "]" right after "[" or "[^" is literal
 
 
 @lru_cache(maxsize=1)
@@ -860,45 +817,19 @@ def translate_regex(pattern: str, limit: int = 0x110000) -> str:
     use -- (?i:...), lookahead, {1,3} -- means the same in both. limit=0x10000: the
     Basic Multilingual Plane only, the same on text without characters beyond it and
     7x faster (`re` tests such a class with one bitmap lookup, not range by range)."""
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        m = ESCAPE.match(pattern, i)
-        if m:
-            body = class_body(m[2] or "s", (m[1] or m[3]).isupper(), limit)
-            out.append(body if in_class else f"[{body}]")
-            i = m.end()
-        elif pattern[i] == "\\":  # any other escape: copied whole, it opens or closes nothing
-            out.append(pattern[i:i + 2])
-            i += 2
-        elif pattern[i] == "[" and not in_class:  # "[", "[^", and a "]" right after them is literal
-            j = i + 1 + pattern.startswith("^", i + 1)
-            j += pattern.startswith("]", j)
-            out.append(pattern[i:j])
-            i, in_class = j, True
-        else:
-            in_class = in_class and pattern[i] != "]"
-            out.append(pattern[i])
-            i += 1
-    return "".join(out)
+    def escape(m, in_class=False):
+        if not (m[1] or m[3]):  # an escape that means the same in `re`
+            return m[0]
+        body = class_body(m[2] or "s", (m[1] or m[3]).isupper(), limit)
+        return body if in_class else f"[{body}]"
+
+    def part(m):  # a whole class, its escapes translated, or an escape outside one
+        return re.sub(ESCAPE, lambda e: escape(e, True), m[0]) if m[0][0] == "[" else escape(m)
+    return re.sub(f"{CLASS}|{ESCAPE}", part, pattern)
 
 
 BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's
-
-
-class WordCache(dict):
-    """word -> ids, filled on first sight (a data set repeats its words, so most are
-    looked up, not merged again); cleared when it grows past `limit`."""
-
-    def __init__(self, encode_word, limit=1_000_000):
-        super().__init__()
-        self.encode_word, self.limit = encode_word, limit
-
-    def __missing__(self, word):
-        if len(self) >= self.limit:
-            self.clear()
-        ids = self[word] = self.encode_word(word)
-        return ids
 
 
 def sequence(step: dict | None, key: str) -> list:
@@ -915,11 +846,7 @@ class BPETokenizer(SpecialSplitting):
 
     def __init__(self, path: str):
         self.file, self.dir = path, os.path.dirname(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TuluError(f"{path}: not a JSON tokenizer file ({e})") from None
+        spec = read_json(path, "a JSON tokenizer file")
         model = spec.get("model") or {}
         self.check(spec, model)
         self.vocab, self.ignore_merges = model["vocab"], bool(model.get("ignore_merges"))
@@ -932,7 +859,8 @@ class BPETokenizer(SpecialSplitting):
         self.bos_ids, eos_ids = self.read_template(spec.get("post_processor"))
         self.to_byte = {c: b for b, c in byte_alphabet().items()}
         self.byte_table = str.maketrans({chr(b): c for c, b in self.to_byte.items()})  # latin-1 -> stand-in
-        self.cache = WordCache(self.encode_word)
+        # a data set repeats its words: most are looked up here, not merged again
+        self.cached_word = lru_cache(maxsize=2**20)(self.encode_word)
         config = tokenizer_config(self.dir)  # bos_token, eos_token: a string, or {"content": ...}
         bos, eos = (t.get("content") if isinstance(t, dict) else t for t in (config.get("bos_token"),
                                                                               config.get("eos_token")))
@@ -962,7 +890,8 @@ class BPETokenizer(SpecialSplitting):
     def read_pre_tokenizer(self, pre):
         """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?)
         from Split(regex, Isolated) or Digits steps then ByteLevel (Llama 3; SmolLM2
-        splits off each digit first), or ByteLevel alone, with GPT-2's regex if use_regex."""
+        splits off each digit first), or ByteLevel alone, with GPT-2's regex if use_regex.
+        Each regex is one group, so that re.split keeps the matches and the text between."""
         steps = sequence(pre, "pretokenizers")
         if (steps[-1] or {}).get("type") != "ByteLevel":
             self.unsupported("pre_tokenizer", pre, "a byte-level BPE ends its pre-tokenizer with ByteLevel")
@@ -977,8 +906,10 @@ class BPETokenizer(SpecialSplitting):
                 pattern = step.get("pattern", {})
                 patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
         patterns += [GPT2_SPLIT] if steps[-1].get("use_regex", True) else []
-        bmp = [re.compile(translate_regex(p, 0x10000)) for p in patterns]  # fast; and for any text:
-        compiled = list(zip(bmp, [re.compile(translate_regex(p)) for p in patterns]))
+        compiled = [[re.compile(f"({translate_regex(p, limit)})") for limit in (0x10000, 0x110000)]
+                    for p in patterns]
+        if any(bmp.groups > 1 for bmp, _ in compiled):
+            self.unsupported("pre_tokenizer", pre, "a regex with a capturing group")
         return compiled, bool(steps[-1].get("add_prefix_space"))
 
     def read_template(self, post):
@@ -989,8 +920,7 @@ class BPETokenizer(SpecialSplitting):
             if step is None or step.get("type") == "ByteLevel":  # ByteLevel only adjusts offsets
                 continue
             if step.get("type") != "TemplateProcessing":
-                raise TuluError(f"{self.file}: post_processor {step.get('type')!r} is not supported "
-                                "(only TemplateProcessing and ByteLevel)")
+                self.unsupported("post_processor", step.get("type"), "only TemplateProcessing and ByteLevel")
             for item in step["single"]:  # a SpecialToken, or the text ("Sequence")
                 seen_text = seen_text or "Sequence" in item
                 if "SpecialToken" in item:
@@ -1006,22 +936,12 @@ class BPETokenizer(SpecialSplitting):
         return found
 
     def words(self, text: str) -> list[str]:
-        """Cut text into words with each Split regex in turn, then GPT-2's. A
-        Split keeps what its regex does not match as words of their own."""
+        """Cut text into words with each Split regex in turn, then GPT-2's; as HF's
+        Split(Isolated) does, what a regex does not match stays, as words of its own."""
         words = [" " + text if self.prefix_space and not text.startswith(" ") else text]
-        bmp = BEYOND_BMP.search(text) is None
-        for pair in self.split_patterns:
-            pattern, out = pair[0] if bmp else pair[1], []
-            for w in words:
-                found = pattern.findall(w)
-                if sum(map(len, found)) != len(w):  # some text matched nothing: keep it between the matches
-                    found, end = [], 0
-                    for m in pattern.finditer(w):
-                        found += [w[end:m.start()], m[0]] if m.start() > end else [m[0]]
-                        end = m.end()
-                    found += [w[end:]] if end < len(w) else []
-                out += found
-            words = out
+        full = BEYOND_BMP.search(text) is not None
+        for pattern in (pair[full] for pair in self.split_patterns):
+            words = list(filter(None, chain.from_iterable(map(pattern.split, words))))
         return words
 
     def encode_word(self, word: str) -> list[int]:
@@ -1033,7 +953,7 @@ class BPETokenizer(SpecialSplitting):
 
     def encode_piece(self, piece: str, first: bool = True) -> list[int]:
         """Ids of text without added tokens (`first` changes nothing here)."""
-        return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
+        return list(chain.from_iterable(map(self.cached_word, self.words(piece))))
 
     def decode(self, ids) -> str:
         """Each token's stand-ins back to bytes, UTF-8 decoded (half a character shows
@@ -1049,14 +969,13 @@ def Tokenizer(path: str, legacy: bool | None = None):
     """The tokenizer of a model folder or a tokenizer file: Llama 2's sentencepiece
     tokenizer.model, else a byte-level BPE tokenizer.json (Llama 3). HF's Llama 2
     folders ship both and read tokenizer.model; Llama 3's tokenizer.model is tiktoken's."""
-    import sentencepiece as spm
     candidates = [os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")] \
         if os.path.isdir(path) else [path]
     for file in filter(os.path.exists, candidates):
         if file.endswith(".json"):
             return BPETokenizer(file)
         try:
-            return SentencePieceTokenizer(file, legacy, sp=spm.SentencePieceProcessor(model_file=file))
+            return SentencePieceTokenizer(file, legacy)
         except (RuntimeError, OSError):
             if file == candidates[-1]:
                 raise TuluError(f"{file}: not a sentencepiece model") from None
