@@ -1,14 +1,12 @@
 """Chapter 1: the Llama model, loaded from real Hugging Face checkpoints.
 
-What this file teaches: a decoder-only transformer as Llama 2 (arXiv 2307.09288)
-and Llama 3 build it -- RMSNorm (1910.07467), rotary position embeddings
-(RoFormer, 2104.09864) with Llama 3.1's frequency scaling, grouped-query
-attention (GQA, 2305.13245), the SwiGLU MLP -- with the parameter names of
-`transformers`' LlamaForCausalLM, so a checkpoint people download loads by
-copying, and HF's "rotate half" RoPE needs no weight permutation. Then
-generation with a key/value cache, and last the tokenizers: Llama 2's
-sentencepiece and the byte-level BPE (1508.07909, on bytes as GPT-2 does) of
-Llama 3's tokenizer.json, in plain Python, token for token with HF's.
+A decoder-only transformer as Llama 2 (arXiv 2307.09288) and Llama 3 build it:
+RMSNorm (1910.07467), rotary position embeddings (RoFormer, 2104.09864) with Llama
+3.1's frequency scaling, grouped-query attention (GQA, 2305.13245), the SwiGLU MLP;
+with the parameter names of `transformers`' LlamaForCausalLM, so a downloaded
+checkpoint loads by copying and HF's "rotate half" RoPE needs no permutation. Then
+generation with a key/value cache, and last the tokenizers, token for token with
+HF's: Llama 2's sentencepiece and Llama 3's byte-level BPE (1508.07909), in plain Python.
 
 Shapes: B batch, T time (tokens), D hidden size, H query heads, Hkv key/value
 heads, Dh head size, V vocabulary.  Read top to bottom.
@@ -22,8 +20,9 @@ import re
 import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
-from itertools import chain, groupby
+from functools import lru_cache, partial
+from itertools import chain
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -88,24 +87,20 @@ class LlamaConfig:
             d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
         names = {f.name for f in fields(cls)} - {"extra"}
         cfg = cls(**{k: d[k] for k in d if k in names}, extra={k: d[k] for k in d if k not in names})
-        cfg.check(path)
-        return cfg
-
-    def check(self, source: str):
-        mt, rs = self.extra.get("model_type", "llama"), self.rope_scaling or {}
+        mt, rs = cfg.extra.get("model_type", "llama"), cfg.rope_scaling or {}
         kind = rs.get("rope_type", rs.get("type"))
         if mt != "llama":
-            raise TuluError(f"{source}: model_type {mt!r} is not supported (only 'llama')")
-        if self.hidden_act != "silu":
-            raise TuluError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+            raise TuluError(f"{path}: model_type {mt!r} is not supported (only 'llama')")
+        if cfg.hidden_act != "silu":
+            raise TuluError(f"{path}: hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
         if rs and kind not in ("llama3", "default"):
-            raise TuluError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise TuluError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+            raise TuluError(f"{path}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise TuluError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
+        return cfg
 
     def to_dict(self) -> dict:
         d = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
-        d.pop("rope_parameters", None)
         return {**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
 
@@ -274,11 +269,10 @@ class DecoderLayer(nn.Module):
 # -----------------------------------------------------------------------------
 # The labels' log-probabilities without the whole logits
 #
-# Training needs log softmax(h W^T)[label] only where a label is learned, not the
-# (B, T, V) logits: with V = 32,000 to 128,256 those are a step's biggest tensors,
-# kept in float32 twice (the upcast and log_softmax's output). LabelLogps takes the
-# learned rows alone, a chunk at a time; reference_label_logps is the plain version
-# the tests hold it to. The model (next) returns them when given labels.
+# Training needs log softmax(h W^T)[label] only where a label is learned, not the (B, T, V)
+# logits, a step's biggest tensors (V = 32,000 to 128,256), kept in float32 twice (the upcast
+# and log_softmax's output). LabelLogps takes the learned rows alone, a chunk at a time;
+# reference_label_logps is the plain version the tests hold it to.
 
 # Logits computed at once: on a CPU 2**22 (16 MiB in float32) keeps a chunk's buffers
 # near the caches; on a GPU 2**26 gives each kernel enough work to be worth its launch.
@@ -300,11 +294,10 @@ def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 class LabelLogps(torch.autograd.Function):
     """(N, D) hidden rows, the (V, D) head weight, (N,) targets -> (N,) float32
-    log softmax(h W^T)[target], `rows` rows at a time in buffers that every chunk
-    reuses (new ones would cost more in page faults than the arithmetic). The gradient
-    by the logits, onehot - softmax, is known in forward: kept (negated) times W,
-    (N, D), if W is frozen (LoRA), else as (N, V) in the compute dtype (a fifth of
-    the bytes of the plain path's float32 logits and log-softmax)."""
+    log softmax(h W^T)[target], `rows` rows at a time. The gradient by the logits,
+    onehot - softmax, is known in forward: kept (negated) times W, (N, D), if W is
+    frozen (LoRA), else as (N, V) in the compute dtype (a fifth of the plain path's
+    float32 logits and log-softmax)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):
@@ -312,22 +305,17 @@ class LabelLogps(torch.autograd.Function):
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # the product's
         (N, D), V, w, frozen = h.shape, weight.shape[0], weight.to(cd), not ctx.needs_input_grad[1]
         out = torch.empty(N, dtype=torch.float32, device=h.device)
-        z = torch.empty(min(rows, N), V, dtype=cd, device=h.device)  # logits as the model rounds them
-        z32, logp = torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32)
         kept = h.new_empty(N, D if frozen else V, dtype=cd) if any(ctx.needs_input_grad[:2]) else None
         with torch.autocast(dev, enabled=False):
             for s in range(0, N, rows):
-                n, t = min(rows, N - s), targets[s:s + rows]
-                torch.mm(h[s:s + n].to(cd), w.t(), out=z[:n])
-                torch.log_softmax(z32[:n].copy_(z[:n]), dim=-1, out=logp[:n])
-                out[s:s + n] = logp[:n].gather(1, t[:, None]).squeeze(1)
+                t = targets[s:s + rows]
+                z = h[s:s + rows].to(cd) @ w.t()  # (n, V) logits, rounded as the model's are
+                logp = torch.log_softmax(z.float(), dim=-1)
+                out[s:s + rows] = logp.gather(1, t[:, None]).squeeze(1)
                 if kept is not None:
-                    p = torch.exp(logp[:n], out=z32[:n])  # softmax
-                    p[torch.arange(n, device=p.device), t] -= 1  # softmax - onehot, in float32
-                    if frozen:
-                        torch.mm(z[:n].copy_(p), w, out=kept[s:s + n])  # (n, D)
-                    else:
-                        kept[s:s + n].copy_(p)
+                    p = logp.exp_()  # softmax
+                    p[torch.arange(len(t), device=p.device), t] -= 1  # softmax - onehot, in float32
+                    kept[s:s + rows] = p.to(cd) @ w if frozen else p  # (n, D), or (n, V)
         ctx.dtype, ctx.h_dtype = cd, h.dtype
         if kept is not None:
             ctx.save_for_backward(kept, *(() if frozen else (h, weight)))
@@ -429,10 +417,7 @@ def atomic_write(path: str, write):
 
 
 def write_json(path: str, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -473,12 +458,12 @@ def decoder_linear(key: str) -> bool:
     return key.startswith("model.layers.") and key.endswith("_proj.weight")
 
 
-def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device, quantize, bar) -> set[str]:
-    """Put the tensors of one safetensors file in place of the model's meta ones; their keys."""
+def read_checkpoint_file(model: Llama, fname: str, expected, dtype, device, quantize):
+    """Put the tensors of one safetensors file in place of the model's meta ones,
+    yielding the key of each."""
     from safetensors import SafetensorError, safe_open
     if quantize:
         import nf4  # chapter 2, read only when asked for
-    seen = set()
     # Quantizing, read each tensor into memory of its own (pread): through mmap, the
     # pages of every weight read would stay mapped in our RSS until the file closes.
     backend = {"backend": "pread"} if quantize else {}
@@ -494,13 +479,10 @@ def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device,
                     module, _, name = key.rpartition(".")
                     old, new = model.get_parameter(key), f.get_tensor(key).to(device=device, dtype=dtype)
                     check_shape(key, new.shape, old.shape)
-                    new = nn.Parameter(new, requires_grad=old.requires_grad)
-                    setattr(model.get_submodule(module), name, new)
-                seen.add(key)
-                bar.update()
+                    setattr(model.get_submodule(module), name, nn.Parameter(new, requires_grad=old.requires_grad))
+                yield key
     except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
         raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
-    return seen
 
 
 def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
@@ -515,16 +497,14 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
         raise TuluError(f"quantize={quantize!r}: only None or 'nf4'")
     with torch.device("meta"):
         model = Llama(cfg)
-    expected, seen, name = set(model.state_dict()), set(), os.path.basename(os.path.normpath(path))
-    with tqdm(total=len(expected), desc=f"loading {name}", unit="tensor", leave=False,
-              disable=len(expected) < 100) as bar:  # a real model, not a test's tiny one
-        for fname in files:
-            seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar)
+    expected = model.state_dict().keys()
+    keys = (k for fname in files for k in read_checkpoint_file(model, fname, expected, dtype, device, quantize))
+    seen = set(tqdm(keys, total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}",
+                    unit="tensor", leave=False, disable=len(expected) < 100))  # a real model, not a tiny one
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         seen.add("lm_head.weight")
-    nf4_buffers = (".packed", "absmax", ".nested_offset")  # Linear4bit's, made by quantizing, not read
-    missing = [k for k in model.state_dict() if k not in seen and not k.endswith(nf4_buffers)]
+    missing = [k for k in expected if k not in seen]
     if missing:
         raise TuluError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
     return model.eval()
@@ -536,10 +516,9 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
     lm_head is not stored (as in HF). The weights keep their dtype, or are cast to
     `dtype` (float32 master weights written as the bf16 checkpoint they came from)."""
     from safetensors.torch import save_file
-    bad = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LoRALinear")]
-    if bad:
-        kind = type(model.get_submodule(bad[0])).__name__
-        raise TuluError(f"save_model: {bad[0]} is a {kind}; merge it first (lora.merge_lora)")
+    for name, m in model.named_modules():
+        if type(m).__name__ in ("Linear4bit", "LoRALinear"):
+            raise TuluError(f"save_model: {name} is a {type(m).__name__}; merge it first (lora.merge_lora)")
     os.makedirs(out_dir, exist_ok=True)
     sd = {k: v.detach().to(dtype=dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -604,25 +583,20 @@ def one_row_linear(x, weight, bias=None):
     return y if bias is None else y + bias
 
 
-def one_row_forward(layer: nn.Linear):
-    """A forward for `layer`: one_row_linear for one float32 row on a CPU outside
-    autocast (a decoding step), F.linear for anything else."""
-    def forward(x):
+@contextmanager
+def one_row_products(model: nn.Module):
+    """Inside, every plain nn.Linear of `model` computes one float32 row on a CPU outside
+    autocast (a decoding step) by one_row_linear, anything else by F.linear: an instance
+    attribute `forward` hides the class's until it is deleted."""
+    def forward(layer, x):
         w = layer.weight
         one_row = x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
         if one_row and w.shape[0] % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu"):
             return one_row_linear(x, w, layer.bias)
         return F.linear(x, w, layer.bias)
-    return forward
-
-
-@contextmanager
-def one_row_products(model: nn.Module):
-    """Inside, every plain nn.Linear of `model` runs one_row_forward (an instance
-    attribute `forward` hides the class's until it is deleted)."""
     layers = [m for m in model.modules() if type(m) is nn.Linear]
     for m in layers:
-        m.forward = one_row_forward(m)
+        m.forward = partial(forward, m)
     try:
         yield
     finally:
@@ -931,8 +905,7 @@ class BPETokenizer(SpecialSplitting):
     def token_id(self, text):
         found = self.specials.get(text, self.vocab.get(text))
         if found is None:
-            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the "
-                            "vocabulary")
+            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the vocabulary")
         return found
 
     def words(self, text: str) -> list[str]:
@@ -956,13 +929,12 @@ class BPETokenizer(SpecialSplitting):
         return list(chain.from_iterable(map(self.cached_word, self.words(piece))))
 
     def decode(self, ids) -> str:
-        """Each token's stand-ins back to bytes, UTF-8 decoded (half a character shows
-        as U+FFFD); the added tokens as written."""
-        out = []
-        for special, run in groupby((self.id_to_text[int(i)] for i in ids), key=self.specials.__contains__):
-            text = "".join(run)
-            out.append(text if special else bytes(self.to_byte[c] for c in text).decode(errors="replace"))
-        return "".join(out)
+        """Each token's stand-ins back to bytes (a token with other characters, as an added
+        one may have, as its UTF-8), all decoded at once as `tokenizers` does (half a
+        character shows as U+FFFD)."""
+        tokens = [self.id_to_text[int(i)] for i in ids]
+        return b"".join(bytes(map(self.to_byte.get, t)) if all(c in self.to_byte for c in t) else t.encode()
+                        for t in tokens).decode(errors="replace")
 
 
 def Tokenizer(path: str, legacy: bool | None = None):

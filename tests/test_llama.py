@@ -97,18 +97,17 @@ def one_row_calls(monkeypatch):
     return calls
 
 
-def test_one_row_forward_takes_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
+def test_one_row_products_take_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
     calls = one_row_calls
     torch.manual_seed(0)
     lin, odd = torch.nn.Linear(32, 48), torch.nn.Linear(32, 47)
-    fast, fast_odd = llama.one_row_forward(lin), llama.one_row_forward(odd)
     x = torch.randn(1, 1, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
+    with torch.no_grad(), llama.one_row_products(lin), llama.one_row_products(odd):
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
         assert len(calls) == 1
-        fast(torch.randn(1, 2, 32)), fast_odd(x), lin.to(torch.bfloat16), fast(x.bfloat16())
+        lin(torch.randn(1, 2, 32)), odd(x), lin.to(torch.bfloat16), lin(x.bfloat16())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            lin.float(), fast(x)
+            lin.float(), lin(x)
     assert len(calls) == 1  # two rows, an odd number of outputs, bf16, autocast: plain F.linear
 
 
