@@ -479,7 +479,8 @@ def read_checkpoint_file(model: Llama, fname: str, expected, dtype, device, quan
                     module, _, name = key.rpartition(".")
                     old, new = model.get_parameter(key), f.get_tensor(key).to(device=device, dtype=dtype)
                     check_shape(key, new.shape, old.shape)
-                    setattr(model.get_submodule(module), name, nn.Parameter(new, requires_grad=old.requires_grad))
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                    setattr(model.get_submodule(module), name, new)
                 yield key
     except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
         raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
@@ -498,7 +499,7 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     with torch.device("meta"):
         model = Llama(cfg)
     expected = model.state_dict().keys()
-    keys = (k for fname in files for k in read_checkpoint_file(model, fname, expected, dtype, device, quantize))
+    keys = (k for f in files for k in read_checkpoint_file(model, f, expected, dtype, device, quantize))
     seen = set(tqdm(keys, total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}",
                     unit="tensor", leave=False, disable=len(expected) < 100))  # a real model, not a tiny one
     if cfg.tie_word_embeddings:
@@ -540,8 +541,8 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
         write_json(os.path.join(out_dir, SAFE_INDEX), index)
     elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
         os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards
-    cfg = model.config.to_dict()
-    cfg["torch_dtype"] = cfg["dtype"] = str(dtype or model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    cfg, stored = model.config.to_dict(), dtype or model.model.embed_tokens.weight.dtype
+    cfg["torch_dtype"] = cfg["dtype"] = str(stored).removeprefix("torch.")  # "bfloat16"
     write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
@@ -836,30 +837,28 @@ class BPETokenizer(SpecialSplitting):
         # a data set repeats its words: most are looked up here, not merged again
         self.cached_word = lru_cache(maxsize=2**20)(self.encode_word)
         config = tokenizer_config(self.dir)  # bos_token, eos_token: a string, or {"content": ...}
-        bos, eos = (t.get("content") if isinstance(t, dict) else t for t in (config.get("bos_token"),
-                                                                              config.get("eos_token")))
+        bos, eos = (t.get("content") if isinstance(t, dict) else t
+                    for t in (config.get("bos_token"), config.get("eos_token")))
         self.bos_id = self.token_id(bos) if bos else (self.bos_ids[0] if self.bos_ids else None)
         self.eos_text = eos or (self.id_to_text[eos_ids[-1]] if eos_ids else None)
         self.eos_id = self.token_id(self.eos_text) if self.eos_text else None
 
-    def unsupported(self, field, value,
-                    why="tulu reads byte-level BPE tokenizer.json files: Llama 3, GPT-2 style"):
+    def unsupported(self, field, value, why="tulu reads byte-level BPE tokenizer.json: Llama 3, GPT-2 style"):
         raise TuluError(f"{self.file}: {field} {json.dumps(value)[:80]} is not supported ({why})")
 
     def check(self, spec, model):
         if model.get("type") != "BPE":
             self.unsupported("model.type", model.get("type"))
-        for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-            if model.get(key):
-                self.unsupported(f"model.{key}", model[key])
-        if spec.get("normalizer"):
-            self.unsupported("normalizer", spec["normalizer"])
         if (spec.get("decoder") or {}).get("type") != "ByteLevel":
             self.unsupported("decoder", spec.get("decoder"))
-        for t in spec.get("added_tokens") or []:
-            for key in ("lstrip", "rstrip", "single_word"):
-                if t.get(key):
-                    self.unsupported(f"added token {t['content']!r} {key}", True)
+        model_keys = ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix")
+        unused = {"normalizer": spec.get("normalizer"),  # each must be absent, null, false or ""
+                  **{f"model.{k}": model.get(k) for k in model_keys},
+                  **{f"added token {t['content']!r} {k}": t.get(k) for t in spec.get("added_tokens") or []
+                     for k in ("lstrip", "rstrip", "single_word")}}
+        for field, value in unused.items():
+            if value:
+                self.unsupported(field, value)
 
     def read_pre_tokenizer(self, pre):
         """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?)
@@ -887,25 +886,24 @@ class BPETokenizer(SpecialSplitting):
         return compiled, bool(steps[-1].get("add_prefix_space"))
 
     def read_template(self, post):
-        """(ids before the text, ids after it) of TemplateProcessing's "single"
-        template, e.g. ([128000], []) for Llama 3: BOS added, no EOS."""
-        before, after, seen_text = [], [], False
+        """[ids before the text, ids after it] of TemplateProcessing's "single"
+        template, e.g. [[128000], []] for Llama 3: BOS added, no EOS."""
+        ids, side = [[], []], 0
         for step in sequence(post, "processors"):
-            if step is None or step.get("type") == "ByteLevel":  # ByteLevel only adjusts offsets
-                continue
-            if step.get("type") != "TemplateProcessing":
-                self.unsupported("post_processor", step.get("type"), "only TemplateProcessing and ByteLevel")
-            for item in step["single"]:  # a SpecialToken, or the text ("Sequence")
-                seen_text = seen_text or "Sequence" in item
+            kind = (step or {}).get("type")  # ByteLevel only adjusts offsets
+            if kind not in (None, "ByteLevel", "TemplateProcessing"):
+                self.unsupported("post_processor", kind, "only TemplateProcessing and ByteLevel")
+            for item in (step or {}).get("single", []):  # a SpecialToken, or the text ("Sequence")
+                side = side or "Sequence" in item
                 if "SpecialToken" in item:
-                    ids = step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
-                    (after if seen_text else before).extend(ids)
-        return before, after
+                    ids[side] += step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+        return ids
 
     def token_id(self, text):
         found = self.specials.get(text, self.vocab.get(text))
         if found is None:
-            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the vocabulary")
+            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the "
+                            "vocabulary")
         return found
 
     def words(self, text: str) -> list[str]:
