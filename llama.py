@@ -132,9 +132,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """theta_i = base^(-2i/Dh) for i < Dh/2 (RoFormer Eq. 15), then, for Llama 3.1
     (rope_type "llama3"), long wavelengths are slowed down by `factor`, short ones
-    kept, and the band in between interpolated smoothly. Returns (Dh/2,) float32."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kept, and the band in between interpolated smoothly. Returns (Dh/2,) float32 on the CPU."""
+    two_i = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu")  # as HF, even under `meta`
+    inv_freq = 1.0 / (cfg.rope_theta ** (two_i.float() / cfg.head_dim))
     rs = cfg.rope_scaling or {}
     if rs.get("rope_type", rs.get("type")) != "llama3":
         return inv_freq
@@ -364,6 +364,7 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.inv_freq = rope_inv_freq(cfg)  # float32; not a buffer, which model.to(bf16) would round
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False, labels=None):
         """input_ids (B, T) -> logits (B, T, V). attention_mask (B, start_pos+T): 1 marks
@@ -374,8 +375,7 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         positions = torch.arange(start_pos, start_pos + T, device=x.device)
-        # inv_freq in float32 on the CPU, as HF makes it (not a buffer, which model.to(bf16) would round)
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config).to(x.device), positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions, x.dtype)  # (T, Dh) each
         mask = attention_mask_4d(attention_mask, T, start_pos + T, x.device)
         for i, layer in enumerate(self.model.layers):
             c = cache[i] if cache is not None else None
@@ -653,10 +653,9 @@ class SpecialSplitting:
         return (self.bos_ids if bos else []) + ids + [self.eos_id] * eos
 
     def spans(self, text: str):
-        """Yield (start, end, ids, special?) for each special token of `text` and each
-        piece of text between them, in order. A piece's ids depend on it alone and on
-        whether it starts the text, so encode(text[:b]) is the ids of the spans that end
-        by b, then encode_piece(the rest): how tulu finds where each turn ends."""
+        """Yield (start, end, ids, special?) for each special token of `text` and each piece
+        of text between them, in order. A piece's ids depend on it alone and on whether it
+        starts the text: how tulu finds where each turn of a chat ends."""
         start = 0
         for m in self.special.finditer(text) if self.special else ():
             if m.start() > start:
@@ -669,10 +668,9 @@ class SpecialSplitting:
 
 class SentencePieceTokenizer(SpecialSplitting):
     """Llama 2's tokenizer.model, encoding as HF's slow LlamaTokenizer does, "<unk>",
-    "<s>", "</s>" the special tokens. `legacy` is how HF treats text after one: True
-    gives it sentencepiece's dummy prefix "▁" ("</s>", "▁", "\\n"), False does not
-    ("</s>", "\\n"). Read from tokenizer_config.json; without the key False, as Llama
-    2's and the Tulu 2 models' files say (transformers 5's default; 4 assumed True)."""
+    "<s>", "</s>" the special tokens. `legacy` (tokenizer_config.json's; False without
+    it, as in transformers 5) is how HF treats text after one: True gives it
+    sentencepiece's dummy prefix "▁" ("</s>", "▁", "\\n"), False does not ("</s>", "\\n")."""
 
     def __init__(self, model_file: str, legacy: bool | None = None):
         import sentencepiece as spm
@@ -683,9 +681,8 @@ class SentencePieceTokenizer(SpecialSplitting):
         self.vocab_size, self.unk_text = self.sp.get_piece_size(), self.sp.id_to_piece(unk)
         self.set_specials({self.sp.id_to_piece(i): i for i in (unk, self.bos_id, self.eos_id) if i >= 0})
         self.legacy = bool(tokenizer_config(self.dir).get("legacy")) if legacy is None else legacy
-        # The model as HF builds it for legacy=False, add_dummy_prefix off: these 4 bytes after
-        # the serialized ModelProto repeat field 3 (normalizer_spec) holding field 3
-        # (add_dummy_prefix) = 0, which protobuf merges into the first one.
+        # HF's model for legacy=False, add_dummy_prefix off: 4 bytes after the ModelProto repeat
+        # field 3 (normalizer_spec) with its field 3 (add_dummy_prefix) = 0; protobuf merges them.
         with open(model_file, "rb") as f:
             self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
         self.unk_len = len(self.sp_no_prefix.encode(self.unk_text))
@@ -807,6 +804,21 @@ BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's
 
 
+class WordCache(dict):
+    """word -> ids, filled on first sight (a data set repeats its words, so most are
+    looked up, not merged again); cleared when it grows past `limit`."""
+
+    def __init__(self, encode_word, limit=1_000_000):
+        super().__init__()
+        self.encode_word, self.limit = encode_word, limit
+
+    def __missing__(self, word):
+        if len(self) >= self.limit:
+            self.clear()
+        ids = self[word] = self.encode_word(word)
+        return ids
+
+
 def sequence(step: dict | None, key: str) -> list:
     """The steps of a tokenizer.json Sequence (its `key` list), or [step] itself."""
     return step.get(key, [step]) if (step or {}).get("type") == "Sequence" else [step]
@@ -834,8 +846,7 @@ class BPETokenizer(SpecialSplitting):
         self.bos_ids, eos_ids = self.read_template(spec.get("post_processor"))
         self.to_byte = {c: b for b, c in byte_alphabet().items()}
         self.byte_table = str.maketrans({chr(b): c for c, b in self.to_byte.items()})  # latin-1 -> stand-in
-        # a data set repeats its words: most are looked up here, not merged again
-        self.cached_word = lru_cache(maxsize=2**20)(self.encode_word)
+        self.cache = WordCache(self.encode_word)
         config = tokenizer_config(self.dir)  # bos_token, eos_token: a string, or {"content": ...}
         bos, eos = (t.get("content") if isinstance(t, dict) else t
                     for t in (config.get("bos_token"), config.get("eos_token")))
@@ -912,7 +923,11 @@ class BPETokenizer(SpecialSplitting):
         words = [" " + text if self.prefix_space and not text.startswith(" ") else text]
         full = BEYOND_BMP.search(text) is not None
         for pattern in (pair[full] for pair in self.split_patterns):
-            words = list(filter(None, chain.from_iterable(map(pattern.split, words))))
+            out = []
+            for w in words:  # findall is faster; split (the regex is a group) also keeps what matches nothing
+                found = pattern.findall(w)
+                out += found if sum(map(len, found)) == len(w) else list(filter(None, pattern.split(w)))
+            words = out
         return words
 
     def encode_word(self, word: str) -> list[int]:
@@ -924,7 +939,7 @@ class BPETokenizer(SpecialSplitting):
 
     def encode_piece(self, piece: str, first: bool = True) -> list[int]:
         """Ids of text without added tokens (`first` changes nothing here)."""
-        return list(chain.from_iterable(map(self.cached_word, self.words(piece))))
+        return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
 
     def decode(self, ids) -> str:
         """Each token's stand-ins back to bytes (a token with other characters, as an added

@@ -106,7 +106,7 @@ def test_ignore_merges_takes_a_word_in_the_vocabulary_whole():
     words = [tok.vocab[w] for w in ("Ġunreachable", "Ċ", "zzzz")]
     assert tok.ignore_merges and tok.encode(" unreachable\nzzzz") == words
     tok.ignore_merges = False
-    tok.cached_word.cache_clear()
+    tok.cache.clear()
     assert len(tok.encode(" unreachable\nzzzz")) > 3
 
 
@@ -224,9 +224,11 @@ def test_word_cache_looks_up_repeated_words():
     tok = llama.Tokenizer(folder("llama3_style"))
     text = "the cat and the dog and the cat"
     first = tok.encode(text)
-    info = tok.cached_word.cache_info()
-    assert info.currsize == info.misses == len(set(tok.words(text))) and info.maxsize == 2**20  # bounded
-    assert tok.encode(text) == first and tok.cached_word.cache_info().misses == info.misses  # all looked up
+    assert set(tok.cache) == set(tok.words(text))
+    tok.cache.encode_word = None  # a miss would now raise
+    assert tok.encode(text) == first
+    small = llama.WordCache(lambda w: [len(w)], limit=2)
+    assert [small[w] for w in "abc"] == [[1]] * 3 and len(small) == 1  # cleared when full
 
 
 # -----------------------------------------------------------------------------
