@@ -681,11 +681,18 @@ class SentencePieceTokenizer(SpecialSplitting):
         self.vocab_size, self.unk_text = self.sp.get_piece_size(), self.sp.id_to_piece(unk)
         self.set_specials({self.sp.id_to_piece(i): i for i in (unk, self.bos_id, self.eos_id) if i >= 0})
         self.legacy = bool(tokenizer_config(self.dir).get("legacy")) if legacy is None else legacy
-        # HF's model for legacy=False, add_dummy_prefix off: 4 bytes after the ModelProto repeat
-        # field 3 (normalizer_spec) with its field 3 (add_dummy_prefix) = 0; protobuf merges them.
-        with open(model_file, "rb") as f:
-            self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
-        self.unk_len = len(self.sp_no_prefix.encode(self.unk_text))
+        self._sp_no_prefix = None
+
+    def sp_no_prefix(self):
+        """The model as HF builds it for legacy=False, add_dummy_prefix off: these 4 bytes
+        after the serialized ModelProto repeat field 3 (normalizer_spec) holding field 3
+        (add_dummy_prefix) = 0, which protobuf merges into the first one."""
+        if self._sp_no_prefix is None:
+            import sentencepiece as spm
+            with open(self.file, "rb") as f:
+                self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
+            self.unk_len = len(self._sp_no_prefix.encode(self.unk_text))
+        return self._sp_no_prefix
 
     def encode_piece(self, piece: str, first: bool) -> list[int]:
         """Ids of text without special tokens; `first`: it begins the text. legacy=True:
@@ -694,7 +701,7 @@ class SentencePieceTokenizer(SpecialSplitting):
         and drops the ids of "<unk>")."""
         if self.legacy:
             return self.sp.encode(piece)
-        sp, piece = self.sp_no_prefix, "▁" * first + piece.replace("▁", " ")
+        sp, piece = self.sp_no_prefix(), "▁" * first + piece.replace("▁", " ")
         if piece.startswith(("▁", " ")):
             return sp.encode(self.unk_text + piece)[self.unk_len:]
         return sp.encode(piece)
