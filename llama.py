@@ -11,8 +11,6 @@ HF's: Llama 2's sentencepiece and Llama 3's byte-level BPE (1508.07909), in plai
 Shapes: B batch, T time (tokens), D hidden size, H query heads, Hkv key/value
 heads, Dh head size, V vocabulary.  Read top to bottom.
 """
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -487,11 +485,10 @@ def read_checkpoint_file(model: Llama, fname: str, expected, dtype, device, quan
 
 
 def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
-    """Load an HF Llama folder. The model is built on the `meta` device (no memory)
-    and filled one tensor at a time, so peak memory is the model plus one tensor.
-    quantize="nf4" turns each decoder linear weight into 4-bit as it is read, a slice
-    at a time (QLoRA; nf4.load_nf4_linear): the peak is the 4-bit model plus one slice.
-    Embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
+    """Load an HF Llama folder. The model is built on the `meta` device (no memory) and
+    filled one tensor at a time, so peak memory is the model plus one tensor. quantize="nf4"
+    turns each decoder linear weight into 4-bit as it is read, a slice at a time (QLoRA;
+    nf4.load_nf4_linear); embeddings, norms and lm_head stay in `dtype`, as in bitsandbytes."""
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
     if quantize not in (None, "nf4"):
@@ -879,10 +876,9 @@ class BPETokenizer(SpecialSplitting):
                 self.unsupported(field, value)
 
     def read_pre_tokenizer(self, pre):
-        """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?)
-        from Split(regex, Isolated) or Digits steps then ByteLevel (Llama 3; SmolLM2
-        splits off each digit first), or ByteLevel alone, with GPT-2's regex if use_regex.
-        Each regex is one group, so that re.split keeps the matches and the text between."""
+        """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?) from
+        Split(regex, Isolated) or Digits steps then ByteLevel (Llama 3; SmolLM2 splits off
+        each digit first), or ByteLevel alone, with GPT-2's regex if use_regex."""
         steps = sequence(pre, "pretokenizers")
         if (steps[-1] or {}).get("type") != "ByteLevel":
             self.unsupported("pre_tokenizer", pre, "a byte-level BPE ends its pre-tokenizer with ByteLevel")
@@ -949,9 +945,8 @@ class BPETokenizer(SpecialSplitting):
         return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
 
     def decode(self, ids) -> str:
-        """Each token's stand-ins back to bytes (a token with other characters, as an added
-        one may have, as its UTF-8), all decoded at once as `tokenizers` does (half a
-        character shows as U+FFFD)."""
+        """Each token's stand-ins back to bytes (a token with other characters, as an added one
+        may have: its UTF-8), decoded at once as `tokenizers` does (half a character: U+FFFD)."""
         tokens = [self.id_to_text[int(i)] for i in ids]
         return b"".join(bytes(map(self.to_byte.get, t)) if all(c in self.to_byte for c in t) else t.encode()
                         for t in tokens).decode(errors="replace")
