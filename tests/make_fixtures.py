@@ -593,9 +593,10 @@ def chat_check_tiny_folder(d):
 @area
 def make_chat():
     import tulu
+    from machinery import data
     from machinery.demo import train_tiny_tokenizer
     out = fresh_dir("chat")
-    chats = [tulu.chat_text(o["messages"]) for _, o in tulu.read_jsonl(os.path.join(ROOT, "data", "sft_train.jsonl"), "sft")]
+    chats = [tulu.chat_text(o["messages"]) for _, o in data.read_jsonl(os.path.join(ROOT, "data", "sft_train.jsonl"), "sft")]
     tiny = os.path.join(out, "tiny_tokenizer")
     train_tiny_tokenizer(tiny, chats)
     again = os.path.join(out, "tiny_again")
