@@ -10,9 +10,9 @@ evaluation, the demo, the other commands) is in machinery/, which a reader may s
 Shapes: B batch, T time (tokens), V vocabulary. Read top to bottom; the command line is last.
 """
 import argparse
+import functools
 import math
 import os
-import sys
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -88,16 +88,6 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
     # end exercise
 
 
-def encode_prompt(messages, tokenizer) -> list[int]:
-    """Ids of a conversation ending with a user turn, then "<|assistant|>\n", for
-    the model to write the answer: tokenized exactly as in training. (open-instruct's
-    evaluation writes "<s>" into the prompt text instead, which with legacy=False
-    encodes the first "<|user|>" without "▁", unlike training.)"""
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("a prompt must end with a user turn")
-    return tokenizer.encode(chat_text(messages, eos_text(tokenizer)) + ROLE_HEADERS["assistant"], bos=True)
-
-
 def final_answer_start(labels):
     """Index where the last run of learned labels begins: the final assistant
     answer, since encode_messages masks the "<|assistant|>\n" header before it."""
@@ -122,15 +112,74 @@ def encode_pair(chosen, rejected, tok, max_seq_length, encode=encode_messages):
     return out
 
 
+# QLoRA's formats (artidoro/qlora, arXiv 2305.14314): its model cards' prompt, and its rows
+
+QLORA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+                "gives helpful, detailed, and polite answers to the user's questions.")
+QLORA_HEADERS = {"system": "", "user": "### Human: ", "assistant": "### Assistant: "}
+QLORA_PROMPT = " ### Assistant:"  # the card's prompt ends "### Human: {prompt} ### Assistant:"
+
+
+def qlora_text(messages) -> str:
+    """The QLoRA card's chat: its system line (or the conversation's own) and a newline,
+    then the turns as the oasst1-guanaco text writes them, "### Human: {c}### Assistant: {c}"."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": QLORA_SYSTEM}, *messages]
+    return "".join(QLORA_HEADERS[m["role"]] + m["content"].strip() + "\n" * (m["role"] == "system")
+                   for m in messages)
+
+
+def encode_instruction(row, tokenizer, source_max_len: int = 1024, target_max_len: int = 256,
+                       train_on_source: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one of QLoRA's rows, as artidoro/qlora's DataCollatorForCausalLM
+    makes them: the source is the BOS text + row["input"], the target row["output"] + the
+    EOS text, each tokenized on its own (no BOS added) and cut on the right to its max
+    length; labels are -100 on the source unless train_on_source. A {"text"} row (oasst1,
+    Guanaco's data) trains as input "" and output = text, so all but BOS is learned."""
+    source, target = (row["input"], row["output"]) if "output" in row else ("", row["text"])
+    bos = next((text for text, i in tokenizer.specials.items() if i == tokenizer.bos_id), "")
+    source_ids = tokenizer.encode(bos + source)[:source_max_len]
+    target_ids = tokenizer.encode(target + eos_text(tokenizer))[:target_max_len]
+    labels = source_ids if train_on_source else [-100] * len(source_ids)
+    return source_ids + target_ids, labels + target_ids
+
+
+def encode_prompt(messages, tokenizer, chat_format: str = "tulu") -> list[int]:
+    """Ids of a conversation ending with a user turn, then "<|assistant|>\n", for
+    the model to write the answer: tokenized exactly as in training. (open-instruct's
+    evaluation writes "<s>" into the prompt text instead, which with legacy=False
+    encodes the first "<|user|>" without "▁", unlike training.) chat_format="qlora":
+    the QLoRA card's prompt, "... ### Human: {prompt} ### Assistant:" (qlora_text)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a prompt must end with a user turn")
+    if chat_format == "qlora":
+        return tokenizer.encode(qlora_text(messages) + QLORA_PROMPT, bos=True)
+    return tokenizer.encode(chat_text(messages, eos_text(tokenizer)) + ROLE_HEADERS["assistant"], bos=True)
+
+
+def chat_template(tokenizer, chat_format: str = "tulu") -> str:
+    """The Jinja chat_template an output folder ships (machinery/outputs.py): transformers'
+    apply_chat_template then gives encode_messages' ids for a whole conversation (for
+    "qlora", BOS + qlora_text's) and encode_prompt's with add_generation_prompt=True."""
+    if chat_format == "qlora":
+        turns = {role: (header, "\n" * (role == "system")) for role, header in QLORA_HEADERS.items()}
+        return outputs.jinja_chat_template(tokenizer, turns, QLORA_PROMPT, system=QLORA_SYSTEM)
+    eos = eos_text(tokenizer)
+    turns = {role: (header, eos * (role == "assistant") + "\n") for role, header in ROLE_HEADERS.items()}
+    return outputs.jinja_chat_template(tokenizer, turns, ROLE_HEADERS["assistant"], strip=True)
+
+
 
 # The data files as training examples: machinery/data.py reads them, encodes them with this chat
 # format (a fast path with the same ids and labels) by worker processes, and caches them.
-CHAT = data.ChatFormat(chat_text, eos_text, ROLE_HEADERS, encode_pair)
+CHAT = data.ChatFormat(chat_text, eos_text, ROLE_HEADERS, encode_pair, encode_instruction)
 
 
-def load_sft_data(path, tok, max_seq_length, workers=1, cache=None):
-    """Every conversation of a JSONL file as (ids, labels), in order (data.load_examples)."""
-    return data.load_examples(path, "sft", tok, max_seq_length, CHAT, workers, cache)
+def load_sft_data(path, tok, max_seq_length, workers=1, cache=None, rows=None):
+    """Every conversation (or QLoRA row: encode_instruction, with the keywords `rows`) of a
+    JSONL file as (ids, labels), in order (data.load_examples)."""
+    chat = CHAT._replace(row=functools.partial(encode_instruction, **(rows or {})))
+    return data.load_examples(path, "sft", tok, max_seq_length, chat, workers, cache)
 
 
 def load_pref_data(path, tok, max_seq_length, workers=1, cache=None):
@@ -179,6 +228,9 @@ class TrainConfig:
     epochs: int | None = flag("passes over the data", recipe=True, type=positive_int)
     max_steps: int = flag("stop after N optimiser steps (default 0: all epochs)", 0, type=count)
     lr: float | None = flag("peak learning rate", recipe=True, type=float)
+    lr_scheduler: str = flag("linear: warmup, then linear decay to 0 (Tulu 2); constant: --lr at every step, "
+                             "no warmup (QLoRA; transformers' constant) (default %(default)s)", "linear",
+                             choices=["linear", "constant"])
     batch_size: int | None = flag("examples per micro-batch", recipe=True, type=positive_int)
     grad_accum: int | None = flag("micro-batches per optimiser step; batch-size x grad-accum = {batch}, the "
                                   "model cards' batch", recipe=True, type=positive_int)
@@ -227,7 +279,8 @@ class TrainConfig:
     num_workers: int = flag("processes that encode --data (default: this machine's cores, at most 8; here "
                             "%(default)s); the encoding is cached under $XDG_CACHE_HOME/tulu/data",
                             data.default_workers(), type=positive_int)
-    data: str | None = flag({"sft": "JSONL of {\"messages\": [...]} (default: data/sft_train.jsonl)",
+    data: str | None = flag({"sft": "JSONL of {\"messages\": [...]}, or QLoRA's rows {\"input\", \"output\"} "
+                                    "or {\"text\"} (default: data/sft_train.jsonl)",
                              "dpo": "JSONL of {\"chosen\": [...], \"rejected\": [...]} (default: "
                                     "data/prefs_train.jsonl)"})
     adapter: str | None = flag({"dpo": "start from this SFT adapter; it is also the reference model"})
@@ -235,6 +288,11 @@ class TrainConfig:
     loss: str = flag({"dpo": "sigmoid: DPO (Tulu 2); dpo_norm: on average log-probs (Tulu 3); ipo (default "
                              "%(default)s)"}, "sigmoid", choices=list(dpo.LOSS_TYPES))
     label_smoothing: float = flag({"dpo": "conservative DPO epsilon (default 0)"}, 0.0, type=float)
+    source_max_len: int = flag({"sft": "QLoRA rows: cut the source (BOS + input) to N tokens (default "
+                                       "%(default)s, QLoRA's)"}, 1024, type=positive_int, metavar="N")
+    target_max_len: int = flag({"sft": "QLoRA rows: cut the target (output + EOS) to N tokens (default "
+                                       "%(default)s, QLoRA's)"}, 256, type=positive_int, metavar="N")
+    train_on_source: bool = flag({"sft": "QLoRA rows: learn the input too"}, False, action="store_true")
     dist: object = field(default=None, repr=False)  # this process among torchrun's (setup_distributed)
 
     def resolve(self, demo: bool) -> "TrainConfig":
@@ -425,7 +483,7 @@ def train(cfg, model, examples, task, out, save=False):
     model.train()
     with run:
         for step in run.steps():
-            lr = cfg.lr * linear_schedule(step, warmup, total)
+            lr = cfg.lr * (1.0 if cfg.lr_scheduler == "constant" else linear_schedule(step, warmup, total))
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = step_batches(len(examples), step, per_epoch, cfg.batch_size, cfg.grad_accum * d.world,
@@ -443,7 +501,11 @@ def train(cfg, model, examples, task, out, save=False):
                 opt.step()
             opt.zero_grad(set_to_none=True)
             run.end_step(step + 1, model, opt, lr)
-        return run.finish(model, (lambda: outputs.save_outputs(cfg, model, cfg.model, out)) if save else None)
+        # the outputs' chat template is the format of the data they learned: Tulu's, or QLoRA's rows'
+        qlora = save and data.row_keys(next(data.read_objects(cfg.data))[1])
+        template = functools.partial(chat_template, chat_format="qlora" if qlora else "tulu")
+        return run.finish(model, (lambda: outputs.save_outputs(cfg, model, cfg.model, out, template))
+                          if save else None)
 
 
 # -----------------------------------------------------------------------------
@@ -474,8 +536,10 @@ def start_run(args):
     torch.manual_seed(cfg.seed)
     tok = dist.together(d, cli.tokenizer, cfg.model)
     sft = cfg.command == "sft"
-    examples = dist.rank0_first(d, load_sft_data if sft else load_pref_data, cfg.data, tok,
-                                cfg.max_seq_length, cfg.num_workers, os.path.join(cli.cache_dir(), "data"))
+    rows = {k: getattr(cfg, k) for k in ("source_max_len", "target_max_len", "train_on_source")}
+    load = functools.partial(load_sft_data, rows=rows) if sft else load_pref_data
+    examples = dist.rank0_first(d, load, cfg.data, tok, cfg.max_seq_length, cfg.num_workers,
+                                os.path.join(cli.cache_dir(), "data"))
     checks.check_batch_size(cfg, examples, "conversation" if sft else "preference pair")
     checks.warn_beyond_context(cfg, examples)
     return cfg, args.model is None, tok, examples, dist.together(d, build_policy, cfg, cfg.model)
@@ -525,7 +589,9 @@ def cmd_eval(args):
     cfg.device, cfg.dtype = cli.device_and_dtype(cfg.device, cfg.dtype)
     cfg.model = cfg.model or tiny_sft()
     tasks = lambda eos: {"sft": SFTTask(eos), "prefs": DPOTask(cfg, eos), "choice": SFTTask(eos)}
-    cli.evaluate_model(args, cfg, tasks, CHAT, cache_reference)
+    # --chat-format qlora: a conversation is scored as QLoRA scored oasst1, its QLoRA text a {"text"} row
+    as_row = (lambda o: {"text": qlora_text(o["messages"])}) if args.chat_format == "qlora" else None
+    cli.evaluate_model(args, cfg, tasks, CHAT._replace(row=encode_instruction), cache_reference, as_row)
 
 
 def build_parser():
@@ -535,7 +601,7 @@ def build_parser():
                         "supervised fine-tuning on Tulu-format conversations"),
                 "dpo": (cmd_dpo, lambda p: training_flags(p, "dpo"),
                         "direct preference optimisation on chosen/rejected pairs"),
-                "merge": (cli.merge, cli.merge_flags,
+                "merge": (lambda args: cli.merge(args, chat_template), cli.merge_flags,
                           "fold a LoRA adapter into its base and write an HF folder"),
                 "chat": (lambda args: cli.chat(args, tiny_sft, encode_prompt), cli.chat_flags,
                          "talk to a model in the Tulu chat format"),

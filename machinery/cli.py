@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import dpo
+import llama
 from llama import Tokenizer, TuluError, load_model, save_model
 from machinery import checks, data, distributed as dist, evaluate, exercises as student_copy, outputs
 
@@ -104,16 +105,20 @@ def tuned_model(path, adapter, dtype, device="cpu", qlora=False, merged=False):
     return model
 
 
-def merge(args):
+def merge(args, chat_template):
     """`tulu.py merge`: the adapter folded into its base, written as an HF folder with the tokenizer.
     --qlora: the base quantised to NF4 exactly as for training, then dequantised: the adapter was
-    trained against those weights (open-instruct merge_lora.py --qlora); read in the output dtype."""
+    trained against those weights (open-instruct merge_lora.py --qlora); read in the output dtype.
+    The output's chat template: the adapter's, else chat_template(tokenizer), Tulu's."""
     checks.check_output(args.output, args.model)
-    checks.check_vocab(checks.folder_tokenizer(args.adapter, args.model), args.model)
+    tok = checks.check_vocab(checks.folder_tokenizer(args.adapter, args.model), args.model)
     dtype = device_and_dtype("cpu", args.dtype)[1]
     save_model(tuned_model(args.model, args.adapter, dtype, qlora=args.qlora, merged=True), args.output)
     outputs.copy_tokenizer(args.model, args.output, ("generation_config.json",))
-    outputs.copy_tokenizer(checks.tokenizer_source(args.adapter, args.model), args.output)
+    src = checks.tokenizer_source(args.adapter, args.model)
+    outputs.copy_tokenizer(src, args.output)
+    if tok and (src != args.adapter or "chat_template" not in llama.tokenizer_config(src)):  # an adapter's stays
+        outputs.write_chat_template(args.output, chat_template(tok))
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
@@ -130,14 +135,15 @@ def chat(args, default_model, encode_prompt):
     g = torch.Generator(device=device).manual_seed(args.seed)
     for prompt in [args.prompt] if args.prompt is not None else iter(outputs.read_prompt, None):
         history.append({"role": "user", "content": prompt})
-        reply = outputs.stream_reply(model, tok, encode_prompt(history, tok), args, g, stop)
+        reply = outputs.stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
         history.append({"role": "assistant", "content": reply})
 
 
-def evaluate_model(args, cfg, tasks, chat_format, cache_reference):
+def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
     """`tulu.py eval`: by the keys of --data's first object (one read), held-out loss, DPO's
     rewards (the reference: --reference, else --model without --adapter) or multiple-choice
-    accuracy, by tulu.py's tasks (tasks(eos_id): by kind), chat format and reference scoring."""
+    accuracy, by tulu.py's tasks (tasks(eos_id): by kind), chat format and reference scoring.
+    as_row: conversations scored as the QLoRA row it makes of each (--chat-format qlora)."""
     first, objects = itertools.tee(data.read_objects(cfg.data))
     kind = evaluate.data_kind(cfg.data, first)
     evaluate.check_eval_args(args, kind)
@@ -152,7 +158,11 @@ def evaluate_model(args, cfg, tasks, chat_format, cache_reference):
         score = lambda rows: evaluate.choice_scores(model, rows, task, cfg, eval_batches, autocast)
         metrics = evaluate.choice_metrics(items, dev, shots, tok, cfg, score)
         return evaluate.report(cfg, kind, len(items), metrics, shots)
-    examples = data.load_examples(cfg.data, kind, tok, cfg.max_seq_length, chat_format)
+    if kind == "sft" and as_row:
+        rows = (o if "messages" not in o else as_row(o) for _, o in objects)
+        examples = [chat_format.row(row, tok) for row in rows]
+    else:
+        examples = data.load_examples(cfg.data, kind, tok, cfg.max_seq_length, chat_format)
     if kind == "prefs" and args.reference:  # scored first, then freed: one model in memory at a time
         checks.check_vocab(tok, args.reference)
         examples = cache_reference(load(args.reference), examples, task, cfg)
@@ -209,12 +219,18 @@ def merge_flags(p):
                         "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
+def chat_format_flag(p):
+    p.add_argument("--chat-format", choices=["tulu", "qlora"], default="tulu", help="tulu: the Tulu 2 format "
+                   "(default); qlora: the QLoRA card's, for its Guanaco and OpenOrca adapters")
+
+
 def chat_flags(p):
     p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
                                    "demo `tulu.py dpo` starts from; built once and cached)")
     p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
     p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
     p.add_argument("--system", help="system message")
+    chat_format_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="default %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
@@ -229,11 +245,13 @@ def eval_flags(p):
                                      "without it is the reference")
     p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 first, as a qlora adapter "
                                                         "was trained (default: the base as stored)")
-    p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}: loss, perplexity), "
+    p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}, or QLoRA's rows: "
+                   "loss, perplexity), "
                    "preference pairs ({\"chosen\", \"rejected\"}: DPO's rewards/*) or multiple choice "
                    "({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
     p.add_argument("--reference", help="reference model folder for preference pairs (default with --adapter: "
                                        "--model without the adapter)")
+    chat_format_flag(p)
     p.add_argument("--dev", help="multiple choice: JSONL of solved examples, taken in file order by subject")
     p.add_argument("--shots", type=count, help="multiple choice: solved examples before each question "
                                                "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")

@@ -118,6 +118,13 @@ def same_bytes(a, b):
         return f.read() == g.read()
 
 
+def tulu_tokenizer(out):
+    """An output's tokenizer is the base's, with the Tulu chat template in tokenizer_config.json."""
+    config = {**llama.tokenizer_config(HF_TINY), "chat_template": tulu.chat_template(llama.Tokenizer(HF_TINY))}
+    same = [same_bytes(os.path.join(out, n), os.path.join(HF_TINY, n)) for n in ("tokenizer.model", "special_tokens_map.json")]
+    return llama.tokenizer_config(out) == config and all(same)
+
+
 def visible_lines(stderr):
     """The lines a terminal shows: a progress bar redraws its line after "\\r"
     and a finished one (leave=False) blanks it."""
@@ -248,7 +255,7 @@ def test_sft_trains_and_writes_outputs(tmp_path, sft_data, method, lr):
     want = set(ADAPTER_FILES) if method != "full" else {"config.json", "model.safetensors"}
     assert want | set(TOKENIZER_FILES) | {"metrics.jsonl"} <= files
     assert not ({"config.json", "model.safetensors"} | set(ADAPTER_FILES)) - want & files
-    assert all(same_bytes(out / n, os.path.join(HF_TINY, n)) for n in TOKENIZER_FILES)
+    assert tulu_tokenizer(out)
 
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, N + 1))
@@ -1076,7 +1083,7 @@ def test_merge_writes_the_adapter_model(tmp_path, ref, qlora):
         *(["--qlora"] if qlora else []))
     assert {"config.json", "model.safetensors", *TOKENIZER_FILES} <= set(os.listdir(out))
     assert not set(ADAPTER_FILES) & set(os.listdir(out))
-    assert all(same_bytes(out / n, os.path.join(HF_TINY, n)) for n in TOKENIZER_FILES)
+    assert tulu_tokenizer(out)
     with open(out / "config.json") as f:
         cfg = json.load(f)
     assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
