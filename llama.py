@@ -898,9 +898,9 @@ class BPETokenizer(SpecialSplitting):
                   **{f"model.{k}": model.get(k) for k in model_keys},
                   **{f"added token {t['content']!r} {k}": t.get(k) for t in spec.get("added_tokens") or []
                      for k in ("lstrip", "rstrip", "single_word")}}
-        for field, value in unused.items():
+        for name, value in unused.items():
             if value:
-                self.unsupported(field, value)
+                self.unsupported(name, value)
 
     def read_pre_tokenizer(self, pre):
         """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?) from
