@@ -25,9 +25,8 @@ from machinery.outputs import copy_tokenizer
 
 # what transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
 # bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), QLoRA's settings
-BNB_WRITTEN = {**nf4.BNB_CONFIG, "_load_in_4bit": True, "_load_in_8bit": False,
-               "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True,
-               "llm_int8_enable_fp32_cpu_offload": False,
+BNB_WRITTEN = {**nf4.BNB_CONFIG, "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16",
+               "_load_in_4bit": True, "_load_in_8bit": False, "llm_int8_enable_fp32_cpu_offload": False,
                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0}
 SAFE_ORDER = ("F64", "F32", "BF16", "F16", "U8")  # safetensors' order of tensors in a file: dtype, then name
 
