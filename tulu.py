@@ -38,6 +38,7 @@ from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics,
 from machinery.exercises import EXERCISES, make_exercises
 from machinery.fast import compile_layers, use_fast_dropout
 from machinery.outputs import copy_tokenizer, read_prompt, save_outputs, stop_ids, stream_reply
+from machinery.plan import print_plan, run_line, size as plan_size
 from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -587,6 +588,7 @@ def start_run(ns, default_model, default_data):
     args.resolve(demo)
     print_config(args)
     together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
+    print(together(args.dist, run_line, args))
     check_output(args.output, args.model, args.adapter)
     root = resume_root(args)
     rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: the newest whole one
@@ -748,6 +750,29 @@ def cmd_exercises(args):
           f"start with {names[0]} ({file}: {function}):\n  cd {out} && python -m pytest {selector}")
 
 
+def cmd_plan(args):
+    """Each device's peak memory in such a run, from config.json alone (machinery/plan.py)."""
+    print_plan(args)
+
+
+def plan_flags(p):
+    p.add_argument("--model", required=True, help="HF Llama folder; only its config.json is read")
+    p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora", help="default %(default)s")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences a micro-batch (DPO: two a pair; "
+                   "default %(default)s, the Tulu 2 recipes')")
+    p.add_argument("--max-seq-length", type=positive_int, default=8192, help="default %(default)s, Tulu 2's")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-r", type=positive_int, default=64, help="default %(default)s")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="default %(default)s (sft's; dpo's is 0)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default %(default)s")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu (as --dtype auto)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="torchrun's --nproc_per_node (default 1)")
+    p.add_argument("--fsdp", action="store_true", help="shard lora/qlora too (full on several ranks always is)")
+    p.add_argument("--device-memory", type=plan_size, help="e.g. 24GiB or 48GB: whether the run fits, else the "
+                   "largest batch that does")
+    p.add_argument("--json", action="store_true", help="print one JSON object: total_bytes and the parts")
+
+
 def exercises_flags(p):
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
@@ -820,6 +845,7 @@ def build_parser():
                 ("chat", "talk to a model in the Tulu chat format", cmd_chat, chat_flags),
                 ("eval", "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy",
                  cmd_eval, eval_flags),
+                ("plan", "peak memory per device of a training run, from config.json alone", cmd_plan, plan_flags),
                 ("exercises", "write a student copy in which key functions are left to implement, graded "
                               "by the tests (see its EXERCISES.md)", cmd_exercises, exercises_flags)]
     for name, help, func, flags in commands:
