@@ -93,25 +93,26 @@ def logits_bytes(cfg, method, c, n, device) -> int:
 
 
 def weight_copies(cfg, method, c, fsdp) -> int:
-    """Weights held twice while in use. FSDP: the root unit (embeddings, lm_head) and two
-    decoder layers gathered, and for full the whole gradients of lm_head and of a layer before
-    their reduce-scatter. Else qlora: the largest weight dequantized (int64 pairs of float32
-    values, then cast to c); full under bf16 autocast: every decoder weight's bf16 cast."""
+    """Weights held twice while in use. qlora: the largest weight dequantized (int64 pairs of
+    float32 values, then cast to c). FSDP: the root unit (embeddings, lm_head) and two decoder
+    layers gathered, and for full the whole gradients of lm_head and of a layer before their
+    reduce-scatter (lora/qlora: on paper; tulu does not shard them yet). Full without FSDP,
+    under bf16 autocast: every decoder weight's bf16 cast."""
     layer, head = sum(i * o for i, o in projections(cfg)), cfg.vocab_size * cfg.hidden_size
+    largest = max(i * o for i, o in projections(cfg))
+    dequantized = largest * (4 if c == 4 else 4 + c) if method == "qlora" else 0
     if fsdp:
         stored = sum(nf4_bytes(i * o) for i, o in projections(cfg)) if method == "qlora" else layer * c
-        return 2 * head * c + 2 * stored + ((head + layer) * c if method == "full" else 0)
-    if method == "qlora":
-        return max(i * o for i, o in projections(cfg)) * (4 if c == 4 else 4 + c)
-    return cfg.num_hidden_layers * layer * c if method == "full" and c < 4 else 0
+        return dequantized + 2 * head * c + 2 * stored + ((head + layer) * c if method == "full" else 0)
+    return dequantized + (cfg.num_hidden_layers * layer * c if method == "full" and c < 4 else 0)
 
 
 def plan(cfg, method, rows, seq, lora_r=64, dropout=0.1, checkpointing=False, c=2, device="cuda", world=1,
          fsdp=False) -> dict:
     """One device's parts, in bytes, for micro-batches of `rows` sequences of `seq` tokens,
-    every label learned, on `world` ranks. qlora on a GPU pages AdamW's states (PagedAdamW):
-    they wait in CPU memory, and the GPU holds what room is left (counted as none)."""
-    fsdp = world > 1 and (fsdp or method == "full")  # --method full on several ranks is FSDP2
+    every label learned, on `world` ranks, sharded (fsdp) or each holding the model (DDP).
+    qlora on a GPU pages AdamW's states (PagedAdamW): they wait in CPU memory, and the GPU
+    holds what room is left (counted as none)."""
     split, tokens, D = world if fsdp else 1, rows * seq, cfg.hidden_size
     n, stored = weight_bytes(cfg, method, c)
     trained = n if method == "full" else lora_params(cfg, lora_r)
@@ -152,11 +153,13 @@ def size(text: str) -> int:
 
 
 def settings(args, world, fsdp=False) -> dict:
-    """plan()'s arguments for a run's TrainConfig (sft; dpo: two sequences a pair) or plan's flags."""
+    """plan()'s arguments for a run's TrainConfig (sft; dpo: two sequences a pair) or plan's flags.
+    --method full on several ranks is always sharded (FSDP2)."""
     return dict(cfg=LlamaConfig.from_json(os.path.join(args.model, "config.json")), method=args.method,
                 rows=args.batch_size * (2 if args.command == "dpo" else 1), seq=args.max_seq_length,
                 lora_r=args.lora_r, dropout=args.lora_dropout, checkpointing=args.gradient_checkpointing,
-                c=args.dtype.itemsize, device=args.device, world=world, fsdp=fsdp)
+                c=args.dtype.itemsize, device=args.device, world=world,
+                fsdp=world > 1 and (fsdp or args.method == "full"))
 
 
 def run_line(args) -> str:
@@ -192,6 +195,8 @@ def print_plan(args):
           f"activations {flip} --gradient-checkpointing: {other / GIB:.2f} GiB")
     if s["method"] == "qlora" and args.device == "cuda":
         print(f"AdamW's states are paged to CPU memory: {2 * parts['gradients'] / GIB:.2f} GiB there")
+    if s["fsdp"] and s["method"] != "full":
+        print("--fsdp with lora/qlora: arithmetic only, not yet measured (sft does not shard them yet)")
     if memory is not None:
-        verdict = "yes" if total <= memory else f"no; batch {best} does" if best else "no, at any batch"
+        verdict = "yes" if total <= memory else f"no; batch {best} does" if best else "no, not even batch 1"
         print(f"fits in {memory / GIB:.2f} GiB: {verdict}")

@@ -4,15 +4,18 @@
   builds (NF4 buffers included); layer_activations against the bytes autograd saves in a
   decoder layer (counted with saved_tensors_hooks) for each method, in float32 and under bf16
   autocast, with and without LoRA dropout and gradient checkpointing.
-- The peak against measured runs: `tulu.py sft` with qlora, lora and full in one process, and
-  full on 2 gloo ranks under torchrun (FSDP2), two steps of 4 x 256 tokens on a random Llama of
-  4.8M parameters. Measured: the peak resident memory (VmHWM) above the process's resident
-  memory before the run, after a warm-up run on the tiny model has paged in torch's code and
-  one-time setup (the meta device alone takes ~30 MB). Within 25% (on the machine that wrote
-  this, 0.97-1.00 of the plan). glibc keeps freed blocks under 32 MiB for reuse, which grows a
-  CPU run's resident memory to ~2x its live tensors by the second step; the plan counts
-  tensors, so the measured processes have glibc return every freed block of 64 KiB or more
-  (MALLOC_MMAP_THRESHOLD_=65536).
+- The peak against measured runs: two steps of `tulu.py sft` on a random Llama of 13.7M
+  parameters (16 layers), qlora and lora at 2 x 128 tokens (activations weigh most), full at
+  1 x 64 (weights, gradients and AdamW states weigh most) in one process, and full on 2 gloo
+  ranks under torchrun (FSDP2). Measured: the peak resident memory (VmHWM) up to the writing
+  of the outputs, above the resident memory before the run; a warm-up run on the tiny model
+  first pages in torch's code and one-time setup (the meta device alone takes ~30 MB). Within
+  25%; where this was written, qlora 1.07, lora 1.03, full 1.03, full on 2 ranks 1.14 (FSDP2's
+  all-gather and reduce-scatter buffers, which the plan counts once). glibc keeps freed blocks
+  under 32 MiB for reuse, which grows a CPU run's resident memory to ~2x its live tensors by
+  the second step; the plan counts tensors, so the measured processes have glibc give back
+  each freed block of 64 KiB or more (MALLOC_MMAP_THRESHOLD_), and what it kept of a run
+  before the next (malloc_trim).
 - On paper, the QLoRA paper's claim: LLaMA-65B QLoRA r=64 at batch 1 x 512 with gradient
   checkpointing fits one 48 GB GPU, where full fine-tuning needs over 780 GB.
 - `tulu.py plan`: --json, and --device-memory with the largest batch that fits.
@@ -33,16 +36,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import llama  # noqa: E402
+import nf4  # noqa: E402
 import tulu  # noqa: E402
 from machinery import plan  # noqa: E402
 from machinery.distributed import exit_after  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HF_TINY = os.path.join(HERE, "fixtures", "cli", "hf_tiny")
-MEASURED = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2)  # activations and logits dominate noise
-BATCH, SEQ, R = 4, 256, 8
-METHODS = ["qlora", "lora", "full"]
+MEASURED = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=16,
+                num_attention_heads=4, num_key_value_heads=2)  # 13.7M parameters
+SHAPES = {"qlora": (2, 128), "lora": (2, 128), "full": (1, 64)}  # (batch, length): activations or weights weigh
+R = 8
 LINUX = os.path.exists("/proc/self/clear_refs")
 GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 
@@ -132,8 +136,12 @@ def status_bytes(field):
 
 def measured_process(runs, out):
     """Warm up on the tiny model (as one process, on every rank), then run each command line,
-    appending {"rank", "peak"} to `out`: the peak resident memory above the resident memory before."""
+    appending {"rank", "peak"} to `out`: the peak resident memory up to the writing of the
+    outputs, above the resident memory before the run. (Writing them is no part of the plan:
+    on a GPU it takes host memory, and under FSDP rank 0 gathers the whole model for it.)"""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    peaks, save = [], tulu.save_outputs
+    tulu.save_outputs = lambda *a: (peaks.append(status_bytes("VmHWM")), save(*a))[1]
     os.environ["WORLD_SIZE"] = "1"
     data = runs[0][runs[0].index("--data") + 1]
     tulu.main(["sft", "--model", HF_TINY, "--data", data, "--output", f"{out}.warm{rank}", "--max-steps", "1",
@@ -141,12 +149,13 @@ def measured_process(runs, out):
     os.environ["WORLD_SIZE"] = world
     for argv in runs:
         gc.collect()
+        nf4.release_freed_memory()  # what glibc keeps of the last run's memory: not there to reuse
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak (VmHWM) starts again from the resident memory now
         before = status_bytes("VmRSS")
         tulu.main(argv)
         with open(out, "a") as f:
-            f.write(json.dumps({"rank": rank, "peak": status_bytes("VmHWM") - before}) + "\n")
+            f.write(json.dumps({"rank": rank, "peak": peaks[-1] - before}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +174,16 @@ def measured(tmp_path_factory):
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(os.path.join(HF_TINY, name), d / "model")
     words, rng = ["alpha", "beta", "gamma", "river", "stone", "light", "cloud", "tree"], random.Random(0)
-    with open(d / "data.jsonl", "w") as f:  # answers past SEQ tokens: each batch 4 x 256, nearly all learned
-        for _ in range(2 * BATCH):
+    with open(d / "data.jsonl", "w") as f:  # answers longer than any row: each is cut, nearly all learned
+        for _ in range(4):
             answer = " ".join(rng.choice(words) for _ in range(600))
             f.write(json.dumps({"messages": [{"role": "user", "content": "go"},
                                              {"role": "assistant", "content": answer}]}) + "\n")
 
     def run(methods, nproc=1):
         runs = [["sft", "--model", d / "model", "--data", d / "data.jsonl", "--method", m, "--output",
-                 d / f"out-{m}-{nproc}", "--batch-size", BATCH, "--grad-accum", 1, "--max-seq-length", SEQ,
-                 "--max-steps", 2, "--lora-r", R, "--num-workers", 1] for m in methods]
+                 d / f"out-{m}-{nproc}", "--batch-size", SHAPES[m][0], "--max-seq-length", SHAPES[m][1],
+                 "--grad-accum", 1, "--max-steps", 2, "--lora-r", R, "--num-workers", 1] for m in methods]
         out = d / f"peaks-{nproc}.jsonl"
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] * (nproc > 1)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -188,23 +197,23 @@ def measured(tmp_path_factory):
 
 def planned(model_dir, method, world=1):
     cfg = llama.LlamaConfig.from_json(os.path.join(model_dir, "config.json"))
-    return plan.peak(plan.plan(cfg, method, BATCH, SEQ, lora_r=R, dropout=0.1, c=4, device="cpu",
-                               world=world))  # sft's defaults on a CPU: float32, LoRA dropout 0.1
+    return plan.peak(plan.plan(cfg, method, *SHAPES[method], lora_r=R, dropout=0.1, c=4, device="cpu",
+                               world=world, fsdp=world > 1))  # sft's defaults on a CPU: float32, dropout 0.1
 
 
 @pytest.fixture(scope="module")
 def one_process(measured):
-    peaks, stdout = measured[1](METHODS)
-    return dict(zip(METHODS, peaks)), stdout
+    peaks, stdout = measured[1](list(SHAPES))
+    return dict(zip(SHAPES, peaks)), stdout
 
 
 @pytest.mark.skipif(not LINUX, reason="reads the peak from /proc/self/status")
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(SHAPES))
 def test_plan_is_within_25_percent_of_a_measured_run(measured, one_process, method):
     peaks, stdout = one_process
     want = planned(measured[0], method)
     assert abs(peaks[method] / want - 1) <= 0.25, (peaks[method] / 2**20, want / 2**20)
-    assert f"memory plan: {want / 2**30:.2f} GiB per device at batch {BATCH} x {SEQ}" in stdout  # sft's line
+    assert f"memory plan: {want / 2**30:.2f} GiB per device at batch {SHAPES[method][0]}" in stdout  # sft's
 
 
 @pytest.mark.skipif(not (LINUX and GLOO), reason="reads /proc/self/status; needs torch.distributed with gloo")
