@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HF_TINY = os.path.join(HERE, "fixtures", "cli", "hf_tiny")
 MEASURED = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=16,
                 num_attention_heads=4, num_key_value_heads=2)  # 13.7M parameters
-SHAPES = {"qlora": (2, 128), "lora": (2, 128), "full": (1, 64)}  # (batch, length): activations or weights weigh
+SHAPES = {"qlora": (2, 128), "lora": (2, 128), "full": (1, 64)}  # (batch, length): what weighs most differs
 R = 8
 LINUX = os.path.exists("/proc/self/clear_refs")
 GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
@@ -110,19 +110,19 @@ F32, BF16 = torch.float32, torch.bfloat16
     ("lora", F32, 0.1, False), ("lora", F32, 0, False), ("lora", BF16, 0.1, False), ("lora", BF16, 0, False),
     ("qlora", BF16, 0.1, False), ("qlora", BF16, 0.1, True)])
 def test_layer_activations_are_what_autograd_saves(tmp_path, method, dtype, dropout, checkpointing):
-    """One decoder layer's share: a 3-layer model's saved bytes less a 2-layer one's (the
-    first layer differs: under LoRA nothing before it needs a gradient)."""
-    ids = torch.randint(0, 128, (2, 16))
-    counts = []
+    """One decoder layer's share, in plan() and in autograd: a 3-layer model's activations less
+    a 2-layer one's (the first layer differs: under LoRA nothing before it needs a gradient).
+    Under checkpointing, what a layer keeps is its input alone."""
+    ids, c = torch.randint(0, 128, (2, 16)), dtype.itemsize
+    saved, planned = [], []
     for layers in (3, 2):
         model, args, cfg = policy(tmp_path, method, dtype, dropout, checkpointing, layers)
-        counts.append(saved_bytes(model, args, ids))
-    c = dtype.itemsize
-    if checkpointing:  # a layer's input: the residual stream, float32 under full's master weights
-        want = (4 if method == "full" else c) * cfg.hidden_size
-    else:
-        want = plan.layer_activations(cfg, method, c, R, dropout, shared=method == "full" and c == 4)
-    assert counts[0] - counts[1] == ids.numel() * want
+        saved.append(saved_bytes(model, args, ids))
+        parts = plan.plan(cfg, method, *ids.shape, R, dropout, checkpointing, c, device="cpu")
+        planned.append(parts["activations"])
+    assert saved[0] - saved[1] == planned[0] - planned[1]
+    if checkpointing:  # the residual stream: float32 under full's master weights
+        assert planned[0] - planned[1] == ids.numel() * cfg.hidden_size * (4 if method == "full" else c)
 
 
 # -----------------------------------------------------------------------------
@@ -246,11 +246,12 @@ def test_plan_json_and_the_largest_batch_that_fits(capsys):
     peak = lambda rows: plan.peak(plan.plan(cfg, "qlora", rows, 512))  # noqa: E731
     assert got["total_bytes"] == peak(8) and got["fits"] is None
     assert sum(got["parts"].values()) >= got["total_bytes"] > 0
-    memory = (peak(5) + peak(6)) // 2
-    tulu.main(["plan", "--model", HF_TINY, "--batch-size", "8", "--max-seq-length", "512", "--json",
-               "--device-memory", f"{memory}B"])
-    got = json.loads(capsys.readouterr().out)
-    assert got["fits"] is False and got["largest_batch"] == 5
+    for largest in (5, 1, 0):  # the device's memory halfway between the peaks of two batches
+        memory = (peak(largest) + peak(largest + 1)) // 2 if largest else peak(1) // 2
+        tulu.main(["plan", "--model", HF_TINY, "--batch-size", "8", "--max-seq-length", "512", "--json",
+                   "--device-memory", f"{memory}B"])
+        got = json.loads(capsys.readouterr().out)
+        assert got["fits"] is False and got["largest_batch"] == largest
     tulu.main(["plan", "--model", HF_TINY, "--device-memory", "24GiB"])
     out = capsys.readouterr().out
     assert "fits in 24.00 GiB: yes" in out and " peak " in out
