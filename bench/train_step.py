@@ -13,8 +13,9 @@ alternating --rounds times:
   r=16 (alpha 16, dropout 0.05) on all seven projections, paged AdamW (ours:
   PagedAdamW; theirs: bitsandbytes' PagedAdamW32bit where it runs, else torch's
   AdamW);
-- full: the bf16 model, every weight trained by torch's fused AdamW (Trainer's
-  default optimiser with torch >= 2.8, and tulu.py's);
+- full: float32 master weights computing in bf16 under autocast (tulu.py's
+  --method full --dtype bf16, and Trainer's bf16=True on a float32 model), every
+  weight trained by torch's fused AdamW (Trainer's default with torch >= 2.8);
 then --steps optimiser steps on the same random batch, each side computing the
 mean cross-entropy of the learned tokens its own way (ours as tulu.py's SFT
 loss, model(ids, labels=...); theirs transformers' model(input_ids, labels=...).loss).
@@ -78,6 +79,16 @@ def peak(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def autocast(forward, device):
+    """forward run under bf16 autocast, as tulu.autocast and Trainer's bf16=True do."""
+    import torch
+
+    def run(*a, **kw):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return forward(*a, **kw)
+    return run
+
+
 def ours(args, path):
     import torch
     import llama
@@ -86,8 +97,9 @@ def ours(args, path):
     from nf4 import PagedAdamW
     torch.manual_seed(0)
     if args.method == "full":
-        model = llama.load_model(path, dtype=torch.bfloat16, device=args.device)
+        model = llama.load_model(path, dtype=torch.float32, device=args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        model.forward = autocast(model.forward, args.device)
     else:
         model = llama.load_model(path, dtype=torch.bfloat16, device=args.device, quantize="nf4")
         lora.add_lora(model, r=16, alpha=16, dropout=0.05)
@@ -95,7 +107,6 @@ def ours(args, path):
         opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     if args.compile:
-        import tulu
         fast.compile_layers(model)
     def loss_of(ids, labels):  # as tulu.SFTTask.loss
         return -model(ids, labels=labels).sum() / (labels[:, 1:] != -100).sum()
@@ -108,8 +119,9 @@ def theirs(args, path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     torch.manual_seed(0)
     if args.method == "full":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=args.device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=args.device)
         model.train()
+        model.forward = autocast(model.forward, args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         return training_step(lambda ids, labels: model(input_ids=ids, labels=labels).loss, opt,
                              batch(args, model.config.vocab_size))
@@ -177,7 +189,7 @@ def main():
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 results[side].append(json.loads(out.strip().splitlines()[-1]))
     what = ("LoRA r=16 on all projections, NF4 + double quant, bf16 compute" if args.method == "qlora"
-            else "full fine-tuning in bf16, AdamW")
+            else "full fine-tuning, float32 masters + bf16 autocast, AdamW")
     print(f"{args.device}, {torch.get_num_threads()} threads; {args.layers} layers of hidden 1024, batch "
           f"{args.batch}x{args.seq} with {args.prompt:.0%} of each row a prompt; {what}")
     best = {s: {k: min(r[k] for r in rs) if k != "first_loss" else rs[0][k] for k in rs[0]}

@@ -11,12 +11,12 @@ again up to the end of every turn, as open-instruct does. Four things make it ch
   pool, tqdm's monitor) may hold a lock that a fork would copy held forever;
 - the examples are one flat int32 tensor (Examples: 8 bytes a token with its label,
   where two lists of Python ints take about 43);
-- they are cached, keyed by everything they depend on, so the next run and every
+- they are cached under a hash of everything they depend on, so the next run and every
   --resume read them back; under torchrun rank 0 encodes and caches the file while the
   other ranks wait, then they read the cache (rank0_first).
 
-tulu.py hands its chat format in as a ChatFormat (this folder never imports the
-chapters); its role headers are the roles a data file may use.
+tulu.py hands its chat format in as a ChatFormat (this folder never imports tulu.py);
+its role headers are the roles a data file may use.
 """
 
 import array
@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import pathlib
 import sys
-import time
 import unicodedata
 from typing import Callable, NamedTuple
 
@@ -45,16 +44,37 @@ from llama import TuluError, atomic_write
 # -----------------------------------------------------------------------------
 # Reading data files: one JSON object a line, checked with the file and line
 
-KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}
-OTHER_FILE = {  # kind -> what a line of the other kind of file is, and which command reads it
-    "sft": "a preference pair ('chosen' and 'rejected'): this file is for `tulu.py dpo` (sft reads "
-           "'messages')",
-    "prefs": "a conversation ('messages'): this file is for `tulu.py sft` (dpo reads 'chosen' and "
-             "'rejected')"}
+KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}  # a file's kind -> its rows' keys
+ROW_OF = {"sft": ("a conversation", "sft"), "prefs": ("a preference pair", "dpo")}  # -> (a row, its command)
+WIDTH = {"sft": 2, "prefs": 4}  # -> sequences an example: ids, labels (a pair's chosen, then rejected)
 
 
-def parse_json_line(path: str, n: int, raw: bytes):
-    """The JSON object on line n of a file, None for a blank line."""
+def check_row(where: str, obj: dict, kind: str, roles=None):
+    """TuluError("where: ...") unless obj is a row of `kind`: lists of messages, each
+    with a string role (one of `roles`; None: any) and content."""
+    keys = lambda k: " and ".join(map(repr, KIND_KEYS[k]))
+    other = next((k for k in KIND_KEYS if all(key in obj for key in KIND_KEYS[k])), kind)
+    if not any(key in obj for key in KIND_KEYS[kind]) and other != kind:
+        (row, command), reader = ROW_OF[other], ROW_OF[kind][1]
+        raise TuluError(f"{where}: {row} ({keys(other)}): this file is for `tulu.py {command}` "
+                        f"({reader} reads {keys(kind)})")
+    for key in KIND_KEYS[kind]:
+        if key not in obj:
+            raise TuluError(f"{where}: missing key {key!r}")
+        messages, at = obj[key], f"{where}: {key!r}"
+        if not isinstance(messages, list) or not messages:
+            raise TuluError(f"{at} must be a non-empty list of messages")
+        for j, m in enumerate(messages):
+            if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))):
+                raise TuluError(f"{at} message {j} must be an object with string 'role' and 'content'")
+            if roles is not None and m["role"] not in roles:
+                expected = " or ".join(", ".join(roles).rsplit(", ", 1))  # "system, user or assistant"
+                raise TuluError(f"{at} message {j}: unknown role {m['role']!r} (expected {expected})")
+
+
+def parse_line(path: str, n: int, raw: bytes, kind=None, roles=None):
+    """The JSON object on line n of a file, None for a blank line; a row of `kind`
+    ("sft", "prefs": check_row) or, with no kind, any object."""
     try:
         line = raw.decode("utf-8").strip()
         obj = json.loads(line) if line else None
@@ -64,51 +84,26 @@ def parse_json_line(path: str, n: int, raw: bytes):
         raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
     if line and not isinstance(obj, dict):
         raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+    if obj is not None and kind is not None:
+        check_row(f"{path}:{n}", obj, kind, roles)
     return obj
 
 
-def parse_line(path: str, n: int, raw: bytes, kind: str, roles=None):
-    """The object on line n of a file of kind "sft" ({"messages": [...]}) or "prefs" ({"chosen":
-    [...], "rejected": [...]}), None for a blank line. roles: those allowed (None: any)."""
-    obj = parse_json_line(path, n, raw)
-    if obj is None:
-        return None
-    other = "prefs" if kind == "sft" else "sft"
-    if not any(k in obj for k in KIND_KEYS[kind]) and all(k in obj for k in KIND_KEYS[other]):
-        raise TuluError(f"{path}:{n}: {OTHER_FILE[kind]}")
-    for key in KIND_KEYS[kind]:
-        where, messages = f"{path}:{n}: {key!r}", obj.get(key)
-        if key not in obj:
-            raise TuluError(f"{path}:{n}: missing key {key!r}")
-        if not isinstance(messages, list) or not messages:
-            raise TuluError(f"{where} must be a non-empty list of messages")
-        for j, m in enumerate(messages):
-            if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))):
-                raise TuluError(f"{where} message {j} must be an object with string 'role' and 'content'")
-            if roles is not None and m["role"] not in roles:
-                expected = " or ".join(", ".join(roles).rsplit(", ", 1))  # "system, user or assistant"
-                raise TuluError(f"{where} message {j}: unknown role {m['role']!r} (expected {expected})")
-    return obj
-
-
-def read_objects(path: str, parse=parse_json_line):
-    """Yield (line number, object) for each non-blank line of a JSONL file."""
+def read_jsonl(path: str, kind=None, roles=None):
+    """Yield (line number, object) for each non-blank line of a JSONL file (parse_line)."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
     seen = False
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
-            if (obj := parse(path, n, raw)) is not None:
+            if (obj := parse_line(path, n, raw, kind, roles)) is not None:
                 seen = True
                 yield n, obj
     if not seen:
         raise TuluError(f"{path}: empty")
 
 
-def read_jsonl(path: str, kind: str, roles=None):
-    """read_objects for the conversations or pairs of a data file (parse_line)."""
-    return read_objects(path, functools.partial(parse_line, kind=kind, roles=roles))
-
+read_objects = read_jsonl  # with no kind: any objects (eval tells the kind by the first one's keys)
 
 # -----------------------------------------------------------------------------
 # The fast chat encoding: encode_messages' ids and labels from one pass
@@ -142,8 +137,8 @@ class Prefixes:
         k = bisect.bisect_left(self.seen, b, key=lambda s: s[0])  # the span that holds text[b - 1]
         if k == len(self.seen):  # the spans before b make `limit` tokens already
             return self.seen[-1][1], []
-        (start, before, _), (end, after, special) = self.seen[k - 1] if k else (0, 0, True), self.seen[k]
-        if end == b:
+        (start, before, _), (end, after, special) = self.seen[k - 1], self.seen[k]
+        if end == b:  # b = 0 too: BOS's
             return after, []
         if special:  # b inside a special token: no shortcut (never in a chat text)
             return 0, self.tok.encode(self.text[:b], bos=True)
@@ -226,23 +221,18 @@ BATCH_BYTES = 1 << 20  # of the data file a worker encodes at a time
 def scan_file(path: str, batch_bytes: int):
     """One pass over a data file: (its sha256, [(offset, size, first line number)] of
     batches of whole lines of about batch_bytes, its number of lines)."""
-    h, batches, offset, line, pending = hashlib.sha256(), [], 0, 1, b""
+    h, batches, offset, line = hashlib.sha256(), [], 0, 1
     with open(path, "rb") as f:
-        while block := f.read(batch_bytes):
+        while block := f.read(batch_bytes) + f.readline():  # to the end of a line
             h.update(block)
-            pending += block
-            cut = pending.rfind(b"\n") + 1
-            if cut:
-                batches.append((offset, cut, line))
-                line, offset, pending = line + pending.count(b"\n", 0, cut), offset + cut, pending[cut:]
-    if pending:
-        batches.append((offset, len(pending), line))
-    return h.hexdigest(), batches, line - 1 + bool(pending)
+            batches.append((offset, len(block), line))
+            offset, line = offset + len(block), line + block.count(b"\n")
+    return h.hexdigest(), batches, line - 1
 
 
 class BatchEncoder:
     """What a worker runs: a batch of lines -> (its examples' sequences end to end and their
-    lengths, as int32 bytes; the number of non-blank lines), or TuluError("path:line: ...")."""
+    lengths, int32 arrays; the number of non-blank lines), or TuluError("path:line: ...")."""
 
     def __init__(self, path, kind, tok, max_seq_length, chat: ChatFormat):
         self.path, self.kind, self.tok, self.max_seq_length, self.chat = path, kind, tok, max_seq_length, chat
@@ -264,8 +254,7 @@ class BatchEncoder:
             lines = f.read(size).split(b"\n")
         tokens, lengths, read = array.array("i"), array.array("i"), 0
         for n, raw in enumerate(lines, start=first_line):
-            obj = parse_line(self.path, n, raw, self.kind, self.chat.headers)
-            if obj is None:
+            if (obj := parse_line(self.path, n, raw, self.kind, self.chat.headers)) is None:
                 continue
             read += 1
             try:
@@ -275,18 +264,18 @@ class BatchEncoder:
             for seq in example or ():
                 tokens.extend(seq)
                 lengths.append(len(seq))
-        return tokens.tobytes(), lengths.tobytes(), read
+        return tokens, lengths, read
 
 
-_encoder = None  # a worker process's BatchEncoder, unpickled once when it starts
+_encoder = None  # a worker process's BatchEncoder, unpickled once when it starts (with its word cache)
 
 
-def _set_encoder(encoder):
+def _start_worker(encoder):
     global _encoder
     _encoder = encoder
 
 
-def _run_encoder(batch):
+def _encode_in_worker(batch):
     return _encoder(batch)
 
 
@@ -304,82 +293,65 @@ def worker_context():
     return context
 
 
-@contextlib.contextmanager
-def encoded_batches(encoder: BatchEncoder, batches, workers: int):
-    """The encoder's result for each batch, in file order, from up to `workers` worker
-    processes (or this one); the pool ends when the results are read, or at an error."""
-    workers = min(workers, len(batches) - 1)  # the first batch is encoded here
-    if workers < 2:
-        yield map(encoder, batches)
-        return
-    first = encoder(batches[0])  # so the workers' copies of a BPE word cache know the common words
-    with worker_context().Pool(workers, _set_encoder, (encoder,)) as pool:
-        yield itertools.chain([first], pool.imap(_run_encoder, batches[1:]))
-
-
-def encode_file(encoder: BatchEncoder, batches, lines, workers):
-    """(Examples, non-blank lines read) of the encoder's file, with a progress bar."""
+def encode_file(encoder: BatchEncoder, batches, lines: int, workers: int):
+    """(Examples, non-blank lines read) of the encoder's file: its batches encoded in file
+    order by up to `workers` worker processes (or this one), with a progress bar; the
+    pool ends when the last is read, or at an error."""
+    workers = min(workers, len(batches))
+    start = lambda: worker_context().Pool(workers, _start_worker, (encoder,))
     bar = tqdm(total=lines, unit=" conv" if encoder.kind == "sft" else " pair", leave=False,
                dynamic_ncols=True, desc=f"encoding {os.path.basename(encoder.path)}")
-    results, tokens, t0 = [], 0, time.perf_counter()
-    try:
-        with encoded_batches(encoder, batches, workers) as done:
-            for r, next_first in zip(done, [b[2] for b in batches[1:]] + [lines + 1]):
-                results.append(r)
-                tokens += len(r[0]) // 8  # ids and labels, 4 bytes each
-                bar.update(next_first - 1 - bar.n)
-                speed = tokens / max(time.perf_counter() - t0, 1e-6)
-                bar.set_postfix_str(f"{speed:,.0f} tokens/s", refresh=False)
-    finally:
-        bar.close()
-    flat = lambda i: torch.from_numpy(np.frombuffer(bytearray().join(r[i] for r in results), np.int32))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(1).cumsum(0, dtype=torch.int64)])
-    return Examples(flat(0), offsets, 2 * len(KIND_KEYS[encoder.kind])), sum(r[2] for r in results)
+    tokens, lengths, read = array.array("i"), array.array("i"), 0
+    with bar, (start() if workers > 1 else contextlib.nullcontext()) as pool:
+        for t, n, r in pool.imap(_encode_in_worker, batches) if pool else map(encoder, batches):
+            tokens.extend(t)
+            lengths.extend(n)
+            read += r
+            bar.update(r)
+    flat = lambda a: torch.from_numpy(np.frombuffer(a, np.int32))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(lengths).cumsum(0, dtype=torch.int64)])
+    return Examples(flat(tokens), offsets, WIDTH[encoder.kind]), read
 
 
 # -----------------------------------------------------------------------------
-# A cache of the encoding, keyed by everything it depends on
+# A cache of the encoding, named by a hash of everything it depends on
 
 
-def data_cache_file(folder, path, digest, encoder: BatchEncoder) -> tuple[str, str]:
-    """(file, key) of the cached encoding of a data file. The key hashes everything the
-    examples depend on, so a change to any of them misses: the file's sha256, its kind,
+def data_cache_file(folder, digest, encoder: BatchEncoder) -> str:
+    """The cache file of a data file's encoding. Its name hashes everything the examples
+    depend on, so a change to any of them misses: the file's sha256, its kind,
     --max-seq-length, the tokenizer's files and settings, and the code that encodes
     (llama.py, this file, the chat format's tulu.py, sentencepiece's and Unicode's versions)."""
     import sentencepiece
-    kind, tok = encoder.kind, encoder.tok
-    settings = [digest, kind, encoder.max_seq_length, type(tok).__name__, getattr(tok, "legacy", None),
+    tok = encoder.tok
+    settings = [digest, encoder.kind, encoder.max_seq_length, getattr(tok, "legacy", None),
                 sentencepiece.__version__, unicodedata.unidata_version]
     h = hashlib.sha256(json.dumps(settings).encode())
     code = (llama.__file__, __file__, encoder.chat.text.__code__.co_filename)
     for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), *code):
         h.update(pathlib.Path(f).read_bytes() if os.path.exists(f) else b"-")
-    key = h.hexdigest()
-    return os.path.join(folder, f"{os.path.basename(path)}.{kind}.{key[:20]}.safetensors"), key
+    name = f"{os.path.basename(encoder.path)}.{encoder.kind}.{h.hexdigest()[:32]}.safetensors"
+    return os.path.join(folder, name)
 
 
-def read_cache(file, key):
-    """(Examples, lines read) from a cache file, or None (missing, another key, unreadable)."""
-    from safetensors import SafetensorError, safe_open
+def read_cache(file, width: int):
+    """(Examples, lines read) from a cache file, or None: missing or unreadable, it is encoded again."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     try:
-        with safe_open(file, "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key:
-                return None
-            tokens, offsets = f.get_tensor("tokens"), f.get_tensor("offsets")
-    except (SafetensorError, OSError, ValueError):
-        return None  # encoded again, and written anew
-    return Examples(tokens, offsets, int(meta["width"])), int(meta["read"])
+        t = load_file(file)
+        return Examples(t["tokens"], t["offsets"], width), int(t["read"])
+    except (SafetensorError, OSError, KeyError):
+        return None
 
 
-def write_cache(file, key, examples, read):
+def write_cache(file, examples: Examples, read: int):
     """Atomically; a cache that cannot be written (read-only, full) costs the next run the encoding."""
     from safetensors.torch import save_file
-    meta = {"key": key, "width": str(examples.width), "read": str(read)}
+    tensors = {"tokens": examples.tokens, "offsets": examples.offsets, "read": torch.tensor(read)}
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
-        tensors = {"tokens": examples.tokens, "offsets": examples.offsets}
-        atomic_write(file, lambda tmp: save_file(tensors, tmp, meta))
+        atomic_write(file, lambda tmp: save_file(tensors, tmp))
     except OSError as e:
         print(f"tulu: could not cache the encoded data in {file} ({e.strerror or e})", file=sys.stderr)
 
@@ -392,19 +364,19 @@ def load_examples(path, kind, tok, max_seq_length, chat: ChatFormat, workers=1, 
         raise TuluError(f"{path}: no such file")
     digest, batches, lines = scan_file(path, BATCH_BYTES)
     encoder = BatchEncoder(path, kind, tok, max_seq_length, chat)
-    file, key = data_cache_file(cache, path, digest, encoder) if cache else (None, None)
-    found = read_cache(file, key) if file else None
+    file = cache and data_cache_file(cache, digest, encoder)
+    found = file and read_cache(file, WIDTH[kind])
     examples, read = found or encode_file(encoder, batches, lines, workers)
+    what, why, none = {"sft": ("conversations", "nothing left to learn",
+                               "no conversation with an assistant turn to learn from"),
+                       "prefs": ("preference pairs", "answer truncated away", "no pair left: every answer "
+                                 f"is truncated away at --max-seq-length {max_seq_length}")}[kind]
     if not read:
         raise TuluError(f"{path}: empty")
-    what, why = ("conversations", "nothing left to learn") if kind == "sft" else ("preference pairs",
-                                                                                 "answer truncated away")
     dropped = f" ({read - len(examples)} dropped: {why})" if read > len(examples) else ""
     print(f"{path}: {len(examples)} {what}{dropped}" + (f", encoded before ({file})" if found else ""))
     if not len(examples):
-        problem = ("no conversation with an assistant turn to learn from" if kind == "sft"
-                   else f"no pair left: every answer is truncated away at --max-seq-length {max_seq_length}")
-        raise TuluError(f"{path}: {problem}")
+        raise TuluError(f"{path}: {none}")
     if file and not found:
-        write_cache(file, key, examples, read)
+        write_cache(file, examples, read)
     return examples

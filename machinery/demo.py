@@ -19,8 +19,8 @@ import shutil
 import torch
 
 import llama
-from llama import Tokenizer, atomic_write, save_model, write_json
-from machinery.data import read_jsonl, read_objects
+from llama import Tokenizer, save_model, write_json
+from machinery.data import read_jsonl
 from machinery.evaluate import exact_match
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -29,8 +29,8 @@ DEMO_HELDOUT = os.path.join(DATA, "sft_heldout.jsonl")
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
 PRETRAIN = dict(command="pretrain", method="full", lr=2e-3, max_steps=2000, epochs=0, batch_size=16,
-                grad_accum=1, warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, adam_betas=(0.9, 0.999),
-                adam_eps=1e-8, seed=0, resume=None, save_every=0, save_minutes=0,
+                grad_accum=1, warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0,
+                adam_betas=(0.9, 0.999), adam_eps=1e-8, seed=0, resume=None, save_every=0, save_minutes=0,
                 device="cpu", dtype=torch.float32)
 PAGE_COPIES = 3  # data/pretrain.jsonl's reference pages are read this many times as often as a conversation
 
@@ -51,8 +51,7 @@ def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
         bos_piece="<s>", eos_piece="</s>", user_defined_symbols=["\n"], num_threads=1,
         shuffle_input_sentence=False, minloglevel=2)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "tokenizer.model"),
-                 lambda tmp: pathlib.Path(tmp).write_bytes(model.getvalue()))
+    pathlib.Path(out_dir, "tokenizer.model").write_bytes(model.getvalue())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
@@ -61,21 +60,9 @@ def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
         "sp_model_kwargs": {}})
 
 
-def tiny_llama(tok) -> llama.Llama:
-    """A TINY Llama for `tok`, initialised as Hugging Face does: N(0, 0.02) matrices, unit norms."""
-    torch.manual_seed(0)
-    model = llama.Llama(llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                                          eos_token_id=tok.eos_id, **TINY))
-    for p in model.parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, 0.0, 0.02)
-    return model
-
-
 def tiny_default_model(folder, chat_text, train, task, config) -> str:
-    """The path of the demo's base model in `folder` (a HF folder), built there once,
-    deterministically on a given machine. The rest are tulu.py's: chat_text, the
-    training loop, the SFT task and the run config (classes)."""
+    """The path of the demo's base model (a HF folder) in `folder`, built there once, the same
+    on a given machine. The rest are tulu.py's: chat_text, the loop, the SFT task, the config."""
     source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
     h = hashlib.sha256(pathlib.Path(source).read_bytes() + pathlib.Path(pages).read_bytes())
     h.update(repr((TINY, PRETRAIN, PAGE_COPIES)).encode())
@@ -87,9 +74,14 @@ def tiny_default_model(folder, chat_text, train, task, config) -> str:
     conversations = [obj["messages"] for _, obj in read_jsonl(source, "sft")]
     train_tiny_tokenizer(tmp, [chat_text(messages) for messages in conversations])
     tok = Tokenizer(tmp)
-    model = tiny_llama(tok)
+    torch.manual_seed(0)  # initialised as Hugging Face does: N(0, 0.02) matrices, unit norms
+    model = llama.Llama(llama.LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                          eos_token_id=tok.eos_id, **TINY))
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, 0.0, 0.02)
     texts = ["\n".join(m["content"] for m in messages) for messages in conversations]
-    texts += [obj["text"] for _, obj in read_objects(pages)] * PAGE_COPIES
+    texts += [obj["text"] for _, obj in read_jsonl(pages)] * PAGE_COPIES
     docs = [[tok.bos_id] + tok.encode(text) + [tok.eos_id] for text in texts]
     train(config(**PRETRAIN), model, [(d, d) for d in docs], task(tok.eos_id), tmp)
     save_model(model, tmp)

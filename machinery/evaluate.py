@@ -34,6 +34,15 @@ def data_kind(path, objects) -> str:
     return kind
 
 
+def check_eval_args(args, kind):
+    """The flags a kind of data needs: a reference for preference pairs, --dev for --shots."""
+    if kind == "prefs" and not (args.adapter or args.reference):
+        raise TuluError(f"{args.data}: preference pairs need a reference model: --adapter (the model "
+                        f"without it is the reference) or --reference DIR")
+    if kind == "choice" and args.shots and not args.dev:
+        raise TuluError("--shots needs --dev, the file the solved examples come from")
+
+
 @torch.no_grad()
 def sft_metrics(model, examples, task, args, eval_batches, autocast) -> dict:
     """loss: the mean negative log-likelihood of the learned tokens (the assistant answers
@@ -58,26 +67,8 @@ def preference_metrics(model, pairs, task, args, eval_batches, autocast) -> dict
     return {k: v / len(pairs) for k, v in sums.items()}
 
 
-def choice_question(item, with_answer: bool) -> str:
-    """One question in MMLU's format (Hendrycks et al. 2021, their evaluate.py)."""
-    text = item["question"] + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"]))
-    return text + (f"\nAnswer: {LETTERS[item['answer']]}\n\n" if with_answer else "\nAnswer:")
-
-
-def choice_prompt(item, shots) -> str:
-    """The header ("... about {subject}."), the solved examples `shots`, the question."""
-    subject = item.get("subject")
-    about = f" about {subject.replace('_', ' ')}" if subject else ""
-    head = f"The following are multiple choice questions (with answers){about}.\n\n"
-    return head + "".join(choice_question(s, True) for s in shots) + choice_question(item, False)
-
-
-def choice_rows(prompt, n_choices, tok) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) for each letter: ids = encode(prompt + " " + letter) with BOS,
-    labels only on the tokens beyond encode(prompt), the letter's (one or more)."""
-    cut = len(tok.encode(prompt, bos=True))
-    rows = [tok.encode(f"{prompt} {letter}", bos=True) for letter in LETTERS[:n_choices]]
-    return [(ids, [-100] * cut + ids[cut:]) for ids in rows]
+# -----------------------------------------------------------------------------
+# Multiple choice (MMLU's protocol)
 
 
 def read_choices(path, objects) -> list[dict]:
@@ -97,12 +88,32 @@ def read_choices(path, objects) -> list[dict]:
     return items
 
 
+def choice_prompt(item, shots) -> str:
+    """MMLU's prompt (Hendrycks et al. 2021, their evaluate.py): the header ("... about
+    {subject}."), the solved examples `shots` with their answers, then the question."""
+    def question(q, solved: bool) -> str:
+        text = q["question"] + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(q["choices"]))
+        return text + (f"\nAnswer: {LETTERS[q['answer']]}\n\n" if solved else "\nAnswer:")
+    subject = item.get("subject")
+    about = f" about {subject.replace('_', ' ')}" if subject else ""
+    head = f"The following are multiple choice questions (with answers){about}.\n\n"
+    return head + "".join(question(s, True) for s in shots) + question(item, False)
+
+
 def fitting_prompt(item, shots, tok, max_seq_length) -> str:
     """choice_prompt with as many of `shots` as fit (MMLU's evaluate.py drops them from the end)."""
     k = len(shots)
     while k and len(tok.encode(choice_prompt(item, shots[:k]), bos=True)) + 2 > max_seq_length:
         k -= 1
     return choice_prompt(item, shots[:k])
+
+
+def choice_rows(prompt, n_choices, tok) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) for each letter: ids = encode(prompt + " " + letter) with BOS,
+    labels only on the tokens beyond encode(prompt), the letter's (one or more)."""
+    cut = len(tok.encode(prompt, bos=True))
+    rows = [tok.encode(f"{prompt} {letter}", bos=True) for letter in LETTERS[:n_choices]]
+    return [(ids, [-100] * cut + ids[cut:]) for ids in rows]
 
 
 @torch.no_grad()
@@ -133,6 +144,21 @@ def choice_metrics(items, dev, shots, tok, args, score) -> dict:
     return {"accuracy": sum(map(sum, right.values())) / len(items), **per}
 
 
+def report(args, kind, n, result, shots=0):
+    """One line (multiple choice: overall accuracy only), and --output as JSON."""
+    what = {"sft": f"{n} conversations", "prefs": f"{n} pairs",
+            "choice": f"{n} questions, {shots}-shot"}[kind]
+    shown = {k: v for k, v in result.items() if kind != "choice" or k == "accuracy"}
+    print(f"{args.data} ({what}): " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    if args.output:
+        llama.write_json(args.output, result)
+        print(f"wrote {args.output}")
+
+
+# -----------------------------------------------------------------------------
+# The demo's exact answers
+
+
 def answer_prompts(conversations, n=None) -> list[tuple[list[dict], str]]:
     """(prompt, reference) for the first n `conversations` ((line, object) pairs): every
     turn before the last assistant answer (earlier answers as written), and that answer."""
@@ -147,34 +173,14 @@ def answer_prompts(conversations, n=None) -> list[tuple[list[dict], str]]:
 
 
 @torch.no_grad()
-def greedy_answers(model, tok, prompts, stop, max_new_tokens=48, desc="answers", show=True) -> list[str]:
+def greedy_answers(model, tok, prompts, stop, max_new_tokens=48, show=True) -> list[str]:
     """The model's greedy answer to each prompt's ids (tulu.py's encode_prompt), stripped."""
     model.eval()
-    bar = tqdm(prompts, desc=desc, leave=False, disable=not show)
-    answers = [llama.generate(model, ids, max_new_tokens, eos_id=stop) for ids in bar]
+    answers = [llama.generate(model, ids, max_new_tokens, eos_id=stop)
+               for ids in tqdm(prompts, desc="answers", leave=False, disable=not show)]
     return [tok.decode([t for t in a if t not in stop]).strip() for a in answers]
 
 
 def exact_match(answers, references) -> float:
     """The fraction of answers equal to their reference (both stripped)."""
     return sum(a.strip() == r.strip() for a, r in zip(answers, references)) / len(references)
-
-
-def check_eval_args(args, kind):
-    """The flags a kind of data needs: a reference for preference pairs, --dev for --shots."""
-    if kind == "prefs" and not (args.adapter or args.reference):
-        raise TuluError(f"{args.data}: preference pairs need a reference model: --adapter (the model "
-                        f"without it is the reference) or --reference DIR")
-    if kind == "choice" and args.shots and not args.dev:
-        raise TuluError("--shots needs --dev, the file the solved examples come from")
-
-
-def report(args, kind, n, result, shots=0):
-    """One line (multiple choice: overall accuracy only), and --output as JSON."""
-    what = {"sft": f"{n} conversations", "prefs": f"{n} pairs",
-            "choice": f"{n} questions, {shots}-shot"}[kind]
-    shown = {k: v for k, v in result.items() if kind != "choice" or k == "accuracy"}
-    print(f"{args.data} ({what}): " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    if args.output:
-        llama.write_json(args.output, result)
-        print(f"wrote {args.output}")

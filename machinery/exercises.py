@@ -12,11 +12,11 @@ in its place; the docstring above it is the contract.
 """
 import ast
 import inspect
-import itertools
 import os
 import pathlib
 import re
 import shutil
+import textwrap
 
 from llama import TuluError
 
@@ -56,35 +56,26 @@ STUDENT_COPY = EXERCISE_FILES + ("conftest.py", "pytest.ini", "requirements.txt"
                                  "machinery", "tests")
 # test_exercises.py tests this generator, not the student's work
 NOT_COPIED = ("__pycache__", "*.pyc", ".pytest_cache", "*.tmp[0-9]*", "test_exercises.py")
-EXERCISE_BEGIN, EXERCISE_END = re.compile(r"( *)# exercise: (\w+)$"), re.compile(r"( *)# end exercise$")
+# an exercise's block: its marker, the lines after it, the first `# end exercise` at the marker's indentation
+BLOCK = re.compile(r"^( *)# exercise: (\w+)\n(?:.*\n)*?\1# end exercise\n", re.M)
+MARKER = re.compile(r"^ *# (end )?exercise\b", re.M)  # a line meant as a marker, well spelt or not
 
 
-def find_exercises(path: str) -> dict[str, tuple[int, int]]:
-    """{name: (begin, end)}, the 0-based lines of each `# exercise: name` marker in a file
-    and of the `# end exercise` that closes it at the same indentation. A marker left
-    open, closed twice, nested, repeated or misspelt, or a line between two markers less
-    indented than they are: TuluError."""
-    blocks, current = {}, None  # current: (name, line, indent) of the open marker
-    for i, line in enumerate(pathlib.Path(path).read_text().splitlines()):
-        where = f"{path}:{i + 1}"
-        begin, end = EXERCISE_BEGIN.fullmatch(line.rstrip()), EXERCISE_END.fullmatch(line.rstrip())
-        if not (begin or end) and line.lstrip().startswith(("# exercise", "# end exercise")):
-            raise TuluError(f"{where}: malformed exercise marker {line.strip()!r}")
-        if begin and current:
-            raise TuluError(f"{where}: exercise {begin[2]!r} starts inside exercise {current[0]!r}")
-        if begin and begin[2] in blocks:
-            raise TuluError(f"{where}: a second exercise {begin[2]!r}")
-        if begin:
-            current = (begin[2], i, begin[1])
-        elif end and (not current or end[1] != current[2]):
-            raise TuluError(f"{where}: '# end exercise' without an '# exercise:' above it "
-                            "at that indentation")
-        elif end:
-            blocks[current[0]], current = (current[1], i), None
-        elif current and line.strip() and not line.startswith(current[2]):
-            raise TuluError(f"{where}: less indented than the marker of exercise {current[0]!r} above it")
-    if current:
-        raise TuluError(f"{path}:{current[1] + 1}: exercise {current[0]!r} has no '# end exercise'")
+def find_exercises(path: str) -> dict[str, re.Match]:
+    """{name: its block} in a file, each from `# exercise: name` to the first `# end exercise`
+    at the same indentation. A marker outside such a pair (misspelt, nested, left open,
+    closed twice), or a name marked twice: TuluError."""
+    text, blocks, paired = pathlib.Path(path).read_text(), {}, set()
+    line = lambda at: text.count("\n", 0, at) + 1
+    for block in BLOCK.finditer(text):
+        if block[2] in blocks:
+            raise TuluError(f"{path}:{line(block.start())}: a second exercise {block[2]!r}")
+        blocks[block[2]] = block
+        paired |= {line(block.start()), line(block.end() - 1)}
+    unpaired = sorted({line(m.start()) for m in MARKER.finditer(text)} - paired)
+    if unpaired:
+        raise TuluError(f"{path}:{unpaired[0]}: an exercise marker outside a pair ('# exercise: NAME' above "
+                        "'# end exercise' at the same indentation)")
     return blocks
 
 
@@ -98,7 +89,7 @@ def find_function(tree: ast.Module, qualname: str):
     return node
 
 
-def exercise_blocks(src_root: str) -> dict[str, dict[str, tuple[int, int]]]:
+def exercise_blocks(src_root: str) -> dict[str, dict[str, re.Match]]:
     """{file: find_exercises(file)}, checked against EXERCISES: each exercise marked once,
     inside its function, in its file, and no marker EXERCISES does not list."""
     found = {f: find_exercises(os.path.join(src_root, f)) for f in EXERCISE_FILES}
@@ -108,54 +99,28 @@ def exercise_blocks(src_root: str) -> dict[str, dict[str, tuple[int, int]]]:
                             f"(machinery/exercises.py puts it in {function})")
     for file, blocks in found.items():
         path = os.path.join(src_root, file)
-        tree = ast.parse(pathlib.Path(path).read_text(), path)
-        for name, (begin, _) in blocks.items():
+        for name, block in blocks.items():
+            begin = block.string.count("\n", 0, block.start()) + 1
             if name not in EXERCISES or EXERCISES[name][0] != file:
-                raise TuluError(f"{path}:{begin + 1}: exercise {name!r} "
-                                "is not in machinery/exercises.py's EXERCISES")
-            fn = find_function(tree, EXERCISES[name][1])
-            if fn is None or not fn.lineno < begin + 1 <= fn.end_lineno:  # its indentation keeps it there
-                raise TuluError(f"{path}:{begin + 1}: exercise {name!r} is not inside {EXERCISES[name][1]}")
+                raise TuluError(f"{path}:{begin}: exercise {name!r} is not in machinery/exercises.py's "
+                                "EXERCISES")
+            fn = find_function(ast.parse(block.string, path), EXERCISES[name][1])
+            if fn is None or not fn.lineno < begin <= fn.end_lineno:  # its indentation keeps it there
+                raise TuluError(f"{path}:{begin}: exercise {name!r} is not inside {EXERCISES[name][1]}")
     return found
 
 
-def blank_exercises(text: str, blocks: dict[str, tuple[int, int]]) -> str:
-    """`text` with each block, markers included, replaced by one `raise` line at the
-    markers' indentation: the function still parses, and fails only when called."""
-    lines = text.splitlines(keepends=True)
-    for name, (begin, end) in sorted(blocks.items(), key=lambda kv: kv[1], reverse=True):  # bottom up
-        indent = EXERCISE_BEGIN.fullmatch(lines[begin].rstrip())[1]
-        lines[begin:end + 1] = [f'{indent}raise NotImplementedError("exercise {name}: see EXERCISES.md")\n']
-    return "".join(lines)
-
-
-def doc_summary(doc: str) -> str:
-    """A docstring's first sentence on one line, and when its first paragraph ends with a
-    colon, the indented formula lines after it (as a Markdown code block)."""
-    lines = inspect.cleandoc(doc).splitlines() + [""]
-    k = next(i for i, s in enumerate(lines) if not s.strip() or s.startswith(" "))  # paragraph's end
-    text = " ".join(s.strip() for s in lines[:k])
-    if end := re.search(r"\.(?=\s+[A-Z])", text):
-        return text[:end.end()]
-    if not text.endswith(":"):
-        return text
-    formula = itertools.takewhile(lambda s: s.strip() and s.startswith(" "),
-                                  itertools.dropwhile(lambda s: not s.strip(), lines[k:]))
-    return text + "\n\n" + "".join(f"    {s.strip()}\n" for s in formula).rstrip()
-
-
 def exercises_md(src_root: str) -> str:
-    """EXERCISES.md: how to work, then each exercise: what, what to read, the command."""
+    """EXERCISES.md: how to work, then each exercise: its contract, what to read, the command."""
     rows, parts = [], []
     for k, (name, (file, function, read, selector)) in enumerate(EXERCISES.items(), start=1):
         source = pathlib.Path(src_root, file).read_text()
-        first = find_function(ast.parse(source), function).body[0]
-        # the docstring as written, so that an escape such as "\n" stays two characters
-        doc = ast.get_source_segment(source, first) if isinstance(first, ast.Expr) else ""
-        doc = re.sub(r'^[rR]?("""|\'\'\'|"|\')|("""|\'\'\'|"|\')$', "", doc)
+        # the docstring as written (in triple quotes), so that an escape such as "\n" stays two characters
+        doc = ast.get_source_segment(source, find_function(ast.parse(source), function).body[0])[3:-3]
         command = f"python -m pytest {selector}"
         rows.append(f"| {k} | `{name}` | {file}: `{function}` | `{command}` |")
-        parts.append(f"## {k}. {name}\n\nImplement `{function}` in {file}: {doc_summary(doc)}\n\n"
+        parts.append(f"## {k}. {name}\n\nImplement `{function}` in {file}; its docstring is the contract:\n\n"
+                     f"{textwrap.indent(inspect.cleandoc(doc), '    ')}\n\n"
                      f"Read first: {read}.\n\nGraded by: `{command}`\n")
     return "\n".join([
         "# Exercises", "",
@@ -172,11 +137,12 @@ def exercises_md(src_root: str) -> str:
 
 def make_exercises(src_root: str, out_dir: str) -> list[str]:
     """Copy the project at src_root (its files, data/, machinery/ and tests/, no caches) to
-    out_dir, with the body of every exercise replaced by a `raise`, and EXERCISES.md.
-    Returns the exercise names, in order. The markers are checked before anything is written."""
+    out_dir, with every exercise's block replaced by one `raise` line at its indentation
+    (the function still parses, and fails only when called), and EXERCISES.md. Returns
+    the exercise names, in order. The markers are checked before anything is written."""
     src, out = os.path.realpath(src_root), os.path.realpath(out_dir)
     copied = [os.path.join(src, d) for d in STUDENT_COPY if os.path.isdir(os.path.join(src, d))]
-    if out == src or any(out == d or out.startswith(d + os.sep) for d in copied):
+    if out == src or any((out + os.sep).startswith(d + os.sep) for d in copied):
         raise TuluError(f"{out_dir}: is the project, or inside a folder of it that the copy takes; "
                         "choose another")
     found = exercise_blocks(src_root)
@@ -187,8 +153,8 @@ def make_exercises(src_root: str, out_dir: str) -> list[str]:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*NOT_COPIED), dirs_exist_ok=True)
         elif os.path.exists(src):  # README.md may not exist yet
             shutil.copy2(src, dst)
-    for file, blocks in found.items():
-        text = pathlib.Path(src_root, file).read_text()
-        pathlib.Path(out_dir, file).write_text(blank_exercises(text, blocks))
+    blank = lambda b: f'{b[1]}raise NotImplementedError("exercise {b[2]}: see EXERCISES.md")\n'
+    for file in found:
+        pathlib.Path(out_dir, file).write_text(BLOCK.sub(blank, pathlib.Path(src_root, file).read_text()))
     pathlib.Path(out_dir, "EXERCISES.md").write_text(exercises_md(src_root))
     return list(EXERCISES)

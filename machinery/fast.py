@@ -1,16 +1,11 @@
-"""The fast paths: code that computes what a plain version in a chapter computes,
-in less time, and that a test holds to that plain version. A chapter keeps the
-plain code a reader can check against the paper; tulu.py swaps the fast path in
-where it runs for real.
+"""The fast paths: code that computes what a plain version in a chapter computes, in less
+time, and that a test holds to that plain version; tulu.py swaps it in where it runs for real.
 
-LoRA's dropout. LoRA drops out the input of every adapted layer; in a QLoRA step
-on a CPU, nn.Dropout's bernoulli_ (one draw from the generator per element, then
-a float conversion) took 13% of the time. keep_mask takes 16 random bits per
-element from 64-bit draws, four elements a draw, so an independent
-keep-with-probability-(1 - p) mask costs a quarter of the draws and one
-comparison. Dropout is nn.Dropout drawing its mask so, and use_fast_dropout puts
-it in place of each nn.Dropout of a model (lora.LoRALinear's) before training.
-tests/test_fast.py holds it to nn.Dropout's definition.
+LoRA's dropout. LoRA drops out the input of every adapted layer; in a QLoRA step on a CPU,
+nn.Dropout's bernoulli_ (one draw from the generator per element, then a float conversion)
+took 13% of the time. keep_mask takes 16 random bits per element from 64-bit draws, four
+elements a draw: a quarter of the draws and one comparison. use_fast_dropout puts Dropout
+(nn.Dropout drawing its mask so) in place of each nn.Dropout of a model (lora.LoRALinear's).
 
 --compile (compile_layers): torch.compile each decoder layer, for CUDA, where kernel
 launches and elementwise work weigh; the test holds its steps to the plain layers'.
@@ -49,24 +44,22 @@ class Dropout(nn.Dropout):
 
 
 def use_fast_dropout(model: nn.Module) -> nn.Module:
-    """Replace each nn.Dropout inside `model` by a Dropout with the same p, in place:
-    the same transformation, drawn faster. Draws nothing, so the random stream of
+    """Replace each nn.Dropout inside `model` by a Dropout with the same p and mode, in
+    place: the same transformation, drawn faster. Draws nothing, so the random stream of
     what follows is unchanged. Returns the model."""
-    for name, m in list(model.named_modules()):
-        if name and type(m) is nn.Dropout:  # not our Dropout (a subclass) again, nor other kinds
-            parent, _, child = name.rpartition(".")
-            drop = Dropout(m.p, inplace=m.inplace)
-            drop.train(m.training)
-            setattr(model.get_submodule(parent), child, drop)
+    for parent in list(model.modules()):
+        for name, m in parent.named_children():
+            if type(m) is nn.Dropout:  # not our Dropout (a subclass) again, nor other kinds
+                setattr(parent, name, Dropout(m.p).train(m.training))
     return model
 
 
 def compile_layers(model):
-    """--compile: torch.compile each decoder layer in place (state_dict keys unchanged).
-    The layers are alike, so they share the compiled code: inductor fuses the
-    elementwise work around the matrix products (norms, rotary, SiLU, LoRA's casts and
-    adds, NF4's dequantization) into generated kernels. The first step pays for the
-    compilation (tens of seconds); a change of shape (another sequence length) compiles
-    again, up to torch._dynamo's recompile limit, then runs the plain layer."""
+    """--compile: torch.compile each decoder layer in place (state_dict keys unchanged). The
+    layers are alike, so they share the compiled code: inductor fuses the elementwise work
+    around the matrix products (norms, rotary, SiLU, LoRA's casts and adds, NF4's
+    dequantization) into generated kernels. The first step pays for the compilation (tens of
+    seconds); another sequence length compiles again, up to torch._dynamo's recompile limit,
+    then runs the plain layer."""
     for layer in model.model.layers:
         layer.compile()

@@ -335,8 +335,12 @@ def test_cache_is_hit_on_the_second_run_and_missed_after_a_change(tmp_path, monk
     assert load() == first and len(encoded) == 1  # hit
     assert "encoded before" in capsys.readouterr().out
     assert len(os.listdir(cache)) == 1 and not [f for f in os.listdir(cache) if ".tmp" in f]  # atomic: no leftovers
+    capsys.readouterr()
     load(max_len=32)
     assert len(encoded) == 2  # another --max-seq-length
+    said = capsys.readouterr().out.strip()
+    assert load(max_len=32) and len(encoded) == 2 and "dropped" in said  # a hit says what the encoding said
+    assert capsys.readouterr().out.startswith(f"{said}, encoded before")
     with open(file, "a") as f:
         f.write(open(os.path.join(DATA, "sft_train.jsonl")).readline())
     assert len(load()) == len(first) + 1 and len(encoded) == 3  # the data file changed

@@ -60,13 +60,18 @@ def move_rms_norm_markers_into_the_module(s):
     return s.replace(call, f"        # exercise: rms_norm\n{call}        # end exercise\n")
 
 
+UNPAIRED = "an exercise marker outside a pair"
+
+
 @pytest.mark.parametrize("file,edit,message", [
-    ("llama.py", lambda s: s + "# exercise: late\n", "exercise 'late' has no '# end exercise'"),
-    ("llama.py", lambda s: s.replace("    # exercise: apply_rope\n", ""), "'# end exercise' without an '# exercise:'"),
-    ("llama.py", lambda s: s.replace("    # end exercise\n", "", 1), "less indented than the marker of exercise 'rms_norm'"),
+    ("llama.py", lambda s: s + "# exercise: late\n", UNPAIRED),  # left open
+    ("llama.py", lambda s: s.replace("    # exercise: apply_rope\n", ""), UNPAIRED),  # closed without an opening
+    ("llama.py", lambda s: s.replace("    # end exercise\n", "", 1), UNPAIRED),  # rms_norm's closed by apply_rope's end
     ("llama.py", lambda s: s.replace("    # exercise: apply_rope\n", "    # exercise: apply_rope\n    # exercise: rope\n"),
-     "exercise 'rope' starts inside exercise 'apply_rope'"),
-    ("llama.py", lambda s: s.replace("    # exercise: apply_rope\n", "    # exercise apply_rope\n"), "malformed"),
+     UNPAIRED),  # nested
+    ("llama.py", lambda s: s.replace("    # exercise: apply_rope\n", "    # exercise apply_rope\n"), UNPAIRED),  # misspelt
+    ("llama.py", lambda s: s.replace("    # exercise: apply_rope\n", "    # exercise: rms_norm\n"),
+     "a second exercise 'rms_norm'"),
     ("llama.py", move_rms_norm_markers_into_the_module, "exercise 'rms_norm' is not inside rms_norm"),
     ("dpo.py", lambda s: "".join(s.replace("    # exercise: dpo_loss\n", "").rsplit("    # end exercise\n", 1)),
      "no '# exercise: dpo_loss' marker"),
@@ -107,14 +112,11 @@ def student_copy(tmp_path_factory):
 def test_student_copy_blanks_only_the_exercise_bodies(student_copy):
     """Putting each exercise's original lines back in place of its `raise` gives
     the project's files byte for byte; the copy has the tests and data, not this file."""
-    blocks = ex.exercise_blocks(ROOT)
-    for file, found in blocks.items():
+    for file, found in ex.exercise_blocks(ROOT).items():
         student, original = read(os.path.join(student_copy, file)), read(os.path.join(ROOT, file))
-        lines = original.splitlines(keepends=True)
-        for name, (begin, end) in found.items():
+        for name, block in found.items():
             assert student.count(raise_line(name)) == 1
-            student = re.sub(rf"^ *{re.escape(raise_line(name))}\n", lambda m: "".join(lines[begin:end + 1]),
-                             student, flags=re.M)
+            student = re.sub(rf"^ *{re.escape(raise_line(name))}\n", lambda m: block[0], student, flags=re.M)
         assert student == original, file
     for f in ("conftest.py", "machinery/exercises.py", "tests/test_llama.py", "tests/fixtures/nf4/quantized.safetensors", "data/sft_train.jsonl"):
         assert os.path.exists(os.path.join(student_copy, f)), f
@@ -209,8 +211,7 @@ def grade(root, name=None):
 
 def put_back(root, name):
     file = ex.EXERCISES[name][0]
-    begin, end = ex.find_exercises(os.path.join(ROOT, file))[name]
-    body = "".join(read(os.path.join(ROOT, file)).splitlines(keepends=True)[begin:end + 1])
+    body = ex.find_exercises(os.path.join(ROOT, file))[name][0]
     student = read(os.path.join(root, file))
     with open(os.path.join(root, file), "w") as f:
         f.write(re.sub(rf"^ *{re.escape(raise_line(name))}\n", lambda m: body, student, count=1, flags=re.M))
