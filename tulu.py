@@ -756,20 +756,20 @@ def cmd_plan(args):
 
 
 def plan_flags(p):
-    p.add_argument("--model", required=True, help="HF Llama folder; only its config.json is read")
+    p.add_argument("--model", required=True, help="HF Llama folder (its config.json alone is read)")
     p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora", help="default %(default)s")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences a micro-batch (DPO: two a pair; "
-                   "default %(default)s, the Tulu 2 recipes')")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="sequences a micro-batch, DPO's two a pair (default %(default)s, Tulu 2's recipes)")
     p.add_argument("--max-seq-length", type=positive_int, default=8192, help="default %(default)s, Tulu 2's")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-r", type=positive_int, default=64, help="default %(default)s")
-    p.add_argument("--lora-dropout", type=float, default=0.1, help="default %(default)s (sft's; dpo's is 0)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="default %(default)s, sft's (dpo's: 0)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default %(default)s")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu (as --dtype auto)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--nproc", type=positive_int, default=1, help="torchrun's --nproc_per_node (default 1)")
-    p.add_argument("--fsdp", action="store_true", help="shard lora/qlora too (full on several ranks always is)")
-    p.add_argument("--device-memory", type=plan_size, help="e.g. 24GiB or 48GB: whether the run fits, else the "
-                   "largest batch that does")
+    p.add_argument("--fsdp", action="store_true", help="shard lora/qlora too (full on several ranks is)")
+    p.add_argument("--device-memory", type=plan_size,
+                   help="e.g. 24GiB or 48GB: does the run fit? else the largest batch that does")
     p.add_argument("--json", action="store_true", help="print one JSON object: total_bytes and the parts")
 
 
@@ -845,7 +845,8 @@ def build_parser():
                 ("chat", "talk to a model in the Tulu chat format", cmd_chat, chat_flags),
                 ("eval", "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy",
                  cmd_eval, eval_flags),
-                ("plan", "peak memory per device of a training run, from config.json alone", cmd_plan, plan_flags),
+                ("plan", "each device's peak memory in a training run, from config.json alone", cmd_plan,
+                 plan_flags),
                 ("exercises", "write a student copy in which key functions are left to implement, graded "
                               "by the tests (see its EXERCISES.md)", cmd_exercises, exercises_flags)]
     for name, help, func, flags in commands:
