@@ -236,7 +236,6 @@ def test_65b_qlora_fits_one_48gb_gpu_on_paper():
     qlora = plan.plan(plan.LLAMA_65B, "qlora", rows=1, seq=512, lora_r=64, checkpointing=True)
     assert plan.peak(qlora) < 48 * 10**9
     assert plan.peak(plan.plan(plan.LLAMA_65B, "full", rows=1, seq=512, checkpointing=True)) > 780 * 10**9
-    assert qlora["weights"] < 65.3e9 * 4.2 / 8 + 2 * 32000 * 8192 * 2  # 4.127 bits a weight, bf16 embeddings
 
 
 def test_plan_json_and_the_largest_batch_that_fits(capsys):
