@@ -23,6 +23,8 @@
 Run as a script (python tests/test_plan.py RUNS_JSON OUT, or under torchrun) this file is the
 measured process: it runs each command line of RUNS_JSON and appends its peak to OUT.
 """
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -36,7 +38,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import llama  # noqa: E402
-import nf4  # noqa: E402
 import tulu  # noqa: E402
 from machinery import plan  # noqa: E402
 from machinery.distributed import exit_after  # noqa: E402
@@ -149,7 +150,8 @@ def measured_process(runs, out):
     os.environ["WORLD_SIZE"] = world
     for argv in runs:
         gc.collect()
-        nf4.release_freed_memory()  # what glibc keeps of the last run's memory: not there to reuse
+        with contextlib.suppress(AttributeError):  # glibc gives back what it kept of the last run's
+            ctypes.CDLL(None).malloc_trim(0)  # memory: no cheaper start for the next
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak (VmHWM) starts again from the resident memory now
         before = status_bytes("VmRSS")
