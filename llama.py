@@ -555,34 +555,61 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
     return model.eval()
 
 
-def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dtype=None):
+SAFE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.int64: "I64", torch.uint8: "U8"}
+
+
+def write_safetensors(fname: str, tensors: dict, dtype=None, fetch=lambda t: t):
+    """safetensors' format written a tensor at a time. The header (8 bytes of length, then
+    JSON: each tensor's dtype, shape and offsets into the data) needs no values, so each
+    tensor is fetched (FSDP: gathered whole), cast to `dtype`, written and freed in turn."""
+    header, end = {"__metadata__": {"format": "pt"}}, 0
+    for k, t in tensors.items():
+        stored = dtype or t.dtype
+        n = t.numel() * stored.itemsize
+        header[k] = {"dtype": SAFE_NAMES[stored], "shape": list(t.shape), "data_offsets": [end, end + n]}
+        end += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts at a multiple of 8 bytes
+    with open(fname, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for t in tensors.values():
+            data = fetch(t.detach()).to("cpu", dtype or t.dtype).contiguous()
+            f.write(data.view(-1).view(torch.uint8).numpy())
+
+
+def model_tensors(model: Llama) -> dict:
+    """What save_model writes, in order: the state dict but a tied lm_head (as HF)."""
+    sd = model.state_dict()
+    return {k: v for k, v in sd.items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+
+
+def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dtype=None, fetch=lambda t: t):
     """Write `model` as an HF folder: config.json plus model.safetensors, or shards
-    model-0000k-of-0000n.safetensors and their index past max_shard_bytes. A tied
-    lm_head is not stored (as in HF). The weights keep their dtype, or are cast to
-    `dtype` (float32 master weights written as the bf16 checkpoint they came from)."""
-    from safetensors.torch import save_file
+    model-0000k-of-0000n.safetensors and their index past max_shard_bytes, a tensor at
+    a time (write_safetensors). The weights keep their dtype, or are cast to `dtype`
+    (float32 master weights written as the bf16 checkpoint they came from)."""
     bad = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LoRALinear")]
     if bad:
         kind = type(model.get_submodule(bad[0])).__name__
         raise TuluError(f"save_model: {bad[0]} is a {kind}; merge it first (lora.merge_lora)")
     os.makedirs(out_dir, exist_ok=True)
-    sd = {k: v.detach().to(dtype=dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight")
+    sd = model_tensors(model)
+    nbytes = {k: v.numel() * (dtype or v.dtype).itemsize for k, v in sd.items()}
     shards, size = [[]], 0
-    for k, v in sd.items():
-        if shards[-1] and size + v.nbytes > max_shard_bytes:
+    for k in sd:
+        if shards[-1] and size + nbytes[k] > max_shard_bytes:
             shards, size = shards + [[]], 0
         shards[-1].append(k)
-        size += v.nbytes
+        size += nbytes[k]
     names = [SAFE_SINGLE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
         tensors = {k: sd[k] for k in keys}
-        atomic_write(os.path.join(out_dir, name), lambda t: save_file(tensors, t, metadata={"format": "pt"}))
+        atomic_write(os.path.join(out_dir, name), lambda t: write_safetensors(t, tensors, dtype, fetch))
     if len(shards) > 1:
         weight_map = {k: n for n, ks in zip(names, shards) for k in ks}
-        index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
         write_json(os.path.join(out_dir, SAFE_INDEX), index)
     elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
         os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards

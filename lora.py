@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from llama import TuluError, atomic_write, write_json
+from llama import TuluError, atomic_write, write_json, write_safetensors
 from nf4 import Linear4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -120,10 +120,15 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
 # PEFT's adapter files
 
 
-def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None):
+def adapter_tensors(model: nn.Module) -> dict:
+    return {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight for n, m in lora_layers(model).items()
+            for ab in ("lora_A", "lora_B")}
+
+
+def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None,
+                 fetch=lambda t: t):
     """adapter_model.safetensors (keys base_model.model.<layer>.lora_A.weight) and
-    an adapter_config.json that peft.PeftModel.from_pretrained accepts."""
-    from safetensors.torch import save_file
+    an adapter_config.json that peft.PeftModel.from_pretrained accepts; fetch: as llama.save_model's."""
     layers = lora_layers(model)
     if not layers:
         raise TuluError("save_adapter: the model has no LoRA layers (add_lora or load_adapter first)")
@@ -132,15 +137,14 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
     if any((m.r, m.alpha) != (r, alpha) for m in layers.values()):
         raise TuluError("save_adapter: LoRA layers with different r or alpha cannot share one "
                         "adapter_config.json")
-    tensors = {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().cpu().contiguous()
-               for n, m in layers.items() for ab in ("lora_A", "lora_B")}
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha,
                   lora_dropout=getattr(first.dropout, "p", 0.0), bias="none",
                   target_modules=sorted({n.rpartition(".")[2] for n in layers}), fan_in_fan_out=False,
                   use_rslora=False, use_dora=False, modules_to_save=None, inference_mode=True,
                   base_model_name_or_path=base_model_name_or_path)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda t: save_file(tensors, t, {"format": "pt"}))
+    write = lambda t: write_safetensors(t, adapter_tensors(model), fetch=fetch)
+    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), write)
     write_json(os.path.join(out_dir, ADAPTER_CONFIG), config)  # last: a config means its weights are complete
 
 

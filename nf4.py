@@ -260,7 +260,8 @@ class Linear4bit(nn.Module):
         return cls(quantize_nf4(linear.weight), linear.bias, compute_dtype)
 
     def quant_state(self) -> NF4Tensor:
-        return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
+        # packed is (blocks, 32) under FSDP (machinery.distributed.shardable_nf4)
+        return NF4Tensor(self.packed.view(-1), self.absmax, torch.Size((self.out_features, self.in_features)),
                          self.weight_dtype, self.blocksize, self.nested_absmax, self.nested_offset)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:  # bitsandbytes' dequantize_4bit, cast

@@ -31,7 +31,7 @@ from machinery.data import (ChatFormat, default_workers, example_lengths, load_e
                             read_jsonl, read_objects)
 from machinery.demo import DEMO_HELDOUT, print_answers, tiny_default_model, tiny_sft_model
 from machinery.distributed import (RankError, SINGLE, all_sum, data_parallel, deal, dist_of, error_text,
-                                   exit_after, grad_sync, rank0, rank0_first, rank_batches, setup_distributed,
+                                   grad_sync, is_sharded, rank0, rank0_first, setup_distributed,
                                    shard, together, undeal)
 from machinery.evaluate import (answer_prompts, check_eval_args, choice_metrics, choice_scores, data_kind,
                                 greedy_answers, preference_metrics, read_choices, report, sft_metrics)
@@ -39,7 +39,7 @@ from machinery.exercises import EXERCISES, make_exercises
 from machinery.fast import compile_layers, use_fast_dropout
 from machinery.outputs import copy_tokenizer, read_prompt, save_outputs, stop_ids, stream_reply
 from machinery.plan import print_plan, run_line, size as plan_size
-from machinery.runs import Run, check_resume, resume_root, run_record, settle_checkpoint
+from machinery.runs import Run, check_resume
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -322,6 +322,11 @@ class TrainConfig:
         "progress", 30.0, type=float, metavar="M")
     resume: str | None = flag("continue the run in this output folder from its checkpoint, with the same "
                               "settings, model and data; a finished run exits at once")
+    fsdp: bool = flag("under torchrun, lora and qlora too shard the frozen base, the adapters and AdamW's "
+                      "state over the ranks (FSDP2, a decoder layer gathered at a time; qlora's AdamW then "
+                      "unpaged), as Answer.AI's FSDP+QLoRA trained 70B on two 24 GB GPUs (default: DDP, "
+                      "each rank holding the whole base: faster where it fits; full always shards)", False,
+                      action="store_true")
     device: str = flag("default: cuda if available", "auto", choices=["auto", "cpu", "cuda"])
     dtype: str = flag("compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU); what trains keeps "
                       "float32 master weights", "auto", choices=["auto", "bf16", "fp32"])
@@ -379,7 +384,7 @@ def build_policy(args, path):
     (AdamW); lora: a frozen base + LoRA adapters; qlora: the base quantised to
     NF4 while loading, LoRA adapters on top, and paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
-    fsdp = args.method == "full" and dist_of(args).world > 1  # read to the CPU, then shard to the device
+    fsdp = dist_of(args).world > 1 and (args.method == "full" or args.fsdp)  # read to the CPU, then shard
     model = load_model(path, dtype=storage_dtype(args), device="cpu" if fsdp else args.device,
                        quantize="nf4" if args.method == "qlora" else None)
     if args.method == "full":
@@ -401,7 +406,7 @@ def build_optimizer(args, model):
     from nf4 import PagedAdamW
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps, weight_decay=args.weight_decay)
-    if args.method == "qlora":
+    if args.method == "qlora" and not is_sharded(model):  # sharded, AdamW's state is 1/N a rank already
         return PagedAdamW(params, **kw)
     # one fused kernel per update on CPU and CUDA (2.3x the per-tensor loop on 2 cores), as
     # transformers' Trainer defaults to (adamw_torch_fused, torch >= 2.8)
@@ -535,7 +540,7 @@ def train(args, model, examples, task, out, save=None):
     lengths = example_lengths(examples) if args.group_by_length else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(args, model)
-    run = Run(args, out, run_record(args, len(examples), total), total, per_epoch)
+    run = Run(args, out, total, per_epoch)
     run.resume(model, opt)
     net = data_parallel(args, model)
     model.train()
@@ -546,7 +551,7 @@ def train(args, model, examples, task, out, save=None):
                 g["lr"] = lr
             idx = step_batches(len(examples), step, per_epoch, args.batch_size, args.grad_accum * d.world,
                                args.seed, lengths)  # one process's micro-batches with the same global batch
-            micro = rank_batches(idx, examples, task, d)  # this rank's share (weight-0 stand-ins where short)
+            micro = [task.collate([examples[i] for i in c]) for c in deal(idx, d)]  # this rank's share
             denom = max(1, all_sum(d, sum(task.count(b) * b.get("weight", 1) for b in micro))[0])
             for i, b in enumerate(micro):
                 with autocast(args), grad_sync(net, last=i == len(micro) - 1):
@@ -590,9 +595,7 @@ def start_run(ns, default_model, default_data):
     together(args.dist, llama.checkpoint_files, args.model)  # a missing or unusable folder: say so first
     print(together(args.dist, run_line, args))
     check_output(args.output, args.model, args.adapter)
-    root = resume_root(args)
-    rank0_first(args.dist, lambda: settle_checkpoint(root))  # a kill during a save: the newest whole one
-    together(args.dist, check_resume, args, root)  # before the model loads
+    together(args.dist, check_resume, args)  # before the model loads
     torch.manual_seed(args.seed)
     return args, demo, together(args.dist, lambda m: check_vocab(Tokenizer(m), m), args.model)
 
@@ -870,4 +873,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_after(main)
+    main()

@@ -1,15 +1,12 @@
 """Failing loudly and early: mistakes that would otherwise cost a GPU-day.
 
 A run reads a model folder, a tokenizer and a data file, then trains for hours; most
-mistakes in them would surface deep inside it: a traceback from F.embedding ("index out
-of range"), a NaN in metrics.jsonl, NaN weights written over good ones. Each check here
-runs before the first step (or before a file is written) and ends the run with a
-one-line TuluError that names the file and says what to do; examples longer than the
-model's context only warn, as transformers does. A step whose loss or gradient norm is
-not finite is never applied: the run stops there, its last checkpoint kept.
+mistakes in them would surface deep inside it, as a traceback from F.embedding ("index
+out of range") or NaN weights written over good ones. Each check here runs before the
+first step (or before a file is written) and ends the run with a one-line TuluError that
+names the file and says what to do; examples longer than the model's context only warn.
 """
 import contextlib
-import json
 import math
 import os
 import sys
@@ -75,24 +72,6 @@ def json_safe(row):
     write null, and name what was non-finite under "nonfinite"."""
     bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
     return {**{k: None if k in bad else v for k, v in row.items()}, **({"nonfinite": bad} if bad else {})}
-
-
-def stop_if_diverged(row, args, out, plot):
-    """A non-finite loss or gradient norm ends the run at its step (the loop did not apply
-    it): nothing more is saved, the last checkpoint stays, and plot() draws the curve."""
-    names = {"loss": "loss", "grad_norm": "gradient norm"}
-    what = " and ".join(f"the {name} is {row[k]}" for k, name in names.items() if not math.isfinite(row[k]))
-    if not what:
-        return
-    plot()
-    kept, state = "", os.path.join(out, "checkpoint", "trainer_state.json")
-    if os.path.exists(state):
-        with open(state) as f:
-            kept = f"; the checkpoint of step {json.load(f)['step']} stays in {os.path.dirname(state)}"
-    clip = (f"a smaller --max-grad-norm (this run: {args.max_grad_norm:g})" if args.max_grad_norm > 0
-            else "clipping with --max-grad-norm (off in this run)")
-    raise TuluError(f"step {row['step']}: {what}; stopped without applying this step, nothing saved{kept}; "
-                    f"try a lower --lr (this run: {args.lr:g}) or {clip}")
 
 
 def check_finite_weights(named, what):

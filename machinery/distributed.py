@@ -1,33 +1,32 @@
-"""More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning.
+"""More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning and --fsdp.
 
-`torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program and tells
-each its RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step
-takes batch-size x grad-accum x N examples: the micro-batches one process takes with
-grad-accum x N, dealt out to the ranks in turn (deal). Every rank divides by the
-learned tokens (or pairs) of the whole step, summed over the ranks (all_sum), so the
-summed gradient, the loss and the clipping norm are one process's, up to rounding.
+`torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program, each told its
+RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches,
+batch-size x grad-accum x N examples, are dealt to the ranks in turn (deal); where N does not
+divide them (an epoch's short last step), the first are dealt again, as DistributedSampler
+pads, since FSDP's ranks must run as many. Every rank divides by the learned tokens (or pairs)
+of the whole step, summed over the ranks (all_sum), so the summed gradient and the loss are
+one process's over those micro-batches.
 
-lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel);
-full: FSDP2 (as torchtune's full_finetune_distributed) shards every weight, its gradient
-and AdamW state over the ranks (shard). Saving gathers the shards to rank 0's CPU
-(gathered, full_model); resuming cuts a whole checkpoint to each rank's shards (placed).
+lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel), or
+with --fsdp FSDP2 as for full (Answer.AI's FSDP+QLoRA): it shards every weight, frozen (NF4
+too: shardable_nf4) or trained, its gradient and AdamW state over the ranks (shard). Saving
+writes a tensor at a time, each gathered to rank 0 as it is written (write_gathered);
+resuming cuts a whole checkpoint to each rank's shards (placed).
 Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
 ends every rank with its one-line message (together), where the others would wait for
 it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
 
 Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
 the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
-step, rank), repeat only on the same number. The price is host memory under full
-fine-tuning: every rank reads the whole model to its CPU in float32 before shard, rank 0
-gathers a checkpoint (weights and AdamW's two states) on its CPU, and every rank reads it
-whole on --resume; for a 70B model on one 8-GPU machine that is not practical yet.
+step, rank), repeat only on the same number. The price is host memory under FSDP: every
+rank reads the whole model to its CPU before shard, and a checkpoint whole on --resume.
 """
+import atexit
 import contextlib
 import datetime
 import gc
-import math
 import os
-import signal
 import sys
 from dataclasses import dataclass
 
@@ -44,7 +43,6 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")  # NCCL: this rank's GPU (for collectives and DDP)
-    stop: bool = False  # Ctrl-C or SIGTERM arrived (see machinery.runs.Run)
     waits: object = None  # the process group for long waits on one rank (setup_distributed)
 
 
@@ -52,7 +50,7 @@ SINGLE = Dist()
 
 
 def dist_of(args) -> Dist:
-    return getattr(args, "dist", None) or SINGLE
+    return getattr(args, "dist", None) or SINGLE  # eval's flags have none
 
 
 def rank_device(local_rank: int) -> torch.device:
@@ -77,8 +75,8 @@ def is_sharded(model) -> bool:
 
 def setup_distributed(device: str) -> Dist:
     """Join torchrun's process group: NCCL on the GPU LOCAL_RANK names, or gloo on CPU; without
-    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one. Ctrl-C and
-    SIGTERM now only raise d.stop; ranks but 0 print nothing and draw no bars (errors still show)."""
+    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one. Ranks but 0
+    print nothing and draw no bars (errors still show)."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), device == "cuda"
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
@@ -89,28 +87,14 @@ def setup_distributed(device: str) -> Dist:
     # waits for one rank (rank 0 encoding a large data file, writing a 70B checkpoint) get a gloo
     # group with a long timeout; NCCL's 10 minutes stay a step's limit, where a hung rank should fail
     waits = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=3))
-    d = Dist(int(os.environ["RANK"]), world, dev, waits=waits)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun passes a Ctrl-C on as SIGINT
-        signal.signal(sig, lambda *_: setattr(d, "stop", True))
+    # a gloo group alive at Python's shutdown can abort it: destroy it at exit, once the error
+    # that ended the run and the model are gone (FSDP's modules sit in reference cycles)
+    atexit.register(lambda: (gc.collect(), torch.distributed.destroy_process_group()))
     if not rank0():
         sys.stdout = open(os.devnull, "w")
         init = tqdm.__init__
         tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
-    return d
-
-
-def exit_after(main):
-    """Run main() and exit with its status; under torchrun destroy the process group first, once
-    the error and the model it holds are gone: a gloo group alive at shutdown can abort Python."""
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    if distributed():
-        gc.collect()  # FSDP's modules sit in reference cycles
-        torch.distributed.destroy_process_group()
-    sys.exit(code)
+    return Dist(int(os.environ["RANK"]), world, dev, waits)
 
 
 class RankError(TuluError):
@@ -141,20 +125,36 @@ def together(d: Dist, fn, *args):
 
 def rank0_first(d: Dist, fn, *args):
     """fn(*args) on rank 0, then on the others, which find cached what it made: the demo model,
-    the encoded data (a node that does not share rank 0's cache folder encodes it again).
-    An error on any rank ends every rank, as in together."""
+    the encoded data (a node that does not share rank 0's cache folder encodes it again)."""
     out = together(d, lambda: fn(*args) if rank0() else None)
     return together(d, lambda: out if rank0() else fn(*args))
 
 
+def shardable_nf4(model):
+    """FSDP2 shards parameters, not buffers, each in N equal pieces of its first dimension.
+    So each Linear4bit's packed codes become a frozen (blocks, 32) parameter, a row per block of
+    64 weights, and its scales' 8-bit codes a (blocks,) one: a rank's rows of the two cover the
+    same blocks. Both are uint8, which FSDP's mixed precision never casts (Answer.AI's fsdp_qlora
+    stored them as bf16 instead, its compute dtype). The scales' scales and offset, 1/16384 of
+    the weight, stay buffers that every rank holds whole."""
+    from nf4 import Linear4bit
+    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):
+        if m.absmax.dtype != torch.uint8 or m.packed.numel() * 2 != m.absmax.numel() * m.blocksize:
+            raise TuluError("--fsdp: a 4-bit weight needs double-quantized scales and whole blocks")
+        for name, rows in (("packed", (-1, m.blocksize // 2)), ("absmax", (-1,))):
+            setattr(m, name, torch.nn.Parameter(m._buffers.pop(name).view(rows), requires_grad=False))
+
+
 def shard(model, d: Dist, compute_dtype=torch.float32):
-    """FSDP2 (--method full under torchrun): one unit per decoder layer, then the root
-    (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
+    """FSDP2 (--method full, or --fsdp, under torchrun): one unit per decoder layer, then the
+    root (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
     AdamW state, and gathers a unit's weights only while it computes with them. With
     bf16 compute the shards stay float32 (master weights) and are gathered in bf16,
-    half the bytes sent; gradients are reduced in float32 (torchtune's policy)."""
+    half the bytes sent; gradients are reduced in float32 (torchtune's policy). A frozen
+    base (lora, qlora) is sharded as it is stored: bf16, or NF4 (shardable_nf4)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    shardable_nf4(model)
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
@@ -193,27 +193,22 @@ def grad_sync(model, last: bool):
     return model.no_sync() if ddp and not last else contextlib.nullcontext()
 
 
-def deal(batches, d: Dist) -> list:
-    """This rank's share of one process's batches: every N-th, from its own. All ranks get as
-    many (FSDP gathers weights in each forward, all ranks together): None where one is short."""
-    mine = batches[d.rank::d.world]
-    return mine + [None] * (math.ceil(len(batches) / d.world) - len(mine))
+def deal(items: list, d: Dist) -> list:
+    """This rank's share of a list (a step's micro-batches, batches to score): every N-th
+    item, from its own. A list that N does not divide is first padded with its first
+    items (DistributedSampler's padding), so that every rank takes as many."""
+    padded = items + (items * d.world)[:-len(items) % d.world]
+    return padded[d.rank::d.world]
 
 
-def undeal(results, n: int, d: Dist) -> list:
-    """Every rank's results for its deal of n batches, one per batch, in the batches' order."""
+def undeal(results: list, n: int, d: Dist) -> list:
+    """Every rank's results for its deal of n items, one per item, in the items' order
+    (the padding's results dropped)."""
     if d.world == 1:
         return results
     shares = [None] * d.world
     torch.distributed.all_gather_object(shares, results)
     return [shares[k % d.world][k // d.world] for k in range(n)]
-
-
-def rank_batches(idx, examples, task, d: Dist) -> list:
-    """This rank's collated micro-batches of a step (idx: one process's, as example indices);
-    where a rank is short of one, a stand-in: the step's first example with weight 0."""
-    stand_in = lambda: {**task.collate([examples[idx[0][0]]]), "weight": 0}
-    return [task.collate([examples[i] for i in c]) if c else stand_in() for c in deal(idx, d)]
 
 
 def all_sum(d: Dist, *values) -> list:
@@ -235,17 +230,14 @@ def whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gathered(obj):
-    """obj (nested dicts and lists) with each tensor whole on rank 0's CPU. The other
-    ranks take part in gathering FSDP's shards, a tensor at a time, and keep None."""
-    if isinstance(obj, dict):
-        return {k: gathered(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(gathered(v) for v in obj)
-    if torch.is_tensor(obj):
-        t = whole(obj).detach()
-        return t.cpu() if rank0() else None
-    return obj
+def write_gathered(fname: str, tensors: dict):
+    """Rank 0 writes `tensors` to a safetensors file, each gathered whole (FSDP's shards) just
+    before it is written and freed after, so it never holds them all; the other ranks take
+    part in each gather, in the same order."""
+    if rank0():
+        return llama.write_safetensors(fname, tensors, fetch=whole)
+    for t in tensors.values():
+        whole(t)
 
 
 def placed(value, like):
@@ -262,14 +254,3 @@ def placed_state(state, opt):
     params = [p for g in opt.param_groups for p in g["params"]]
     return {**state, "state": {i: {k: placed(v, params[int(i)]) if v.dim() else v for k, v in s.items()}
                                for i, s in state["state"].items()}}
-
-
-def full_model(model):
-    """Rank 0: the model whole, to save (FSDP's shards gathered to its CPU); others: None."""
-    if is_sharded(model):
-        sd, cfg = gathered(model.state_dict()), model.config  # every rank takes part
-        if rank0():
-            with torch.device("meta"):
-                model = llama.Llama(cfg)
-            model.load_state_dict(sd, assign=True)
-    return model if rank0() else None

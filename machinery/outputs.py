@@ -2,8 +2,8 @@
 
 Outputs: lora and qlora runs write a PEFT adapter (lora.save_adapter), full runs an HF
 model folder in the base checkpoint's dtype (float32 master weights rounded once, as
-open-instruct and transformers' Trainer write them); under torchrun rank 0 gathers
-FSDP's shards and alone writes. Every output gets the tokenizer files it was trained
+open-instruct and transformers' Trainer write them); under torchrun rank 0 alone writes,
+gathering FSDP's shards a tensor at a time. Every output gets the tokenizer files it was trained
 with (the adapter's own, where --adapter brought one), and a full model the base's
 generation_config.json. Weights that are not finite are never written.
 
@@ -20,7 +20,7 @@ import shutil
 import llama
 from llama import atomic_write, save_model
 from machinery.checks import check_finite_weights, tokenizer_source
-from machinery.distributed import full_model
+from machinery.distributed import rank0, whole
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -48,17 +48,19 @@ def copy_tokenizer(src, out, names=TOKENIZER_FILES):
 
 def save_outputs(args, model, model_dir, out):
     """lora/qlora: a PEFT adapter; full: a Hugging Face model folder. Both get the tokenizer."""
-    from lora import save_adapter
-    model = full_model(model)  # under torchrun: rank 0's, FSDP's shards gathered; None elsewhere
-    if model is None:
-        return
+    from lora import adapter_tensors, save_adapter
     full = args.method == "full"
+    # on every rank: FSDP's shards are checked where they are, one verdict for all
     check_finite_weights(((n, p) for n, p in model.named_parameters() if p.requires_grad or full), "output")
+    if not rank0():  # under FSDP rank 0 writes each tensor as it is gathered; the others help, in its order
+        for t in (llama.model_tensors(model) if full else adapter_tensors(model)).values():
+            whole(t)
+        return
     if full:  # in the base checkpoint's dtype, as open-instruct and transformers' Trainer
-        save_model(model, out, dtype=llama.checkpoint_dtype(model_dir))
+        save_model(model, out, dtype=llama.checkpoint_dtype(model_dir), fetch=whole)
         copy_tokenizer(model_dir, out, ("generation_config.json",))
     else:
-        save_adapter(model, out, base_model_name_or_path=model_dir)
+        save_adapter(model, out, base_model_name_or_path=model_dir, fetch=whole)
     copy_tokenizer(tokenizer_source(getattr(args, "adapter", None), model_dir), out)
     print(f"wrote {'model' if full else 'adapter'}, tokenizer and metrics.jsonl to {out}")
 

@@ -96,8 +96,7 @@ def weight_copies(cfg, method, c, fsdp) -> int:
     """Weights held twice while in use. qlora: the largest weight dequantized (int64 pairs of
     float32 values, then cast to c). FSDP: the root unit (embeddings, lm_head) and two decoder
     layers gathered, and for full the whole gradients of lm_head and of a layer before their
-    reduce-scatter (lora/qlora: on paper; tulu does not shard them yet). Full without FSDP,
-    under bf16 autocast: every decoder weight's bf16 cast."""
+    reduce-scatter. Full without FSDP, under bf16 autocast: every decoder weight's bf16 cast."""
     layer, head = sum(i * o for i, o in projections(cfg)), cfg.vocab_size * cfg.hidden_size
     largest = max(i * o for i, o in projections(cfg))
     dequantized = largest * (4 if c == 4 else 4 + c) if method == "qlora" else 0
@@ -111,8 +110,8 @@ def plan(cfg, method, rows, seq, lora_r=64, dropout=0.1, checkpointing=False, c=
          fsdp=False) -> dict:
     """One device's parts, in bytes, for micro-batches of `rows` sequences of `seq` tokens,
     every label learned, on `world` ranks, sharded (fsdp) or each holding the model (DDP).
-    qlora on a GPU pages AdamW's states (PagedAdamW): they wait in CPU memory, and the GPU
-    holds what room is left (counted as none)."""
+    qlora on a GPU pages AdamW's states (PagedAdamW) unless sharded: they wait in CPU
+    memory, and the GPU holds what room is left (counted as none)."""
     split, tokens, D = world if fsdp else 1, rows * seq, cfg.hidden_size
     n, stored = weight_bytes(cfg, method, c)
     trained = n if method == "full" else lora_params(cfg, lora_r)
@@ -121,7 +120,7 @@ def plan(cfg, method, rows, seq, lora_r=64, dropout=0.1, checkpointing=False, c=
     residual = 4 if method == "full" and not shared else c  # full's residual stream is float32 under autocast
     saved = tokens * residual * D if checkpointing else layer  # checkpointing keeps a layer's input alone
     final_norm = tokens * D * (8 if method == "full" else 4)  # its float32 input (and x/rms, where it trains)
-    paged = method == "qlora" and device == "cuda"
+    paged = method == "qlora" and device == "cuda" and not fsdp
     return dict(weights=stored // split, adapters=0 if method == "full" else 4 * trained // split,
                 gradients=4 * trained // split, optimizer=0 if paged else 8 * trained // split,
                 activations=cfg.num_hidden_layers * saved + final_norm,
@@ -163,7 +162,7 @@ def settings(args, world, fsdp=False) -> dict:
 
 
 def run_line(args) -> str:
-    total = peak(plan(**settings(args, args.dist.world)))
+    total = peak(plan(**settings(args, args.dist.world, args.fsdp)))
     return f"memory plan: {total / GIB:.2f} GiB per device at batch {args.batch_size} x " \
            f"{args.max_seq_length} (tulu.py plan: its parts)"
 
@@ -193,10 +192,8 @@ def print_plan(args):
     print("peak = weights + adapters + optimizer + weight_copies\n"
           "       + max(activations + max(logits, recomputed), gradients + recomputed)\n"
           f"activations {flip} --gradient-checkpointing: {other / GIB:.2f} GiB")
-    if s["method"] == "qlora" and args.device == "cuda":
+    if s["method"] == "qlora" and args.device == "cuda" and not s["fsdp"]:
         print(f"AdamW's states are paged to CPU memory: {2 * parts['gradients'] / GIB:.2f} GiB there")
-    if s["fsdp"] and s["method"] != "full":
-        print("--fsdp with lora/qlora: arithmetic only, not yet measured (sft does not shard them yet)")
     if memory is not None:
         verdict = "yes" if total <= memory else f"no; batch {best} does" if best else "no, not even batch 1"
         print(f"fits in {memory / GIB:.2f} GiB: {verdict}")

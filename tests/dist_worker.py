@@ -12,8 +12,9 @@ environment, on the rank TULU_TEST_RANK only (without torchrun: the one process)
                               finite: inf is added, not multiplied)
 
 and, on every rank, TULU_TEST_ENCODES=FILE appends the rank to FILE each time it encodes
-a data file (rather than reading the encoded-data cache), and TULU_TEST_STEPS=FILE each
-time its optimiser applies a step.
+a data file (rather than reading the encoded-data cache), TULU_TEST_STEPS=FILE each
+time its optimiser applies a step, and TULU_TEST_HELD=FILE the bytes of the model's
+parameters and buffers that the rank holds (of FSDP's, its shards) once it is built.
 """
 import os
 import signal
@@ -23,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tulu  # noqa: E402
 from machinery import data  # noqa: E402
-from machinery.distributed import exit_after  # noqa: E402
 
 if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
     for var, sig in (("TULU_TEST_SIGTERM_AT", signal.SIGTERM), ("TULU_TEST_SIGKILL_AT", signal.SIGKILL)):
@@ -68,5 +68,14 @@ if os.environ.get("TULU_TEST_STEPS"):
         return opt
     tulu.build_optimizer = build_optimizer
 
+if os.environ.get("TULU_TEST_HELD"):
+    def build_policy(*a, _build=tulu.build_policy, **kw):
+        model = _build(*a, **kw)
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+        with open(os.environ["TULU_TEST_HELD"], "a") as f:
+            f.write(f"{sum(local(t).nbytes for t in [*model.parameters(), *model.buffers()])}\n")
+        return model
+    tulu.build_policy = build_policy
+
 if __name__ == "__main__":  # not in a data worker, which imports this file afresh
-    exit_after(lambda: tulu.main(sys.argv[1:]))
+    tulu.main(sys.argv[1:])

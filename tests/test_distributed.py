@@ -8,7 +8,9 @@ torchrun and in one process; errors that only several processes have end every r
 with one line.
 
 The data are 10 examples and the global batch 8 (4 for DPO), so an epoch ends with a
-short step in which rank 1 has no micro-batch of its own and runs a stand-in.
+short step of one micro-batch, which both ranks run (DistributedSampler's padding): a
+repeated micro-batch counts twice, so the step's loss, gradient and rewards (means) are
+still one process's, while the tokens it reports are twice one process's.
 torchrun is started as `python -m torch.distributed.run --standalone` (a free port) on
 tests/dist_worker.py, which runs tulu's command line and can inject a fault on one rank.
 """
@@ -27,6 +29,7 @@ from safetensors.torch import load_file
 import llama
 import lora
 import tulu
+from machinery import distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -36,7 +39,7 @@ SMALL = ["--model", HF_TINY, "--max-seq-length", "128", "--lora-r", "8", "--lora
          "--batch-size", "2"]
 
 GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
-pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available on this platform")
+pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available here")
 
 
 def torchrun(*argv, **fault):
@@ -67,13 +70,14 @@ def rel_close(a, b, rel=1e-4):
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
-def assert_same_run(two, one, steps):
+def assert_same_run(two, one, steps, short=None):
     """metrics.jsonl has one row per step, each with one process's loss, gradient norm and
-    tokens; the weights written are one process's, within 1e-4 relative (per tensor)."""
+    tokens (twice them on the step `short`, whose one micro-batch both ranks run); the
+    weights written are one process's, within 1e-4 relative (per tensor)."""
     rows, want = metrics(two), metrics(one)
     assert [r["step"] for r in rows] == [r["step"] for r in want] == list(range(1, steps + 1))
     for r, w in zip(rows, want):
-        assert r["tokens"] == w["tokens"], r["step"]
+        assert r["tokens"] == w["tokens"] * (2 if r["step"] == short else 1), r["step"]
         for k in [k for k in w if k == "loss" or k == "grad_norm" or k.startswith("rewards/")]:
             assert rel_close(r[k], w[k]), (r["step"], k, r[k], w[k])
     a, b = weights(two), weights(one)
@@ -104,6 +108,17 @@ def logits(model):
 # sft: DDP (qlora) and FSDP2 (full) give one process's run
 
 
+@pytest.mark.parametrize("n, world", [(5, 2), (1, 4), (8, 4), (3, 8)])
+def test_deal_pads_as_distributed_sampler_does(n, world):
+    """Rank r takes items r, r + N, ...; a list that N does not divide is first padded with
+    its first items: torch's DistributedSampler (shuffle=False) gives each rank the same."""
+    from torch.utils.data import DistributedSampler
+    items = [f"micro-batch {i}" for i in range(n)]
+    for rank in range(world):
+        want = [items[i] for i in DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False)]
+        assert distributed.deal(items, distributed.Dist(rank, world)) == want
+
+
 @pytest.mark.parametrize("method", ["qlora", "full"])
 def test_sft_under_torchrun_is_the_one_process_run(tmp_path, data, method):
     """2 ranks x 2 micro-batches of 2 = one process's 4 micro-batches of 2. Clipping at
@@ -118,7 +133,7 @@ def test_sft_under_torchrun_is_the_one_process_run(tmp_path, data, method):
                  TULU_TEST_ENCODES=encodes)
     assert p.returncode == 0, p.stderr
     assert encodes.read_text() == "0\n"  # rank 0 encodes the data; rank 1 reads what it cached
-    assert_same_run(two, one, steps=3)
+    assert_same_run(two, one, steps=3, short=2)  # 8 examples, then the epoch's last 2
     assert all(r["grad_norm"] > 1.0 for r in metrics(one))
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # rank 0 alone writes, the same files
     assert p.stdout.count("config: ") == 1 and p.stdout.count("wrote ") == 1  # and alone prints
@@ -152,7 +167,7 @@ def test_dpo_qlora_reference_with_adapters_off_under_ddp(tmp_path, data):
     one_process(*dpo_flags(data, "qlora", one, 1))
     p = torchrun(*dpo_flags(data, "qlora", two, 2))
     assert p.returncode == 0, p.stderr
-    assert_same_run(two, one, steps=4)
+    assert_same_run(two, one, steps=4, short=3)
     assert metrics(two)[0]["rewards/margin"] == 0 and metrics(two)[-1]["rewards/margin"] != 0
 
 
@@ -173,7 +188,7 @@ def test_dpo_full_interrupted_on_one_rank_then_resumed(tmp_path, data):
     shutil.copytree(two, moved)
     p = torchrun(*dpo_flags(data, "full", two, 2), "--resume", two)
     assert p.returncode == 0, p.stderr
-    assert_same_run(two, one, steps=4)
+    assert_same_run(two, one, steps=4, short=3)
     one_process(*dpo_flags(data, "full", moved, 1), "--resume", moved)
     assert_same_run(moved, one, steps=4)
 
@@ -230,6 +245,7 @@ def test_every_rank_decides_on_the_whole_step_loss_and_norm(tmp_path, data):
     ranks' weights would part. The run then stops there, on every rank."""
     steps = tmp_path / "steps"
     p = torchrun("sft", *SMALL, "--data", data / "sft.jsonl", "--method", "full", "--max-steps", 3,
-                 "--grad-accum", 1, "--output", tmp_path / "out", TULU_TEST_RANK=1, TULU_TEST_LOSS_INF_AT=2, TULU_TEST_STEPS=steps)
+                 "--grad-accum", 1, "--output", tmp_path / "out", TULU_TEST_RANK=1, TULU_TEST_LOSS_INF_AT=2,
+                 TULU_TEST_STEPS=steps)
     assert p.returncode != 0 and "step 2: the loss is inf" in p.stderr, p.stderr
     assert sorted(steps.read_text().split()) == ["0", "1"]  # step 1 on both ranks, step 2 on none

@@ -13,6 +13,7 @@ tiny: hf_tiny, QLoRA with LoRA dropout 0.1 (so the random state matters), 2
 micro-batches a step. Signals come from inside the process at a chosen micro-batch
 (tests/dist_worker.py), so the step they hit is the same on every machine.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -133,8 +134,8 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(tmp_path, data, full)
 
 # -----------------------------------------------------------------------------
 # A kill while a checkpoint is written: the files it leaves, made in this process by
-# stopping save_checkpoint (and what it calls) at a chosen point of the save of step 4.
-# The first checkpoint (step 2) is whole; resume must take the newest whole one.
+# stopping save_checkpoint at a chosen point of the save of step 4. The checkpoint of
+# step 2 is whole; resume must take the newest whole one.
 
 
 class Killed(BaseException):
@@ -142,70 +143,61 @@ class Killed(BaseException):
 
 
 def kill_during_save_of_step_4(monkeypatch, where):
-    saving, write_json, discard = [], runs.write_json, runs.discard
-    save = runs.save_checkpoint
-    monkeypatch.setattr(runs, "save_checkpoint", lambda out, step, *a: saving.append(step) or save(out, step, *a))
+    import llama
+    write_json, write_safetensors = runs.write_json, llama.write_safetensors
+
+    def save(path, tensors, *a, **kw):
+        write_safetensors(path, tensors, *a, **kw)
+        if path.endswith("state-4.safetensors") and where == "while its tensors are written":
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise Killed
 
     def write(path, obj):
-        last = saving[-1:] == [4] and path.endswith("trainer_state.json")
+        last = path.endswith("trainer_state.json") and obj["step"] == 4
         if last and where == "before its trainer_state.json":
             raise Killed
         write_json(path, obj)
         if last and where == "after its trainer_state.json":
             raise Killed
-
-    def gone(folder):
-        if saving[-1:] == [4] and os.path.basename(folder) == "checkpoint":
-            if where == "while the old one is removed":
-                os.remove(os.path.join(folder, "trainer_state.json"))
-                os.remove(os.path.join(folder, "trainable.safetensors"))
-                raise Killed
-            discard(folder)
-            if where == "after the old one is removed":
-                raise Killed
-            return
-        discard(folder)
+    monkeypatch.setattr(llama, "write_safetensors", save)
     monkeypatch.setattr(runs, "write_json", write)
-    monkeypatch.setattr(runs, "discard", gone)
 
 
 KILLS = {  # where the save of step 4 is killed -> the step a resumed run continues from
-    "before its trainer_state.json": 2,  # checkpoint/ (2), checkpoint.tmp/ without trainer_state.json
-    "after its trainer_state.json": 4,   # checkpoint/ (2), checkpoint.tmp/ (4) whole
-    "while the old one is removed": 4,   # checkpoint/ half removed, checkpoint.tmp/ (4)
-    "after the old one is removed": 4,   # checkpoint.tmp/ (4) alone
+    "while its tensors are written": 2,  # trainer_state.json names state-2; state-4 is half written
+    "before its trainer_state.json": 2,  # the same, state-4 whole
+    "after its trainer_state.json": 4,   # trainer_state.json names state-4; state-2 is not yet removed
 }
 
 
 @pytest.mark.parametrize("where", KILLS)
-def test_a_kill_during_a_checkpoint_write_leaves_a_whole_one(tmp_path, monkeypatch, capsys, data, full, where):
+def test_a_kill_during_a_checkpoint_write_leaves_a_whole_one(tmp_path, monkeypatch, capsys, data, full,
+                                                               where):
     out = tmp_path / "out"
     flags = sft_flags(data / "sft.jsonl", out, 6, "--save-every", 2)
     with monkeypatch.context() as m:
         kill_during_save_of_step_4(m, where)
         with pytest.raises(Killed):
             cli(*flags)
-    assert os.path.exists(out / "checkpoint.tmp")  # what the kill left
+    assert sorted(os.listdir(out / "checkpoint")) == ["state-2.safetensors", "state-4.safetensors",
+                                                      "trainer_state.json"]  # what the kill left
     capsys.readouterr()
     cli(*flags, "--resume", out)
     assert f"resumed from {out}/checkpoint after step {KILLS[where]}" in capsys.readouterr().out
     assert_continues(out, full[6])
 
 
-def test_a_checkpoint_killed_while_removed_is_never_taken_for_whole(tmp_path, monkeypatch, unfinished):
-    """discard removes trainer_state.json before the rest: a kill in the middle of the
-    removal leaves files that are no checkpoint, rather than a checkpoint missing files."""
+def test_a_kill_while_a_finished_run_removes_its_checkpoint(tmp_path, capsys, data, full, unfinished):
+    """finished.json is written before the checkpoint is removed: beside it, what a kill
+    left of a checkpoint is never resumed, nor does it refuse a new run."""
     out = tmp_path / "out"
-    shutil.copytree(unfinished["sft"], out)
-
-    def killed(path, *a, **kw):
-        raise Killed
-    with monkeypatch.context() as m:
-        m.setattr(shutil, "rmtree", killed)
-        with pytest.raises(Killed):
-            runs.discard(out / "checkpoint")
-    assert os.path.exists(out / "checkpoint" / "trainable.safetensors")
-    assert runs.settle_checkpoint(out) is None and not os.path.exists(out / "checkpoint")
+    shutil.copytree(full[6], out)
+    shutil.copytree(unfinished["sft"] / "checkpoint", out / "checkpoint")
+    with pytest.raises(SystemExit) as e:
+        cli(*sft_flags(data / "sft.jsonl", out), "--resume", out)
+    assert e.value.code == 0 and "the run finished all 6 steps" in capsys.readouterr().out
+    cli(*sft_flags(data / "sft.jsonl", out))
+    assert_continues(out, full[6])
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +206,8 @@ def test_a_checkpoint_killed_while_removed_is_never_taken_for_whole(tmp_path, mo
 
 def saved_steps(monkeypatch):
     steps, save = [], runs.save_checkpoint
-    monkeypatch.setattr(runs, "save_checkpoint", lambda out, step, *a: steps.append(step) or save(out, step, *a))
+    monkeypatch.setattr(runs, "save_checkpoint",
+                        lambda out, step, *a: steps.append(step) or save(out, step, *a))
     return steps
 
 
@@ -244,7 +237,8 @@ def test_resume_of_a_finished_run_exits_0_and_retrains_nothing(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         cli(*sft_flags(data / "sft.jsonl", out), "--resume", out)
     assert e.value.code == 0
-    assert f"{out}: the run finished all 6 steps (finished.json): nothing to resume" in capsys.readouterr().out
+    want = f"{out}: the run finished all 6 steps (finished.json): nothing to resume"
+    assert want in capsys.readouterr().out
     assert (out / ADAPTER).read_bytes() == before and not os.path.exists(out / "checkpoint")
 
 
@@ -316,8 +310,13 @@ def other_model(t):
     w = load_file(d / "model.safetensors")
     save_file({k: (v.float() * 1.01).to(v.dtype) for k, v in w.items()}, d / "model.safetensors",
               metadata={"format": "pt"})
-    assert os.path.getsize(d / "model.safetensors") == os.path.getsize(os.path.join(HF_TINY, "model.safetensors"))
+    assert os.path.getsize(d / "model.safetensors") == os.path.getsize(f"{HF_TINY}/model.safetensors")
     return str(d)
+
+
+def sha256(path):
+    """The first 16 hex digits of a file's sha256, as a run records its data."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def edited_data(t, data):
@@ -330,13 +329,15 @@ def edited_data(t, data):
     return d
 
 
-MISMATCHES = {  # name -> (command, flags to change(t, data) -> [(flag, value)], what the line names)
-    "model": ("sft", lambda t, d: [("--model", other_model(t))], ["model: " + HF_TINY, "/other_model (sha256"]),
-    "data": ("sft", lambda t, d: [("--data", edited_data(t, d))], ["data: ", "sft.jsonl (", "edited.jsonl ("]),
+MISMATCHES = {  # name -> (command, flags to change(t, data) -> [(flag, value)], what the line names(t, data))
+    "model": ("sft", lambda t, d: [("--model", other_model(t))],
+              lambda t, d: [f"model: {HF_TINY} -> {t}/other_model"]),
+    "data": ("sft", lambda t, d: [("--data", edited_data(t, d))],
+             lambda t, d: [f"data_sha256: {sha256(d / 'sft.jsonl')} -> {sha256(t / 'edited.jsonl')}"]),
     "adapter": ("dpo", lambda t, d: [("--adapter", os.path.join(FIX, "sft_qlora"))],
-                ["adapter: " + os.path.join(FIX, "sft_lora") + " (sha256", os.path.join(FIX, "sft_qlora")]),
-    "beta": ("dpo", lambda t, d: [("--beta", 0.2)], ["beta: 0.1 -> 0.2"]),
-    "loss": ("dpo", lambda t, d: [("--loss", "ipo")], ["loss: sigmoid -> ipo"]),
+                lambda t, d: [f"adapter: {FIX}/sft_lora -> {FIX}/sft_qlora"]),
+    "beta": ("dpo", lambda t, d: [("--beta", 0.2)], lambda t, d: ["beta: 0.1 -> 0.2"]),
+    "loss": ("dpo", lambda t, d: [("--loss", "ipo")], lambda t, d: ["loss: sigmoid -> ipo"]),
 }
 
 
@@ -351,15 +352,16 @@ def changed(argv, flags):
 
 
 @pytest.mark.parametrize("name", MISMATCHES)
-def test_resume_of_another_run_is_one_line_naming_the_difference(tmp_path, monkeypatch, capsys, data, unfinished,
-                                                                  name):
+def test_resume_of_another_run_is_one_line_naming_the_difference(tmp_path, monkeypatch, capsys, data,
+                                                                  unfinished, name):
     command, flags, want = MISMATCHES[name]
     out = str(unfinished[command])
     argv = sft_flags(data / "sft.jsonl", out, 4) if command == "sft" else dpo_flags(data / "prefs.jsonl", out)
     monkeypatch.setattr(tulu, "build_policy", lambda *a: pytest.fail("loaded the model of a refused run"))
     line = one_line_error(capsys, changed(argv, flags(tmp_path, data)) + ["--resume", out])
-    assert line.startswith(f"tulu {command}: error: {out}/checkpoint: the checkpoint was made with other settings ("), line
-    for w in want:
+    want_start = f"tulu {command}: error: {out}/checkpoint: the checkpoint was made with other settings ("
+    assert line.startswith(want_start), line
+    for w in want(tmp_path, data):
         assert w in line, (w, line)
     assert checkpoint_step(out) == 2  # untouched
 
@@ -371,22 +373,26 @@ def test_data_changed_in_place_is_another_run(tmp_path, capsys, data, unfinished
     shutil.copyfile(edited_data(tmp_path, data), moved)
     argv = changed(sft_flags(data / "sft.jsonl", out, 4), [("--data", moved)])
     line = one_line_error(capsys, argv + ["--resume", out])
-    assert f"data: {data / 'sft.jsonl'} (" in line and f"-> {moved} (" in line
+    assert line.endswith(f"(data_sha256: {sha256(data / 'sft.jsonl')} -> {sha256(moved)})"), line
 
 
-def test_a_moved_model_and_data_resume(tmp_path, capsys, data, unfinished, full):
-    """Files are compared by content: the same model and data under other paths continue."""
+def test_the_data_is_compared_by_content_the_model_by_path(tmp_path, capsys, data, unfinished):
+    """The data by its sha256: the same file under another path continues the run. The
+    model by its path (a 140 GB model is not read to be compared): a copy is another run."""
     out, model, moved = tmp_path / "out", tmp_path / "model", tmp_path / "sft.jsonl"
     shutil.copytree(unfinished["sft"], out)
     shutil.copytree(HF_TINY, model)
     shutil.copyfile(data / "sft.jsonl", moved)
-    cli(*changed(sft_flags(data / "sft.jsonl", out, 4), [("--model", model), ("--data", moved)]), "--resume", out)
+    argv = changed(sft_flags(data / "sft.jsonl", out, 4), [("--data", moved)]) + ["--resume", out]
+    line = one_line_error(capsys, changed(argv, [("--model", model)]))
+    assert line.endswith(f"other settings (model: {HF_TINY} -> {model})"), line
+    cli(*argv)
     assert "resumed from" in capsys.readouterr().out and [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
 def test_resume_of_a_finished_run_with_other_settings_is_one_line(tmp_path, capsys, data, full):
     out = tmp_path / "out"
     shutil.copytree(full[6], out)
-    line = one_line_error(capsys, changed(sft_flags(data / "sft.jsonl", out), [("--data", edited_data(tmp_path, data))])
-                          + ["--resume", out])
-    assert f"{out}/finished.json: that run finished, with other settings (data: " in line, line
+    argv = changed(sft_flags(data / "sft.jsonl", out), [("--data", edited_data(tmp_path, data))])
+    line = one_line_error(capsys, argv + ["--resume", out])
+    assert f"{out}/finished.json: that run finished, with other settings (data_sha256: " in line, line
