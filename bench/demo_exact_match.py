@@ -29,6 +29,7 @@ import llama  # noqa: E402
 import lora  # noqa: E402
 import tulu  # noqa: E402
 import machinery.evaluate  # noqa: E402
+from machinery import checks  # noqa: E402
 
 
 def run(*argv, env):
@@ -42,7 +43,7 @@ def run(*argv, env):
 
 
 def exact_match(model_dir, adapter=None, qlora=False):
-    tok = llama.Tokenizer(tulu.tokenizer_source(adapter, model_dir))
+    tok = llama.Tokenizer(checks.tokenizer_source(adapter, model_dir))
     model = llama.load_model(model_dir, torch.float32, quantize="nf4" if qlora else None)
     if adapter:
         lora.load_adapter(model, adapter)

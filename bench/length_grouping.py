@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 
 import llama  # noqa: E402
 import tulu  # noqa: E402
+from machinery import outputs  # noqa: E402
 from machinery.data import read_jsonl  # noqa: E402
 from machinery.demo import TINY  # noqa: E402
 
@@ -54,7 +55,7 @@ def tiny_model(folder):
                             **{**TINY, "max_position_embeddings": 1024})
     torch.manual_seed(0)
     llama.save_model(llama.Llama(cfg), folder)
-    tulu.copy_tokenizer(demo, folder)
+    outputs.copy_tokenizer(demo, folder)
 
 
 def run(model, data, out, steps, grouped, padded):

@@ -80,7 +80,7 @@ def peak(device):
 
 
 def autocast(forward, device):
-    """forward run under bf16 autocast, as tulu.autocast and Trainer's bf16=True do."""
+    """forward run under bf16 autocast, as cli.autocast (tulu.py's loop) and Trainer's bf16=True do."""
     import torch
 
     def run(*a, **kw):

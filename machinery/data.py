@@ -15,8 +15,9 @@ again up to the end of every turn, as open-instruct does. Four things make it ch
   --resume read them back; under torchrun rank 0 encodes and caches the file while the
   other ranks wait, then they read the cache (rank0_first).
 
-tulu.py hands its chat format in as a ChatFormat (this folder never imports tulu.py);
-its role headers are the roles a data file may use.
+tulu.py hands its chat format in as a ChatFormat (this folder never imports the
+chapters); its role headers are the roles a data file may use. `sft` also reads QLoRA's
+rows ({"input", "output"} or {"text"}), which the ChatFormat's `row` encodes.
 """
 
 import array
@@ -46,13 +47,24 @@ from llama import TuluError, atomic_write
 
 KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}  # a file's kind -> its rows' keys
 ROW_OF = {"sft": ("a conversation", "sft"), "prefs": ("a preference pair", "dpo")}  # -> (a row, its command)
+ROW_KEYS = (("input", "output"), ("text",))  # QLoRA's rows, which sft reads beside conversations
 WIDTH = {"sft": 2, "prefs": 4}  # -> sequences an example: ids, labels (a pair's chosen, then rejected)
+
+
+def row_keys(obj):
+    """The keys of the QLoRA row that obj is, or None."""
+    return next((keys for keys in ROW_KEYS if all(k in obj for k in keys)), None)
 
 
 def check_row(where: str, obj: dict, kind: str, roles=None):
     """TuluError("where: ...") unless obj is a row of `kind`: lists of messages, each
     with a string role (one of `roles`; None: any) and content."""
     keys = lambda k: " and ".join(map(repr, KIND_KEYS[k]))
+    row = kind == "sft" and "messages" not in obj and row_keys(obj)
+    if row:  # a QLoRA row
+        if not all(isinstance(obj[k], str) for k in row):
+            raise TuluError(f"{where}: {' and '.join(map(repr, row))} must be strings")
+        return
     other = next((k for k in KIND_KEYS if all(key in obj for key in KIND_KEYS[k])), kind)
     if not any(key in obj for key in KIND_KEYS[kind]) and other != kind:
         (row, command), reader = ROW_OF[other], ROW_OF[kind][1]
@@ -110,12 +122,14 @@ read_objects = read_jsonl  # with no kind: any objects (eval tells the kind by t
 
 
 class ChatFormat(NamedTuple):
-    """What tulu.py hands in: chat_text(messages, eos), eos_text(tokenizer),
-    ROLE_HEADERS and encode_pair(chosen, rejected, tok, max_seq_length, encode)."""
+    """What tulu.py hands in: chat_text(messages, eos), eos_text(tokenizer), ROLE_HEADERS,
+    encode_pair(chosen, rejected, tok, max_seq_length, encode) and row(row, tok), QLoRA's
+    rows' encoder (encode_instruction, with the run's lengths as keywords)."""
     text: Callable
     eos: Callable
     headers: dict
     pair: Callable
+    row: Callable
 
 
 class Prefixes:
@@ -241,7 +255,8 @@ class BatchEncoder:
         """The example of a line; None if nothing is left to learn (open-instruct drops those too)."""
         encode = functools.partial(encode_messages_fast, chat=self.chat)
         if self.kind == "sft":
-            ids, labels = encode(obj["messages"], self.tok, self.max_seq_length)
+            ids, labels = (encode(obj["messages"], self.tok, self.max_seq_length) if "messages" in obj
+                           else self.chat.row(obj, self.tok))
             return (ids, labels) if any(label != -100 for label in labels[1:]) else None
         if problem := dpo.check_pair(obj["chosen"], obj["rejected"]):
             raise ValueError(problem)
@@ -320,12 +335,12 @@ def encode_file(encoder: BatchEncoder, batches, lines: int, workers: int):
 def data_cache_file(folder, digest, encoder: BatchEncoder) -> str:
     """The cache file of a data file's encoding. Its name hashes everything the examples
     depend on, so a change to any of them misses: the file's sha256, its kind,
-    --max-seq-length, the tokenizer's files and settings, and the code that encodes
+    --max-seq-length (and QLoRA rows' lengths), the tokenizer's files and settings, and the code that encodes
     (llama.py, this file, the chat format's tulu.py, sentencepiece's and Unicode's versions)."""
     import sentencepiece
-    tok = encoder.tok
+    tok, rows = encoder.tok, getattr(encoder.chat.row, "keywords", None)  # QLoRA rows' lengths
     settings = [digest, encoder.kind, encoder.max_seq_length, getattr(tok, "legacy", None),
-                sentencepiece.__version__, unicodedata.unidata_version]
+                sentencepiece.__version__, unicodedata.unidata_version, rows]
     h = hashlib.sha256(json.dumps(settings).encode())
     code = (llama.__file__, __file__, encoder.chat.text.__code__.co_filename)
     for f in (tok.file, os.path.join(tok.dir, "tokenizer_config.json"), *code):

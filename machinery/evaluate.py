@@ -18,19 +18,22 @@ from tqdm import tqdm
 
 import llama
 from llama import TuluError
-from machinery.data import KIND_KEYS
+from machinery.data import KIND_KEYS, row_keys
 
 EVAL_KINDS = {**KIND_KEYS, "choice": ("question", "choices", "answer")}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def data_kind(path, objects) -> str:
-    """sft, prefs or choice, from the keys of the first of `objects` ((line, object) pairs)."""
+    """sft (QLoRA's rows too), prefs or choice, from the keys of the first of `objects`
+    ((line, object) pairs)."""
     n, obj = next(objects)
-    kind = next((k for k, keys in EVAL_KINDS.items() if all(key in obj for key in keys)), None)
+    found = (k for k, keys in EVAL_KINDS.items() if all(key in obj for key in keys))
+    kind = next(found, "sft" if row_keys(obj) else None)
     if kind is None:
-        raise TuluError(f"{path}:{n}: expected the keys of SFT conversations ('messages'), preference "
-                        f"pairs ('chosen', 'rejected') or multiple choice ('question', 'choices', 'answer')")
+        raise TuluError(f"{path}:{n}: expected the keys of SFT conversations ('messages') or QLoRA's rows "
+                        f"('input', 'output' or 'text'), preference pairs ('chosen', 'rejected') or multiple "
+                        f"choice ('question', 'choices', 'answer')")
     return kind
 
 

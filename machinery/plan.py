@@ -29,6 +29,7 @@ import re
 import torch
 
 from llama import LlamaConfig, chunk_rows
+from machinery.cli import positive_int
 
 GIB = 2**30
 LLAMA_65B = LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
@@ -138,7 +139,7 @@ def peak(p: dict) -> int:
 
 
 # -----------------------------------------------------------------------------
-# `tulu.py plan`, and the line sft and dpo print at the start
+# `tulu.py plan` (its flags, print_plan), and the line sft and dpo print at the start
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -149,6 +150,25 @@ def size(text: str) -> int:
     if not m or m[2] not in UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 24GiB or 48GB")
     return int(float(m[1]) * UNITS[m[2]])
+
+
+def plan_flags(p):
+    p.add_argument("--model", required=True, help="HF Llama folder (its config.json alone is read)")
+    p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora", help="default %(default)s")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="sequences a micro-batch, DPO's two a pair (default %(default)s, Tulu 2's recipes)")
+    p.add_argument("--max-seq-length", type=positive_int, default=8192, help="default %(default)s, Tulu 2's")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-r", type=positive_int, default=64, help="default %(default)s")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="default %(default)s, sft's (dpo's: 0)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default %(default)s")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--nproc", type=positive_int, default=1, help="torchrun's --nproc_per_node (default 1)")
+    p.add_argument("--fsdp", action="store_true", help="sft's --fsdp: shard lora/qlora too (full on several "
+                                                       "ranks always is)")
+    p.add_argument("--device-memory", type=size,
+                   help="e.g. 24GiB or 48GB: does the run fit? else the largest batch that does")
+    p.add_argument("--json", action="store_true", help="print one JSON object: total_bytes and the parts")
 
 
 def settings(args, world, fsdp=False) -> dict:

@@ -12,6 +12,7 @@ reference is at hand, whatever the tests cannot check without it (e.g. that
 transformers loads what our save_model wrote). Library versions are recorded
 in tests/fixtures/<area>/versions.json.
 """
+import copy
 import json
 import os
 import shutil
@@ -593,9 +594,10 @@ def chat_check_tiny_folder(d):
 @area
 def make_chat():
     import tulu
+    from machinery import data
     from machinery.demo import train_tiny_tokenizer
     out = fresh_dir("chat")
-    chats = [tulu.chat_text(o["messages"]) for _, o in tulu.read_jsonl(os.path.join(ROOT, "data", "sft_train.jsonl"), "sft")]
+    chats = [tulu.chat_text(o["messages"]) for _, o in data.read_jsonl(os.path.join(ROOT, "data", "sft_train.jsonl"), "sft")]
     tiny = os.path.join(out, "tiny_tokenizer")
     train_tiny_tokenizer(tiny, chats)
     again = os.path.join(out, "tiny_again")
@@ -999,7 +1001,158 @@ def make_cli():
     record_versions(out, "transformers", "peft", "bitsandbytes")
 
 
+
+# -----------------------------------------------------------------------------
+# tulu.py's two formats against their references: the chat template every output
+# ships, through transformers' apply_chat_template, and QLoRA's rows through
+# artidoro/qlora's DataCollatorForCausalLM (restated below: its qlora.py imports
+# bitsandbytes, datasets, evaluate). transformers 5 (this env) renders the templates for
+# the sentencepiece model with legacy=False and for the tokenizer.json model. The slow
+# sentencepiece tokenizer that QLoRA loads (use_fast=False), in either legacy mode, is in
+# transformers 4 only (5's converted one splits text after "<s>" and newlines otherwise
+# with legacy=True), so that part runs in a second env, made as for the chat area:
+#   TULU_TRANSFORMERS4=/path/to/venv4/bin/python python tests/make_fixtures.py formats
+
+FORMAT_BASES = {  # name -> (model folder, legacy written into its tokenizer_config.json, or None: as it is)
+    "sentencepiece_legacy_false": (CLI_HF_TINY, False), "sentencepiece_legacy_true": (CLI_HF_TINY, True),
+    "tokenizer_json": (BPE_HF_TINY, None)}
+QLORA_ROWS = [
+    {"input": "### Human: What is the capital of France? ### Assistant:", "output": " The capital is Paris."},
+    {"input": "Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response: ", "output": "5"},
+    {"input": "", "output": "An empty input."},
+    {"text": "### Human: Où est Reykjavík? 東京 🙂### Assistant: En Islande.### Human: Merci!### Assistant: De rien."},
+    {"input": "Fix:\n```python\ndef f(x):\n    return x  *  2\n```", "output": "```python\ndef f(x):\n    return x * 2\n```\n\n  Done.  "},
+    {"input": "Is </s> the end and <s> the start?", "output": " yes </s> no"},
+    {"text": "▁literal underline and   runs of   spaces", "input": "ignored: a text row is input '', output text"},
+]
+QLORA_LENGTHS = [(1024, 256, False), (1024, 256, True), (12, 8, False), (5, 3, True)]  # source, target, train_on_source
+QLORA_CARD_PROMPTS = ["Introduce yourself", "What is 2 + 2?", "Où est Reykjavík? 東京 🙂"]
+
+
+def formats_folder(tmp, name):
+    """A copy of a base's tokenizer files, with the legacy mode FORMAT_BASES names."""
+    import llama
+    folder, legacy = FORMAT_BASES[name]
+    d = os.path.join(tmp, name)
+    os.makedirs(d)
+    for n in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(ROOT, folder, n)):
+            shutil.copyfile(os.path.join(ROOT, folder, n), os.path.join(d, n))
+    if legacy is not None:
+        llama.write_json(os.path.join(d, "tokenizer_config.json"), {**llama.tokenizer_config(d), "legacy": legacy})
+    return d
+
+
+def formats_templates(tmp, name, use_fast=True):
+    """transformers' apply_chat_template ids, with tulu's template for each format written into
+    a copy of the base's tokenizer files, of every conversation (add_generation_prompt where it
+    ends in a user turn); asserts that they are tulu's encode_messages / encode_prompt ids."""
+    from transformers import AutoTokenizer
+    import llama
+    import tulu
+    from machinery.outputs import write_chat_template
+    out = {}
+    for chat_format in ("tulu", "qlora"):
+        d = formats_folder(os.path.join(tmp, chat_format), name)
+        tok = llama.Tokenizer(d)
+        write_chat_template(d, tulu.chat_template(tok, chat_format))
+        hf, cases = AutoTokenizer.from_pretrained(d, use_fast=use_fast), []
+        for conv_name, msgs in CHAT_CONVERSATIONS.items():
+            for gen in (False, True) if msgs[-1]["role"] == "user" else (False,):
+                ids = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+                if gen:
+                    ours = tulu.encode_prompt(msgs, tok, chat_format)
+                else:
+                    ours = (tulu.encode_messages(msgs, tok, 10**9)[0] if chat_format == "tulu"
+                            else tok.encode(tulu.qlora_text(msgs), bos=True))
+                assert ids == ours, (name, chat_format, conv_name, gen, use_fast)
+                cases.append({"name": conv_name, "add_generation_prompt": gen, "ids": ids})
+        out[chat_format] = cases
+    return out
+
+
+@area
+def make_formats():
+    import subprocess
+    import tempfile
+    import transformers
+    out = fresh_dir("formats")
+    python4 = os.environ.get("TULU_TRANSFORMERS4")
+    if not python4:
+        raise SystemExit("set TULU_TRANSFORMERS4 to the python of an env with transformers 4 (see above)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = {"transformers": transformers.__version__, "conversations": CHAT_CONVERSATIONS,
+               "bases": {name: formats_templates(os.path.join(tmp, name), name)
+                         for name in ("sentencepiece_legacy_false", "tokenizer_json")}}
+    with open(os.path.join(out, "templates.json"), "w") as f:
+        json.dump(ref, f, ensure_ascii=False, separators=(",", ":"))
+    subprocess.run([python4, os.path.abspath(__file__), "--formats-transformers4"], check=True)
+    record_versions(out, "transformers", "tokenizers")
+
+
+def qlora_collator(instances, tokenizer, source_max_len, target_max_len, train_on_source):
+    """artidoro/qlora's DataCollatorForCausalLM.__call__ (qlora.py), restated for training
+    (predict_with_generate False), without the padding: (input_ids, labels) of each instance."""
+    sources = [f"{tokenizer.bos_token}{example['input']}" for example in instances]
+    targets = [f"{example['output']}{tokenizer.eos_token}" for example in instances]
+    tokenized_sources = tokenizer(sources, max_length=source_max_len, truncation=True, add_special_tokens=False)
+    tokenized_targets = tokenizer(targets, max_length=target_max_len, truncation=True, add_special_tokens=False)
+    out = []
+    for source, target in zip(tokenized_sources["input_ids"], tokenized_targets["input_ids"]):
+        labels = copy.deepcopy(source + target) if train_on_source else [-100] * len(source) + copy.deepcopy(target)
+        out.append((source + target, labels))
+    return out
+
+
+def qlora_tokenizer(d, legacy):
+    """The tokenizer QLoRA's get_accelerate_model loads: slow (use_fast=False), which for a
+    tokenizer.json-only model is the fast one; special tokens as the model's config names them."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    import llama
+    if legacy is None:  # transformers 4 does not know transformers 5's tokenizer_class "TokenizersBackend"
+        config = llama.tokenizer_config(d)
+        return PreTrainedTokenizerFast(tokenizer_file=os.path.join(d, "tokenizer.json"),
+                                       bos_token=config["bos_token"], eos_token=config["eos_token"])
+    return AutoTokenizer.from_pretrained(d, use_fast=False)
+
+
+def formats_transformers4():
+    """Run by make_formats in transformers 4's env: QLoRA's collator on QLORA_ROWS, the QLoRA
+    card's prompts, and the slow sentencepiece tokenizer's apply_chat_template."""
+    import tempfile
+    import transformers
+    import llama
+    import tulu
+    assert transformers.__version__.startswith("4."), transformers.__version__
+    ref = {"transformers": transformers.__version__, "rows": QLORA_ROWS, "lengths": QLORA_LENGTHS, "bases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (_, legacy) in FORMAT_BASES.items():
+            d = formats_folder(os.path.join(tmp, "rows"), name)
+            hf, tok = qlora_tokenizer(d, legacy), llama.Tokenizer(d)
+            rows = [r if "output" in r else {"input": "", "output": r["text"]} for r in QLORA_ROWS]  # oasst1's
+            cases = []
+            for lengths in QLORA_LENGTHS:
+                for row, (ids, labels) in zip(QLORA_ROWS, qlora_collator(rows, hf, *lengths)):
+                    assert tulu.encode_instruction(row, tok, *lengths) == (ids, labels), (name, row, lengths)
+                    cases.append({"lengths": lengths, "input_ids": ids, "labels": labels})
+            card = [hf("A chat between a curious human and an artificial intelligence assistant. The assistant "
+                       "gives helpful, detailed, and polite answers to the user's questions.\n"
+                       f"### Human: {p} ### Assistant:").input_ids for p in QLORA_CARD_PROMPTS]
+            for p, ids in zip(QLORA_CARD_PROMPTS, card):
+                assert tulu.encode_prompt([{"role": "user", "content": p}], tok, "qlora") == ids, (name, p)
+            ref["bases"][name] = {"collator": cases, "card_prompts": card}
+            if legacy is not None:  # the slow tokenizer's apply_chat_template
+                ref["bases"][name]["templates_slow"] = formats_templates(os.path.join(tmp, name), name, False)
+    ref["card_prompts"] = QLORA_CARD_PROMPTS
+    with open(os.path.join(FIX, "formats", "transformers4.json"), "w") as f:
+        json.dump(ref, f, ensure_ascii=False, separators=(",", ":"))
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--formats-transformers4"]:  # make_formats runs this in transformers 4's env
+        formats_transformers4()
+        sys.exit()
     names = sys.argv[1:] or list(AREAS)
     for n in names:
         print(f"== {n}")

@@ -14,7 +14,6 @@ equal losses after --resume, logits of a fresh load.
 Most tests call tulu.main in this process (fast); what a user sees when a
 command fails, and commands exactly as typed, run `python tulu.py` itself.
 """
-import argparse
 import dataclasses
 import io
 import json
@@ -35,7 +34,8 @@ import dpo
 import llama
 import lora
 import tulu
-from machinery import checks, demo, evaluate, runs
+from machinery import checks, data, demo, evaluate, outputs, runs
+from machinery import cli as cli_module
 from machinery.data import Examples, example_lengths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,6 +116,13 @@ def logits(model, ids):
 def same_bytes(a, b):
     with open(a, "rb") as f, open(b, "rb") as g:
         return f.read() == g.read()
+
+
+def tulu_tokenizer(out):
+    """An output's tokenizer is the base's, with the Tulu chat template in tokenizer_config.json."""
+    config = {**llama.tokenizer_config(HF_TINY), "chat_template": tulu.chat_template(llama.Tokenizer(HF_TINY))}
+    same = [same_bytes(os.path.join(out, n), os.path.join(HF_TINY, n)) for n in ("tokenizer.model", "special_tokens_map.json")]
+    return llama.tokenizer_config(out) == config and all(same)
 
 
 def visible_lines(stderr):
@@ -248,7 +255,7 @@ def test_sft_trains_and_writes_outputs(tmp_path, sft_data, method, lr):
     want = set(ADAPTER_FILES) if method != "full" else {"config.json", "model.safetensors"}
     assert want | set(TOKENIZER_FILES) | {"metrics.jsonl"} <= files
     assert not ({"config.json", "model.safetensors"} | set(ADAPTER_FILES)) - want & files
-    assert all(same_bytes(out / n, os.path.join(HF_TINY, n)) for n in TOKENIZER_FILES)
+    assert tulu_tokenizer(out)
 
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, N + 1))
@@ -890,7 +897,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
         model.lm_head.weight[3, 1] = float("inf")
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(llama.TuluError, match="lm_head.weight"):
-        tulu.save_outputs(argparse.Namespace(method="full"), model, HF_TINY, str(tmp_path))
+        outputs.save_outputs(tulu.TrainConfig(method="full"), model, HF_TINY, str(tmp_path))
     with pytest.raises(llama.TuluError, match="lm_head.weight"):
         runs.save_checkpoint(str(tmp_path), 1, model, opt, runs.rng_state(), {})
     assert os.listdir(tmp_path) == []
@@ -1046,8 +1053,8 @@ def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, capsys, tiny_de
     main = tulu.main
     monkeypatch.setattr(tulu, "main", lambda argv: main(argv + ["--max-steps", str(DEMO_SFT_STEPS)]
                                                         if argv[0] == "sft" else argv))
-    held, f = [], tulu.preference_metrics
-    monkeypatch.setattr(tulu, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], evaluate.preference_metrics
+    monkeypatch.setattr(evaluate, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
     out = tmp_path / "out"
     main(["dpo", "--max-steps", "20", "--output", str(out)])
     sft = tiny_default.replace("tiny-llama-", "tiny-sft-")
@@ -1057,7 +1064,7 @@ def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, capsys, tiny_de
     assert after["rewards/accuracy"] > 0.5 and after["rewards/margin"] > 0, after
     assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     printed = capsys.readouterr().out
-    prompts = evaluate.answer_prompts(tulu.read_jsonl(os.path.join(DATA, "sft_heldout.jsonl"), "sft"), 4)
+    prompts = evaluate.answer_prompts(data.read_jsonl(os.path.join(DATA, "sft_heldout.jsonl"), "sft"), 4)
     for msgs, reference in prompts:
         assert f"\n> {msgs[-1]['content']}\n  reference  {reference}\n  SFT        " in printed
     assert re.search(r"exact match, greedy, on the first 40 conversations of .*sft_heldout.jsonl: "
@@ -1076,7 +1083,7 @@ def test_merge_writes_the_adapter_model(tmp_path, ref, qlora):
         *(["--qlora"] if qlora else []))
     assert {"config.json", "model.safetensors", *TOKENIZER_FILES} <= set(os.listdir(out))
     assert not set(ADAPTER_FILES) & set(os.listdir(out))
-    assert all(same_bytes(out / n, os.path.join(HF_TINY, n)) for n in TOKENIZER_FILES)
+    assert tulu_tokenizer(out)
     with open(out / "config.json") as f:
         cfg = json.load(f)
     assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
@@ -1124,8 +1131,8 @@ def test_dpo_demo_with_an_sft_adapter_starts_with_zero_rewards(tmp_path, monkeyp
     """The demo (no --model) with --adapter: the reference is base + SFT adapter on
     the held-out pairs too, so at step 0 every held-out reward is 0."""
     monkeypatch.setattr(tulu, "tiny_sft", lambda: tiny_default)  # the base tiny_adapter was trained on
-    held, f = [], tulu.preference_metrics
-    monkeypatch.setattr(tulu, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], evaluate.preference_metrics
+    monkeypatch.setattr(evaluate, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
     cli("dpo", "--adapter", tiny_adapter, "--method", "lora", "--max-steps", 1, "--output", tmp_path / "out")
     assert held[0]["rewards/accuracy"] == 0 and held[0]["rewards/margin"] == 0, held[0]
 
@@ -1231,6 +1238,41 @@ def test_chat_bad_model_path_as_a_user_sees_it(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     lines = visible_lines(p.stderr)
     assert len(lines) == 1 and str(tmp_path / "nope") in lines[0], lines
+
+
+# -----------------------------------------------------------------------------
+# eval and the training commands: each input read once, --device and --dtype resolved once
+
+
+def count_calls(monkeypatch, module, name):
+    """The arguments of every call of module.name from now on (the function still runs)."""
+    calls, f = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(a) or f(*a, **kw))
+    return calls
+
+
+def test_eval_reads_its_multiple_choice_file_once(tmp_path, monkeypatch, capsys):
+    """The kind of --data comes from its first object and the questions from all of them:
+    one pass over the file (and one over --dev)."""
+    rows = [{"question": f"{i} + 1?", "choices": [str(i + 1), str(i + 2)], "answer": 0} for i in range(3)]
+    data_file, dev = tmp_path / "mc.jsonl", tmp_path / "dev.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dev.write_text(json.dumps(rows[0]) + "\n")
+    reads = count_calls(monkeypatch, data, "read_objects")
+    cli("eval", "--model", HF_TINY, "--data", data_file, "--dev", dev, "--shots", 1)
+    assert [a[0] for a in reads] == [str(data_file), str(dev)]
+    assert "3 questions, 1-shot" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["sft", "eval"])
+def test_device_and_dtype_are_resolved_once(tmp_path, monkeypatch, sft_data, command):
+    resolved = count_calls(monkeypatch, cli_module, "device_and_dtype")
+    if command == "sft":
+        cli("sft", *SMALL, "--data", sft_data, "--method", "lora", "--max-steps", 1, "--batch-size", 4,
+            "--output", tmp_path / "out")
+    else:
+        cli("eval", "--model", HF_TINY, "--data", sft_data, "--max-seq-length", 128)
+    assert resolved == [("auto", "auto")]
 
 
 # -----------------------------------------------------------------------------

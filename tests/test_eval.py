@@ -20,7 +20,7 @@ import torch
 import llama
 import lora
 import tulu
-from machinery import evaluate, outputs
+from machinery import cli, evaluate, outputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -202,8 +202,8 @@ def test_a_letter_of_two_tokens_is_scored_by_both(tok):
     cut = len(tok.encode(prompt, bos=True))
     assert [len(ids) - cut for ids, _ in rows] == [1, 1, 1, 2, 2]  # D and E: "▁" + the letter
     model = base()
-    args = tulu.argparse.Namespace(batch_size=3, device="cpu", dtype=torch.float32)
-    got = evaluate.choice_scores(model, rows, tulu.SFTTask(tok.eos_id), args, tulu.eval_batches, tulu.autocast)
+    args = tulu.TrainConfig(batch_size=3, device="cpu", dtype=torch.float32)
+    got = evaluate.choice_scores(model, rows, tulu.SFTTask(tok.eos_id), args, cli.eval_batches, cli.autocast)
     want = [logp_after(model, tok.encode(f"{prompt} {letter}", bos=True), cut) for letter in "ABCDE"]
     assert got == pytest.approx(want, rel=1e-5)
     one_token = [logp_after(model, tok.encode(f"{prompt} {letter}", bos=True)[:cut + 1], cut) for letter in "DE"]

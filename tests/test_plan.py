@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import llama  # noqa: E402
 import tulu  # noqa: E402
-from machinery import plan  # noqa: E402
+from machinery import cli, outputs, plan  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HF_TINY = os.path.join(HERE, "fixtures", "cli", "hf_tiny")
@@ -98,7 +98,7 @@ def saved_bytes(model, args, ids):
         return t
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tulu.autocast(args):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cli.autocast(args):
         model(ids, labels=ids)
     return sum(seen.values())
 
@@ -141,8 +141,8 @@ def measured_process(runs, out):
     outputs, above the resident memory before the run. (Writing them is no part of the plan:
     on a GPU it takes host memory, and under FSDP rank 0 gathers the whole model for it.)"""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    peaks, save = [], tulu.save_outputs
-    tulu.save_outputs = lambda *a: (peaks.append(status_bytes("VmHWM")), save(*a))[1]
+    peaks, save = [], outputs.save_outputs
+    outputs.save_outputs = lambda *a: (peaks.append(status_bytes("VmHWM")), save(*a))[1]
     os.environ["WORLD_SIZE"] = "1"
     data = runs[0][runs[0].index("--data") + 1]
     tulu.main(["sft", "--model", HF_TINY, "--data", data, "--output", f"{out}.warm{rank}", "--max-steps", "1",

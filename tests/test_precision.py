@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import llama
 import tulu
-from machinery import distributed, runs
+from machinery import cli, distributed, runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -114,7 +114,7 @@ def test_bf16_trains_under_autocast_with_float32_master_weights(monkeypatch):
     args = tulu.TrainConfig(model=HF_TINY, method="full", dtype="bf16").resolve(demo=False)
     model = tulu.build_policy(args, HF_TINY)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    with tulu.autocast(args):
+    with cli.autocast(args):
         model(torch.tensor([[1, 5, 7]]))
     assert seen == [(True, torch.bfloat16)]
     args.method = "lora"
@@ -174,12 +174,15 @@ def test_rank_device_wraps_local_rank_over_the_visible_gpus(monkeypatch, visible
     assert distributed.rank_device(local_rank) == torch.device("cuda", want)
 
 
-def test_resolve_dtype_falls_back_where_a_gpu_has_no_bf16(monkeypatch, capsys):
+def test_device_and_dtype_fall_back_where_a_gpu_has_no_bf16(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: False)
-    assert tulu.resolve_dtype("auto", "cuda") == torch.float32
+    assert cli.device_and_dtype("cuda", "auto") == ("cuda", torch.float32)
     assert "no bf16" in capsys.readouterr().out
     with pytest.raises(llama.TuluError, match="--dtype bf16"):
-        tulu.resolve_dtype("bf16", "cuda")
+        cli.device_and_dtype("cuda", "bf16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
-    assert tulu.resolve_dtype("auto", "cuda") == torch.bfloat16
-    assert tulu.resolve_dtype("auto", "cpu") == torch.float32 and tulu.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert cli.device_and_dtype("auto", "auto") == ("cuda", torch.bfloat16)
+    assert cli.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
+    assert cli.device_and_dtype("cpu", "bf16") == ("cpu", torch.bfloat16)
+    assert "no bf16" not in capsys.readouterr().out

@@ -27,6 +27,7 @@ import torch
 
 import llama
 import tulu
+from machinery import outputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -377,7 +378,7 @@ def test_merged_model_computes_the_adapter(runs):
 def test_generation_stops_at_every_eos_the_model_folder_names():
     tok = llama.Tokenizer(HF_TINY)
     eot = tok.token_id("<|eot_id|>")
-    assert tulu.stop_ids(HF_TINY, tok) == sorted({tok.eos_id, eot})
+    assert outputs.stop_ids(HF_TINY, tok) == sorted({tok.eos_id, eot})
 
 
 def test_chat_answers_with_the_tokenizer_json_model(runs, capsys, monkeypatch):
@@ -387,7 +388,7 @@ def test_chat_answers_with_the_tokenizer_json_model(runs, capsys, monkeypatch):
     tulu.main(["chat", "--model", runs["sft", "full"], "--prompt", prompt, "--max-new-tokens", "12", "--dtype", "fp32"])
     printed = capsys.readouterr().out.split("<|assistant|>\n", 1)[1].rstrip("\n")
     tok, model = llama.Tokenizer(runs["sft", "full"]), llama.load_model(runs["sft", "full"], dtype=torch.float32)
-    stops = tulu.stop_ids(runs["sft", "full"], tok)
+    stops = outputs.stop_ids(runs["sft", "full"], tok)
     new = llama.generate(model, tulu.encode_prompt([{"role": "user", "content": prompt}], tok), 12, eos_id=stops)
     want = tok.decode([t for t in new if t not in stops])
     assert printed == want and want and "<|end_of_text|>" not in printed

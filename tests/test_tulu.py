@@ -332,7 +332,7 @@ def test_encode_messages_sample_data_fits_and_has_answers():
 
 
 def chats(path):
-    return [tulu.chat_text(obj["messages"]) for _, obj in tulu.read_jsonl(path, "sft")]
+    return [tulu.chat_text(obj["messages"]) for _, obj in data.read_jsonl(path, "sft")]
 
 
 def test_train_tiny_tokenizer_is_deterministic_and_llama_like(tmp_path):

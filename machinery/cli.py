@@ -1,0 +1,273 @@
+"""The command line around the recipe: what tulu.py's commands share, and the commands
+that only use the recipe (merge, chat, eval, exercises) with their flags.
+
+Each command resolves --device and --dtype once (device_and_dtype), and autocast computes
+in bf16 where asked, on a CPU too. merge, chat and eval load a model with its adapter
+(tuned_model) and the tokenizer it was trained with (the adapter's, where sft or dpo
+wrote one beside it). What a command needs of the recipe (the chat format, the tasks)
+comes from tulu.py as parameters: this folder never imports it. run() ends a command
+that meets bad input with one line and an exit status, never a traceback.
+"""
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+import dpo
+import llama
+from llama import Tokenizer, TuluError, load_model, save_model
+from machinery import checks, data, distributed as dist, evaluate, exercises as student_copy, outputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def count(s, least=0):
+    """argparse's type for a count (positive_int: one of at least 1)."""
+    if not s.lstrip("-").isdigit() or int(s) < least:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a {'positive' if least else 'non-negative'} integer")
+    return int(s)
+
+
+def positive_int(s):
+    return count(s, least=1)
+
+
+def cache_dir():
+    """Where the demo's models and the encoded data are kept: $XDG_CACHE_HOME/tulu or ~/.cache/tulu."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tulu")
+
+
+def device_and_dtype(device, dtype):
+    """--device auto: cuda where there is one. --dtype auto: bf16 on a CUDA GPU that has it (as
+    QLoRA and the Tulu 2 runs), fp32 elsewhere; a GPU without bf16 (V100, T4) computes in fp32."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TuluError("--device cuda: no CUDA device is available")
+    bf16 = device != "cuda" or torch.cuda.is_bf16_supported()
+    if dtype == "bf16" and not bf16:
+        raise TuluError("--dtype bf16: this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() "
+                        "is False); use --dtype fp32")
+    if dtype == "auto":
+        if not bf16:
+            print("note: this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() is False): "
+                  "computing in fp32 (--dtype fp32)")
+        dtype = "bf16" if device == "cuda" and bf16 else "fp32"
+    return device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+def autocast(cfg):
+    """bf16 autocast when --dtype is bf16 (QLoRA's bf16 compute), on the CPU too, so that
+    a CPU run does the arithmetic a GPU run does: matrix products in bf16, float32
+    master weights cast for each one, reductions (softmax, norms) in float32."""
+    device_type = torch.device(cfg.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == torch.bfloat16)
+
+
+def on(batch, device):
+    """A collated batch on the device."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def eval_batches(model, examples, task, cfg, desc, d=None):
+    """(examples, device batch) in order, the model in eval mode (no dropout); under
+    torchrun (d), this rank's share (deal, padded with the first batches)."""
+    model.eval()
+    chunks = [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
+    for chunk in tqdm(dist.deal(chunks, d or dist.SINGLE), desc=desc, leave=False):
+        yield chunk, on(task.collate(chunk), cfg.device)
+
+
+def print_config(cfg, fields):
+    """One line of the run's settings: the fields (of tulu.py's TrainConfig) that the command has."""
+    has = lambda f: not isinstance(f.metadata.get("help"), dict) or cfg.command in f.metadata["help"]
+    shown = {f.name: getattr(cfg, f.name) for f in fields if f.name != "dist" and has(f)}
+    shown = {k: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v for k, v in shown.items()}
+    print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def tokenizer(model_dir, adapter=None):
+    """The tokenizer of a model (the adapter's, where it has one), checked against its embedding."""
+    return checks.check_vocab(Tokenizer(checks.tokenizer_source(adapter, model_dir)), model_dir)
+
+
+def tuned_model(path, adapter, dtype, device="cpu", qlora=False, merged=False):
+    """load_model (qlora: the base quantised to NF4, as the adapter was trained), then the PEFT
+    adapter on top; merged: folded into the weights, each W + delta in float32, rounded once."""
+    from lora import load_adapter, merge_lora
+    model = load_model(path, dtype=dtype, device=device, quantize="nf4" if qlora else None)
+    if adapter:
+        load_adapter(model, adapter)
+        if merged:
+            merge_lora(model, dtype=dtype)
+    return model
+
+
+def merge(args, chat_template):
+    """`tulu.py merge`: the adapter folded into its base, written as an HF folder with the tokenizer.
+    --qlora: the base quantised to NF4 exactly as for training, then dequantised: the adapter was
+    trained against those weights (open-instruct merge_lora.py --qlora); read in the output dtype.
+    The output's chat template: the adapter's, else chat_template(tokenizer), Tulu's."""
+    checks.check_output(args.output, args.model)
+    tok = checks.check_vocab(checks.folder_tokenizer(args.adapter, args.model), args.model)
+    dtype = device_and_dtype("cpu", args.dtype)[1]
+    save_model(tuned_model(args.model, args.adapter, dtype, qlora=args.qlora, merged=True), args.output)
+    outputs.copy_tokenizer(args.model, args.output, ("generation_config.json",))
+    src = checks.tokenizer_source(args.adapter, args.model)
+    outputs.copy_tokenizer(src, args.output)
+    if tok and (src != args.adapter or "chat_template" not in llama.tokenizer_config(src)):  # an adapter's stays
+        outputs.write_chat_template(args.output, chat_template(tok))
+    print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
+
+
+def chat(args, default_model, encode_prompt):
+    """`tulu.py chat`: the model (default_model() without --model) and adapter, merged in memory,
+    answer each prompt after the conversation so far, in the chat format (encode_prompt): --prompt
+    once, else line by line until EOF or /exit. Generation stops at every EOS id the model names."""
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    model_dir = args.model or default_model()
+    tok = tokenizer(model_dir, args.adapter)
+    model = tuned_model(model_dir, args.adapter, dtype, device, merged=True)
+    stop = outputs.stop_ids(model_dir, tok)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for prompt in [args.prompt] if args.prompt is not None else iter(outputs.read_prompt, None):
+        history.append({"role": "user", "content": prompt})
+        reply = outputs.stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
+        history.append({"role": "assistant", "content": reply})
+
+
+def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
+    """`tulu.py eval`: by the keys of --data's first object (one read), held-out loss, DPO's
+    rewards (the reference: --reference, else --model without --adapter) or multiple-choice
+    accuracy, by tulu.py's tasks (tasks(eos_id): by kind), chat format and reference scoring.
+    as_row: conversations scored as the QLoRA row it makes of each (--chat-format qlora)."""
+    first, objects = itertools.tee(data.read_objects(cfg.data))
+    kind = evaluate.data_kind(cfg.data, first)
+    evaluate.check_eval_args(args, kind)
+    tok = tokenizer(cfg.model, cfg.adapter)
+    task = tasks(tok.eos_id)[kind]
+    load = lambda path, adapter=None: tuned_model(path, adapter, cfg.dtype, cfg.device, args.qlora)
+    if kind == "choice":
+        items = evaluate.read_choices(cfg.data, objects)
+        dev = evaluate.read_choices(args.dev, data.read_objects(args.dev)) if args.dev else []
+        shots = 5 if args.shots is None and dev else args.shots or 0
+        model = load(cfg.model, cfg.adapter)
+        score = lambda rows: evaluate.choice_scores(model, rows, task, cfg, eval_batches, autocast)
+        metrics = evaluate.choice_metrics(items, dev, shots, tok, cfg, score)
+        return evaluate.report(cfg, kind, len(items), metrics, shots)
+    if kind == "sft" and as_row:
+        rows = (o if "messages" not in o else as_row(o) for _, o in objects)
+        examples = [chat_format.row(row, tok) for row in rows]
+    else:
+        examples = data.load_examples(cfg.data, kind, tok, cfg.max_seq_length, chat_format)
+    if kind == "prefs" and args.reference:  # scored first, then freed: one model in memory at a time
+        checks.check_vocab(tok, args.reference)
+        examples = cache_reference(load(args.reference), examples, task, cfg)
+    metrics = evaluate.sft_metrics if kind == "sft" else evaluate.preference_metrics
+    model = load(cfg.model, cfg.adapter)
+    evaluate.report(cfg, kind, len(examples), metrics(model, examples, task, cfg, eval_batches, autocast))
+
+
+def write_exercises(args):
+    """`tulu.py exercises`: a student copy of tulu with the key bodies blanked, graded by the tests."""
+    out = args.out_dir
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
+        raise TuluError(f"{out}: is not empty (--force writes the student copy over it)")
+    names = student_copy.make_exercises(ROOT, out)
+    file, function, _, selector = student_copy.EXERCISES[names[0]]
+    print(f"wrote a student copy of tulu with {len(names)} exercises to {out}; read {out}/EXERCISES.md and "
+          f"start with {names[0]} ({file}: {function}):\n  cd {out} && python -m pytest {selector}")
+
+
+def run(args):
+    """Run the parsed command: a TuluError or OSError (a missing file, an --output that is a file,
+    a full disk...) ends it with one line and status 1; Ctrl-C outside the training loop (which
+    saves a checkpoint itself) with status 130."""
+    try:
+        args.func(args)
+    except (TuluError, OSError) as e:
+        if not isinstance(e, dist.RankError) or dist.rank0():  # every rank has it: rank 0 says it
+            print(f"tulu {args.command}: error: {dist.error_text(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"\ntulu {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# The flags of the commands besides sft and dpo
+
+
+def device_flags(p):
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def merge_flags(p):
+    p.add_argument("--model", required=True, help="the base model folder")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    p.add_argument("--output", required=True)
+    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 and back first, as the "
+                   "adapter was trained (open-instruct merge_lora.py --qlora)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="output dtype (default %(default)s); with --qlora also the dtype the base is "
+                        "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
+
+
+def chat_format_flag(p):
+    p.add_argument("--chat-format", choices=["tulu", "qlora"], default="tulu", help="tulu: the Tulu 2 format "
+                   "(default); qlora: the QLoRA card's, for its Guanaco and OpenOrca adapters")
+
+
+def chat_flags(p):
+    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
+                                   "demo `tulu.py dpo` starts from; built once and cached)")
+    p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
+    p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
+    p.add_argument("--system", help="system message")
+    chat_format_flag(p)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default %(default)s)")
+    device_flags(p)
+
+
+def eval_flags(p):
+    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT)")
+    p.add_argument("--adapter", help="PEFT adapter to evaluate on --model; for preference pairs the model "
+                                     "without it is the reference")
+    p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 first, as a qlora adapter "
+                                                        "was trained (default: the base as stored)")
+    p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}, or QLoRA's rows: "
+                   "loss, perplexity), "
+                   "preference pairs ({\"chosen\", \"rejected\"}: DPO's rewards/*) or multiple choice "
+                   "({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
+    p.add_argument("--reference", help="reference model folder for preference pairs (default with --adapter: "
+                                       "--model without the adapter)")
+    chat_format_flag(p)
+    p.add_argument("--dev", help="multiple choice: JSONL of solved examples, taken in file order by subject")
+    p.add_argument("--shots", type=count, help="multiple choice: solved examples before each question "
+                                               "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")
+    p.add_argument("--max-seq-length", type=positive_int, default=2048, help=(
+        "truncate conversations and pairs; multiple-choice prompts drop solved examples until they fit, "
+        "as MMLU's evaluate.py (default %(default)s, MMLU's)"))
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default "
+                                                                      "%(default)s)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, "
+                                                           "Tulu 2 DPO)")
+    p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES),
+                   help="DPO loss for the loss metric (default %(default)s)")
+    p.add_argument("--output", help="also write the results to this JSON file")
+    device_flags(p)
+
+
+def exercises_flags(p):
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
