@@ -1,20 +1,16 @@
 """Chapter 1: the Llama model, loaded from real Hugging Face checkpoints.
 
-What this file teaches: a decoder-only transformer as Llama 2 (arXiv 2307.09288)
-and Llama 3 build it -- RMSNorm (1910.07467), rotary position embeddings
-(RoFormer, 2104.09864) with Llama 3.1's frequency scaling, grouped-query
-attention (GQA, 2305.13245), the SwiGLU MLP -- with the parameter names of
-`transformers`' LlamaForCausalLM, so a checkpoint people download loads by
-copying, and HF's "rotate half" RoPE needs no weight permutation. Then
-generation with a key/value cache, and last the tokenizers: Llama 2's
-sentencepiece and the byte-level BPE (1508.07909, on bytes as GPT-2 does) of
-Llama 3's tokenizer.json, in plain Python, token for token with HF's.
+A decoder-only transformer as Llama 2 (arXiv 2307.09288) and Llama 3 build it:
+RMSNorm (1910.07467), rotary position embeddings (RoFormer, 2104.09864) with Llama
+3.1's frequency scaling, grouped-query attention (GQA, 2305.13245), the SwiGLU MLP;
+with the parameter names of `transformers`' LlamaForCausalLM, so a downloaded
+checkpoint loads by copying and HF's "rotate half" RoPE needs no permutation. Then
+generation with a key/value cache, and last the tokenizers, token for token with
+HF's: Llama 2's sentencepiece and Llama 3's byte-level BPE (1508.07909), in plain Python.
 
 Shapes: B batch, T time (tokens), D hidden size, H query heads, Hkv key/value
 heads, Dh head size, V vocabulary.  Read top to bottom.
 """
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -22,8 +18,9 @@ import re
 import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
-from itertools import chain, groupby
+from functools import lru_cache, partial
+from itertools import chain
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -34,6 +31,18 @@ from tqdm import tqdm
 class TuluError(Exception):
     """A problem with the user's input (path, config, data): the command line
     prints it as one line and exits non-zero, without a traceback."""
+
+
+def read_json(path: str, what: str) -> dict:
+    """The JSON object in `path`; anything else is a one-line TuluError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:  # not JSON (the message names the line and column), or not UTF-8
+        raise TuluError(f"{path}: not {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise TuluError(f"{path}: not {what}")
+    return obj
 
 
 # -----------------------------------------------------------------------------
@@ -67,44 +76,29 @@ class LlamaConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "LlamaConfig":
-        d = dict(d)
+    def from_json(cls, path: str) -> "LlamaConfig":
+        d = read_json(path, "a JSON model config")
         rp = d.pop("rope_parameters", None) or {}  # where transformers >= 5 writes theta and scaling
-        if rp:
-            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-            if rp.get("rope_type", "default") != "default":
-                d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
+        if "rope_theta" in rp:
+            d.setdefault("rope_theta", rp["rope_theta"])
+        if rp.get("rope_type", "default") != "default":
+            d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
         names = {f.name for f in fields(cls)} - {"extra"}
         cfg = cls(**{k: d[k] for k in d if k in names}, extra={k: d[k] for k in d if k not in names})
-        cfg.check(source)
-        return cfg
-
-    @classmethod
-    def from_json(cls, path: str) -> "LlamaConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TuluError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise TuluError(f"{path}: not a model config (a JSON object)")
-        return cls.from_dict(d, source=path)
-
-    def check(self, source: str):
-        mt, rs = self.extra.get("model_type", "llama"), self.rope_scaling or {}
+        mt, rs = cfg.extra.get("model_type", "llama"), cfg.rope_scaling or {}
         kind = rs.get("rope_type", rs.get("type"))
         if mt != "llama":
-            raise TuluError(f"{source}: model_type {mt!r} is not supported (only 'llama')")
-        if self.hidden_act != "silu":
-            raise TuluError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+            raise TuluError(f"{path}: model_type {mt!r} is not supported (only 'llama')")
+        if cfg.hidden_act != "silu":
+            raise TuluError(f"{path}: hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
         if rs and kind not in ("llama3", "default"):
-            raise TuluError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise TuluError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+            raise TuluError(f"{path}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise TuluError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
+        return cfg
 
     def to_dict(self) -> dict:
         d = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
-        d.pop("rope_parameters", None)
         return {**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
 
@@ -136,9 +130,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """theta_i = base^(-2i/Dh) for i < Dh/2 (RoFormer Eq. 15), then, for Llama 3.1
     (rope_type "llama3"), long wavelengths are slowed down by `factor`, short ones
-    kept, and the band in between interpolated smoothly. Returns (Dh/2,) float32."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kept, and the band in between interpolated smoothly. Returns (Dh/2,) float32 on the CPU."""
+    two_i = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu")  # as HF, even under `meta`
+    inv_freq = 1.0 / (cfg.rope_theta ** (two_i.float() / cfg.head_dim))
     rs = cfg.rope_scaling or {}
     if rs.get("rope_type", rs.get("type")) != "llama3":
         return inv_freq
@@ -208,22 +202,18 @@ def gqa_attention(q, k, v, mask):
 
 class KVCache:
     """One layer's keys and values of every position so far, for generation: a step
-    computes k and v of its new tokens only. Buffers with room for `size` positions,
-    doubled when full, so a step writes in place (torch.cat would copy them all)."""
+    computes k and v of its new tokens only and writes them into buffers made once,
+    with room for `size` positions (torch.cat would copy all the earlier ones)."""
 
-    def __init__(self, size: int = 0):
+    def __init__(self, size: int):
         self.size, self.len, self.k, self.v = size, 0, None, None
 
     def update(self, k, v):
         """Append (B, Hkv, T, Dh) keys and values; return those of all positions so far."""
-        old, n = self.len, self.len + k.shape[2]
-        if self.k is None or n > self.k.shape[2]:
-            room = max(n, self.size, 2 * (self.k.shape[2] if self.k is not None else 0))
-            grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)]
-            if self.k is not None:
-                grown[0][:, :, :old], grown[1][:, :, :old] = self.k[:, :, :old], self.v[:, :, :old]
-            self.k, self.v = grown
-        self.k[:, :, old:n], self.v[:, :, old:n], self.len = k, v, n
+        if self.k is None:
+            self.k, self.v = (t.new_empty(*t.shape[:2], self.size, t.shape[3]) for t in (k, v))
+        n = self.len + k.shape[2]
+        self.k[:, :, self.len:n], self.v[:, :, self.len:n], self.len = k, v, n
         return self.k[:, :, :n], self.v[:, :, :n]
 
 
@@ -277,11 +267,10 @@ class DecoderLayer(nn.Module):
 # -----------------------------------------------------------------------------
 # The labels' log-probabilities without the whole logits
 #
-# Training needs log softmax(h W^T)[label] only where a label is learned, not the
-# (B, T, V) logits: with V = 32,000 to 128,256 those are a step's biggest tensors,
-# kept in float32 twice (the upcast and log_softmax's output). LabelLogps takes the
-# learned rows alone, a chunk at a time; reference_label_logps is the plain version
-# the tests hold it to. The model (next) returns them when given labels.
+# Training needs log softmax(h W^T)[label] only where a label is learned, not the (B, T, V)
+# logits, a step's biggest tensors (V = 32,000 to 128,256), kept in float32 twice (the upcast
+# and log_softmax's output). LabelLogps takes the learned rows alone, a chunk at a time;
+# reference_label_logps is the plain version the tests hold it to.
 
 # Logits computed at once: on a CPU 2**22 (16 MiB in float32) keeps a chunk's buffers
 # near the caches; on a GPU 2**26 gives each kernel enough work to be worth its launch.
@@ -303,45 +292,38 @@ def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 class LabelLogps(torch.autograd.Function):
     """(N, D) hidden rows, the (V, D) head weight, (N,) targets -> (N,) float32
-    log softmax(h W^T)[target], `rows` rows at a time in buffers that every chunk
-    reuses (new ones would cost more in page faults than the arithmetic). The gradient
-    by the logits, onehot - softmax, is known in forward: kept (negated) times W,
-    (N, D), if W is frozen (LoRA), else as (N, V) in the compute dtype (a fifth of
-    the bytes of the plain path's float32 logits and log-softmax)."""
+    log softmax(h W^T)[target], `rows` rows at a time. The gradient by the logits,
+    onehot - softmax, is known in forward: kept (negated) times W, (N, D), if W is
+    frozen (LoRA), else as (N, V) in the compute dtype (a fifth of the plain path's
+    float32 logits and log-softmax)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):
         dev = h.device.type
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # the product's
-        (N, D), V, w = h.shape, weight.shape[0], weight.to(cd)
-        need_h, keep_w = ctx.needs_input_grad[:2]
+        (N, D), V, w, frozen = h.shape, weight.shape[0], weight.to(cd), not ctx.needs_input_grad[1]
         out = torch.empty(N, dtype=torch.float32, device=h.device)
-        z = torch.empty(min(rows, N), V, dtype=cd, device=h.device)  # logits as the model rounds them
-        z32, logp = torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32)
-        kept = torch.empty(N, V if keep_w else D, dtype=cd, device=h.device) if need_h or keep_w else None
+        kept = h.new_empty(N, D if frozen else V, dtype=cd) if any(ctx.needs_input_grad[:2]) else None
         with torch.autocast(dev, enabled=False):
             for s in range(0, N, rows):
-                n, t = min(rows, N - s), targets[s:s + rows]
-                torch.mm(h[s:s + n].to(cd), w.t(), out=z[:n])
-                torch.log_softmax(z32[:n].copy_(z[:n]), dim=-1, out=logp[:n])
-                out[s:s + n] = logp[:n].gather(1, t[:, None]).squeeze(1)
+                t = targets[s:s + rows]
+                z = h[s:s + rows].to(cd) @ w.t()  # (n, V) logits, rounded as the model's are
+                logp = torch.log_softmax(z.float(), dim=-1)
+                out[s:s + rows] = logp.gather(1, t[:, None]).squeeze(1)
                 if kept is not None:
-                    p = torch.exp(logp[:n], out=z32[:n])  # softmax
-                    p[torch.arange(n, device=p.device), t] -= 1  # softmax - onehot, in float32
-                    if keep_w:
-                        kept[s:s + n].copy_(p)
-                    else:
-                        torch.mm(z[:n].copy_(p), w, out=kept[s:s + n])  # (n, D)
+                    p = logp.exp_()  # softmax
+                    p[torch.arange(len(t), device=p.device), t] -= 1  # softmax - onehot, in float32
+                    kept[s:s + rows] = p.to(cd) @ w if frozen else p  # (n, D), or (n, V)
         ctx.dtype, ctx.h_dtype = cd, h.dtype
         if kept is not None:
-            ctx.save_for_backward(kept, *((h, weight) if keep_w else ()))
+            ctx.save_for_backward(kept, *(() if frozen else (h, weight)))
         return out
 
     @staticmethod
     def backward(ctx, g):
         kept, *hw = ctx.saved_tensors
-        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per logit (N, V), or per h (N, D)
-        if not ctx.needs_input_grad[1]:  # the head is frozen: d is already per h
+        d = kept * -g[:, None].to(ctx.dtype)  # g x (onehot - softmax): per h (N, D), or per logit (N, V)
+        if not hw:  # the head is frozen: d is already per h
             return d.to(ctx.h_dtype), None, None, None
         h, weight = hw
         grad_h = (d @ weight.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
@@ -365,45 +347,33 @@ def label_logps(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, rows: in
 # The model
 
 
-class LlamaBody(nn.Module):
-    """The `model.` prefix of HF's keys: embeddings, layers, final norm."""
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 class Llama(nn.Module):
+    """HF's LlamaForCausalLM: `model` holds the embeddings, the layers and the final
+    norm (a ModuleDict, as nanoGPT's `transformer`, for HF's "model." key prefix)."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.config, self.model = cfg, LlamaBody(cfg)
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self._rope = None  # (device, dtype, cos, sin): not buffers, which model.to(bf16) would round
-
-    def rope_tables(self, T, start_pos, device, dtype):
-        """cos/sin of positions start_pos .. start_pos + T - 1: rows of tables computed
-        once (again, twice as long, for a position beyond them), so that a generation
-        step computes none. Each row is rope_cos_sin of its position alone."""
-        n = start_pos + T
-        have = self._rope[2].shape[0] if self._rope and self._rope[:2] == (device, dtype) else 0
-        if have < n:
-            inv_freq, positions = rope_inv_freq(self.config).to(device), torch.arange(max(n, 2 * have))
-            self._rope = (device, dtype, *rope_cos_sin(inv_freq, positions.to(device), dtype))
-        return self._rope[2][start_pos:n], self._rope[3][start_pos:n]
+        self.inv_freq = rope_inv_freq(cfg)  # float32; not a buffer, which model.to(bf16) would round
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, last_only=False, labels=None):
         """input_ids (B, T) -> logits (B, T, V). attention_mask (B, start_pos+T): 1 marks
-        real tokens. cache (new_cache()): keys and values of the first start_pos positions
-        in generation. last_only: the last position's logits alone, (B, 1, V). labels (B, T):
-        each label's log-probability given the tokens before it instead, (B, T-1) float32."""
+        real tokens. cache (a KVCache per layer): keys and values of the first start_pos
+        positions in generation. last_only: the last position's logits alone, (B, 1, V).
+        labels (B, T): each label's log-probability given the tokens before it instead,
+        (B, T-1) float32."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.rope_tables(T, start_pos, x.device, x.dtype)
+        positions = torch.arange(start_pos, start_pos + T, device=x.device)
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions, x.dtype)  # (T, Dh) each
         mask = attention_mask_4d(attention_mask, T, start_pos + T, x.device)
         for i, layer in enumerate(self.model.layers):
             c = cache[i] if cache is not None else None
@@ -414,10 +384,6 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, c)
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x) if labels is None else label_logps(x, self.lm_head, labels)
-
-    def new_cache(self, size: int = 0) -> list[KVCache]:
-        """A KVCache per layer, with room for `size` positions (grown when needed)."""
-        return [KVCache(size) for _ in self.model.layers]
 
 
 def pad_batch(rows, pad_id) -> dict:
@@ -435,7 +401,6 @@ def pad_batch(rows, pad_id) -> dict:
 # Checkpoints: Hugging Face folders of safetensors files
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def atomic_write(path: str, write):
@@ -450,10 +415,7 @@ def atomic_write(path: str, write):
 
 
 def write_json(path: str, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -462,11 +424,7 @@ def checkpoint_files(path: str) -> list[str]:
     if not os.path.isdir(path):
         raise TuluError(f"{path}: no such model folder")
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise TuluError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        shards = sorted(set(read_json(index, "a safetensors index").get("weight_map", {}).values()))
         lost = [s for s in shards if not os.path.exists(os.path.join(path, s))]
         if lost:
             raise TuluError(f"{os.path.join(path, lost[0])}: listed in {SAFE_INDEX} but missing "
@@ -498,12 +456,12 @@ def decoder_linear(key: str) -> bool:
     return key.startswith("model.layers.") and key.endswith("_proj.weight")
 
 
-def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device, quantize, bar) -> set[str]:
-    """Put the tensors of one safetensors file in place of the model's meta ones; their keys."""
+def read_checkpoint_file(model: Llama, fname: str, expected, dtype, device, quantize):
+    """Put the tensors of one safetensors file in place of the model's meta ones,
+    yielding the key of each."""
     from safetensors import SafetensorError, safe_open
     if quantize:
         import nf4  # chapter 2, read only when asked for
-    seen = set()
     # Quantizing, read each tensor into memory of its own (pread): through mmap, the
     # pages of every weight read would stay mapped in our RSS until the file closes.
     backend = {"backend": "pread"} if quantize else {}
@@ -521,35 +479,30 @@ def read_checkpoint_file(model: Llama, fname: str, expected: set, dtype, device,
                     check_shape(key, new.shape, old.shape)
                     new = nn.Parameter(new, requires_grad=old.requires_grad)
                     setattr(model.get_submodule(module), name, new)
-                seen.add(key)
-                bar.update()
+                yield key
     except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
         raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
-    return seen
 
 
 def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
-    """Load an HF Llama folder. The model is built on the `meta` device (no memory)
-    and filled one tensor at a time, so peak memory is the model plus one tensor.
-    quantize="nf4" turns each decoder linear weight into 4-bit as it is read, a slice
-    at a time (QLoRA; nf4.load_nf4_linear): the peak is the 4-bit model plus one slice.
-    Embeddings, norms and lm_head stay in `dtype`, as bitsandbytes does."""
+    """Load an HF Llama folder. The model is built on the `meta` device (no memory) and
+    filled one tensor at a time, so peak memory is the model plus one tensor. quantize="nf4"
+    turns each decoder linear weight into 4-bit as it is read, a slice at a time (QLoRA;
+    nf4.load_nf4_linear); embeddings, norms and lm_head stay in `dtype`, as in bitsandbytes."""
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
     if quantize not in (None, "nf4"):
         raise TuluError(f"quantize={quantize!r}: only None or 'nf4'")
     with torch.device("meta"):
         model = Llama(cfg)
-    expected, seen, name = set(model.state_dict()), set(), os.path.basename(os.path.normpath(path))
-    with tqdm(total=len(expected), desc=f"loading {name}", unit="tensor", leave=False,
-              disable=len(expected) < 100) as bar:  # a real model, not a test's tiny one
-        for fname in files:
-            seen |= read_checkpoint_file(model, fname, expected, dtype, device, quantize, bar)
+    expected = model.state_dict().keys()
+    keys = (k for f in files for k in read_checkpoint_file(model, f, expected, dtype, device, quantize))
+    seen = set(tqdm(keys, total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}",
+                    unit="tensor", leave=False, disable=len(expected) < 100))  # a real model, not a tiny one
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         seen.add("lm_head.weight")
-    nf4_buffers = (".packed", "absmax", ".nested_offset")  # Linear4bit's, made by quantizing, not read
-    missing = [k for k in model.state_dict() if k not in seen and not k.endswith(nf4_buffers)]
+    missing = [k for k in expected if k not in seen]
     if missing:
         raise TuluError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
     return model.eval()
@@ -589,10 +542,9 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
     model-0000k-of-0000n.safetensors and their index past max_shard_bytes, a tensor at
     a time (write_safetensors). The weights keep their dtype, or are cast to `dtype`
     (float32 master weights written as the bf16 checkpoint they came from)."""
-    bad = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LoRALinear")]
-    if bad:
-        kind = type(model.get_submodule(bad[0])).__name__
-        raise TuluError(f"save_model: {bad[0]} is a {kind}; merge it first (lora.merge_lora)")
+    for name, m in model.named_modules():
+        if type(m).__name__ in ("Linear4bit", "LoRALinear"):
+            raise TuluError(f"save_model: {name} is a {type(m).__name__}; merge it first (lora.merge_lora)")
     os.makedirs(out_dir, exist_ok=True)
     sd = model_tensors(model)
     nbytes = {k: v.numel() * (dtype or v.dtype).itemsize for k, v in sd.items()}
@@ -613,9 +565,8 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
         write_json(os.path.join(out_dir, SAFE_INDEX), index)
     elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
         os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would point at old shards
-    cfg = model.config.to_dict()
-    stored = dtype or model.model.embed_tokens.weight.dtype
-    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES.get(stored, "float32")
+    cfg, stored = model.config.to_dict(), dtype or model.model.embed_tokens.weight.dtype
+    cfg["torch_dtype"] = cfg["dtype"] = str(stored).removeprefix("torch.")  # "bfloat16"
     write_json(os.path.join(out_dir, "config.json"), cfg)
 
 
@@ -640,17 +591,16 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-# A decoding step multiplies one row by every weight: its speed is that of reading
-# the weights. torch sends a float32 one-row product on a CPU to the BLAS's
-# matrix-vector routine, which on some machines reads far below the memory's speed
-# (MKL on an AMD EPYC: 16 GB/s, where summing the weights reads 50); the weight's two
-# halves as one batch (bmm) take the batched routine, 40-55 GB/s there: the same
-# products, summed in another order. bench/generate_speed.py measures the gain.
+# A decoding step multiplies one row by every weight: its speed is that of reading the
+# weights. On a CPU torch sends a float32 one-row product to the BLAS's matrix-vector
+# routine, which on some machines reads far below the memory's speed (MKL on an AMD
+# EPYC: 16 GB/s, where summing the weights reads 50); the weight's two halves as one
+# batch (bmm) take the batched routine, 40-55 GB/s there. bench/generate_speed.py.
 
 
 def one_row_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x of one row, (..., K) with one row in all,
-    computed as a batch of two products, each of half the weight's rows: (..., N)."""
+    """F.linear(x, weight, bias) for x (..., K) of one row in all -> (..., N), as a batch
+    of two products, each of half the weight's rows: the same sums in another order."""
     N, K = weight.shape
     column = x.reshape(1, 1, K).transpose(1, 2)  # (1, K, 1), strides (K, 1, K): the BLAS reads
     halves = torch.bmm(weight.view(2, N // 2, K), column.expand(2, K, 1))  # it as a column; (2, N/2, 1)
@@ -658,25 +608,20 @@ def one_row_linear(x, weight, bias=None):
     return y if bias is None else y + bias
 
 
-def one_row_forward(layer: nn.Linear):
-    """A forward for `layer`: one_row_linear for one float32 row on a CPU outside
-    autocast (a decoding step), F.linear for anything else."""
-    def forward(x):
+@contextmanager
+def one_row_products(model: nn.Module):
+    """Inside, every plain nn.Linear of `model` computes one float32 row on a CPU outside
+    autocast (a decoding step) by one_row_linear, anything else by F.linear: an instance
+    attribute `forward` hides the class's until it is deleted."""
+    def forward(layer, x):
         w = layer.weight
         one_row = x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
         if one_row and w.shape[0] % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu"):
             return one_row_linear(x, w, layer.bias)
         return F.linear(x, w, layer.bias)
-    return forward
-
-
-@contextmanager
-def one_row_products(model: nn.Module):
-    """Inside, every plain nn.Linear of `model` runs one_row_forward: an instance
-    attribute `forward` hides the class's, and is deleted at the end."""
     layers = [m for m in model.modules() if type(m) is nn.Linear]
     for m in layers:
-        m.forward = one_row_forward(m)
+        m.forward = partial(forward, m)
     try:
         yield
     finally:
@@ -692,12 +637,11 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     `on_token(id)` is called for each one as it is produced, for streaming."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    cache, pos, out = model.new_cache(ids.shape[1] + max_new_tokens), 0, []
-    eos = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) - {None}
+    cache, out = [KVCache(ids.shape[1] + max_new_tokens) for _ in model.model.layers], []
+    eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id} - {None}
     with one_row_products(model):
         while len(out) < max_new_tokens and not (out and out[-1] in eos):
-            logits = model(ids, cache=cache, start_pos=pos, last_only=True)[:, -1]  # (1, V)
-            pos += ids.shape[1]
+            logits = model(ids, cache=cache, start_pos=cache[0].len, last_only=True)[:, -1]  # (1, V)
             out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
             if on_token:
                 on_token(out[-1])
@@ -712,16 +656,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
 def tokenizer_config(folder: str) -> dict:
     """tokenizer_config.json beside a tokenizer file, {} where there is none."""
     path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TuluError(f"{path}: not a JSON object ({e})") from None
-    if not isinstance(config, dict):
-        raise TuluError(f"{path}: not a JSON object")
-    return config
+    return read_json(path, "a JSON object") if os.path.exists(path) else {}
 
 
 class SpecialSplitting:
@@ -742,10 +677,9 @@ class SpecialSplitting:
         return (self.bos_ids if bos else []) + ids + [self.eos_id] * eos
 
     def spans(self, text: str):
-        """Yield (start, end, ids, special?) for each special token of `text` and each
-        piece of text between them, in order. A piece's ids depend on it alone and on
-        whether it starts the text, so encode(text[:b]) is the ids of the spans that end
-        by b, then encode_piece(the rest): how tulu finds where each turn ends."""
+        """Yield (start, end, ids, special?) for each special token of `text` and each piece
+        of text between them, in order. A piece's ids depend on it alone and on whether it
+        starts the text: how tulu finds where each turn of a chat ends."""
         start = 0
         for m in self.special.finditer(text) if self.special else ():
             if m.start() > start:
@@ -758,22 +692,31 @@ class SpecialSplitting:
 
 class SentencePieceTokenizer(SpecialSplitting):
     """Llama 2's tokenizer.model, encoding as HF's slow LlamaTokenizer does, "<unk>",
-    "<s>", "</s>" the special tokens. `legacy` is how HF treats text after one: True
-    gives it sentencepiece's dummy prefix "▁" ("</s>", "▁", "\\n"), False does not
-    ("</s>", "\\n"). Read from tokenizer_config.json; without the key False, as Llama
-    2's and the Tulu 2 models' files say (transformers 5's default; 4 assumed True)."""
+    "<s>", "</s>" the special tokens. `legacy` (tokenizer_config.json's; False without
+    it, as in transformers 5) is how HF treats text after one: True gives it
+    sentencepiece's dummy prefix "▁" ("</s>", "▁", "\\n"), False does not ("</s>", "\\n")."""
 
-    def __init__(self, model_file: str, legacy: bool | None = None, sp=None):
+    def __init__(self, model_file: str, legacy: bool | None = None):
         import sentencepiece as spm
-        self.file = self.model_file = model_file
-        self.dir = os.path.dirname(model_file)
-        self.sp = sp or spm.SentencePieceProcessor(model_file=model_file)
+        self.file, self.dir = model_file, os.path.dirname(model_file)
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id, unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.bos_ids, self.eos_text = [self.bos_id], self.sp.id_to_piece(self.eos_id)
         self.vocab_size, self.unk_text = self.sp.get_piece_size(), self.sp.id_to_piece(unk)
         self.set_specials({self.sp.id_to_piece(i): i for i in (unk, self.bos_id, self.eos_id) if i >= 0})
         self.legacy = bool(tokenizer_config(self.dir).get("legacy")) if legacy is None else legacy
         self._sp_no_prefix = None
+
+    def sp_no_prefix(self):
+        """The model as HF builds it for legacy=False, add_dummy_prefix off: these 4 bytes
+        after the serialized ModelProto repeat field 3 (normalizer_spec) holding field 3
+        (add_dummy_prefix) = 0, which protobuf merges into the first one."""
+        if self._sp_no_prefix is None:
+            import sentencepiece as spm
+            with open(self.file, "rb") as f:
+                self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
+            self.unk_len = len(self._sp_no_prefix.encode(self.unk_text))
+        return self._sp_no_prefix
 
     def encode_piece(self, piece: str, first: bool) -> list[int]:
         """Ids of text without special tokens; `first`: it begins the text. legacy=True:
@@ -786,17 +729,6 @@ class SentencePieceTokenizer(SpecialSplitting):
         if piece.startswith(("▁", " ")):
             return sp.encode(self.unk_text + piece)[self.unk_len:]
         return sp.encode(piece)
-
-    def sp_no_prefix(self):
-        """The model with add_dummy_prefix off, as HF builds it for legacy=False: these 4
-        bytes after the serialized ModelProto repeat field 3 (normalizer_spec) holding
-        field 3 (add_dummy_prefix) = 0, which protobuf merges into the first one."""
-        if self._sp_no_prefix is None:
-            import sentencepiece as spm
-            with open(self.model_file, "rb") as f:
-                self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=f.read() + b"\x1a\x02\x18\x00")
-            self.unk_len = len(self._sp_no_prefix.encode(self.unk_text))
-        return self._sp_no_prefix
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -853,7 +785,8 @@ CATEGORIES = ("Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So
               "Cc Cf Cs Co Cn").split()
 WHITE_SPACE = (*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
                0x202F, 0x205F, 0x3000)
-ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS]))")
+ESCAPE = r"\\(?:([pP])\{(\w+)\}|([sS])|.)"  # \p{X}, \P{X}, \s, \S, or any other escape
+CLASS = r"\[\^?\]?(?:\\.|[^\]\\])*\]"  # [...], where a "]" right after "[" or "[^" is literal
 
 
 @lru_cache(maxsize=1)
@@ -887,26 +820,15 @@ def translate_regex(pattern: str, limit: int = 0x110000) -> str:
     use -- (?i:...), lookahead, {1,3} -- means the same in both. limit=0x10000: the
     Basic Multilingual Plane only, the same on text without characters beyond it and
     7x faster (`re` tests such a class with one bitmap lookup, not range by range)."""
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        m = ESCAPE.match(pattern, i)
-        if m:
-            body = class_body(m[2] or "s", (m[1] or m[3]).isupper(), limit)
-            out.append(body if in_class else f"[{body}]")
-            i = m.end()
-        elif pattern[i] == "\\":  # any other escape: copied whole, it opens or closes nothing
-            out.append(pattern[i:i + 2])
-            i += 2
-        elif pattern[i] == "[" and not in_class:  # "[", "[^", and a "]" right after them is literal
-            j = i + 1 + pattern.startswith("^", i + 1)
-            j += pattern.startswith("]", j)
-            out.append(pattern[i:j])
-            i, in_class = j, True
-        else:
-            in_class = in_class and pattern[i] != "]"
-            out.append(pattern[i])
-            i += 1
-    return "".join(out)
+    def escape(m, in_class=False):
+        if not (m[1] or m[3]):  # an escape that means the same in `re`
+            return m[0]
+        body = class_body(m[2] or "s", (m[1] or m[3]).isupper(), limit)
+        return body if in_class else f"[{body}]"
+
+    def part(m):  # a whole class, its escapes translated, or an escape outside one
+        return re.sub(ESCAPE, lambda e: escape(e, True), m[0]) if m[0][0] == "[" else escape(m)
+    return re.sub(f"{CLASS}|{ESCAPE}", part, pattern)
 
 
 BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
@@ -942,11 +864,7 @@ class BPETokenizer(SpecialSplitting):
 
     def __init__(self, path: str):
         self.file, self.dir = path, os.path.dirname(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TuluError(f"{path}: not a JSON tokenizer file ({e})") from None
+        spec = read_json(path, "a JSON tokenizer file")
         model = spec.get("model") or {}
         self.check(spec, model)
         self.vocab, self.ignore_merges = model["vocab"], bool(model.get("ignore_merges"))
@@ -961,35 +879,33 @@ class BPETokenizer(SpecialSplitting):
         self.byte_table = str.maketrans({chr(b): c for c, b in self.to_byte.items()})  # latin-1 -> stand-in
         self.cache = WordCache(self.encode_word)
         config = tokenizer_config(self.dir)  # bos_token, eos_token: a string, or {"content": ...}
-        bos, eos = (t.get("content") if isinstance(t, dict) else t for t in (config.get("bos_token"),
-                                                                              config.get("eos_token")))
+        bos, eos = (t.get("content") if isinstance(t, dict) else t
+                    for t in (config.get("bos_token"), config.get("eos_token")))
         self.bos_id = self.token_id(bos) if bos else (self.bos_ids[0] if self.bos_ids else None)
         self.eos_text = eos or (self.id_to_text[eos_ids[-1]] if eos_ids else None)
         self.eos_id = self.token_id(self.eos_text) if self.eos_text else None
 
-    def unsupported(self, field, value,
-                    why="tulu reads byte-level BPE tokenizer.json files: Llama 3, GPT-2 style"):
+    def unsupported(self, field, value, why="tulu reads byte-level BPE tokenizer.json: Llama 3, GPT-2 style"):
         raise TuluError(f"{self.file}: {field} {json.dumps(value)[:80]} is not supported ({why})")
 
     def check(self, spec, model):
         if model.get("type") != "BPE":
             self.unsupported("model.type", model.get("type"))
-        for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-            if model.get(key):
-                self.unsupported(f"model.{key}", model[key])
-        if spec.get("normalizer"):
-            self.unsupported("normalizer", spec["normalizer"])
         if (spec.get("decoder") or {}).get("type") != "ByteLevel":
             self.unsupported("decoder", spec.get("decoder"))
-        for t in spec.get("added_tokens") or []:
-            for key in ("lstrip", "rstrip", "single_word"):
-                if t.get(key):
-                    self.unsupported(f"added token {t['content']!r} {key}", True)
+        model_keys = ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix")
+        unused = {"normalizer": spec.get("normalizer"),  # each must be absent, null, false or ""
+                  **{f"model.{k}": model.get(k) for k in model_keys},
+                  **{f"added token {t['content']!r} {k}": t.get(k) for t in spec.get("added_tokens") or []
+                     for k in ("lstrip", "rstrip", "single_word")}}
+        for name, value in unused.items():
+            if value:
+                self.unsupported(name, value)
 
     def read_pre_tokenizer(self, pre):
-        """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?)
-        from Split(regex, Isolated) or Digits steps then ByteLevel (Llama 3; SmolLM2
-        splits off each digit first), or ByteLevel alone, with GPT-2's regex if use_regex."""
+        """([(BMP-only, full) compiled regexes, applied in turn], add a leading space?) from
+        Split(regex, Isolated) or Digits steps then ByteLevel (Llama 3; SmolLM2 splits off
+        each digit first), or ByteLevel alone, with GPT-2's regex if use_regex."""
         steps = sequence(pre, "pretokenizers")
         if (steps[-1] or {}).get("type") != "ByteLevel":
             self.unsupported("pre_tokenizer", pre, "a byte-level BPE ends its pre-tokenizer with ByteLevel")
@@ -1004,26 +920,25 @@ class BPETokenizer(SpecialSplitting):
                 pattern = step.get("pattern", {})
                 patterns.append(pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"]))
         patterns += [GPT2_SPLIT] if steps[-1].get("use_regex", True) else []
-        bmp = [re.compile(translate_regex(p, 0x10000)) for p in patterns]  # fast; and for any text:
-        compiled = list(zip(bmp, [re.compile(translate_regex(p)) for p in patterns]))
+        compiled = [[re.compile(f"({translate_regex(p, limit)})") for limit in (0x10000, 0x110000)]
+                    for p in patterns]
+        if any(bmp.groups > 1 for bmp, _ in compiled):
+            self.unsupported("pre_tokenizer", pre, "a regex with a capturing group")
         return compiled, bool(steps[-1].get("add_prefix_space"))
 
     def read_template(self, post):
-        """(ids before the text, ids after it) of TemplateProcessing's "single"
-        template, e.g. ([128000], []) for Llama 3: BOS added, no EOS."""
-        before, after, seen_text = [], [], False
+        """[ids before the text, ids after it] of TemplateProcessing's "single"
+        template, e.g. [[128000], []] for Llama 3: BOS added, no EOS."""
+        ids, side = [[], []], 0
         for step in sequence(post, "processors"):
-            if step is None or step.get("type") == "ByteLevel":  # ByteLevel only adjusts offsets
-                continue
-            if step.get("type") != "TemplateProcessing":
-                raise TuluError(f"{self.file}: post_processor {step.get('type')!r} is not supported "
-                                "(only TemplateProcessing and ByteLevel)")
-            for item in step["single"]:  # a SpecialToken, or the text ("Sequence")
-                seen_text = seen_text or "Sequence" in item
+            kind = (step or {}).get("type")  # ByteLevel only adjusts offsets
+            if kind not in (None, "ByteLevel", "TemplateProcessing"):
+                self.unsupported("post_processor", kind, "only TemplateProcessing and ByteLevel")
+            for item in (step or {}).get("single", []):  # a SpecialToken, or the text ("Sequence")
+                side = side or "Sequence" in item
                 if "SpecialToken" in item:
-                    ids = step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
-                    (after if seen_text else before).extend(ids)
-        return before, after
+                    ids[side] += step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+        return ids
 
     def token_id(self, text):
         found = self.specials.get(text, self.vocab.get(text))
@@ -1033,21 +948,15 @@ class BPETokenizer(SpecialSplitting):
         return found
 
     def words(self, text: str) -> list[str]:
-        """Cut text into words with each Split regex in turn, then GPT-2's. A
-        Split keeps what its regex does not match as words of their own."""
+        """Cut text into words with each Split regex in turn, then GPT-2's; as HF's
+        Split(Isolated) does, what a regex does not match stays, as words of its own."""
         words = [" " + text if self.prefix_space and not text.startswith(" ") else text]
-        bmp = BEYOND_BMP.search(text) is None
-        for pair in self.split_patterns:
-            pattern, out = pair[0] if bmp else pair[1], []
-            for w in words:
+        full = BEYOND_BMP.search(text) is not None
+        for pattern in (pair[full] for pair in self.split_patterns):
+            out = []
+            for w in words:  # findall is faster; split (the regex is a group) also keeps what matches nothing
                 found = pattern.findall(w)
-                if sum(map(len, found)) != len(w):  # some text matched nothing: keep it between the matches
-                    found, end = [], 0
-                    for m in pattern.finditer(w):
-                        found += [w[end:m.start()], m[0]] if m.start() > end else [m[0]]
-                        end = m.end()
-                    found += [w[end:]] if end < len(w) else []
-                out += found
+                out += found if sum(map(len, found)) == len(w) else list(filter(None, pattern.split(w)))
             words = out
         return words
 
@@ -1063,27 +972,24 @@ class BPETokenizer(SpecialSplitting):
         return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
 
     def decode(self, ids) -> str:
-        """Each token's stand-ins back to bytes, UTF-8 decoded (half a character shows
-        as U+FFFD); the added tokens as written."""
-        out = []
-        for special, run in groupby((self.id_to_text[int(i)] for i in ids), key=self.specials.__contains__):
-            text = "".join(run)
-            out.append(text if special else bytes(self.to_byte[c] for c in text).decode(errors="replace"))
-        return "".join(out)
+        """Each token's stand-ins back to bytes (a token with other characters, as an added one
+        may have: its UTF-8), decoded at once as `tokenizers` does (half a character: U+FFFD)."""
+        tokens = [self.id_to_text[int(i)] for i in ids]
+        return b"".join(bytes(map(self.to_byte.get, t)) if all(c in self.to_byte for c in t) else t.encode()
+                        for t in tokens).decode(errors="replace")
 
 
 def Tokenizer(path: str, legacy: bool | None = None):
     """The tokenizer of a model folder or a tokenizer file: Llama 2's sentencepiece
     tokenizer.model, else a byte-level BPE tokenizer.json (Llama 3). HF's Llama 2
     folders ship both and read tokenizer.model; Llama 3's tokenizer.model is tiktoken's."""
-    import sentencepiece as spm
     candidates = [os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")] \
         if os.path.isdir(path) else [path]
     for file in filter(os.path.exists, candidates):
         if file.endswith(".json"):
             return BPETokenizer(file)
         try:
-            return SentencePieceTokenizer(file, legacy, sp=spm.SentencePieceProcessor(model_file=file))
+            return SentencePieceTokenizer(file, legacy)
         except (RuntimeError, OSError):
             if file == candidates[-1]:
                 raise TuluError(f"{file}: not a sentencepiece model") from None

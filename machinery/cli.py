@@ -117,7 +117,8 @@ def merge(args, chat_template):
     outputs.copy_tokenizer(args.model, args.output, ("generation_config.json",))
     src = checks.tokenizer_source(args.adapter, args.model)
     outputs.copy_tokenizer(src, args.output)
-    if tok and (src != args.adapter or "chat_template" not in llama.tokenizer_config(src)):  # an adapter's stays
+    own = src == args.adapter and "chat_template" in llama.tokenizer_config(src)  # an adapter's own stays
+    if tok and not own:
         outputs.write_chat_template(args.output, chat_template(tok))
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 

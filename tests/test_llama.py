@@ -46,7 +46,7 @@ def test_generate_greedy_matches_transformers(name):
 def test_generate_kv_cache_equals_full_recompute():
     model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
     ids = expected("gqa")["input_ids"][:1, :12]
-    cache = model.new_cache()
+    cache = [llama.KVCache(12) for _ in model.model.layers]
     with torch.no_grad():
         full = model(ids)
         a = model(ids[:, :7], cache=cache)
@@ -54,13 +54,12 @@ def test_generate_kv_cache_equals_full_recompute():
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("size", [0, 12])
-def test_kv_cache_token_by_token_equals_full_recompute_and_writes_in_place(size):
-    """Decoding one token at a time: size 0 grows the buffers (room for 3 positions,
-    then 6, then 12), size 12 has room for all and is never reallocated."""
+def test_kv_cache_token_by_token_equals_full_recompute_and_writes_in_place():
+    """Decoding one token at a time: the buffers, made at the first step with room
+    for all 12 positions, are never reallocated."""
     model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
     ids = expected("gqa")["input_ids"][:1, :12]
-    cache, steps, buffers = model.new_cache(size), [], set()
+    cache, steps, buffers = [llama.KVCache(12) for _ in model.model.layers], [], set()
     with torch.no_grad():
         full = model(ids)
         steps.append(model(ids[:, :3], cache=cache))
@@ -68,8 +67,7 @@ def test_kv_cache_token_by_token_equals_full_recompute_and_writes_in_place(size)
             steps.append(model(ids[:, t:t + 1], cache=cache, start_pos=t))
             buffers.add(cache[0].k.data_ptr())
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
-    assert cache[0].len == 12 and cache[0].k.shape[2] == 12
-    assert len(buffers) == (1 if size else 2)  # grown at the 4th and the 7th position
+    assert cache[0].len == 12 and cache[0].k.shape[2] == 12 and len(buffers) == 1
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 96), (1, 96), (96,)])
@@ -99,18 +97,17 @@ def one_row_calls(monkeypatch):
     return calls
 
 
-def test_one_row_forward_takes_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
+def test_one_row_products_take_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
     calls = one_row_calls
     torch.manual_seed(0)
     lin, odd = torch.nn.Linear(32, 48), torch.nn.Linear(32, 47)
-    fast, fast_odd = llama.one_row_forward(lin), llama.one_row_forward(odd)
     x = torch.randn(1, 1, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
+    with torch.no_grad(), llama.one_row_products(lin), llama.one_row_products(odd):
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
         assert len(calls) == 1
-        fast(torch.randn(1, 2, 32)), fast_odd(x), lin.to(torch.bfloat16), fast(x.bfloat16())
+        lin(torch.randn(1, 2, 32)), odd(x), lin.to(torch.bfloat16), lin(x.bfloat16())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            lin.float(), fast(x)
+            lin.float(), lin(x)
     assert len(calls) == 1  # two rows, an odd number of outputs, bf16, autocast: plain F.linear
 
 
@@ -128,18 +125,6 @@ def test_generate_decodes_through_one_row_linear_with_the_same_tokens(monkeypatc
     monkeypatch.setattr(llama, "one_row_products", lambda model: contextlib.nullcontext())
     assert llama.generate(model, prompt, max_new_tokens=6) == fast
     assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
-
-
-def test_rope_tables_are_rows_of_one_computation():
-    """Tables computed once and grown: each row is exactly rope_cos_sin of its position."""
-    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
-    inv = llama.rope_inv_freq(model.config)
-    for T, start in ((5, 0), (1, 5), (1, 9), (20, 3), (7, 40)):
-        cos, sin = model.rope_tables(T, start, torch.device("cpu"), torch.float32)
-        want = llama.rope_cos_sin(inv, torch.arange(start, start + T), torch.float32)
-        assert torch.equal(cos, want[0]) and torch.equal(sin, want[1]), (T, start)
-    cos, _ = model.rope_tables(4, 2, torch.device("cpu"), torch.bfloat16)  # another dtype: its own tables
-    assert cos.dtype == torch.bfloat16 and torch.equal(cos, llama.rope_cos_sin(inv, torch.arange(2, 6), torch.bfloat16)[0])
 
 
 def test_last_only_is_the_last_positions_logits():

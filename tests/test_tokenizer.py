@@ -221,6 +221,15 @@ def test_special_token_strings_in_text_become_their_ids():
     assert ids[:1] == tok.encode("a") and tok.decode(ids) == "a<|eot_id|><|end_of_text|>b<|begin_of_text|"
 
 
+def test_added_token_outside_the_byte_alphabet_decodes_as_written(tmp_path):
+    """An added token with characters the byte alphabet lacks (as DeepSeek's "<｜end▁of▁sentence｜>")
+    decodes as its own UTF-8, as the ByteLevel decoder of `tokenizers` does."""
+    token = "<｜end▁of▁sentence｜>"
+    tok = llama.Tokenizer(edited(tmp_path, lambda s: s["added_tokens"].append({"id": 99999, "content": token})))
+    ids = tok.encode("é" + token + "x")
+    assert 99999 in ids and tok.decode(ids) == "é" + token + "x"
+
+
 def test_word_cache_looks_up_repeated_words():
     tok = llama.Tokenizer(folder("llama3_style"))
     text = "the cat and the dog and the cat"
