@@ -12,7 +12,6 @@ Shapes: B batch, T time, D in features, O out features, R rank. Read top to bott
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -22,7 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from llama import TuluError, atomic_write, write_json, write_safetensors
+from llama import TuluError, atomic_write, read_json, write_json, write_safetensors
 from nf4 import Linear4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -161,11 +160,7 @@ def read_adapter_config(adapter_dir: str) -> dict:
         raise TuluError(f"{adapter_dir}: no such adapter folder")
     if not os.path.exists(path):
         raise TuluError(f"{path}: not found (is {adapter_dir} a PEFT adapter folder?)")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TuluError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    cfg = read_json(path, "a PEFT adapter config")
     if cfg.get("peft_type") != "LORA":
         raise TuluError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (only 'LORA')")
     for key in UNSUPPORTED:

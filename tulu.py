@@ -21,7 +21,8 @@ import dpo
 import llama
 from llama import TuluError
 from machinery.cli import count, positive_int  # argparse's types of TrainConfig's flags
-from machinery import checks, cli, data, demo, distributed as dist, evaluate, fast, outputs, quantize, runs
+from machinery import (checks, cli, data, demo, distributed as dist, evaluate, fast, outputs, plan, quantize,
+                       runs)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -531,6 +532,7 @@ def start_run(args):
     cfg.model = cfg.model or dist.rank0_first(d, tiny_sft if cfg.command == "dpo" else tiny_default)
     cli.print_config(cfg, fields(cfg))
     dist.together(d, llama.checkpoint_files, cfg.model)  # a missing or unusable folder: say so first
+    print(dist.together(d, plan.run_line, cfg))  # the peak memory each device will need
     checks.check_output(cfg.output, cfg.model, cfg.adapter)
     if cfg.method == "full" and "quantization_config" in llama.LlamaConfig.from_json(
             os.path.join(cfg.model, "config.json")).extra:  # 4-bit: nothing for full fine-tuning to train
@@ -612,6 +614,8 @@ def build_parser():
                          "talk to a model in the Tulu chat format"),
                 "eval": (cmd_eval, cli.eval_flags,
                          "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy"),
+                "plan": (plan.print_plan, plan.plan_flags,
+                         "each device's peak memory in a training run, from config.json alone"),
                 "exercises": (cli.write_exercises, cli.exercises_flags, "write a student copy in which key "
                               "functions are left to implement, graded by the tests (see its EXERCISES.md)")}
     for name, (func, flags, help) in commands.items():
