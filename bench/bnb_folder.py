@@ -75,7 +75,8 @@ def main():
         print(f"{names[step]:38} {r['peak'] / mib:7.0f}Mi {used:>7} {r['seconds']:8.2f} {r['cpu']:7.2f}   "
               f"{r['peak'] / ckpt:9.3f}")
     bnb, nf = runs["bnb"], runs["nf4"]
-    print(f"4-bit folder / quantizing while loading: CPU time {bnb['cpu'] / nf['cpu']:.3f}, peak RSS "
+    print(f"4-bit folder / quantizing while loading: time {bnb['seconds'] / nf['seconds']:.2f} (CPU "
+          f"{bnb['cpu'] / nf['cpu']:.2f}), peak RSS "
           f"{bnb['peak'] / nf['peak']:.2f}, in use {bnb['used'] / nf['used']:.2f};  floor (4-bit model / "
           f"checkpoint): {bnb['model'] / ckpt:.3f}")
 
