@@ -70,6 +70,20 @@ def rel_close(a, b, rel=1e-4):
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
+def assert_same_outputs(two, one, method):
+    """The output folders load, and compute the same logits (within 1e-4 of the largest):
+    full models as they are, adapters over the NF4 base."""
+    if method == "full":
+        got, want = logits(llama.load_model(two, torch.float32)), logits(llama.load_model(one, torch.float32))
+    else:
+        base = lambda: llama.load_model(HF_TINY, torch.float32, quantize="nf4")
+        a, b = base(), base()
+        lora.load_adapter(a, two)
+        lora.load_adapter(b, one)
+        got, want = logits(a), logits(b)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def assert_same_run(two, one, steps, short=None):
     """metrics.jsonl has one row per step, each with one process's loss, gradient norm and
     tokens (twice them on the step `short`, whose one micro-batch both ranks run); the
@@ -138,16 +152,7 @@ def test_sft_under_torchrun_is_the_one_process_run(tmp_path, data, method):
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # rank 0 alone writes, the same files
     assert p.stdout.count("config: ") == 1 and p.stdout.count("wrote ") == 1  # and alone prints
     assert "global batch = batch-size x grad-accum x ranks = 2 x 2 x 2 = 8 examples a step" in p.stdout
-    # the output loads, and computes what one process's output computes
-    if method == "full":
-        got, want = logits(llama.load_model(two, torch.float32)), logits(llama.load_model(one, torch.float32))
-    else:
-        base = lambda: llama.load_model(HF_TINY, torch.float32, quantize="nf4")
-        a, b = base(), base()
-        lora.load_adapter(a, two)
-        lora.load_adapter(b, one)
-        got, want = logits(a), logits(b)
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert_same_outputs(two, one, method)
 
 
 # -----------------------------------------------------------------------------
