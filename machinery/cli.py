@@ -69,6 +69,14 @@ def eval_batches(model, examples, task, cfg, desc, d=None):
         yield chunk, on(task.collate(chunk), cfg.device)
 
 
+def print_config(cfg, fields):
+    """One line of the run's settings: the fields (of tulu.py's TrainConfig) that the command has."""
+    has = lambda f: not isinstance(f.metadata.get("help"), dict) or cfg.command in f.metadata["help"]
+    shown = {f.name: getattr(cfg, f.name) for f in fields if f.name != "dist" and has(f)}
+    shown = {k: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v for k, v in shown.items()}
+    print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+
+
 def tokenizer(model_dir, adapter=None):
     """The tokenizer of a model (the adapter's, where it has one), checked against its embedding."""
     return checks.check_vocab(Tokenizer(checks.tokenizer_source(adapter, model_dir)), model_dir)
@@ -177,8 +185,8 @@ def merge_flags(p):
     p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 and back first, as the "
                    "adapter was trained (open-instruct merge_lora.py --qlora)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default "
-                   "%(default)s); with --qlora also the dtype the base is quantized from, as in training: bf16 "
-                   "on a GPU (open-instruct), fp32 for CPU runs")
+                   "%(default)s); with --qlora also the dtype the base is quantized from, as in training: "
+                   "bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
 def model_flags(p, model, adapter):
@@ -187,9 +195,9 @@ def model_flags(p, model, adapter):
     p.add_argument("--adapter", help=adapter)
     p.add_argument("--chat-format", choices=["tulu", "qlora"], default="tulu", help="tulu: the Tulu 2 format "
                    "(default); qlora: the QLoRA card's, for its Guanaco and OpenOrca adapters")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if any")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="default: bf16 on CUDA, "
+                   "fp32 on CPU")
 
 
 def chat_flags(p):
@@ -218,11 +226,11 @@ def eval_flags(p):
     p.add_argument("--shots", type=count, help="multiple choice: solved examples before each question "
                    "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")
     p.add_argument("--max-seq-length", type=positive_int, default=2048, help="truncate conversations and "
-                   "pairs; multiple-choice prompts drop solved examples until they fit, as MMLU's evaluate.py "
-                   "(default %(default)s, MMLU's)")
+                   "pairs; multiple-choice prompts drop solved examples until they fit, as MMLU's "
+                   "evaluate.py (default %(default)s, MMLU's)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default "
                    "%(default)s)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, Tulu 2 DPO)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, Tulu 2)")
     p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES),
                    help="DPO loss for the loss metric (default %(default)s)")
     p.add_argument("--output", help="also write the results to this JSON file")

@@ -106,11 +106,11 @@ def exercises_md(src_root: str) -> str:
         source = pathlib.Path(src_root, file).read_text()
         # the docstring as written (in triple quotes), so that an escape such as "\n" stays two characters
         doc = ast.get_source_segment(source, find_function(ast.parse(source), function).body[0])[3:-3]
-        command = f"python -m pytest {selector}"
-        rows.append(f"| {k} | `{name}` | {file}: `{function}` | `{command}` |")
+        grading = f"python -m pytest {selector}"
+        rows.append(f"| {k} | `{name}` | {file}: `{function}` | `{grading}` |")
         parts.append(f"## {k}. {name}\n\nImplement `{function}` in {file}; its docstring is the contract:\n\n"
                      f"{textwrap.indent(inspect.cleandoc(doc), '    ')}\n\n"
-                     f"Read first: {read}.\n\nGraded by: `{command}`\n")
+                     f"Read first: {read}.\n\nGraded by: `{grading}`\n")
     return "\n".join([
         "# Exercises", "",
         f"This is a student copy of tulu: the bodies of {len(EXERCISES)} key functions are replaced by",

@@ -90,7 +90,7 @@ def write_chat_template(out, template):
 
 def save_outputs(args, model, model_dir, out, template=None):
     """lora/qlora: a PEFT adapter; full: a Hugging Face model folder. Both get the tokenizer,
-    with template(tokenizer) as its chat template."""
+    with `template` as its chat template."""
     from lora import adapter_tensors, save_adapter
     full = args.method == "full"
     # on every rank: FSDP's shards are checked where they are, one verdict for all
@@ -106,7 +106,7 @@ def save_outputs(args, model, model_dir, out, template=None):
         save_adapter(model, out, base_model_name_or_path=model_dir, fetch=whole)
     copy_tokenizer(tokenizer_source(getattr(args, "adapter", None), model_dir), out)
     if template:
-        write_chat_template(out, template(llama.Tokenizer(out)))
+        write_chat_template(out, template)
     print(f"wrote {'model' if full else 'adapter'}, tokenizer and metrics.jsonl to {out}")
 
 
