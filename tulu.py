@@ -42,8 +42,7 @@ def chat_text(messages, eos: str = "</s>") -> str:
     for m in messages:
         if m["role"] not in ROLE_HEADERS:
             raise ValueError(f"unknown role {m['role']!r} (expected system, user or assistant)")
-        end = eos if m["role"] == "assistant" else ""
-        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + end + "\n"
+        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + eos * (m["role"] == "assistant") + "\n"
     return text
 
 
@@ -166,8 +165,7 @@ CHAT = data.ChatFormat(chat_text, eos_text, ROLE_HEADERS, encode_pair, encode_in
 
 
 def load_sft_data(path, tok, max_seq_length, workers=1, cache=None, rows=None):
-    """Every conversation (or QLoRA row: encode_instruction, with the keywords `rows`) of a
-    JSONL file as (ids, labels), in order (data.load_examples)."""
+    """Every conversation (or QLoRA row: encode_instruction, keywords `rows`) as (ids, labels)."""
     chat = CHAT._replace(row=functools.partial(encode_instruction, **(rows or {})))
     return data.load_examples(path, "sft", tok, max_seq_length, chat, workers, cache)
 
@@ -209,8 +207,7 @@ class TrainConfig:
     """What a training run (sft, dpo, the demo's pre-training) needs to know: the flags are made from
     these fields (training_flags), the model cards' recipes fill what is None (resolve)."""
     command: str = "sft"
-    model: str | None = flag("HF Llama folder (default: the tiny demo model, built once and cached under "
-                             "$XDG_CACHE_HOME/tulu)")
+    model: str | None = flag("HF Llama folder (default: the tiny demo model, built once and cached)")
     output: str | None = flag("output folder (default: out/{command}-METHOD, or the --resume folder)")
     method: str = flag("qlora: NF4 base + LoRA + paged AdamW (QLoRA, arXiv 2305.14314); lora: LoRA on a "
                        "bf16/fp32 base; full: every weight (default: %(default)s)", "qlora",
@@ -225,8 +222,7 @@ class TrainConfig:
     grad_accum: int | None = flag("micro-batches per optimiser step; batch-size x grad-accum = {batch}, the "
                                   "model cards' batch", recipe=True, type=positive_int)
     max_seq_length: int | None = flag("truncate longer examples", recipe=True, type=positive_int)
-    warmup_ratio: float | None = flag("linear warmup over this fraction of the steps, then linear decay to 0",
-                                      recipe=True, type=float)
+    warmup_ratio: float | None = flag("warmup over this fraction of the steps", recipe=True, type=float)
     max_grad_norm: float | None = flag("gradient clipping, 0 = off", recipe="QLoRA, arXiv 2305.14314",
                                        type=float)
     weight_decay: float = flag("AdamW weight decay (default 0, Tulu 2)", 0.0, type=float)

@@ -111,6 +111,35 @@ def merge(args, chat_template):
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
+def read_prompt():
+    try:
+        line = input("\n<|user|>\n")
+    except EOFError:
+        return None
+    return None if line.strip() in ("/exit", "/quit") else line
+
+
+def stream_reply(model, tok, prompt_ids, args, g, stop):
+    """The assistant's answer, printed as it comes, decoded whole each time so that a character
+    of several bytes shows once its last byte is there; it ends at an id in `stop`."""
+    new, shown = [], ""
+    print("<|assistant|>")
+
+    def on_token(i):
+        nonlocal shown
+        new.append(i)
+        text = tok.decode([t for t in new if t not in stop])
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    llama.generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, eos_id=stop, on_token=on_token, generator=g)
+    final = tok.decode([t for t in new if t not in stop])
+    print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
+    return final
+
+
 def chat(args, default_model, encode_prompt):
     """`tulu.py chat`: the model (default_model() without --model) and adapter, merged in memory,
     answer each prompt after the conversation so far, in the chat format (encode_prompt): --prompt
@@ -122,9 +151,9 @@ def chat(args, default_model, encode_prompt):
     stop = outputs.stop_ids(model_dir, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for prompt in [args.prompt] if args.prompt is not None else iter(outputs.read_prompt, None):
+    for prompt in [args.prompt] if args.prompt is not None else iter(read_prompt, None):
         history.append({"role": "user", "content": prompt})
-        reply = outputs.stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
+        reply = stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
         history.append({"role": "assistant", "content": reply})
 
 
