@@ -499,8 +499,15 @@ def tiny_default() -> str:
 
 
 def tiny_sft() -> str:
-    """Where dpo, chat and eval start without --model: the tiny default after the demo's full SFT."""
-    return demo.tiny_sft_model(tiny_default, main)
+    """Where dpo, chat and eval start without --model: the tiny default after the demo's full SFT,
+    run once and cached beside it."""
+    path = tiny_default().replace("tiny-llama-", "tiny-sft-")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
+        tmp = f"{path}.tmp{os.getpid()}"
+        main(["sft", "--method", "full", "--output", tmp])
+        os.replace(tmp, path)
+    return path
 
 
 def start_run(args):

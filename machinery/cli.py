@@ -95,10 +95,9 @@ def tuned_model(path, adapter, dtype, device="cpu", qlora=False, merged=False):
 
 
 def merge(args, chat_template):
-    """`tulu.py merge`: the adapter folded into its base, written as an HF folder with the tokenizer.
-    --qlora: the base quantised to NF4 exactly as for training, then dequantised: the adapter was
-    trained against those weights (open-instruct merge_lora.py --qlora); read in the output dtype.
-    The output's chat template: the adapter's, else chat_template(tokenizer), Tulu's."""
+    """`tulu.py merge`: the adapter folded into its base, written as an HF folder with the tokenizer
+    and its chat template (the adapter's, else Tulu's). --qlora: the base quantised to NF4 and back,
+    as the adapter was trained (open-instruct merge_lora.py --qlora), read in the output dtype."""
     checks.check_output(args.output, args.model)
     tok = checks.check_vocab(checks.folder_tokenizer(args.adapter, args.model), args.model)
     dtype = device_and_dtype("cpu", args.dtype)[1]
@@ -158,10 +157,10 @@ def chat(args, default_model, encode_prompt):
 
 
 def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
-    """`tulu.py eval`: by the keys of --data's first object (one read), held-out loss, DPO's
-    rewards (the reference: --reference, else --model without --adapter) or multiple-choice
-    accuracy, by tulu.py's tasks (tasks(eos_id): by kind), chat format and reference scoring.
-    as_row: conversations scored as the QLoRA row it makes of each (--chat-format qlora)."""
+    """`tulu.py eval`: by the keys of --data's first object (one read), held-out loss, DPO's rewards
+    (the reference: --reference, else --model without --adapter) or multiple-choice accuracy, by
+    tulu.py's tasks (tasks(eos_id), by kind), chat format and reference scoring; as_row: the QLoRA
+    row scored in place of each conversation (--chat-format qlora)."""
     first, objects = itertools.tee(data.read_objects(cfg.data))
     kind = evaluate.data_kind(cfg.data, first)
     evaluate.check_eval_args(args, kind)
@@ -189,9 +188,8 @@ def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
 
 
 def run(args):
-    """Run the parsed command: a TuluError or OSError (a missing file, an --output that is a file,
-    a full disk...) ends it with one line and status 1; Ctrl-C outside the training loop (which
-    saves a checkpoint itself) with status 130."""
+    """Run the parsed command: a TuluError or OSError (a missing file, a full disk...) ends it with
+    one line and status 1; Ctrl-C outside the training loop (which checkpoints itself) with 130."""
     try:
         args.func(args)
     except (TuluError, OSError) as e:
@@ -218,8 +216,7 @@ def merge_flags(p):
                    "bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
-def model_flags(p, model, adapter):
-    """What chat and eval share: --model, --adapter, --chat-format, --device and --dtype."""
+def model_flags(p, model, adapter):  # what chat and eval share
     p.add_argument("--model", help=f"HF Llama folder (default: the tiny demo model after its SFT{model})")
     p.add_argument("--adapter", help=adapter)
     p.add_argument("--chat-format", choices=["tulu", "qlora"], default="tulu", help="tulu: the Tulu 2 format "

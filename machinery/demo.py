@@ -3,8 +3,8 @@ that the whole recipe runs on a laptop CPU in minutes. tiny_default_model makes 
 real run downloads: a sentencepiece tokenizer trained on data/sft_train.jsonl's chat text, and a
 4-layer Llama "pretrained" for about a minute and a half on plain text (the conversations without
 chat markers, and data/pretrain.jsonl's reference pages), so that SFT only teaches it to chat.
-tiny_sft_model runs the demo's full SFT on it once: DPO, chat and eval start from there. Both
-are cached under $XDG_CACHE_HOME/tulu (or ~/.cache/tulu), named by a hash of their sources.
+It is cached under $XDG_CACHE_HOME/tulu (or ~/.cache/tulu), named by a hash of its sources;
+tulu.py's parts (chat_text, the loop, the SFT task, the config) come as parameters.
 """
 import hashlib
 import io
@@ -58,7 +58,7 @@ def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
 
 def tiny_default_model(folder, chat_text, train, task, config) -> str:
     """The path of the demo's base model (an HF folder) in `folder`, built there once, the same
-    on a given machine. The rest are tulu.py's: chat_text, the loop, the SFT task, the config."""
+    on a given machine."""
     source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
     sources = pathlib.Path(source).read_bytes() + pathlib.Path(pages).read_bytes()
     h = hashlib.sha256(sources + repr((TINY, PRETRAIN, PAGE_COPIES)).encode()).hexdigest()
@@ -83,17 +83,6 @@ def tiny_default_model(folder, chat_text, train, task, config) -> str:
     save_model(model, tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-    return path
-
-
-def tiny_sft_model(base, main) -> str:
-    """The tiny default (`base()`) after the demo's full SFT by `main`, tulu.py's command line, once."""
-    path = base().replace("tiny-llama-", "tiny-sft-")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
-        tmp = f"{path}.tmp{os.getpid()}"
-        main(["sft", "--method", "full", "--output", tmp])
-        os.replace(tmp, path)
     return path
 
 
