@@ -137,7 +137,7 @@ def make_exercises(src_root: str, out_dir: str):
         src, dst = os.path.join(src_root, name), os.path.join(out_dir, name)
         if os.path.isdir(src):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*NOT_COPIED), dirs_exist_ok=True)
-        elif os.path.exists(src):  # README.md may not exist yet
+        else:
             shutil.copy2(src, dst)
     blank = lambda b: f'{b[1]}raise NotImplementedError("exercise {b[2]}: see EXERCISES.md")\n'
     for file in found:
