@@ -118,8 +118,8 @@ def choice_metrics(items, dev, shots, tok, args, score) -> dict:
         rows += choice_rows(item, same, tok, args.max_seq_length)
     scores, right = iter(score(rows)), {}  # subject -> [right or not, for each of its questions]
     for item in items:
-        s = [next(scores) for _ in item["choices"]]
-        right.setdefault(item.get("subject"), []).append(s.index(max(s)) == item["answer"])
+        letters = [next(scores) for _ in item["choices"]]
+        right.setdefault(item.get("subject"), []).append(letters.index(max(letters)) == item["answer"])
     named = sorted(k for k in right if k is not None)
     return {"accuracy": sum(map(sum, right.values())) / len(items),
             **{f"accuracy/{k}": sum(right[k]) / len(right[k]) for k in named}}
