@@ -70,4 +70,5 @@ def json_safe(row):
 def check_finite_weights(named, what):
     """Never write non-finite weights (a step can overflow a weight with a finite loss)."""
     if bad := next((n for n, p in named if not torch.isfinite(p).all()), None):
-        raise TuluError(f"{bad} holds non-finite values: {what} not written; try a lower --lr or --max-grad-norm")
+        raise TuluError(f"{bad} holds non-finite values: {what} not written; "
+                        f"try a lower --lr or --max-grad-norm")
