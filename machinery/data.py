@@ -21,6 +21,7 @@ import bisect
 import contextlib
 import functools
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -81,34 +82,31 @@ def check_row(where: str, obj: dict, kind: str, roles=None):
         raise TuluError(f"{where}: {problem}")
 
 
-def parse_line(path: str, n: int, raw: bytes, kind=None, roles=None):
-    """The JSON object on line n of a file, None for a blank line; a row of `kind` (check_row)
-    or, with no kind, any object."""
-    try:
-        line = raw.decode("utf-8").strip()
-        obj = json.loads(line) if line else None
-    except UnicodeDecodeError:
-        raise TuluError(f"{path}:{n}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if line and not isinstance(obj, dict):
-        raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-    if obj is not None and kind is not None:
-        check_row(f"{path}:{n}", obj, kind, roles)
-    return obj
-
-
-def read_jsonl(path: str, kind=None, roles=None):
-    """Yield (line number, object) for each non-blank line of a JSONL file (parse_line)."""
+def read_jsonl(path: str, kind=None, roles=None, batch=None):
+    """Yield (line number, object) for each non-blank line of a JSONL file, or of its `batch`
+    of whole lines (offset, size, first line number): a row of `kind` (check_row) or, with no
+    kind, any object."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
+    offset, size, first = batch or (0, -1, 1)
     seen = False
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if (obj := parse_line(path, n, raw, kind, roles)) is not None:
+        f.seek(offset)
+        for n, raw in enumerate(io.BytesIO(f.read(size)) if batch else f, start=first):
+            try:
+                obj = json.loads(line) if (line := raw.decode("utf-8").strip()) else None
+            except UnicodeDecodeError:
+                raise TuluError(f"{path}:{n}: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if line and not isinstance(obj, dict):
+                raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            if obj is not None and kind is not None:
+                check_row(f"{path}:{n}", obj, kind, roles)
+            if obj is not None:
                 seen = True
                 yield n, obj
-    if not seen:
+    if not seen and not batch:
         raise TuluError(f"{path}: empty")
 
 
@@ -251,14 +249,8 @@ class BatchEncoder:
         return (ids, labels) if any(label != -100 for label in labels[1:]) else None
 
     def __call__(self, batch):
-        offset, size, first_line = batch
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            lines = f.read(size).split(b"\n")
         tokens, lengths, read = array.array("i"), array.array("i"), 0
-        for n, raw in enumerate(lines, start=first_line):
-            if (obj := parse_line(self.path, n, raw, self.kind, self.chat.headers)) is None:
-                continue
+        for n, obj in read_jsonl(self.path, self.kind, self.chat.headers, batch):
             read += 1
             try:
                 example = self.example(obj) or ()
