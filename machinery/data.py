@@ -1,20 +1,19 @@
-"""Data at scale: JSONL files read with file:line errors, encoded by worker processes into
-flat storage, and cached. The Tulu v2 SFT mixture is ~326k conversations and hundreds of
-millions of tokens, and tulu.py's encode_messages tokenizes each one again up to the end
-of every turn, as open-instruct does. Four things make it cheap:
+"""Data at scale. The Tulu v2 SFT mixture is ~326k conversations and hundreds of millions
+of tokens, and tulu.py's encode_messages tokenizes each one again up to the end of every
+turn, as open-instruct does. Four things make it cheap:
 
-- encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts a
-  text at its special tokens and encodes the pieces between them on their own, so the
-  encoding of any prefix is read off the spans of the whole text (Prefixes);
-- worker processes encode a batch of whole lines at a time; they start fresh
-  (forkserver, or spawn), never as forks of this process, whose other threads (a compile
-  pool, tqdm's monitor) may hold a lock that a fork would copy held forever;
-- the examples are one flat int32 tensor (Examples: 8 bytes a token with its label,
-  where two lists of Python ints take about 43);
-- they are cached under a hash of everything they depend on, so the next run and every
-  --resume read them back (under torchrun rank 0 encodes first: rank0_first).
+- encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts a text
+  at its special tokens and encodes the pieces between them on their own, so the encoding
+  of any prefix is read off the spans of the whole text (Prefixes);
+- worker processes encode a batch of whole lines at a time; they start fresh (forkserver,
+  or spawn), never as forks of this process, whose other threads (a compile pool, tqdm's
+  monitor) may hold a lock that a fork would copy held forever;
+- the examples are one flat int32 tensor (Examples: 8 bytes a token with its label, where
+  two lists of Python ints take about 43);
+- they are cached under a hash of everything they depend on, for the next run and --resume.
 
-tulu.py hands its chat format in as a ChatFormat: machinery never imports tulu.py.
+Each line is checked once, by read_jsonl, with file:line errors. tulu.py hands its chat
+format in as a ChatFormat: machinery never imports tulu.py.
 """
 import array
 import bisect
@@ -236,6 +235,7 @@ class BatchEncoder:
     """What a worker runs: a batch of lines -> (its examples' sequences end to end and their
     lengths, int32 arrays; the number of non-blank lines), or TuluError("path:line: ...").
     An example with nothing left to learn is dropped (open-instruct drops those too)."""
+    worker = None  # in a worker process, its BatchEncoder: unpickled once (with its word cache)
 
     def __init__(self, path, kind, tok, max_seq_length, chat: ChatFormat):
         self.path, self.kind, self.tok, self.max_seq_length, self.chat = path, kind, tok, max_seq_length, chat
@@ -260,17 +260,12 @@ class BatchEncoder:
             lengths.extend(map(len, example))
         return tokens, lengths, read
 
+    def start(self):  # a worker process's first call
+        BatchEncoder.worker = self
 
-_encoder = None  # a worker process's BatchEncoder, unpickled once when it starts (with its word cache)
-
-
-def _start_worker(encoder):
-    global _encoder
-    _encoder = encoder
-
-
-def _encode_in_worker(batch):
-    return _encoder(batch)
+    @staticmethod
+    def run(batch):
+        return BatchEncoder.worker(batch)
 
 
 def default_workers() -> int:
@@ -291,12 +286,12 @@ def encode_file(encoder: BatchEncoder, batches, lines: int, workers: int):
     """(Examples, non-blank lines read): the batches encoded in file order by up to `workers`
     worker processes (or this one); the pool ends when the last is read, or at an error."""
     workers = min(workers, len(batches))
-    pool = worker_context().Pool(workers, _start_worker, (encoder,)) if workers > 1 else None
+    pool = worker_context().Pool(workers, encoder.start) if workers > 1 else None
     bar = tqdm(total=lines, unit=" lines", leave=False, dynamic_ncols=True,
                desc=f"encoding {os.path.basename(encoder.path)}")
     tokens, lengths, read = array.array("i"), array.array("i"), 0
     with bar, pool or contextlib.nullcontext():
-        for t, n, r in pool.imap(_encode_in_worker, batches) if pool else map(encoder, batches):
+        for t, n, r in pool.imap(BatchEncoder.run, batches) if pool else map(encoder, batches):
             tokens.extend(t)
             lengths.extend(n)
             read += r
