@@ -220,15 +220,15 @@ BATCH_BYTES = 1 << 20  # of the data file a worker encodes at a time
 
 
 def scan_file(path: str):
-    """One pass over a data file: its sha256, [(offset, size, first line number)] of batches
-    of whole lines of about BATCH_BYTES, and its number of lines."""
+    """One pass over a data file: its sha256, and [(offset, size, first line number)] of
+    batches of whole lines of about BATCH_BYTES (at least one)."""
     h, batches, offset, line = hashlib.sha256(), [], 0, 1
     with open(path, "rb") as f:
         while block := f.read(BATCH_BYTES) + f.readline():  # to the end of a line
             h.update(block)
             batches.append((offset, len(block), line))
             offset, line = offset + len(block), line + block.count(b"\n")
-    return h.hexdigest(), batches, line - 1
+    return h.hexdigest(), batches or [(0, 0, 1)]
 
 
 class BatchEncoder:
@@ -282,23 +282,18 @@ def worker_context():
     return context
 
 
-def encode_file(encoder: BatchEncoder, batches, lines: int, workers: int):
+def encode_file(encoder: BatchEncoder, batches, workers: int):
     """(Examples, non-blank lines read): the batches encoded in file order by up to `workers`
     worker processes (or this one); the pool ends when the last is read, or at an error."""
     workers = min(workers, len(batches))
     pool = worker_context().Pool(workers, encoder.start) if workers > 1 else None
-    bar = tqdm(total=lines, unit=" lines", leave=False, dynamic_ncols=True,
-               desc=f"encoding {os.path.basename(encoder.path)}")
-    tokens, lengths, read = array.array("i"), array.array("i"), 0
-    with bar, pool or contextlib.nullcontext():
-        for t, n, r in pool.imap(BatchEncoder.run, batches) if pool else map(encoder, batches):
-            tokens.extend(t)
-            lengths.extend(n)
-            read += r
-            bar.update(r)
-    flat = lambda a: torch.from_numpy(np.frombuffer(a, np.int32))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(lengths).cumsum(0, dtype=torch.int64)])
-    return Examples(flat(tokens), offsets, 2 * len(KIND_KEYS[encoder.kind])), read
+    with pool or contextlib.nullcontext():
+        done = pool.imap(BatchEncoder.run, batches) if pool else map(encoder, batches)
+        tokens, lengths, read = zip(*tqdm(done, total=len(batches), leave=False, unit=" MiB",
+                                          desc=f"encoding {os.path.basename(encoder.path)}"))
+    flat = lambda arrays: torch.from_numpy(np.concatenate([np.frombuffer(a, np.int32) for a in arrays]))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(lengths).cumsum(0)])
+    return Examples(flat(tokens), offsets, 2 * len(KIND_KEYS[encoder.kind])), sum(read)
 
 
 # -----------------------------------------------------------------------------
@@ -350,10 +345,10 @@ def load_examples(path, kind, tok, max_seq_length, chat: ChatFormat, workers=1, 
     with the same everything (cache_file)."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
-    digest, batches, lines = scan_file(path)
+    digest, batches = scan_file(path)
     encoder = BatchEncoder(path, kind, tok, max_seq_length, chat)
     file = cache and cache_file(cache, digest, encoder)
-    examples, read, found = cached(file, lambda: encode_file(encoder, batches, lines, workers))
+    examples, read, found = cached(file, lambda: encode_file(encoder, batches, workers))
     what, why, none = {"sft": ("conversations", "nothing left to learn",
                                "no conversation with an assistant turn to learn from"),
                        "prefs": ("preference pairs", "answer truncated away", "no pair left: every answer "

@@ -1,18 +1,14 @@
-"""Runs that survive: checkpoints that resume exactly, Ctrl-C and SIGTERM, metrics.jsonl
-and loss.svg, kept by the Run object that tulu.py's training loop calls once a step.
+"""Runs that survive: checkpoints that resume exactly, Ctrl-C and SIGTERM, metrics.jsonl and
+loss.svg, kept by the Run object that tulu.py's training loop calls once a step.
 
-out/checkpoint/ holds, after a completed step, the trainable weights, the optimiser state
-and the random state (state-STEP.safetensors, and a JSON skeleton of their nesting: no
-pickle), and trainer_state.json: the step, the name of that file, and the run's record
-(the config and the data's sha256). trainer_state.json is written last and by rename, so
-a kill at any point leaves a whole checkpoint. --resume refuses a record that differs, in
-one line naming the difference, before the model loads; a finished run leaves
-finished.json instead.
-
-Why both periodic (--save-minutes) and preemption checkpoints: a scheduler's SIGTERM is
-followed by a kill after a grace period (often 30 s): where the step in progress and a
-checkpoint fit in it, nothing is lost; where not, and after a SIGKILL or a lost machine,
-the last periodic checkpoint remains.
+After a completed step, out/checkpoint/ holds state-STEP.safetensors (the trainable weights,
+the optimiser and random states; their nesting as JSON: no pickle) and, written last and by
+rename, trainer_state.json naming it, with the step and the run's record (the config and
+the data's sha256): a kill at any point leaves a whole checkpoint. --resume refuses a record
+that differs, naming the difference, before the model loads; a finished run leaves
+finished.json instead. Periodic checkpoints (--save-minutes) as well as SIGTERM's: a
+scheduler kills after a grace period (often 30 s) that the step in progress and a
+checkpoint may not fit in, and a lost machine sends nothing.
 """
 import hashlib
 import html
@@ -88,7 +84,7 @@ def run_record(args) -> dict:
     return json.loads(json.dumps(run))  # as trainer_state.json holds it: tuples are lists
 
 
-def read_state(path):
+def read_state(path):  # the JSON object in path, or None
     try:
         with open(path) as f:
             return json.load(f)
@@ -96,8 +92,7 @@ def read_state(path):
         return None
 
 
-def sync(path):
-    """Flush a file or a folder's entries to disk: a checkpoint outlives a crash of the machine."""
+def sync(path):  # to disk, a file or a folder's entries: a checkpoint outlives a crash of the machine
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
@@ -212,8 +207,8 @@ class Run:
         self.title = f"tulu {args.command} --method {args.method}: {os.path.basename(args.model or out)}"
 
     def resume(self, model, opt):
-        """Restore the --resume checkpoint into model and opt, and metrics.jsonl's rows up to its
-        step (a kill may have cut one short); a new run removes what an earlier one left."""
+        """Restore the --resume checkpoint, and metrics.jsonl's rows up to its step (a kill may
+        have left more, or one cut short); a new run removes what an earlier one left."""
         self.start = together(self.d, load_checkpoint, self.args, model, opt) if self.args.resume else 0
         self.rows = []
         if rank0() and self.start:
