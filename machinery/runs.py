@@ -265,10 +265,10 @@ class Run:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(self.rows[-1]) + "\n")
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if bad := " and ".join(f"the {name} is {row[k]}" for k, name in (("loss", "loss"), ("grad_norm",
-                               "gradient norm")) if not math.isfinite(row[k])):
+        names = {"loss": "loss", "grad_norm": "gradient norm"}
+        if bad := [f"the {names[k]} is {row[k]}" for k in names if not math.isfinite(row[k])]:
             self.plot()
-            raise TuluError(f"step {step}: {bad}; stopped without applying this step, nothing saved"
+            raise TuluError(f"step {step}: {' and '.join(bad)}; stopped without applying this step, nothing saved"
                             f"{self.kept() and '; ' + self.kept()}; try a lower --lr (this run: {a.lr:g}) or "
                             f"--max-grad-norm (this run: {a.max_grad_norm:g}; 0: off)")
         if step == self.total:
