@@ -296,6 +296,8 @@ def test_a_malformed_line_found_by_a_worker_names_file_and_line(tmp_path, monkey
     path.write_text(ok * 80 + json.dumps(pair) + "\n" + ok * 20)  # line 81: two different prompts
     with pytest.raises(TuluError, match=rf"^{path}:81: .*differ at turn 1"):
         tulu.load_pref_data(str(path), llama.Tokenizer(TINY), 64, workers=2)
+    with pytest.raises(TuluError, match=rf"^{path}:81: .*differ at turn 1"):  # the one check of a row
+        list(data.read_jsonl(str(path), "prefs"))
 
 
 def test_num_workers_flag_and_a_malformed_line_from_the_command_line(tmp_path, monkeypatch, capsys):
