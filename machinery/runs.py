@@ -131,8 +131,8 @@ def check_resume(args):
     finished = read_state(done)
     saved = finished or read_state(os.path.join(ckpt, STATE))
     if not args.resume and saved and not finished:
-        raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step {saved['step']}): "
-                        f"continue it with --resume {args.output}, or choose another --output")
+        raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step "
+                        f"{saved['step']}): continue it with --resume {args.output}, or choose another --output")
     if not args.resume:
         return
     if not saved:
@@ -268,9 +268,9 @@ class Run:
         names = {"loss": "loss", "grad_norm": "gradient norm"}
         if bad := [f"the {names[k]} is {row[k]}" for k in names if not math.isfinite(row[k])]:
             self.plot()
-            raise TuluError(f"step {step}: {' and '.join(bad)}; stopped without applying this step, nothing saved"
-                            f"{self.kept() and '; ' + self.kept()}; try a lower --lr (this run: {a.lr:g}) or "
-                            f"--max-grad-norm (this run: {a.max_grad_norm:g}; 0: off)")
+            raise TuluError(f"step {step}: {' and '.join(bad)}; stopped without applying this step, "
+                            f"nothing saved{self.kept() and '; ' + self.kept()}; try a lower --lr (this run: "
+                            f"{a.lr:g}) or --max-grad-norm (this run: {a.max_grad_norm:g}; 0: off)")
         if step == self.total:
             return
         minutes = a.save_minutes and time.monotonic() - self.since >= 60 * a.save_minutes
