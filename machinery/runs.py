@@ -131,8 +131,8 @@ def check_resume(args):
     finished = read_state(done)
     saved = finished or read_state(os.path.join(ckpt, STATE))
     if not args.resume and saved and not finished:
-        raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step "
-                        f"{saved['step']}): continue it with --resume {args.output}, or choose another --output")
+        raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step {saved['step']}"
+                        f"): continue it with --resume {args.output}, or choose another --output")
     if not args.resume:
         return
     if not saved:
