@@ -13,7 +13,8 @@ turn, as open-instruct does. Four things make it cheap:
 - they are cached under a hash of everything they depend on, for the next run and --resume.
 
 Each line is checked once, by read_jsonl, with file:line errors. tulu.py hands its chat
-format in as a ChatFormat: machinery never imports tulu.py.
+format in as a ChatFormat (machinery never imports tulu.py), whose `row` encodes QLoRA's
+rows ({"input", "output"} or {"text"}), which `sft` reads beside conversations.
 """
 import array
 import bisect
