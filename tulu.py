@@ -64,6 +64,8 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
     Where a turn ends is found as open-instruct finds it: by tokenizing the conversation up to
     that turn on its own. Kept on purpose, as there: BOS is learned when a conversation starts
     with an assistant turn, and so is the header of an assistant turn that follows another one."""
+    if not messages:
+        raise ValueError("no messages")  # as open-instruct's
     # exercise: encode_messages
     eos = eos_text(tokenizer)
     prefix_len = lambda text: len(tokenizer.encode(text, bos=True)[:max_seq_length])
