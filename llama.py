@@ -16,9 +16,9 @@ import math
 import os
 import re
 import unicodedata
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from functools import lru_cache, partial
+from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
@@ -604,44 +604,6 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-# A decoding step multiplies one row by every weight: its speed is that of reading the
-# weights. On a CPU torch sends a float32 one-row product to the BLAS's matrix-vector
-# routine, which on some machines reads far below the memory's speed (MKL on an AMD
-# EPYC: 16 GB/s, where summing the weights reads 50); the weight's two halves as one
-# batch (bmm) take the batched routine, 40-55 GB/s there. bench/generate_speed.py.
-
-
-def one_row_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x (..., K) of one row in all -> (..., N), as a batch
-    of two products, each of half the weight's rows: the same sums in another order."""
-    N, K = weight.shape
-    column = x.reshape(1, 1, K).transpose(1, 2)  # (1, K, 1), strides (K, 1, K): the BLAS reads
-    halves = torch.bmm(weight.view(2, N // 2, K), column.expand(2, K, 1))  # it as a column; (2, N/2, 1)
-    y = halves.view(*x.shape[:-1], N)
-    return y if bias is None else y + bias
-
-
-@contextmanager
-def one_row_products(model: nn.Module):
-    """Inside, every plain nn.Linear of `model` computes one float32 row on a CPU outside
-    autocast (a decoding step) by one_row_linear, anything else by F.linear: an instance
-    attribute `forward` hides the class's until it is deleted."""
-    def forward(layer, x):
-        w = layer.weight
-        one_row = x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-        if one_row and w.shape[0] % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu"):
-            return one_row_linear(x, w, layer.bias)
-        return F.linear(x, w, layer.bias)
-    layers = [m for m in model.modules() if type(m) is nn.Linear]
-    for m in layers:
-        m.forward = partial(forward, m)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
              eos_id=None, on_token=None, generator=None) -> list[int]:
@@ -652,13 +614,12 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
     cache, out = [KVCache(ids.shape[1] + max_new_tokens) for _ in model.model.layers], []
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id} - {None}
-    with one_row_products(model):
-        while len(out) < max_new_tokens and not (out and out[-1] in eos):
-            logits = model(ids, cache=cache, start_pos=cache[0].len, last_only=True)[:, -1]  # (1, V)
-            out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
-            if on_token:
-                on_token(out[-1])
-            ids = torch.tensor([[out[-1]]], device=device)
+    while len(out) < max_new_tokens and not (out and out[-1] in eos):
+        logits = model(ids, cache=cache, start_pos=cache[0].len, last_only=True)[:, -1]  # (1, V)
+        out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
+        if on_token:
+            on_token(out[-1])
+        ids = torch.tensor([[out[-1]]], device=device)
     return out
 
 
