@@ -893,21 +893,20 @@ class BPETokenizer(SpecialSplitting):
         template, e.g. [[128000], []] for Llama 3: BOS added, no EOS."""
         ids, side = [[], []], 0
         for step in sequence(post, "processors"):
-            kind = (step or {}).get("type")  # ByteLevel only adjusts offsets
-            if kind not in (None, "ByteLevel", "TemplateProcessing"):
-                self.unsupported("post_processor", kind, "only TemplateProcessing and ByteLevel")
-            for item in (step or {}).get("single", []):  # a SpecialToken, or the text ("Sequence")
+            step = step or {}
+            if step.get("type") not in (None, "ByteLevel", "TemplateProcessing"):  # ByteLevel: offsets only
+                self.unsupported("post_processor", step["type"], "only TemplateProcessing and ByteLevel")
+            for item in step.get("single", []):  # a SpecialToken, or the text ("Sequence")
+
                 side = side or "Sequence" in item
                 if "SpecialToken" in item:
                     ids[side] += step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
         return ids
 
     def token_id(self, text):
-        found = self.specials.get(text, self.vocab.get(text))
-        if found is None:
-            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the "
-                            "vocabulary")
-        return found
+        if text not in self.specials and text not in self.vocab:
+            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the vocabulary")
+        return self.specials.get(text, self.vocab.get(text))
 
     def words(self, text: str) -> list[str]:
         """Cut text into words with each Split regex in turn, then GPT-2's; as HF's
@@ -923,8 +922,7 @@ class BPETokenizer(SpecialSplitting):
         return words
 
     def encode_word(self, word: str) -> list[int]:
-        """One word -> ids: spell its UTF-8 bytes in the byte alphabet, then merge."""
-        spelled = word.encode("utf-8").decode("latin-1").translate(self.byte_table)
+        spelled = word.encode("utf-8").decode("latin-1").translate(self.byte_table)  # in byte_alphabet()
         if self.ignore_merges and spelled in self.vocab:
             return [self.vocab[spelled]]
         return [self.vocab[s] for s in bpe_merge(list(spelled), self.ranks)]
