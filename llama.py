@@ -914,11 +914,7 @@ class BPETokenizer(SpecialSplitting):
         words = [" " + text if self.prefix_space and not text.startswith(" ") else text]
         full = BEYOND_BMP.search(text) is not None
         for pattern in (pair[full] for pair in self.split_patterns):
-            out = []
-            for w in words:  # findall is faster; split (the regex is a group) also keeps what matches nothing
-                found = pattern.findall(w)
-                out += found if sum(map(len, found)) == len(w) else list(filter(None, pattern.split(w)))
-            words = out
+            words = [part for w in words for part in pattern.split(w) if part]  # matches (a group) and the rest
         return words
 
     def encode_word(self, word: str) -> list[int]:
@@ -930,6 +926,9 @@ class BPETokenizer(SpecialSplitting):
     def encode_piece(self, piece: str, first: bool = True) -> list[int]:
         """Ids of text without added tokens (`first` changes nothing here)."""
         return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
+
+
+
 
     def decode(self, ids) -> str:
         """Each token's stand-ins back to bytes (a token with other characters, as an added one
