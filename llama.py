@@ -495,7 +495,8 @@ def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
         import nf4
         nf4.check_bnb_config(cfg.extra.pop("quantization_config"), os.path.join(path, "config.json"))
     expected = model.state_dict().keys()
-    keys = (k for f in files for k in read_checkpoint_file(model, f, expected, dtype, device, quantize, four_bit))
+    keys = (k for f in files
+            for k in read_checkpoint_file(model, f, expected, dtype, device, quantize, four_bit))
     seen = set(tqdm(keys, total=len(expected), desc=f"loading {os.path.basename(os.path.normpath(path))}",
                     unit="tensor", leave=False, disable=len(expected) < 100))  # a real model, not a tiny one
     if four_bit is not None:
@@ -905,7 +906,8 @@ class BPETokenizer(SpecialSplitting):
 
     def token_id(self, text):
         if text not in self.specials and text not in self.vocab:
-            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the vocabulary")
+            raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the "
+                            "vocabulary")
         return self.specials.get(text, self.vocab.get(text))
 
     def words(self, text: str) -> list[str]:
@@ -914,7 +916,8 @@ class BPETokenizer(SpecialSplitting):
         words = [" " + text if self.prefix_space and not text.startswith(" ") else text]
         full = BEYOND_BMP.search(text) is not None
         for pattern in (pair[full] for pair in self.split_patterns):
-            words = [part for w in words for part in pattern.split(w) if part]  # matches (a group) and the rest
+            words = [part for w in words for part in pattern.split(w) if part]  # matches (a group), the rest
+
         return words
 
     def encode_word(self, word: str) -> list[int]:
