@@ -2,25 +2,19 @@
 
 `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program, each told its
 RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches,
-batch-size x grad-accum x N examples, are dealt to the ranks in turn (deal); where N does not
-divide them (an epoch's short last step), the first are dealt again, as DistributedSampler
-pads, since FSDP's ranks must run as many. Every rank divides by the learned tokens (or pairs)
-of the whole step, summed over the ranks (all_sum), so the summed gradient and the loss are
-one process's over those micro-batches.
+batch-size x grad-accum x N examples, are dealt to the ranks in turn (deal), padded as
+DistributedSampler pads; every rank divides by the learned tokens (or pairs) of the whole
+step, summed over the ranks (all_sum): the summed gradient and the loss are one process's.
 
 lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel), or
 with --fsdp FSDP2 as for full (Answer.AI's FSDP+QLoRA): it shards every weight, frozen (NF4
-too: shardable_nf4) or trained, its gradient and AdamW state over the ranks (shard). Saving
-writes a tensor at a time, each gathered to rank 0 as it is written (write_gathered);
-resuming cuts a whole checkpoint to each rank's shards (placed).
-Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
-ends every rank with its one-line message (together), where the others would wait for
-it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
-
-Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
-the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
-step, rank), repeat only on the same number. The price is host memory under FSDP: every
-rank reads the whole model to its CPU before shard, and a checkpoint whole on --resume.
+too) or trained, its gradient and AdamW state over the ranks (shard). No rank holds the
+whole model: it is built of empty weights (empty_model), sharded, and each rank reads from
+the checkpoint only its rows (read_shards), quantizing only them; saving gathers a tensor
+at a time to rank 0 (write_gathered); --resume reads each rank's rows (placed).
+Rank 0 alone prints and writes (rank0). An error on one rank ends every rank with its
+one-line message (together), where the others would wait for it forever. Checkpoints hold
+whole tensors: --resume works on another number of ranks with the same global batch.
 """
 import atexit
 import contextlib
@@ -54,8 +48,7 @@ def dist_of(args) -> Dist:
 
 
 def rank_device(local_rank: int) -> torch.device:
-    """This rank's GPU: LOCAL_RANK modulo the visible GPUs, where a scheduler shows each task
-    only its own (Slurm's per-task binding: one device, LOCAL_RANK 0..7)."""
+    """LOCAL_RANK modulo the visible GPUs, where a scheduler shows each task only its own."""
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -64,7 +57,6 @@ def distributed() -> bool:
 
 
 def rank0() -> bool:
-    """Whether this process prints and writes: rank 0 of torchrun's, or the only one."""
     return not distributed() or torch.distributed.get_rank() == 0
 
 
@@ -107,8 +99,7 @@ def error_text(e) -> str:
 
 def together(d: Dist, fn, *args):
     """fn(*args) on every rank. A TuluError or OSError on any rank (a data file missing on
-    one node) ends every rank with its one-line error, where the others would wait for
-    the failed rank in their next collective."""
+    one node) ends every rank with its one-line error."""
     if d.world == 1:
         return fn(*args)
     try:
@@ -130,52 +121,113 @@ def rank0_first(d: Dist, fn, *args):
     return together(d, lambda: out if rank0() else fn(*args))
 
 
-def shardable_nf4(model):
-    """FSDP2 shards parameters, not buffers, each in N equal pieces of its first dimension.
-    So each Linear4bit's packed codes become a frozen (blocks, 32) parameter, a row per block of
-    64 weights, and its scales' 8-bit codes a (blocks,) one: a rank's rows of the two cover the
-    same blocks. Both are uint8, which FSDP's mixed precision never casts (Answer.AI's fsdp_qlora
-    stored them as bf16 instead, its compute dtype). The scales' scales and offset, 1/16384 of
-    the weight, stay buffers that every rank holds whole."""
-    from nf4 import Linear4bit
-    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):
-        if m.absmax.dtype != torch.uint8 or m.packed.numel() * 2 != m.absmax.numel() * m.blocksize:
-            raise TuluError("--fsdp: a 4-bit weight needs double-quantized scales and whole blocks")
-        for name, rows in (("packed", (-1, m.blocksize // 2)), ("absmax", (-1,))):
-            setattr(m, name, torch.nn.Parameter(m._buffers.pop(name).view(rows), requires_grad=False))
+def empty_model(path: str, dtype, device, quantize=None) -> llama.Llama:
+    """load_model's model with no weight read: each one zero on `device` expanded to its shape (no
+    memory) until shard cuts it. FSDP2 shards parameters, each in N pieces of its first dimension:
+    so a 4-bit weight's codes are a (blocks, 32) parameter, a row per block of 64 weights, and its
+    scales' codes a (blocks,) one: a rank's rows of both cover the same blocks (uint8, which mixed
+    precision never casts; Answer.AI's fsdp_qlora stored them as bf16)."""
+    import nf4
+    cfg = llama.LlamaConfig.from_json(os.path.join(path, "config.json"))
+    if "quantization_config" in cfg.extra:
+        raise TuluError(f"{path}: a bitsandbytes 4-bit folder does not shard (--fsdp): give its base model")
+    empty = lambda shape, dt=dtype: torch.nn.Parameter(torch.zeros((), dtype=dt, device=device).expand(shape),
+                                                       requires_grad=False)
+    with torch.device("meta"):
+        model = llama.Llama(cfg)
+    for key, p in list(model.named_parameters()):
+        module, _, name = key.rpartition(".")
+        if quantize and llama.decoder_linear(key):
+            blocks, (parent, _, child) = p.numel() // 64, module.rpartition(".")
+            m = nf4.Linear4bit(nf4.NF4Tensor(empty((blocks, 32), torch.uint8), empty((blocks,), torch.uint8), p.shape,
+                                             dtype, 64, torch.zeros(-(-blocks // 256)), torch.zeros(())), None, dtype)
+            setattr(model.get_submodule(parent), child, m)
+        else:
+            setattr(model.get_submodule(module), name, empty(p.shape))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
 
 
-def shard(model, d: Dist, compute_dtype=torch.float32):
-    """FSDP2 (--method full, or --fsdp, under torchrun): one unit per decoder layer, then the
-    root (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
-    AdamW state, and gathers a unit's weights only while it computes with them. With
-    bf16 compute the shards stay float32 (master weights) and are gathered in bf16,
-    half the bytes sent; gradients are reduced in float32 (torchtune's policy). A frozen
-    base (lora, qlora) is sharded as it is stored: bf16, or NF4 (shardable_nf4)."""
+def rows(p) -> slice:
+    """The rows of FSDP's sharded parameter p that this rank keeps: torch.chunk's pieces."""
+    start = -(-p.shape[0] // p.device_mesh.size()) * p.device_mesh.get_local_rank()
+    return slice(start, start + p.to_local().shape[0])
+
+
+def read_nf4_rows(m, weight, d: Dist):
+    """This rank's blocks of a 4-bit weight, quantized from their part of the weight (a slice).
+    Double quantization takes the mean of every block's scale: gathered (1/64 of the weights),
+    they are quantized once more whole, as one process's quantize_nf4 does, byte for byte."""
+    import nf4
+    r, n = rows(m.absmax), m.in_features
+    w = weight[r.start * 64 // n:-(-r.stop * 64 // n)].reshape(-1)[r.start * 64 % n:][:(r.stop - r.start) * 64]
+    w = w.to(m.absmax.device, m.weight_dtype)  # as load_nf4_linear quantizes it: in that dtype
+    q = nf4.quantize_nf4_slices([w], w.shape, m.weight_dtype, double_quant=False, device=w.device)
+    scales = [torch.zeros(-(-m.absmax.shape[0] // d.world), device=w.device) for _ in range(d.world)]
+    torch.distributed.all_gather(scales, torch.cat([q.absmax, scales[0][len(q.absmax):]]))
+    codes, m.nested_absmax, m.nested_offset = nf4.double_quantize(torch.cat(scales)[:m.absmax.shape[0]])
+    m.packed.to_local().copy_(q.packed.view(-1, 32))
+    m.absmax.to_local().copy_(codes[r])
+
+
+@torch.no_grad()
+def read_shards(model, path: str, d: Dist):
+    """Each rank's shards, read from the checkpoint: only their rows (get_slice), each tensor's
+    file opened anew, so that the pages it maps leave our memory with it."""
+    from safetensors import safe_open
+    where = {}
+    for fname in llama.checkpoint_files(path):
+        with safe_open(fname, framework="pt") as f:
+            where |= dict.fromkeys(f.keys(), fname)
+    for name, p in model.named_parameters():
+        key = name.replace(".base_layer", "").replace(".packed", ".weight")  # HF's: LoRA's base, NF4's codes
+        if ".lora_" in key or key.endswith(".absmax"):
+            continue
+        if key not in where:
+            raise TuluError(f"{path}: checkpoint lacks {key}")
+        with safe_open(where[key], framework="pt") as f:
+            weight, m = f.get_slice(key), model.get_submodule(name.rpartition(".")[0])
+            nf4 = name.endswith(".packed")
+            llama.check_shape(key, weight.get_shape(), (m.out_features, m.in_features) if nf4 else p.shape)
+            read_nf4_rows(m, weight, d) if nf4 else p.to_local().copy_(weight[rows(p)])
+
+
+def shard(model, d: Dist, compute_dtype, path: str):
+    """FSDP2 (--method full, or --fsdp, under torchrun) of an empty_model: a unit per decoder layer,
+    then the root (embeddings, final norm, lm_head); then each rank reads its shards from `path`.
+    A rank keeps 1/N of each weight, gradient and AdamW state, and gathers a unit's weights only
+    while it computes with them. With bf16 compute the shards stay float32 (master weights) and
+    are gathered in bf16; gradients are reduced in float32 (torchtune's policy)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    shardable_nf4(model)
+    import nf4
+    for m in (m for m in model.modules() if isinstance(m, nf4.Linear4bit)):
+        for part in ("packed", "absmax"):  # parameters, which FSDP shards (buffers it does not)
+            setattr(m, part, m._buffers.pop(part))
+    model._apply(lambda t: torch.empty_like(t, device="meta") if 0 in t.stride() else t)  # empty_model's
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's reference)
-    # it would hold whole weights, which the optimiser built next would take. It moves shards to the device
-    return fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    # it would hold whole weights, which the optimiser built next would take
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # this rank's rows
+    read_shards(model, path, d)
+    return model
 
 
 def data_parallel(args, model):
-    """The model the loop runs: under torchrun with lora/qlora, DDP, which averages the adapters'
-    gradients over the ranks in a step's last backward, in its buckets (the gradients are views
-    of them: no second copy). The frozen (NF4) base is never sent; rank 0's adapters are (DDP's
-    init_sync would send the base too, and broadcast_buffers its NF4 buffers)."""
+    """The model the loop runs: under torchrun with lora/qlora, DDP, which all-reduces the adapters'
+    gradients in a step's last backward (gradients are views of its buckets). The frozen base is
+    never sent: rank 0's adapters are (DDP's init_sync and broadcast_buffers would send it too)."""
     d = dist_of(args)
-    if d.world == 1:
-        return model
-    print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = "
-          f"batch-size x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
-          f"{args.batch_size * args.grad_accum * d.world} examples a step")
-    if is_sharded(model):
+    if d.world > 1:
+        print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = batch-size "
+              f"x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
+              f"{args.batch_size * args.grad_accum * d.world} examples a step")
+    if d.world == 1 or is_sharded(model):
         return model
     for p in model.parameters():
         if p.requires_grad:
@@ -186,24 +238,21 @@ def data_parallel(args, model):
 
 
 def grad_sync(model, last: bool):
-    """DDP: gradients stay on each rank until a step's last micro-batch, then one
-    all-reduce. FSDP reduce-scatters after every micro-batch: waiting would keep whole
-    gradients on every rank, the memory that sharding saves."""
+    """DDP: one all-reduce, after a step's last micro-batch. FSDP reduce-scatters after every
+    micro-batch: waiting would keep whole gradients on every rank, the memory sharding saves."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return model.no_sync() if ddp and not last else contextlib.nullcontext()
 
 
 def deal(items: list, d: Dist) -> list:
-    """This rank's share of a list (a step's micro-batches, batches to score): every N-th
-    item, from its own. A list that N does not divide is first padded with its first
-    items (DistributedSampler's padding), so that every rank takes as many."""
+    """This rank's share of a list: every N-th item, from its own, padded first with its
+    first items where N does not divide it (DistributedSampler's padding)."""
     padded = items + (items * d.world)[:-len(items) % d.world]
     return padded[d.rank::d.world]
 
 
 def undeal(results: list, n: int, d: Dist) -> list:
-    """Every rank's results for its deal of n items, one per item, in the items' order
-    (the padding's results dropped)."""
+    """Every rank's results for its deal of n items, in the items' order (padding dropped)."""
     if d.world == 1:
         return results
     shares = [None] * d.world
@@ -221,7 +270,7 @@ def all_sum(d: Dist, *values) -> list:
 
 
 def any_rank(d: Dist, *flags) -> list[bool]:
-    """Each flag True on every rank if it is on any (one all-reduce): all stop, or save, alike."""
+    """Each flag True on every rank if it is on any: all stop, or save, alike."""
     return [v > 0 for v in all_sum(d, *map(float, flags))]
 
 
@@ -231,26 +280,26 @@ def whole(t):
 
 
 def write_gathered(fname: str, tensors: dict):
-    """Rank 0 writes `tensors` to a safetensors file, each gathered whole (FSDP's shards) just
-    before it is written and freed after, so it never holds them all; the other ranks take
-    part in each gather, in the same order."""
+    """Rank 0 writes `tensors` to a safetensors file, each gathered whole just before it is
+    written and freed after; the other ranks take part in each gather, in the same order."""
     if rank0():
         return llama.write_safetensors(fname, tensors, fetch=whole)
     for t in tensors.values():
         whole(t)
 
 
-def placed(value, like):
-    """A whole tensor cut to this rank's shard where `like` is sharded (FSDP); else value."""
+def placed(stored, like):
+    """A checkpoint's tensor (a safetensors slice) read whole, or its rows that this rank keeps
+    where FSDP shards `like`."""
     if not hasattr(like, "device_mesh"):
-        return value
-    from torch.distributed.tensor import distribute_tensor  # each rank cuts its own shard: no messages
-    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
-                             src_data_rank=None)
+        return stored[...]
+    out = torch.empty_like(like)
+    out.to_local().copy_(stored[rows(like)])
+    return out
 
 
 def placed_state(state, opt):
-    """A whole optimiser state (one process's) cut to this rank's shards."""
+    """An optimiser's state in a checkpoint, each rank reading its rows (placed)."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    return {**state, "state": {i: {k: placed(v, params[int(i)]) if v.dim() else v for k, v in s.items()}
+    return {**state, "state": {i: {k: placed(v, params[int(i)] if v.get_shape() else None) for k, v in s.items()}
                                for i, s in state["state"].items()}}
