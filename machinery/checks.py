@@ -15,6 +15,7 @@ import torch
 
 import llama
 from llama import Tokenizer, TuluError
+from machinery.distributed import whole
 
 
 def check_vocab(tok, model_dir):
@@ -77,6 +78,6 @@ def json_safe(row):
 def check_finite_weights(named, what):
     """Never write non-finite weights (a step can overflow a weight with a finite loss)."""
     for n, p in named:
-        if not torch.isfinite(p).all():
+        if not whole(torch.isfinite(p).all()):  # FSDP: each rank's shard, the verdicts all-reduced
             raise TuluError(f"{n} holds non-finite values: {what} not written; "
                             f"try a lower --lr or --max-grad-norm")
