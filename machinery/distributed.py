@@ -1,20 +1,16 @@
 """More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning and --fsdp.
 
 `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program, each told its
-RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches,
-batch-size x grad-accum x N examples, are dealt to the ranks in turn (deal), padded as
-DistributedSampler pads; every rank divides by the learned tokens (or pairs) of the whole
-step, summed over the ranks (all_sum): the summed gradient and the loss are one process's.
-
-lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel), or
-with --fsdp FSDP2 as for full (Answer.AI's FSDP+QLoRA): it shards every weight, frozen (NF4
-too) or trained, its gradient and AdamW state over the ranks (shard). No rank holds the
-whole model: it is built of empty weights (empty_model), sharded, and each rank reads from
-the checkpoint only its rows (read_shards), quantizing only them; saving gathers a tensor
-at a time to rank 0 (write_gathered); --resume reads each rank's rows (placed).
-Rank 0 alone prints and writes (rank0). An error on one rank ends every rank with its
-one-line message (together), where the others would wait for it forever. Checkpoints hold
-whole tensors: --resume works on another number of ranks with the same global batch.
+RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches
+(batch-size x grad-accum x N examples) are dealt to the ranks (deal); each divides by the
+learned tokens of the whole step, summed over the ranks (all_sum): the summed gradient and
+the loss are one process's. lora/qlora: DDP over the adapters, each rank holding the frozen
+base (data_parallel); with --fsdp, and for full, FSDP2 shards every weight (NF4 too, as
+Answer.AI's FSDP+QLoRA), its gradient and AdamW state (shard). No rank holds the whole model:
+each reads only its rows from the checkpoint (read_shards); saving gathers one tensor at a
+time to rank 0 (write_gathered); --resume reads each rank's rows (placed), on any number of
+ranks. Rank 0 alone prints and writes (rank0); an error on one rank ends every rank with
+its one-line message (together), where the others would wait for it forever.
 """
 import atexit
 import contextlib
@@ -66,9 +62,8 @@ def is_sharded(model) -> bool:
 
 
 def setup_distributed(device: str) -> Dist:
-    """Join torchrun's process group: NCCL on the GPU LOCAL_RANK names, or gloo on CPU; without
-    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one. Ranks but 0
-    print nothing and draw no bars (errors still show)."""
+    """Join torchrun's process group (NCCL on the GPU LOCAL_RANK names, or gloo on CPU); without
+    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), device == "cuda"
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
@@ -82,7 +77,7 @@ def setup_distributed(device: str) -> Dist:
     # a gloo group alive at Python's shutdown can abort it: destroy it at exit, once the error
     # that ended the run and the model are gone (FSDP's modules sit in reference cycles)
     atexit.register(lambda: (gc.collect(), torch.distributed.destroy_process_group()))
-    if not rank0():
+    if not rank0():  # ranks but 0 print nothing and draw no bars (errors still show)
         sys.stdout = open(os.devnull, "w")
         init = tqdm.__init__
         tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
@@ -122,30 +117,23 @@ def rank0_first(d: Dist, fn, *args):
 
 
 def empty_model(path: str, dtype, device, quantize=None) -> llama.Llama:
-    """load_model's model with no weight read: each one zero on `device` expanded to its shape (no
-    memory) until shard cuts it. FSDP2 shards parameters, each in N pieces of its first dimension:
-    so a 4-bit weight's codes are a (blocks, 32) parameter, a row per block of 64 weights, and its
-    scales' codes a (blocks,) one: a rank's rows of both cover the same blocks (uint8, which mixed
-    precision never casts; Answer.AI's fsdp_qlora stored them as bf16)."""
+    """load_model's model, no weight read: each is one zero expanded to its shape (no memory),
+    on `device`, where add_lora puts the adapters; shard makes them meta tensors, then rows."""
     import nf4
     cfg = llama.LlamaConfig.from_json(os.path.join(path, "config.json"))
     if "quantization_config" in cfg.extra:
         raise TuluError(f"{path}: a bitsandbytes 4-bit folder does not shard (--fsdp): give its base model")
-    empty = lambda shape, dt=dtype: torch.nn.Parameter(torch.zeros((), dtype=dt, device=device).expand(shape),
-                                                       requires_grad=False)
+    empty = lambda shape, dt=dtype: torch.zeros((), dtype=dt, device=device).expand(shape)
     with torch.device("meta"):
         model = llama.Llama(cfg)
-    for key, p in list(model.named_parameters()):
-        module, _, name = key.rpartition(".")
-        if quantize and llama.decoder_linear(key):
-            blocks, (parent, _, child) = p.numel() // 64, module.rpartition(".")
-            m = nf4.Linear4bit(nf4.NF4Tensor(empty((blocks, 32), torch.uint8), empty((blocks,), torch.uint8), p.shape,
-                                             dtype, 64, torch.zeros(-(-blocks // 256)), torch.zeros(())), None, dtype)
-            setattr(model.get_submodule(parent), child, m)
-        else:
-            setattr(model.get_submodule(module), name, empty(p.shape))
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    for p in model.parameters():  # in place: tied weights stay tied
+        torch.utils.swap_tensors(p, torch.nn.Parameter(empty(p.shape)))
+    for name, m in list(model.named_modules()):
+        if quantize and llama.decoder_linear(name + ".weight"):
+            blocks, (parent, _, child) = m.weight.numel() // 64, name.rpartition(".")
+            q = nf4.NF4Tensor(empty((blocks, 32), torch.uint8), empty((blocks,), torch.uint8), m.weight.shape,
+                              dtype, 64, torch.zeros(-(-blocks // 256)), torch.zeros(()))
+            setattr(model.get_submodule(parent), child, nf4.Linear4bit(q, None, dtype))
     return model.eval()
 
 
@@ -173,13 +161,10 @@ def read_nf4_rows(m, weight, d: Dist):
 
 @torch.no_grad()
 def read_shards(model, path: str, d: Dist):
-    """Each rank's shards, read from the checkpoint: only their rows (get_slice), each tensor's
-    file opened anew, so that the pages it maps leave our memory with it."""
+    """Each rank's rows of every weight, read from the checkpoint (get_slice), each tensor's file
+    opened anew: the pages it maps leave our memory with it."""
     from safetensors import safe_open
-    where = {}
-    for fname in llama.checkpoint_files(path):
-        with safe_open(fname, framework="pt") as f:
-            where |= dict.fromkeys(f.keys(), fname)
+    where = {k: f for f in llama.checkpoint_files(path) for k in safe_open(f, framework="pt").keys()}
     for name, p in model.named_parameters():
         key = name.replace(".base_layer", "").replace(".packed", ".weight")  # HF's: LoRA's base, NF4's codes
         if ".lora_" in key or key.endswith(".absmax"):
@@ -187,25 +172,28 @@ def read_shards(model, path: str, d: Dist):
         if key not in where:
             raise TuluError(f"{path}: checkpoint lacks {key}")
         with safe_open(where[key], framework="pt") as f:
-            weight, m = f.get_slice(key), model.get_submodule(name.rpartition(".")[0])
-            nf4 = name.endswith(".packed")
+            weight, m, nf4 = f.get_slice(key), model.get_submodule(name.rpartition(".")[0]), name.endswith(".packed")
             llama.check_shape(key, weight.get_shape(), (m.out_features, m.in_features) if nf4 else p.shape)
             read_nf4_rows(m, weight, d) if nf4 else p.to_local().copy_(weight[rows(p)])
 
 
 def shard(model, d: Dist, compute_dtype, path: str):
-    """FSDP2 (--method full, or --fsdp, under torchrun) of an empty_model: a unit per decoder layer,
-    then the root (embeddings, final norm, lm_head); then each rank reads its shards from `path`.
-    A rank keeps 1/N of each weight, gradient and AdamW state, and gathers a unit's weights only
-    while it computes with them. With bf16 compute the shards stay float32 (master weights) and
-    are gathered in bf16; gradients are reduced in float32 (torchtune's policy)."""
+    """FSDP2 of an empty_model, then each rank reads its shards from `path`. A unit per decoder
+    layer, then the root (embeddings, final norm, lm_head): a rank keeps 1/N of each weight,
+    gradient and AdamW state, and gathers a unit's weights only while it computes with them.
+    With bf16 compute the shards stay float32 (master weights) and are gathered in bf16;
+    gradients are reduced in float32 (torchtune's policy). FSDP shards parameters (not buffers)
+    in N pieces of their first dimension: so NF4's codes are a (blocks, 32) parameter, a row per
+    block of 64 weights, and its scales' codes a (blocks,) one, rows of both covering the same
+    blocks (uint8, which mixed precision never casts; Answer.AI's fsdp_qlora stored bf16)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    import nf4
-    for m in (m for m in model.modules() if isinstance(m, nf4.Linear4bit)):
-        for part in ("packed", "absmax"):  # parameters, which FSDP shards (buffers it does not)
-            setattr(m, part, m._buffers.pop(part))
-    model._apply(lambda t: torch.empty_like(t, device="meta") if 0 in t.stride() else t)  # empty_model's
+    from nf4 import Linear4bit
+    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):
+        for part in ("packed", "absmax"):
+            setattr(m, part, torch.nn.Parameter(m._buffers.pop(part), requires_grad=False))
+    for p in (p for p in model.parameters() if 0 in p.stride()):  # empty_model's: meta, which fully_shard keeps
+        torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
@@ -213,7 +201,7 @@ def shard(model, d: Dist, compute_dtype, path: str):
     # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's reference)
     # it would hold whole weights, which the optimiser built next would take
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
-    model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # this rank's rows
+    model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # the rows to read
     read_shards(model, path, d)
     return model
 
@@ -289,8 +277,8 @@ def write_gathered(fname: str, tensors: dict):
 
 
 def placed(stored, like):
-    """A checkpoint's tensor (a safetensors slice) read whole, or its rows that this rank keeps
-    where FSDP shards `like`."""
+    """A checkpoint's tensor (a safetensors slice) read whole, or where FSDP shards `like` only
+    the rows this rank keeps."""
     if not hasattr(like, "device_mesh"):
         return stored[...]
     out = torch.empty_like(like)
