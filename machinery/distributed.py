@@ -1,16 +1,12 @@
 """More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning and --fsdp.
 
 `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program, each told its
-RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches
-(batch-size x grad-accum x N examples) are dealt to the ranks (deal); each divides by the
-learned tokens of the whole step, summed over the ranks (all_sum): the summed gradient and
-the loss are one process's. lora/qlora: DDP over the adapters, each rank holding the frozen
-base (data_parallel); with --fsdp, and for full, FSDP2 shards every weight (NF4 too, as
-Answer.AI's FSDP+QLoRA), its gradient and AdamW state (shard). No rank holds the whole model:
-each reads only its rows from the checkpoint (read_shards); saving gathers one tensor at a
-time to rank 0 (write_gathered); --resume reads each rank's rows (placed), on any number of
-ranks. Rank 0 alone prints and writes (rank0); an error on one rank ends every rank with
-its one-line message (together), where the others would wait for it forever.
+RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches are
+dealt to the ranks (deal); each divides by the learned tokens of the whole step (all_sum): the
+summed gradient and the loss are one process's. lora/qlora: DDP over the adapters, each rank
+holding the frozen base; with --fsdp, and for full, FSDP2 shards every weight (NF4 too, as
+Answer.AI's FSDP+QLoRA), its gradient and AdamW state, and no rank ever holds the whole model:
+it reads only its rows of the checkpoint, and rank 0 saves a gathered tensor at a time.
 """
 import atexit
 import contextlib
@@ -24,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import llama
+import nf4
 from llama import TuluError
 
 
@@ -62,8 +59,7 @@ def is_sharded(model) -> bool:
 
 
 def setup_distributed(device: str) -> Dist:
-    """Join torchrun's process group (NCCL on the GPU LOCAL_RANK names, or gloo on CPU); without
-    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one."""
+    """torchrun's process group, NCCL or gloo; without torchrun, or inside a run, a Dist of one."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), device == "cuda"
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
@@ -93,8 +89,7 @@ def error_text(e) -> str:
 
 
 def together(d: Dist, fn, *args):
-    """fn(*args) on every rank. A TuluError or OSError on any rank (a data file missing on
-    one node) ends every rank with its one-line error."""
+    """fn(*args) on every rank. A TuluError or OSError on any rank ends every rank with its line."""
     if d.world == 1:
         return fn(*args)
     try:
@@ -110,16 +105,14 @@ def together(d: Dist, fn, *args):
 
 
 def rank0_first(d: Dist, fn, *args):
-    """fn(*args) on rank 0, then on the others, which find cached what it made: the demo model,
-    the encoded data (a node that does not share rank 0's cache folder encodes it again)."""
+    """fn(*args) on rank 0, then on the others, which find cached what it made (the encoded data)."""
     out = together(d, lambda: fn(*args) if rank0() else None)
     return together(d, lambda: out if rank0() else fn(*args))
 
 
 def empty_model(path: str, dtype, device, quantize=None) -> llama.Llama:
-    """load_model's model, no weight read: each is one zero expanded to its shape (no memory),
-    on `device`, where add_lora puts the adapters; shard makes them meta tensors, then rows."""
-    import nf4
+    """load_model's model, no weight read: each is one zero expanded to its shape (no memory) on
+    `device`, where add_lora puts the adapters; shard makes them meta tensors, then its rows."""
     cfg = llama.LlamaConfig.from_json(os.path.join(path, "config.json"))
     if "quantization_config" in cfg.extra:
         raise TuluError(f"{path}: a bitsandbytes 4-bit folder does not shard (--fsdp): give its base model")
@@ -147,13 +140,14 @@ def read_nf4_rows(m, weight, d: Dist):
     """This rank's blocks of a 4-bit weight, quantized from their part of the weight (a slice).
     Double quantization takes the mean of every block's scale: gathered (1/64 of the weights),
     they are quantized once more whole, as one process's quantize_nf4 does, byte for byte."""
-    import nf4
-    r, n = rows(m.absmax), m.in_features
-    w = weight[r.start * 64 // n:-(-r.stop * 64 // n)].reshape(-1)[r.start * 64 % n:][:(r.stop - r.start) * 64]
+    r, n = rows(m.absmax), m.in_features  # blocks start..stop: the weights 64 start..64 stop
+    w = weight[r.start * 64 // n:-(-r.stop * 64 // n)].reshape(-1)  # the rows that hold them
+    w = w[r.start * 64 % n:][:(r.stop - r.start) * 64]
     w = w.to(m.absmax.device, m.weight_dtype)  # as load_nf4_linear quantizes it: in that dtype
     q = nf4.quantize_nf4_slices([w], w.shape, m.weight_dtype, double_quant=False, device=w.device)
-    scales = [torch.zeros(-(-m.absmax.shape[0] // d.world), device=w.device) for _ in range(d.world)]
-    torch.distributed.all_gather(scales, torch.cat([q.absmax, scales[0][len(q.absmax):]]))
+    piece = -(-m.absmax.shape[0] // d.world)  # the last rank's may be shorter
+    scales = [torch.empty(piece, device=w.device) for _ in range(d.world)]
+    torch.distributed.all_gather(scales, torch.nn.functional.pad(q.absmax, (0, piece - len(q.absmax))))
     codes, m.nested_absmax, m.nested_offset = nf4.double_quantize(torch.cat(scales)[:m.absmax.shape[0]])
     m.packed.to_local().copy_(q.packed.view(-1, 32))
     m.absmax.to_local().copy_(codes[r])
@@ -161,8 +155,7 @@ def read_nf4_rows(m, weight, d: Dist):
 
 @torch.no_grad()
 def read_shards(model, path: str, d: Dist):
-    """Each rank's rows of every weight, read from the checkpoint (get_slice), each tensor's file
-    opened anew: the pages it maps leave our memory with it."""
+    """Each rank's rows of every weight (get_slice), each file opened anew: its mapped pages go."""
     from safetensors import safe_open
     where = {k: f for f in llama.checkpoint_files(path) for k in safe_open(f, framework="pt").keys()}
     for name, p in model.named_parameters():
@@ -171,28 +164,28 @@ def read_shards(model, path: str, d: Dist):
             continue
         if key not in where:
             raise TuluError(f"{path}: checkpoint lacks {key}")
+        m = model.get_submodule(name.rpartition(".")[0])
         with safe_open(where[key], framework="pt") as f:
-            weight, m, nf4 = f.get_slice(key), model.get_submodule(name.rpartition(".")[0]), name.endswith(".packed")
-            llama.check_shape(key, weight.get_shape(), (m.out_features, m.in_features) if nf4 else p.shape)
-            read_nf4_rows(m, weight, d) if nf4 else p.to_local().copy_(weight[rows(p)])
+            if isinstance(m, nf4.Linear4bit):
+                llama.check_shape(key, f.get_slice(key).get_shape(), (m.out_features, m.in_features))
+                read_nf4_rows(m, f.get_slice(key), d)
+            else:
+                llama.check_shape(key, f.get_slice(key).get_shape(), p.shape)
+                p.to_local().copy_(f.get_slice(key)[rows(p)])
 
 
 def shard(model, d: Dist, compute_dtype, path: str):
-    """FSDP2 of an empty_model, then each rank reads its shards from `path`. A unit per decoder
-    layer, then the root (embeddings, final norm, lm_head): a rank keeps 1/N of each weight,
-    gradient and AdamW state, and gathers a unit's weights only while it computes with them.
-    With bf16 compute the shards stay float32 (master weights) and are gathered in bf16;
-    gradients are reduced in float32 (torchtune's policy). FSDP shards parameters (not buffers)
-    in N pieces of their first dimension: so NF4's codes are a (blocks, 32) parameter, a row per
-    block of 64 weights, and its scales' codes a (blocks,) one, rows of both covering the same
-    blocks (uint8, which mixed precision never casts; Answer.AI's fsdp_qlora stored bf16)."""
+    """FSDP2 of an empty_model, a unit per decoder layer, then the root; then each rank reads its
+    rows from `path`. bf16 compute: float32 shards (master weights) gathered in bf16, gradients
+    reduced in float32 (torchtune's). FSDP shards parameters in N pieces of their first dimension:
+    NF4's codes become a (blocks, 32) parameter, a row per block of 64 weights, its scales' codes a
+    (blocks,) one (uint8, which mixed precision never casts; Answer.AI's fsdp_qlora stored bf16)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from nf4 import Linear4bit
-    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):
+    for m in (m for m in model.modules() if isinstance(m, nf4.Linear4bit)):
         for part in ("packed", "absmax"):
             setattr(m, part, torch.nn.Parameter(m._buffers.pop(part), requires_grad=False))
-    for p in (p for p in model.parameters() if 0 in p.stride()):  # empty_model's: meta, which fully_shard keeps
+    for p in (p for p in model.parameters() if 0 in p.stride()):  # empty_model's, made meta: fully_shard
         torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -201,40 +194,37 @@ def shard(model, d: Dist, compute_dtype, path: str):
     # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's reference)
     # it would hold whole weights, which the optimiser built next would take
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
-    model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # the rows to read
+    model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # then their rows
     read_shards(model, path, d)
     return model
 
 
 def data_parallel(args, model):
-    """The model the loop runs: under torchrun with lora/qlora, DDP, which all-reduces the adapters'
-    gradients in a step's last backward (gradients are views of its buckets). The frozen base is
-    never sent: rank 0's adapters are (DDP's init_sync and broadcast_buffers would send it too)."""
+    """Under torchrun with lora/qlora, DDP of the adapters: rank 0's are sent, never the frozen base
+    (as DDP's init_sync and broadcast_buffers would); gradients are views of its buckets."""
     d = dist_of(args)
     if d.world > 1:
-        print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = batch-size "
-              f"x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
+        print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = "
+              f"batch-size x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
               f"{args.batch_size * args.grad_accum * d.world} examples a step")
     if d.world == 1 or is_sharded(model):
         return model
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.distributed.broadcast(p.detach(), src=0)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        torch.distributed.broadcast(p.detach(), src=0)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[d.device] if d.device.type == "cuda" else None, init_sync=False,
         broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def grad_sync(model, last: bool):
-    """DDP: one all-reduce, after a step's last micro-batch. FSDP reduce-scatters after every
-    micro-batch: waiting would keep whole gradients on every rank, the memory sharding saves."""
+    """DDP all-reduces after a step's last micro-batch; FSDP reduce-scatters after each (or whole
+    gradients would wait on every rank)."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return model.no_sync() if ddp and not last else contextlib.nullcontext()
 
 
 def deal(items: list, d: Dist) -> list:
-    """This rank's share of a list: every N-th item, from its own, padded first with its
-    first items where N does not divide it (DistributedSampler's padding)."""
+    """Every N-th item from this rank's, the list padded with its first (as DistributedSampler)."""
     padded = items + (items * d.world)[:-len(items) % d.world]
     return padded[d.rank::d.world]
 
@@ -268,8 +258,7 @@ def whole(t):
 
 
 def write_gathered(fname: str, tensors: dict):
-    """Rank 0 writes `tensors` to a safetensors file, each gathered whole just before it is
-    written and freed after; the other ranks take part in each gather, in the same order."""
+    """Rank 0 writes `tensors`, each gathered whole just before it is written; the others help."""
     if rank0():
         return llama.write_safetensors(fname, tensors, fetch=whole)
     for t in tensors.values():
@@ -277,8 +266,7 @@ def write_gathered(fname: str, tensors: dict):
 
 
 def placed(stored, like):
-    """A checkpoint's tensor (a safetensors slice) read whole, or where FSDP shards `like` only
-    the rows this rank keeps."""
+    """A checkpoint's tensor (a safetensors slice), whole or the rows this rank keeps of `like`."""
     if not hasattr(like, "device_mesh"):
         return stored[...]
     out = torch.empty_like(like)
@@ -289,5 +277,5 @@ def placed(stored, like):
 def placed_state(state, opt):
     """An optimiser's state in a checkpoint, each rank reading its rows (placed)."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    return {**state, "state": {i: {k: placed(v, params[int(i)] if v.get_shape() else None) for k, v in s.items()}
-                               for i, s in state["state"].items()}}
+    return {**state, "state": {i: {k: placed(v, params[int(i)] if v.get_shape() else None)
+                                   for k, v in s.items()} for i, s in state["state"].items()}}
