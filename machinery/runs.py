@@ -166,16 +166,16 @@ def load_checkpoint(args, model, opt) -> int:
     from safetensors import safe_open
     ckpt = os.path.join(resume_root(args), CHECKPOINT)
     meta = read_state(os.path.join(ckpt, STATE))
-    with safe_open(os.path.join(ckpt, meta["file"]), framework="pt") as f:  # each rank reads its rows (placed)
-        state = unpack(meta["state"], {k: f.get_slice(k) for k in f.keys()})
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if state["weights"].keys() != params.keys():
-            raise TuluError(f"{ckpt}: its trainable weights do not match this model and --method")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(placed(state["weights"][n], p))
-        opt.load_state_dict(placed_state(state["optimizer"], opt))
-        set_rng_state({"cpu": state["rng"]["cpu"][...], "cuda": [t[...] for t in state["rng"]["cuda"]]})
+    f = safe_open(os.path.join(ckpt, meta["file"]), framework="pt")  # each rank reads its rows (placed)
+    state = unpack(meta["state"], {k: f.get_slice(k) for k in f.keys()})
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if state["weights"].keys() != params.keys():
+        raise TuluError(f"{ckpt}: its trainable weights do not match this model and --method")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(placed(state["weights"][n], p))
+    opt.load_state_dict(placed_state(state["optimizer"], opt))
+    set_rng_state({"cpu": state["rng"]["cpu"][...], "cuda": [t[...] for t in state["rng"]["cuda"]]})
     print(f"resumed from {ckpt} after step {meta['step']}")
     return meta["step"]
 

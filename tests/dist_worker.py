@@ -88,7 +88,8 @@ if os.environ.get("TULU_TEST_SHARDS"):
         model = _build(*a, **kw)
         local = lambda t: (t.to_local() if hasattr(t, "to_local") else t).detach().contiguous()
         held = {n: local(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
-        save_file(held, os.path.join(os.environ["TULU_TEST_SHARDS"], f"rank{os.environ.get('RANK', '0')}.safetensors"))
+        rank = os.environ.get("RANK", "0")
+        save_file(held, os.path.join(os.environ["TULU_TEST_SHARDS"], f"rank{rank}.safetensors"))
         return model
     tulu.build_policy = build_policy
 

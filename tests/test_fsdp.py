@@ -2,8 +2,10 @@
 frozen base too (NF4 codes and scales, or bf16/fp32 weights), the adapters and AdamW's state.
 Two processes on the CPU (gloo) give one process's run: each step's loss, gradient norm and
 tokens within 1e-4 relative, and the adapter written (PEFT's format, rank 0 writing each
-tensor as it is gathered) loads and computes what one process's computes. The memory this
-saves is measured by bench/fsdp_memory.py, on models too large for the suite.
+tensor as it is gathered) loads and computes what one process's computes. Each rank reads
+only its rows of the checkpoint: its shards are one process's weights' rows, byte for byte
+(NF4 quantized per rank). The memory this saves is measured by bench/fsdp_memory.py, on
+models too large for the suite.
 """
 import os
 
@@ -12,10 +14,12 @@ import torch
 
 import llama
 import lora
-from test_distributed import GLOO, HF_TINY, SMALL, assert_same_outputs, assert_same_run, data, dpo_flags, metrics  # noqa: F401
-from test_distributed import assert_shards_are_rows, error_lines, no_traceback, one_process, torchrun
+from test_distributed import data  # noqa: F401  (a fixture)
+from test_distributed import (GLOO, HF_TINY, SMALL, assert_same_outputs, assert_same_run,
+                              assert_shards_are_rows, dpo_flags, error_lines, metrics, no_traceback,
+                              one_process, torchrun)
 
-pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available on this platform")
+pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available here")
 
 
 def test_sft_qlora_fsdp_is_the_one_process_run(tmp_path, data):
@@ -69,5 +73,5 @@ def test_a_non_finite_shard_on_one_rank_ends_every_rank_with_one_line(tmp_path, 
     p = torchrun("sft", *SMALL, "--data", data / "sft.jsonl", "--method", "full", "--max-steps", 3,
                  "--save-every", 1, "--output", tmp_path / "out", TULU_TEST_RANK=1, TULU_TEST_NAN_WEIGHT=1)
     assert p.returncode != 0 and no_traceback(p), p.stderr
-    assert error_lines(p, "sft") == ["tulu sft: error: lm_head.weight holds non-finite values: checkpoint not "
-                                     "written; try a lower --lr or --max-grad-norm"]
+    assert error_lines(p, "sft") == ["tulu sft: error: lm_head.weight holds non-finite values: checkpoint "
+                                     "not written; try a lower --lr or --max-grad-norm"]
