@@ -67,8 +67,8 @@ def setup_distributed(device: str) -> Dist:
     if cuda:
         torch.cuda.set_device(dev)  # from here on, "cuda" is this rank's GPU
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
-    # waits for one rank (rank 0 encoding a large data file, writing a 70B checkpoint) get a gloo
-    # group with a long timeout; NCCL's 10 minutes stay a step's limit, where a hung rank should fail
+    # waits for one rank (encoding the data, writing a 70B checkpoint): gloo, a long timeout; NCCL's
+    # 10 minutes stay a step's limit, where a hung rank should fail
     waits = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=3))
     # a gloo group alive at Python's shutdown can abort it: destroy it at exit, once the error
     # that ended the run and the model are gone (FSDP's modules sit in reference cycles)
@@ -137,9 +137,8 @@ def rows(p) -> slice:
 
 
 def read_nf4_rows(m, weight, d: Dist):
-    """This rank's blocks of a 4-bit weight, quantized from their part of the weight (a slice).
-    Double quantization takes the mean of every block's scale: gathered (1/64 of the weights),
-    they are quantized once more whole, as one process's quantize_nf4 does, byte for byte."""
+    """This rank's blocks of a 4-bit weight, quantized from their part of the weight (a slice). The
+    block scales, gathered (1/64 of the weights), are double-quantized whole, as by quantize_nf4."""
     r, n = rows(m.absmax), m.in_features  # blocks start..stop: the weights 64 start..64 stop
     w = weight[r.start * 64 // n:-(-r.stop * 64 // n)].reshape(-1)  # the rows that hold them
     w = w[r.start * 64 % n:][:(r.stop - r.start) * 64]
@@ -191,8 +190,7 @@ def shard(model, d: Dist, compute_dtype, path: str):
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's reference)
-    # it would hold whole weights, which the optimiser built next would take
+    # the root reshards after forward too (torchtune's), or after DPO's reference it would hold whole weights
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # then their rows
     read_shards(model, path, d)
