@@ -576,13 +576,13 @@ def cmd_dpo(args):
     pairs, heldout = reference(pairs), os.path.join(DATA, "prefs_heldout.jsonl")
     if is_demo:  # held-out numbers at step 0, where the policy is the SFT model
         held = reference(load_pref_data(heldout, tok, cfg.max_seq_length))
-        before = evaluate.preference_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
+        before = evaluate.held_out_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
         prompts, sft_answers = demo_answers(model, tok, cfg.model)
     train(cfg, model, pairs, task, cfg.output, save=True)
     if is_demo:
         dpo_answers = demo_answers(model, tok, cfg.model)[1]
         demo.print_answers(demo.DEMO_HELDOUT, prompts, {"SFT": sft_answers, "DPO": dpo_answers})
-        after = evaluate.preference_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
+        after = evaluate.held_out_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
         print(f"held-out pairs ({heldout}): rewards/accuracy {before['rewards/accuracy']:.2f} -> "
               f"{after['rewards/accuracy']:.2f}, rewards/margin {before['rewards/margin']:.3f} -> "
               f"{after['rewards/margin']:.3f} (at step 0 the policy is the reference: every reward is 0)")

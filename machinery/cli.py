@@ -146,8 +146,7 @@ def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
     accuracy, by tulu.py's tasks (tasks(eos_id): by kind), chat format and reference scoring.
     as_row: conversations scored as the QLoRA row it makes of each (--chat-format qlora)."""
     first, objects = itertools.tee(data.read_objects(cfg.data))
-    kind = evaluate.data_kind(cfg.data, first)
-    evaluate.check_eval_args(args, kind)
+    kind = evaluate.data_kind(args, first)
     tok = tokenizer(cfg.model, cfg.adapter)
     task = tasks(tok.eos_id)[kind]
     load = lambda path, adapter=None: tuned_model(path, adapter, cfg.dtype, cfg.device, args.qlora)
@@ -167,9 +166,9 @@ def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
     if kind == "prefs" and args.reference:  # scored first, then freed: one model in memory at a time
         checks.check_vocab(tok, args.reference)
         examples = cache_reference(load(args.reference), examples, task, cfg)
-    metrics = evaluate.sft_metrics if kind == "sft" else evaluate.preference_metrics
     model = load(cfg.model, cfg.adapter)
-    evaluate.report(cfg, kind, len(examples), metrics(model, examples, task, cfg, eval_batches, autocast))
+    metrics = evaluate.held_out_metrics(model, examples, task, cfg, eval_batches, autocast)
+    evaluate.report(cfg, kind, len(examples), metrics)
 
 
 def write_exercises(args):
