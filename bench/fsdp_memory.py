@@ -2,11 +2,13 @@
 one process training the same global batch: issue 25's acceptance, on models too large for
 the test suite. A benchmark, not a test: run it by hand (minutes on 2 cores).
 
-    python bench/fsdp_memory.py [--dir /tmp/tulu_fsdp_bench] [--steps 2]
+    python bench/fsdp_memory.py [--dir /tmp/tulu_fsdp_bench] [--steps 2] [--models qlora full]
 
 The first run writes two random bf16 Llamas there with llama.save_model (the tiny test
 model's tokenizer, vocabulary 768: the decoder weights are nearly all the bytes):
-- qlora: ~0.5B parameters, trained with `--method qlora --fsdp` (NF4 base sharded);
+- qlora: ~0.5B parameters, trained with `--method qlora --fsdp` (NF4 base sharded) and, as
+  QLoRA's recipe, --gradient-checkpointing: without it the activations FSDP does not shard
+  (each rank runs a whole micro-batch) are as large as the 4-bit weights at this size;
 - full:  ~0.17B parameters, trained with `--method full` (FSDP2 always).
 Each run is a fresh process (or two) running tulu's command line; at exit each reports its
 peak resident memory (the kernel's VmHWM) above what it held once its imports were done.
@@ -29,7 +31,8 @@ sys.path.insert(0, ROOT)
 TINY = os.path.join(ROOT, "tests", "fixtures", "cli", "hf_tiny")
 MODELS = {  # name: (config, tulu flags): 38 x 12.9M, 24 x 7.1M decoder parameters
     "qlora": (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=38, num_attention_heads=16,
-                   num_key_value_heads=16, head_dim=64), ["--method", "qlora", "--fsdp", "--lora-r", "8"]),
+                   num_key_value_heads=16, head_dim=64),
+              ["--method", "qlora", "--fsdp", "--lora-r", "8", "--gradient-checkpointing"]),
     "full": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
                   num_key_value_heads=12, head_dim=64), ["--method", "full"]),
 }
@@ -81,12 +84,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default="/tmp/tulu_fsdp_bench")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args()
     data = os.path.join(args.dir, "sft.jsonl")
     os.makedirs(args.dir, exist_ok=True)
     with open(os.path.join(ROOT, "data", "sft_train.jsonl")) as f, open(data, "w") as out:
         out.writelines(next(f) for _ in range(16))
-    for name, (overrides, flags) in MODELS.items():
+    for name in args.models:
+        overrides, flags = MODELS[name]
         folder = os.path.join(args.dir, name)
         if not os.path.exists(os.path.join(folder, "model.safetensors")):
             write_model(folder, overrides)
