@@ -188,8 +188,9 @@ def shard(model, d: Dist, compute_dtype, path: str):
         torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    units = [*model.model.layers] + [model.model.embed_tokens] * (not model.config.tie_word_embeddings)
+    for unit in units:  # an untied embedding apart (torchtitan's): gathered for its lookup alone
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
     # the root reshards after forward too (torchtune's), or after DPO's reference it would hold whole weights
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # then their rows
