@@ -215,8 +215,11 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     absmax = q.absmax
     if q.nested_absmax is not None:
         absmax = dequantize_blockwise(q.absmax, q.nested_absmax, dynamic, DQ_BLOCKSIZE) + q.nested_offset
-    n = math.prod(q.shape)
-    vals = pairs.index_select(0, q.packed.int()).view(torch.float32)[:n]  # (N,) NF4 values in order
+    n, codes = math.prod(q.shape), q.packed.view(-1)
+    vals = torch.empty(codes.shape, dtype=torch.int64, device=codes.device)
+    for part, out in zip(codes.chunk(8), vals.chunk(8)):  # int32 codes (for index_select) an eighth at a time
+        out.copy_(pairs.index_select(0, part.int()))
+    vals = vals.view(torch.float32)[:n]  # (N,) NF4 values in order
     if n % q.blocksize:  # a shorter last block, padded to a whole one
         vals = F.pad(vals, (0, -n % q.blocksize))
     w = vals.view(-1, q.blocksize).mul_(absmax[:, None])
