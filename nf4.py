@@ -1,21 +1,17 @@
 """Chapter 2: 4-bit NormalFloat weights and paged optimizer state.
 
-What this file teaches: the three ideas of QLoRA (Dettmers et al. 2023, arXiv
-2305.14314) that let a 70B model be fine-tuned on one GPU, byte for byte as
-bitsandbytes stores them:
-1. 4-bit NormalFloat (NF4): trained weights are close to normal, so the 16 code
-   values are quantiles of N(0, 1); each block of 64 weights is scaled by its
-   absolute maximum into [-1, 1] and each weight kept as the 4-bit index of its
-   nearest code value.
-2. Double quantization: a float32 scale per block costs 32/64 = 0.5 bit a
-   weight; quantizing the scales to 8 bits in blocks of 256 brings the total to
-   4 + 8/64 + 32/(64*256) = 4.127 bits a weight.
-3. Paged optimizers: AdamW's state lives in CPU pages; a step brings what it
-   needs to the accelerator, never more than a fixed budget of it at once.
-`Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward
-and again in backward: gradients reach the input (and chapter 3's LoRA
-adapters), never the weight. The last section quantizes each decoder weight as
-llama.load_model reads it, a slice at a time: no full-precision weight is ever whole.
+What this file teaches: the three ideas of QLoRA (Dettmers et al. 2023, arXiv 2305.14314)
+that let a 70B model be fine-tuned on one GPU, byte for byte as bitsandbytes stores them:
+1. 4-bit NormalFloat (NF4): trained weights are close to normal, so the 16 code values are
+   quantiles of N(0, 1); each block of 64 weights is scaled by its absolute maximum into
+   [-1, 1] and each weight kept as the 4-bit index of its nearest code value.
+2. Double quantization: a float32 scale per block costs 32/64 = 0.5 bit a weight; quantizing
+   the scales to 8 bits in blocks of 256 brings the total to 4 + 8/64 + 32/(64*256) = 4.127.
+3. Paged optimizers: AdamW's state lives in CPU pages; a step brings what it needs to the
+   accelerator, never more than a fixed budget of it at once.
+`Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward and again in
+backward: gradients reach the input (and chapter 3's LoRA adapters), never the weight. The last
+sections read checkpoint files: quantized a slice at a time, or a bitsandbytes 4-bit folder.
 
 Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom.
 """
@@ -42,15 +38,14 @@ def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
 
         q = Phi^-1(p) for evenly spaced probabilities p, then q / max(q)
 
-    Phi^-1 is the inverse CDF of N(0, 1): each code value is a quantile, so a normal
-    weight is equally likely to fall near any of them. Three details:
+    Phi^-1 is the inverse CDF of N(0, 1): each code value is a quantile, so a normal weight
+    is equally likely to fall near any of them. Three details:
     - exact zero: zero weights and padding must survive, so 0 is a code value;
-    - asymmetric halves: 8 positive quantiles (9 points from `offset` down to 0.5,
-      0.5 dropped) and 7 negative ones (8 points): 8 + 7 + zero = 16;
-    - Phi^-1(1) is infinite: the outermost point is offset = 0.9677083, the mean of
-      1 - 1/30 and 1 - 1/32 (the centre of the last of 15 or of 16 equal-probability bins).
-    Points are spaced and quantiles rounded in float32, as bitsandbytes built its table.
-    """
+    - asymmetric halves: 8 positive quantiles (9 points from `offset` down to 0.5, 0.5
+      dropped) and 7 negative ones (8 points): 8 + 7 + zero = 16;
+    - Phi^-1(1) is infinite: the outermost point is offset = 0.9677083, the mean of 1 - 1/30
+      and 1 - 1/32 (the centre of the last of 15 or of 16 equal-probability bins).
+    Points are spaced and quantiles rounded in float32, as bitsandbytes built its table."""
     # exercise: nf4_code_book
     pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()
     neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()
@@ -60,13 +55,12 @@ def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
 
 
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015, arXiv 1511.04561) for
-    the double-quantized scales: 256 sorted float32 values in [-1, 1]. For e = 0..6,
-    2^e magnitudes 10^(e-6) * m, m the midpoints of 2^e equal steps from 0.1 to 1, with
-    both signs; then 0 and 1. Each decade has its own exponent, so small values keep
-    relative precision. Its bits decide codes: steps are spaced as torch.linspace did for
-    bitsandbytes, with vector instructions (one fused multiply-add each), on any CPU.
-    """
+    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015, arXiv 1511.04561) for the
+    double-quantized scales: 256 sorted float32 values in [-1, 1]. For e = 0..6, 2^e magnitudes
+    10^(e-6) * m, m the midpoints of 2^e equal steps from 0.1 to 1, with both signs; then 0 and
+    1. Each decade has its own exponent, so small values keep relative precision. Its bits
+    decide codes: steps are spaced as torch.linspace did for bitsandbytes, with vector
+    instructions (one fused multiply-add each), on any CPU."""
     vals, start = [torch.tensor([0.0, 1.0])], torch.tensor(0.1)
     for e in range(7):
         n = 2**e + 1
@@ -83,8 +77,7 @@ CODE_BOOKS: dict[torch.device, tuple] = {}  # code_books' (a dict, not lru_cache
 def code_books(device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(NF4, NF4 pairs, DYNAMIC) on `device`, made at first use (so a student copy whose
     nf4_code_book is an exercise imports) and kept: 4-bit layers read them in every forward
-    and backward, and a copy each time would be a blocking host-to-device transfer.
-    NF4 pairs, (256,) int64: for each byte, its two NF4 values (high nibble first) in one word."""
+    and backward. NF4 pairs, (256,) int64: each byte's two NF4 values (high nibble first)."""
     device = torch.device(device)
     if device not in CODE_BOOKS:
         nf4 = nf4_code_book()
@@ -117,11 +110,9 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, even
 
         absmax_b = max |x_i| over block b;   c_i = nearest_code(x_i * (1 / absmax_b))
 
-    x: (N,) float32 -> codes (N,) uint8, absmax (ceil(N/blocksize),) float32. A last,
-    shorter block takes its own absmax. As bitsandbytes, x is multiplied by the reciprocal
-    (a division can differ in the last bit and cross a midpoint), and an all-zero block
-    keeps the code of 0.0 (scaled by 1/1e-38).
-    """
+    x: (N,) float32 -> codes (N,) uint8, absmax (ceil(N/blocksize),) float32. A last, shorter
+    block takes its own absmax. As bitsandbytes, x is multiplied by the reciprocal (a division
+    can differ in the last bit and cross a midpoint); an all-zero block is scaled by 1/1e-38."""
     # exercise: quantize_blockwise
     n = x.numel()
     blocks = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # zero padding never raises an absmax
@@ -161,8 +152,7 @@ class NF4Tensor:
 
 
 def double_quantize(absmax: torch.Tensor):
-    """The block scales quantized once more, to 8 bits in blocks of 256 (QLoRA
-    section 3, "Double Quantization"):
+    """The block scales quantized once more, to 8 bits in blocks of 256 (QLoRA section 3):
 
         offset = mean(absmax);  c2, nested_absmax = quantize_blockwise(absmax - offset, DYNAMIC, 256)
 
@@ -178,10 +168,9 @@ def double_quantize(absmax: torch.Tensor):
 
 def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True,
                         device="cpu") -> NF4Tensor:
-    """quantize_nf4 of a weight of `shape` given as its flat values in order, in slices
-    of whole bytes of whole blocks (the last may be shorter), bit for bit. Each slice is
-    quantized and written into place at once: temporaries are one slice's, and with slices
-    read one at a time from a file (load_nf4_linear) no float weight is ever whole."""
+    """quantize_nf4 of a weight of `shape` given as its flat values in slices of whole blocks
+    (the last may be shorter), each quantized into place at once: temporaries are one slice's,
+    and with slices read from a file (SafetensorsSlices) no float weight is ever whole."""
     n = math.prod(shape)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
@@ -199,18 +188,17 @@ def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant:
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """QLoRA's storage of a weight (section 3): NF4 codes in blocks of `blocksize`, and
-    with double_quant the block scales quantized once more. The bytes of bitsandbytes'
+    """QLoRA's storage of a weight (section 3): the bytes of bitsandbytes'
     quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type="nf4")."""
     slices = w.detach().reshape(-1).split(SLICE)
     return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant, w.device)
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    """w ~= NF4[c] * absmax_b in float32, cast to q.dtype, after double-quantized scales
-    are rebuilt: absmax = DYNAMIC[c2] * nested_absmax + offset (QLoRA Eq. 6). It runs in
-    every forward and backward of a 4-bit layer, so each byte's two values are looked up at
-    once: dequantize_blockwise of the unpacked codes, bit for bit, in a quarter of the time."""
+    """w ~= NF4[c] * absmax_b in float32, cast to q.dtype, after double-quantized scales are
+    rebuilt: absmax = DYNAMIC[c2] * nested_absmax + offset (QLoRA Eq. 6). It runs in every
+    forward and backward of a 4-bit layer, so a byte's two values are looked up at once:
+    dequantize_blockwise of the unpacked codes, bit for bit, in a quarter of the time."""
     _, pairs, dynamic = code_books(q.packed.device)
     absmax = q.absmax
     if q.nested_absmax is not None:
@@ -228,9 +216,8 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
 
 
 class NF4Matmul(torch.autograd.Function):
-    """y = x W^T and dx = dy W for W = dequantize_nf4(q) in `dtype` (QLoRA Eq. 5
-    without its LoRA term). W is frozen, so it gets no gradient, and is rebuilt in
-    backward rather than saved: between the two only the 4-bit weight is kept."""
+    """y = x W^T and dx = dy W for W = dequantize_nf4(q) in `dtype` (QLoRA Eq. 5 without its
+    LoRA term). W is frozen and rebuilt in backward, not saved: only the 4-bit weight is kept."""
 
     @staticmethod
     def forward(ctx, x, q, dtype):
@@ -243,9 +230,8 @@ class NF4Matmul(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """A frozen nn.Linear whose weight is held in NF4 as buffers (packed, absmax,
-    nested_absmax, nested_offset), so `.to(device)` moves it. forward casts x to
-    compute_dtype, returns x W^T + b cast back to x's dtype (as bitsandbytes)."""
+    """A frozen nn.Linear whose weight is held in NF4 as buffers, so `.to(device)` moves it.
+    forward computes x W^T + b in compute_dtype, cast back to x's dtype (as bitsandbytes)."""
 
     def __init__(self, q: NF4Tensor, bias=None, compute_dtype=torch.bfloat16):
         super().__init__()
@@ -287,13 +273,12 @@ class Linear4bit(nn.Module):
 
 
 def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step in place (Loshchilov & Hutter, arXiv 1711.05101, Algorithm 2),
-    in torch.optim.AdamW's order of operations so results agree to the bit:
+    """One AdamW step in place (arXiv 1711.05101, Algorithm 2), in torch.optim.AdamW's order:
 
         p = p * (1 - lr*wd);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
         p = p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
 
-    All operations are elementwise, so any slice of p, g, m, v may be updated on its own."""
+    Elementwise, bit for bit AdamW's: any slice of p, g, m, v may be updated on its own."""
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
@@ -303,10 +288,9 @@ def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
 
 
 def device_budget(device: torch.device, page_bytes: int) -> float:
-    """PagedAdamW's automatic budget, taken at its first step: unlimited but on a GPU,
-    and there the bytes free less a margin of 10% of the device or 1 GiB, at least two
-    pages. After a forward and backward the caching allocator still holds what their
-    activations took, so the state gets only memory the step did not need."""
+    """PagedAdamW's automatic budget, taken at its first step (after a forward and backward, so
+    the state gets only memory they did not need): unlimited but on a GPU, and there the bytes
+    free less 10% of the device or 1 GiB, at least two pages."""
     if device.type != "cuda":
         return math.inf
     free, total = torch.cuda.mem_get_info(device)
@@ -314,13 +298,12 @@ def device_budget(device: torch.device, page_bytes: int) -> float:
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW whose state (exp_avg, exp_avg_sq) lives on the CPU, in pages of at most
-    `page_bytes`. step() brings the pages it needs to the parameters' device, at most
-    `device_budget_bytes` of them at once (None: device_budget), the least recently used
-    going back first; pages stay between steps, so a state within the budget never moves.
-    A budget given holds on a CPU too (pages copied and counted: `resident_bytes`). Copies
-    are queued on the GPU's stream without stalling the host. (bitsandbytes' paged
-    optimizers let the driver page CUDA unified memory; here we decide what moves.)"""
+    """AdamW whose state lives on the CPU in pages of at most `page_bytes`. step() brings the
+    pages it needs to the parameters' device, at most `device_budget_bytes` at once (None:
+    device_budget), the least recently used going back first; pages stay between steps, so a
+    state within the budget never moves. A budget given holds on a CPU too (pages copied and
+    counted). Copies are queued on the GPU's stream without stalling the host. (bitsandbytes
+    lets the driver page CUDA unified memory; here we decide what moves.)"""
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -432,19 +415,28 @@ class SafetensorsSlices(io.FileIO):
             self.readinto(buf.numpy())
             yield buf.view(dtype)
 
+    def read_nf4(self, key: str, dtype=None, device="cpu") -> NF4Tensor:
+        """quantize_nf4 of the weight `key`, read a slice at a time: neither the weight (86 MiB
+        in bf16 for one of Llama-2-7B's MLP) nor whole-weight temporaries are ever in memory.
+        Each slice is cast to `dtype` first (None: the file's), as transformers quantizes
+        the weight it loaded in that dtype."""
+        dtype = dtype or SAFE_DTYPES.get(self.header[key]["dtype"])  # None: slices raises
+        slices = (s.to(device=device, dtype=dtype) for s in self.slices(key, SLICE))
+        return quantize_nf4_slices(slices, self.header[key]["shape"], dtype, device=device)
+
+
+def set_linear4bit(model: nn.Module, key: str, q: NF4Tensor, dtype):
+    """A Linear4bit holding q, computing in `dtype`, in place of the model's (meta) linear layer
+    whose weight is `key`."""
+    parent, _, child = key.removesuffix(".weight").rpartition(".")
+    linear = model.get_submodule(parent).get_submodule(child)
+    check_shape(key, q.shape, linear.weight.shape)
+    setattr(model.get_submodule(parent), child, Linear4bit(q, linear.bias, compute_dtype=dtype))
+
 
 def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, device):
-    """Read the decoder weight `key` from `raw` a slice at a time into a Linear4bit, in
-    place of the model's meta nn.Linear: neither the weight (86 MiB in bf16 for one of
-    Llama-2-7B's MLP) nor whole-weight temporaries are ever in memory. Each slice is cast
-    to `dtype` first, as transformers quantizes the weight it loaded in that dtype."""
-    parent_name, _, child = key.rpartition(".")[0].rpartition(".")
-    parent = model.get_submodule(parent_name)
-    linear = getattr(parent, child)
-    check_shape(key, raw.header[key]["shape"], linear.weight.shape)
-    slices = (s.to(device=device, dtype=dtype) for s in raw.slices(key, SLICE))
-    q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
-    setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
+    """The decoder weight `key` of `raw` into the model as a Linear4bit, quantized as it is read."""
+    set_linear4bit(model, key, raw.read_nf4(key, dtype, device), dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -454,7 +446,8 @@ def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, d
 # codes, uint8 (N/2, 1)), WEIGHT.absmax (with double quantization their 8-bit codes, and
 # WEIGHT.nested_absmax), the code books as WEIGHT.quant_map (NF4) and WEIGHT.nested_quant_map
 # (DYNAMIC), the rest as JSON in the bytes of WEIGHT.quant_state.bitsandbytes__nf4 (shape, dtype,
-# blocksize, nested_offset); and config.json's quantization_config says so.
+# blocksize, nested_offset); and config.json's quantization_config says so. `tulu.py quantize`
+# writes such folders (machinery/quantize.py).
 
 BNB_STATE = "quant_state.bitsandbytes__nf4"
 BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + BNB_STATE)
@@ -470,43 +463,22 @@ def check_bnb_config(config: dict, source: str):
                             f"bitsandbytes 4-bit NF4: {field} {json.dumps(want)})")
 
 
-def bnb_tensors(key: str, q: NF4Tensor) -> dict[str, torch.Tensor]:
-    """The tensors transformers saves for the 4-bit weight `key` (bitsandbytes' QuantState.as_dict)."""
-    state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
-             "shape": list(q.shape)}
-    nf4, _, dynamic = code_books()
-    out = {key: q.packed.view(-1, 1), f"{key}.absmax": q.absmax, f"{key}.quant_map": nf4}
-    if q.nested_absmax is not None:
-        state |= {"nested_blocksize": DQ_BLOCKSIZE, "nested_dtype": "float32",
-                  "nested_offset": q.nested_offset.item()}
-        out |= {f"{key}.nested_absmax": q.nested_absmax, f"{key}.nested_quant_map": dynamic}
-    return out | {f"{key}.{BNB_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
-
-
-def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype) -> NF4Tensor:
-    """bnb_tensors backwards, taking them out of `tensors`. The weight dequantizes to `dtype` (the
-    JSON's is the one it was quantized from): bitsandbytes 0.50 too dequantizes into its compute dtype."""
-    part = lambda name: tensors.pop(key + name)
-    state = json.loads(bytes(part("." + BNB_STATE).tolist()))
-    q = NF4Tensor(part("").view(-1), part(".absmax"), torch.Size(state["shape"]), dtype, state["blocksize"])
-    part(".quant_map")
-    if "nested_offset" in state:
-        q.nested_absmax, _ = part(".nested_absmax"), part(".nested_quant_map")
-        q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
-    return q
-
-
 def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, source: str):
     """Each 4-bit weight in `tensors` (what was read of the bitsandbytes folder `source` besides the
-    model's own parameters) into the model as a Linear4bit: the same bytes, not quantized again."""
+    model's own parameters) into the model as a Linear4bit, its parts taken out of `tensors`: the
+    same bytes, not quantized again. It dequantizes to `dtype` (the JSON's is the one it was
+    quantized from): bitsandbytes 0.50 too dequantizes into its compute dtype."""
     for key in [k for k in tensors if not k.endswith(BNB_PARTS)]:
+        part = lambda name, key=key: tensors.pop(key + name)
         try:
-            q = from_bnb(tensors, key, dtype)
+            state, _ = json.loads(bytes(part("." + BNB_STATE).tolist())), part(".quant_map")
+            shape, blocksize = torch.Size(state["shape"]), state["blocksize"]
+            q = NF4Tensor(part("").view(-1), part(".absmax"), shape, dtype, blocksize)
+            if "nested_offset" in state:
+                q.nested_absmax, _ = part(".nested_absmax"), part(".nested_quant_map")
+                q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
         except KeyError as e:
             raise TuluError(f"{source}: checkpoint lacks {e.args[0]} (a part of the 4-bit {key})") from None
-        parent_name, _, child = key.rpartition(".")[0].rpartition(".")
-        parent = model.get_submodule(parent_name)
-        check_shape(key, q.shape, getattr(parent, child).weight.shape)
-        setattr(parent, child, Linear4bit(q, getattr(parent, child).bias, compute_dtype=dtype))
+        set_linear4bit(model, key, q, dtype)
     if tensors:  # a part of no weight
         raise TuluError(f"{source}: unexpected tensor {next(iter(tensors))} (not a Llama checkpoint?)")
