@@ -1,12 +1,11 @@
 """Chapter 3: LoRA adapters that speak PEFT's file format, and merging them.
 
-What this file teaches: low-rank adaptation (LoRA, Hu et al. 2021, arXiv 2106.09685).
-The pretrained weight W (O, D) stays frozen; each adapted layer learns an update
-(alpha/r) * B A of rank R << D, so a 7B model trains ~1% of its parameters. With
-QLoRA (arXiv 2305.14314) W is chapter 2's 4-bit NF4 weight and only A and B, in
-float32, get gradients. Tulu 2 QLoRA 70B (arXiv 2311.10702) was released as such an
-adapter, to be merged into Llama 2 after dequantizing the base. Our adapter files
-are PEFT's, and merge_lora gives the weights open-instruct's `merge_lora.py --qlora` gives.
+What this file teaches: low-rank adaptation (LoRA, Hu et al. 2021, arXiv 2106.09685). The
+pretrained weight W (O, D) stays frozen; each adapted layer learns an update (alpha/r) * B A of
+rank R << D, so a 7B model trains ~1% of its parameters. With QLoRA (arXiv 2305.14314) W is
+chapter 2's 4-bit NF4 weight and only A and B, in float32, get gradients. Tulu 2 QLoRA 70B (arXiv
+2311.10702) was released as such an adapter, to be merged into Llama 2 after dequantizing the
+base. Our adapter files are PEFT's; merge_lora gives open-instruct's `merge_lora.py --qlora` weights.
 
 Shapes: B batch, T time, D in features, O out features, R rank. Read top to bottom.
 """
@@ -53,7 +52,7 @@ class LoRALinear(nn.Module):
     changes nothing. A and B stay float32; as PEFT, over nn.Linear the sum is taken in float32 and
     cast back, over a 4-bit base the LoRA term is first rounded to the compute dtype (PEFT scales
     before rounding, we after: the same numbers when alpha / r is a power of two, as QLoRA's 16 / 64).
-    state_dict keys: the base's (q_proj.weight), and PEFT's q_proj.lora_A.weight, q_proj.lora_B.weight."""
+    state_dict keys: the base's (q_proj.weight), and PEFT's (q_proj.lora_A.weight, q_proj.lora_B.weight)."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -188,26 +187,24 @@ def read_weights_only(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_adapter_file(adapter_dir: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """(the file read, its tensors by PEFT key): adapter_model.safetensors, or else the pickle
-    adapter_model.bin PEFT <= 0.5 wrote (the released Tulu 2 QLoRA adapters), by read_weights_only."""
+def read_adapter_weights(adapter_dir: str) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """(the file read, {layer name: {"lora_A": (R, D), "lora_B": (O, R)}}): adapter_model.safetensors,
+    or else the pickle adapter_model.bin PEFT <= 0.5 wrote (the released Tulu 2 QLoRA adapters), by
+    read_weights_only. PEFT's keys, with or without the adapter name some versions kept
+    (q_proj.lora_A.default.weight)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path, bin_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_BIN)
-    if not os.path.exists(path) and os.path.exists(bin_path):
-        return bin_path, read_weights_only(bin_path)
-    if not os.path.exists(path):
-        raise TuluError(f"{path}: not found")
     try:
-        return path, load_file(path)
+        if not os.path.exists(path) and os.path.exists(bin_path):
+            path, tensors = bin_path, read_weights_only(bin_path)
+        else:
+            tensors = load_file(path)
+    except FileNotFoundError:
+        raise TuluError(f"{path}: not found") from None
     except SafetensorError as e:
         raise TuluError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def read_adapter_weights(adapter_dir: str) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
-    """(the file read, {layer name: {"lora_A": (R, D), "lora_B": (O, R)}}) from PEFT's keys,
-    with or without the adapter name some versions kept (q_proj.lora_A.default.weight)."""
-    (path, tensors), out = read_adapter_file(adapter_dir), {}
+    out = {}
     for key, t in tensors.items():
         name = key.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight")
         layer, _, ab = name.removesuffix(".weight").rpartition(".")
@@ -274,22 +271,18 @@ def lora_delta(layer: LoRALinear) -> torch.Tensor:
 
 
 def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
-    """A plain linear layer (nn.Linear) computing what `layer` computes (LoRA Sec. 4.1):
+    """An nn.Linear computing what `layer` computes (LoRA Sec. 4.1):  W' = W + (alpha / r) * B A
 
-        W' = W + (alpha / r) * B A
-
-    W is the weight the base multiplies by in forward: an NF4 weight dequantized
-    to its compute dtype, as open-instruct's merge_lora.py --qlora dequantizes to
-    bf16 first. The sum is taken in float32 and rounded once to `dtype`
-    (default: the base weight's dtype; for NF4, its compute dtype)."""
+    W is the weight the base multiplies by in forward: an NF4 weight dequantized to its compute
+    dtype, as open-instruct's merge_lora.py --qlora dequantizes to bf16 first. The sum is taken in
+    float32 and rounded once to `dtype` (default: the base's weight dtype, for NF4 its compute dtype)."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
     if isinstance(base, Linear4bit):
         w, dtype = base.dequantize(base.compute_dtype), dtype or base.compute_dtype
     else:
         w, dtype = base.weight.detach(), dtype or base.weight.dtype
     w = w.float() + lora_delta(layer) if isinstance(layer, LoRALinear) else w
-    with torch.device("meta"):  # no time spent initialising weights we overwrite
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")  # no init
     out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     if base.bias is not None:
         out.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)

@@ -34,18 +34,16 @@ from llama import TuluError, check_shape
 
 
 def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
-    """The 16 NF4 values, sorted, float32 (QLoRA section 3, "4-bit NormalFloat").
+    """The 16 NF4 values, sorted, float32 (QLoRA section 3, "4-bit NormalFloat"):
 
         q = Phi^-1(p) for evenly spaced probabilities p, then q / max(q)
 
-    Phi^-1 is the inverse CDF of N(0, 1): each code value is a quantile, so a normal weight
-    is equally likely to fall near any of them. Three details:
-    - exact zero: zero weights and padding must survive, so 0 is a code value;
-    - asymmetric halves: 8 positive quantiles (9 points from `offset` down to 0.5, 0.5
-      dropped) and 7 negative ones (8 points): 8 + 7 + zero = 16;
-    - Phi^-1(1) is infinite: the outermost point is offset = 0.9677083, the mean of 1 - 1/30
-      and 1 - 1/32 (the centre of the last of 15 or of 16 equal-probability bins).
-    Points are spaced and quantiles rounded in float32, as bitsandbytes built its table."""
+    Phi^-1 is N(0, 1)'s inverse CDF: each code value is a quantile, so a normal weight is equally
+    likely to fall near any of them. 0 is a code value (zero weights and padding survive), with
+    8 positive quantiles (9 points from `offset` down to 0.5, 0.5 dropped) and 7 negative ones (8
+    points). Phi^-1(1) is infinite: the outermost point is offset = 0.9677083, the mean of 1 - 1/30
+    and 1 - 1/32 (the centre of the last of 15 or of 16 equal-probability bins). Points are spaced
+    and quantiles rounded in float32, as bitsandbytes built its table."""
     # exercise: nf4_code_book
     pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()
     neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()
@@ -55,12 +53,11 @@ def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
 
 
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015, arXiv 1511.04561) for the
-    double-quantized scales: 256 sorted float32 values in [-1, 1]. For e = 0..6, 2^e magnitudes
-    10^(e-6) * m, m the midpoints of 2^e equal steps from 0.1 to 1, with both signs; then 0 and
-    1. Each decade has its own exponent, so small values keep relative precision. Its bits
-    decide codes: steps are spaced as torch.linspace did for bitsandbytes, with vector
-    instructions (one fused multiply-add each), on any CPU."""
+    """bitsandbytes' signed 8-bit "dynamic" code (arXiv 1511.04561) for the double-quantized
+    scales, 256 sorted float32 values in [-1, 1]: for e = 0..6, 2^e magnitudes 10^(e-6) * m, m the
+    midpoints of 2^e equal steps from 0.1 to 1, both signs; then 0 and 1. Each decade has its own
+    exponent: small values keep relative precision. Steps are spaced as torch.linspace did for
+    bitsandbytes, with vector instructions (one fused multiply-add each), on any CPU."""
     vals, start = [torch.tensor([0.0, 1.0])], torch.tensor(0.1)
     for e in range(7):
         n = 2**e + 1
@@ -95,9 +92,9 @@ SLICE = 2**16       # weights quantized at a time: 0.25 MB temporaries; whole bl
 
 
 def nearest_code(x: torch.Tensor, code: torch.Tensor, even_ties: bool = False) -> torch.Tensor:
-    """Index (uint8) of the nearest value of the sorted `code` for each x. A tie goes to the
-    lower code, as in bitsandbytes' NF4 kernels; with even_ties to the even index, where
-    its CUDA kernel's binary search for 8-bit codes (from 127 in steps 64, .., 1) ends."""
+    """Index (uint8) of the nearest value of the sorted `code` for each x. A tie goes to the lower
+    code, as in bitsandbytes' NF4 kernels; with even_ties to the even index, where its CUDA
+    kernel's binary search for 8-bit codes (from 127 in steps 64, .., 1) ends."""
     mids = (code[:-1] + code[1:]) / 2
     idx = torch.bucketize(x, mids, out_int32=True)  # mids[idx - 1] < x <= mids[idx]
     if even_ties:
@@ -133,8 +130,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes a byte, the earlier one in the high nibble, as bitsandbytes
-    packs them; an odd count is padded with ZERO_CODE. (N,) -> (ceil(N/2),) uint8."""
+    """(N,) -> (ceil(N/2),) uint8: two codes a byte, the first in the high nibble (bitsandbytes')."""
     codes = F.pad(codes, (0, codes.numel() % 2), value=ZERO_CODE)
     return codes[0::2] << 4 | codes[1::2]
 
@@ -156,8 +152,8 @@ def double_quantize(absmax: torch.Tensor):
 
         offset = mean(absmax);  c2, nested_absmax = quantize_blockwise(absmax - offset, DYNAMIC, 256)
 
-    Scales are all positive: taking their mean out uses both signs of the 8-bit code. Ties
-    go to even, as in bitsandbytes' CUDA kernel. (Bk,) -> c2 (Bk,) uint8, nested_absmax, offset."""
+    Scales are positive: taking their mean out uses both signs of the 8-bit code. Ties go to even,
+    as in bitsandbytes' CUDA kernel. (Bk,) -> c2 (Bk,) uint8, nested_absmax, offset."""
     dynamic = code_books(absmax.device)[2]
     # exercise: double_quant
     offset = absmax.mean()
@@ -166,22 +162,19 @@ def double_quantize(absmax: torch.Tensor):
     # end exercise
 
 
-def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True,
-                        device="cpu") -> NF4Tensor:
+def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
     """quantize_nf4 of a weight of `shape` given as its flat values in slices of whole blocks
-    (the last may be shorter), each quantized into place at once: temporaries are one slice's,
-    and with slices read from a file (SafetensorsSlices) no float weight is ever whole."""
-    n = math.prod(shape)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
-    nf4, done = code_books(device)[0], 0
+    (the last may be shorter), each quantized at once: temporaries are one slice's, and with
+    slices read from a file (SafetensorsSlices) no float weight is ever whole."""
+    packed, absmax, done = [], [], 0
     for s in slices:
         assert done % (2 * blocksize) == 0, "only the last slice may be shorter"  # else it cut a block
-        codes, scales = quantize_blockwise(s.float().reshape(-1), nf4, blocksize)
-        packed[done // 2:done // 2 + (len(codes) + 1) // 2] = pack_nibbles(codes)
-        absmax[done // blocksize:done // blocksize + len(scales)] = scales
+        codes, scales = quantize_blockwise(s.float().reshape(-1), code_books(s.device)[0], blocksize)
+        packed.append(pack_nibbles(codes))
+        absmax.append(scales)
         done += s.numel()
-    q = NF4Tensor(packed, absmax, torch.Size(shape), dtype, blocksize)
+    absmax = torch.cat(absmax)
+    q = NF4Tensor(torch.cat(packed), absmax, torch.Size(shape), dtype, blocksize)
     if double_quant:
         q.absmax, q.nested_absmax, q.nested_offset = double_quantize(absmax)
     return q
@@ -191,7 +184,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     """QLoRA's storage of a weight (section 3): the bytes of bitsandbytes'
     quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type="nf4")."""
     slices = w.detach().reshape(-1).split(SLICE)
-    return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant, w.device)
+    return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant)
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
@@ -288,9 +281,8 @@ def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
 
 
 def device_budget(device: torch.device, page_bytes: int) -> float:
-    """PagedAdamW's automatic budget, taken at its first step (after a forward and backward, so
-    the state gets only memory they did not need): unlimited but on a GPU, and there the bytes
-    free less 10% of the device or 1 GiB, at least two pages."""
+    """PagedAdamW's budget, taken at its first step (so the state gets memory that a forward and
+    backward did not need): unlimited but on a GPU; there free bytes less 10% of it or 1 GiB."""
     if device.type != "cuda":
         return math.inf
     free, total = torch.cuda.mem_get_info(device)
@@ -298,12 +290,11 @@ def device_budget(device: torch.device, page_bytes: int) -> float:
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW whose state lives on the CPU in pages of at most `page_bytes`. step() brings the
-    pages it needs to the parameters' device, at most `device_budget_bytes` at once (None:
-    device_budget), the least recently used going back first; pages stay between steps, so a
-    state within the budget never moves. A budget given holds on a CPU too (pages copied and
-    counted). Copies are queued on the GPU's stream without stalling the host. (bitsandbytes
-    lets the driver page CUDA unified memory; here we decide what moves.)"""
+    """AdamW whose state lives on the CPU in pages of at most `page_bytes`. step() brings the pages
+    it needs to the parameters' device, at most `device_budget_bytes` at once (None: device_budget),
+    the least recently used going back first, the copies queued without stalling the host. Pages
+    stay between steps: a state within the budget never moves. (bitsandbytes lets the driver page
+    CUDA unified memory; here we decide what moves.)"""
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -328,12 +319,12 @@ class PagedAdamW(torch.optim.Optimizer):
                 home.copy_(dev, non_blocking=True)  # hands dev's memory only to work queued later
             self.resident_bytes -= dev.numel() * dev.element_size()
 
-    def _page_in(self, key, page: torch.Tensor, device) -> torch.Tensor:
+    def _page_in(self, page: torch.Tensor, device) -> torch.Tensor:
+        key = page.data_ptr()  # where the page lives at home: one key for it at every step
         if key not in self.resident:
             nbytes = page.numel() * page.element_size()
             self._page_out(self.device_budget_bytes - nbytes)
-            # no limit and already there (a CPU): the page itself; else a copy queued after its write-backs
-            same = self.device_budget_bytes == math.inf and page.device == torch.device(device)
+            same = self.device_budget_bytes == math.inf and page.device == torch.device(device)  # a CPU
             self.resident[key] = (page, page if same else page.to(device, non_blocking=True, copy=True))
             self.resident_bytes += nbytes
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
@@ -361,9 +352,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 state["step"] += 1  # float32 on the CPU, as AdamW keeps it
                 n = max(1, self.page_bytes // p.element_size())  # values a page
                 flat = [p.view(-1), p.grad.reshape(-1)] + [state[k].view(-1) for k in self.MOMENTS]
-                for j, (p_j, g_j, m_j, v_j) in enumerate(zip(*(t.split(n) for t in flat))):
-                    m = self._page_in((id(p), "exp_avg", j), m_j, p.device)
-                    v = self._page_in((id(p), "exp_avg_sq", j), v_j, p.device)
+                for p_j, g_j, m_j, v_j in zip(*(t.split(n) for t in flat)):
+                    m, v = self._page_in(m_j, p.device), self._page_in(v_j, p.device)
                     adamw_update(p_j, g_j, m, v, state["step"].item(), group["lr"], *group["betas"],
                                  group["eps"], group["weight_decay"])
         return loss
@@ -386,17 +376,15 @@ class PagedAdamW(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 # Quantizing while a checkpoint is read (llama.load_model(..., quantize="nf4"))
 #
-# A safetensors file: 8 bytes, the length of a JSON header (little-endian); the header, each
-# tensor's dtype, shape and data_offsets (begin, end) into the bytes that follow; then those
-# bytes, row-major. So a weight can be read a slice at a time into memory of its own (safetensors
-# reads a tensor whole even for a slice, and through mmap pages stay in our RSS) and quantized.
+# A safetensors file: 8 bytes, the length of a JSON header; the header, each tensor's dtype, shape
+# and data_offsets into the bytes that follow; those bytes, row-major. So a weight can be read a
+# slice at a time into memory of its own (safetensors reads a tensor whole even for a slice).
 
 SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class SafetensorsSlices(io.FileIO):
-    """A safetensors file open for reading, its header parsed. (load_model opens it with
-    safetensors first, which checks the header and the file's size.)"""
+    """A safetensors file open for reading, its header parsed (safetensors checked it first)."""
 
     def __init__(self, fname: str):
         super().__init__(fname, "rb")
@@ -416,18 +404,15 @@ class SafetensorsSlices(io.FileIO):
             yield buf.view(dtype)
 
     def read_nf4(self, key: str, dtype=None, device="cpu") -> NF4Tensor:
-        """quantize_nf4 of the weight `key`, read a slice at a time: neither the weight (86 MiB
-        in bf16 for one of Llama-2-7B's MLP) nor whole-weight temporaries are ever in memory.
-        Each slice is cast to `dtype` first (None: the file's), as transformers quantizes
-        the weight it loaded in that dtype."""
+        """quantize_nf4 of the weight `key` read a slice at a time, each cast to `dtype` first (None:
+        the file's), as transformers quantizes what it loaded: no whole weight is in memory."""
         dtype = dtype or SAFE_DTYPES.get(self.header[key]["dtype"])  # None: slices raises
         slices = (s.to(device=device, dtype=dtype) for s in self.slices(key, SLICE))
-        return quantize_nf4_slices(slices, self.header[key]["shape"], dtype, device=device)
+        return quantize_nf4_slices(slices, self.header[key]["shape"], dtype)
 
 
 def set_linear4bit(model: nn.Module, key: str, q: NF4Tensor, dtype):
-    """A Linear4bit holding q, computing in `dtype`, in place of the model's (meta) linear layer
-    whose weight is `key`."""
+    """A Linear4bit of q computing in `dtype` in place of the model's linear layer of weight `key`."""
     parent, _, child = key.removesuffix(".weight").rpartition(".")
     linear = model.get_submodule(parent).get_submodule(child)
     check_shape(key, q.shape, linear.weight.shape)
@@ -443,11 +428,10 @@ def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, d
 # bitsandbytes 4-bit folders (transformers' load_in_4bit, then save_pretrained)
 #
 # transformers saves a bitsandbytes Linear4bit as the fields of an NF4Tensor: WEIGHT (the packed
-# codes, uint8 (N/2, 1)), WEIGHT.absmax (with double quantization their 8-bit codes, and
-# WEIGHT.nested_absmax), the code books as WEIGHT.quant_map (NF4) and WEIGHT.nested_quant_map
-# (DYNAMIC), the rest as JSON in the bytes of WEIGHT.quant_state.bitsandbytes__nf4 (shape, dtype,
-# blocksize, nested_offset); and config.json's quantization_config says so. `tulu.py quantize`
-# writes such folders (machinery/quantize.py).
+# codes, uint8 (N/2, 1)), WEIGHT.absmax (double-quantized: their codes, and WEIGHT.nested_absmax),
+# the code books (WEIGHT.quant_map, WEIGHT.nested_quant_map), the rest as JSON in the bytes of
+# WEIGHT.quant_state.bitsandbytes__nf4; config.json has a quantization_config. (machinery/quantize.py
+# writes such folders.)
 
 BNB_STATE = "quant_state.bitsandbytes__nf4"
 BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + BNB_STATE)
@@ -465,9 +449,8 @@ def check_bnb_config(config: dict, source: str):
 
 def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, source: str):
     """Each 4-bit weight in `tensors` (what was read of the bitsandbytes folder `source` besides the
-    model's own parameters) into the model as a Linear4bit, its parts taken out of `tensors`: the
-    same bytes, not quantized again. It dequantizes to `dtype` (the JSON's is the one it was
-    quantized from): bitsandbytes 0.50 too dequantizes into its compute dtype."""
+    model's parameters), its parts taken out, into the model as a Linear4bit: the same bytes. It
+    dequantizes to `dtype`, as bitsandbytes 0.50 does (the JSON's dtype is the original's)."""
     for key in [k for k in tensors if not k.endswith(BNB_PARTS)]:
         part = lambda name, key=key: tensors.pop(key + name)
         try:
