@@ -162,14 +162,15 @@ def double_quantize(absmax: torch.Tensor):
     # end exercise
 
 
-def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """quantize_nf4 of a weight of `shape` given as its flat values in slices of whole blocks
-    (the last may be shorter), each quantized at once: temporaries are one slice's, and with
-    slices read from a file (SafetensorsSlices) no float weight is ever whole."""
-    packed, absmax, done = [], [], 0
+def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True,
+                        device="cpu") -> NF4Tensor:
+    """quantize_nf4 on `device` of a weight of `shape` given as its flat values in slices of whole
+    blocks (the last may be shorter), each quantized at once: temporaries are one slice's, and
+    with slices read from a file (SafetensorsSlices) no float weight is ever whole."""
+    packed, absmax, done, nf4 = [], [], 0, code_books(device)[0]
     for s in slices:
         assert done % (2 * blocksize) == 0, "only the last slice may be shorter"  # else it cut a block
-        codes, scales = quantize_blockwise(s.float().reshape(-1), code_books(s.device)[0], blocksize)
+        codes, scales = quantize_blockwise(s.to(device, torch.float32).reshape(-1), nf4, blocksize)
         packed.append(pack_nibbles(codes))
         absmax.append(scales)
         done += s.numel()
@@ -184,7 +185,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     """QLoRA's storage of a weight (section 3): the bytes of bitsandbytes'
     quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type="nf4")."""
     slices = w.detach().reshape(-1).split(SLICE)
-    return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant)
+    return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant, w.device)
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
@@ -407,16 +408,15 @@ class SafetensorsSlices(io.FileIO):
         """quantize_nf4 of the weight `key` read a slice at a time, each cast to `dtype` first (None:
         the file's), as transformers quantizes what it loaded: no whole weight is in memory."""
         dtype = dtype or SAFE_DTYPES.get(self.header[key]["dtype"])  # None: slices raises
-        slices = (s.to(device=device, dtype=dtype) for s in self.slices(key, SLICE))
-        return quantize_nf4_slices(slices, self.header[key]["shape"], dtype)
+        slices = (s.to(dtype) for s in self.slices(key, SLICE))
+        return quantize_nf4_slices(slices, self.header[key]["shape"], dtype, device=device)
 
 
 def set_linear4bit(model: nn.Module, key: str, q: NF4Tensor, dtype):
     """A Linear4bit of q computing in `dtype` in place of the model's linear layer of weight `key`."""
-    parent, _, child = key.removesuffix(".weight").rpartition(".")
-    linear = model.get_submodule(parent).get_submodule(child)
+    linear = model.get_submodule(key.removesuffix(".weight"))
     check_shape(key, q.shape, linear.weight.shape)
-    setattr(model.get_submodule(parent), child, Linear4bit(q, linear.bias, compute_dtype=dtype))
+    model.set_submodule(key.removesuffix(".weight"), Linear4bit(q, linear.bias, compute_dtype=dtype))
 
 
 def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, device):
