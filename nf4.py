@@ -9,9 +9,9 @@ that let a 70B model be fine-tuned on one GPU, byte for byte as bitsandbytes sto
    the scales to 8 bits in blocks of 256 brings the total to 4 + 8/64 + 32/(64*256) = 4.127.
 3. Paged optimizers: AdamW's state lives in CPU pages; a step brings what it needs to the
    accelerator, never more than a fixed budget of it at once.
-`Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward and again in
-backward: gradients reach the input (and chapter 3's LoRA adapters), never the weight. The last
-sections read checkpoint files: quantized a slice at a time, or a bitsandbytes 4-bit folder.
+`Linear4bit` rebuilds its frozen 4-bit weight in bf16 inside forward and again in backward:
+gradients reach the input (and chapter 3's LoRA adapters), never the weight. Then checkpoints:
+quantized as they are read, a slice at a time, and bitsandbytes' 4-bit folders.
 
 Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom.
 """
@@ -35,9 +35,7 @@ from llama import TuluError, check_shape
 
 def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
     """The 16 NF4 values, sorted, float32 (QLoRA section 3, "4-bit NormalFloat"):
-
         q = Phi^-1(p) for evenly spaced probabilities p, then q / max(q)
-
     Phi^-1 is N(0, 1)'s inverse CDF: each code value is a quantile, so a normal weight is equally
     likely to fall near any of them. 0 is a code value (zero weights and padding survive), with
     8 positive quantiles (9 points from `offset` down to 0.5, 0.5 dropped) and 7 negative ones (8
@@ -104,9 +102,7 @@ def nearest_code(x: torch.Tensor, code: torch.Tensor, even_ties: bool = False) -
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, even_ties: bool = False):
     """Absmax quantization per block (QLoRA Eq. 1 with one constant per block):
-
         absmax_b = max |x_i| over block b;   c_i = nearest_code(x_i * (1 / absmax_b))
-
     x: (N,) float32 -> codes (N,) uint8, absmax (ceil(N/blocksize),) float32. A last, shorter
     block takes its own absmax. As bitsandbytes, x is multiplied by the reciprocal (a division
     can differ in the last bit and cross a midpoint); an all-zero block is scaled by 1/1e-38."""
@@ -149,9 +145,7 @@ class NF4Tensor:
 
 def double_quantize(absmax: torch.Tensor):
     """The block scales quantized once more, to 8 bits in blocks of 256 (QLoRA section 3):
-
         offset = mean(absmax);  c2, nested_absmax = quantize_blockwise(absmax - offset, DYNAMIC, 256)
-
     Scales are positive: taking their mean out uses both signs of the 8-bit code. Ties go to even,
     as in bitsandbytes' CUDA kernel. (Bk,) -> c2 (Bk,) uint8, nested_absmax, offset."""
     dynamic = code_books(absmax.device)[2]
@@ -174,10 +168,9 @@ def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant:
         packed.append(pack_nibbles(codes))
         absmax.append(scales)
         done += s.numel()
-    absmax = torch.cat(absmax)
-    q = NF4Tensor(torch.cat(packed), absmax, torch.Size(shape), dtype, blocksize)
+    q = NF4Tensor(torch.cat(packed), torch.cat(absmax), torch.Size(shape), dtype, blocksize)
     if double_quant:
-        q.absmax, q.nested_absmax, q.nested_offset = double_quantize(absmax)
+        q.absmax, q.nested_absmax, q.nested_offset = double_quantize(q.absmax)
     return q
 
 
@@ -194,9 +187,8 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     forward and backward of a 4-bit layer, so a byte's two values are looked up at once:
     dequantize_blockwise of the unpacked codes, bit for bit, in a quarter of the time."""
     _, pairs, dynamic = code_books(q.packed.device)
-    absmax = q.absmax
-    if q.nested_absmax is not None:
-        absmax = dequantize_blockwise(q.absmax, q.nested_absmax, dynamic, DQ_BLOCKSIZE) + q.nested_offset
+    absmax = q.absmax if q.nested_absmax is None else (
+        dequantize_blockwise(q.absmax, q.nested_absmax, dynamic, DQ_BLOCKSIZE) + q.nested_offset)
     n = math.prod(q.shape)
     vals = pairs.index_select(0, q.packed.int()).view(torch.float32)[:n]  # (N,) NF4 values in order
     if n % q.blocksize:  # a shorter last block, padded to a whole one
@@ -240,7 +232,7 @@ class Linear4bit(nn.Module):
         return cls(quantize_nf4(linear.weight), linear.bias, compute_dtype)
 
     def quant_state(self) -> NF4Tensor:
-        # packed is (blocks, 32) under FSDP (machinery.distributed.shardable_nf4)
+        # packed is (blocks, 32) under FSDP (machinery/distributed.py)
         return NF4Tensor(self.packed.view(-1), self.absmax, torch.Size((self.out_features, self.in_features)),
                          self.weight_dtype, self.blocksize, self.nested_absmax, self.nested_offset)
 
@@ -268,10 +260,8 @@ class Linear4bit(nn.Module):
 
 def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step in place (arXiv 1711.05101, Algorithm 2), in torch.optim.AdamW's order:
-
         p = p * (1 - lr*wd);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
         p = p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-
     Elementwise, bit for bit AdamW's: any slice of p, g, m, v may be updated on its own."""
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
@@ -293,10 +283,8 @@ def device_budget(device: torch.device, page_bytes: int) -> float:
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW whose state lives on the CPU in pages of at most `page_bytes`. step() brings the pages
     it needs to the parameters' device, at most `device_budget_bytes` at once (None: device_budget),
-    the least recently used going back first, the copies queued without stalling the host. Pages
-    stay between steps: a state within the budget never moves. (bitsandbytes lets the driver page
-    CUDA unified memory; here we decide what moves.)"""
-    MOMENTS = ("exp_avg", "exp_avg_sq")
+    the least recently used going back first, the copies queued without stalling the host; pages
+    stay between steps. (bitsandbytes lets the driver page CUDA unified memory; we decide what moves.)"""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  page_bytes=1 << 20, device_budget_bytes=None):
@@ -308,9 +296,9 @@ class PagedAdamW(torch.optim.Optimizer):
         self.resident_bytes = self.peak_resident_bytes = 0
 
     @staticmethod
-    def _home(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # pinned for a GPU parameter (asynchronous copies); pinning starts a CUDA context
-        return torch.empty(values.shape, dtype=values.dtype, pin_memory=device.type == "cuda").copy_(values)
+    def _home(p: torch.Tensor) -> torch.Tensor:
+        # zeros like p on the CPU, pinned for a GPU parameter (asynchronous copies; pinning starts CUDA)
+        return torch.zeros(p.shape, dtype=p.dtype, pin_memory=p.device.type == "cuda")
 
     def _page_out(self, limit: float):
         """Send the least recently used pages home until at most `limit` bytes stay."""
@@ -347,12 +335,10 @@ class PagedAdamW(torch.optim.Optimizer):
                     self.device_budget_bytes = device_budget(p.device, self.page_bytes)
                 state = self.state[p]
                 if not state:
-                    zeros = torch.zeros_like(p, device="cpu")
-                    state.update(step=torch.tensor(0.0), exp_avg=self._home(zeros, p.device),
-                                 exp_avg_sq=self._home(zeros, p.device))
+                    state.update(step=torch.tensor(0.0), exp_avg=self._home(p), exp_avg_sq=self._home(p))
                 state["step"] += 1  # float32 on the CPU, as AdamW keeps it
                 n = max(1, self.page_bytes // p.element_size())  # values a page
-                flat = [p.view(-1), p.grad.reshape(-1)] + [state[k].view(-1) for k in self.MOMENTS]
+                flat = [t.view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 for p_j, g_j, m_j, v_j in zip(*(t.split(n) for t in flat)):
                     m, v = self._page_in(m_j, p.device), self._page_in(v_j, p.device)
                     adamw_update(p_j, g_j, m, v, state["step"].item(), group["lr"], *group["betas"],
@@ -370,7 +356,7 @@ class PagedAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, s in state_dict["state"].items():
             p = params[int(i)]
-            moments = {k: self._home(s[k].reshape(p.shape).to(p.dtype), p.device) for k in self.MOMENTS}
+            moments = {k: self._home(p).copy_(s[k].reshape(p.shape)) for k in ("exp_avg", "exp_avg_sq")}
             self.state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32).cpu().clone(), **moments}
 
 
@@ -399,10 +385,8 @@ class SafetensorsSlices(io.FileIO):
             raise TuluError(f"{self.name}: {key} is {info['dtype']}, not one of {', '.join(SAFE_DTYPES)}")
         dtype, (begin, end) = SAFE_DTYPES[info["dtype"]], info["data_offsets"]
         for offset in range(begin, end, n * dtype.itemsize):
-            buf = torch.empty(min(n * dtype.itemsize, end - offset), dtype=torch.uint8)
             self.seek(self.data_start + offset)
-            self.readinto(buf.numpy())
-            yield buf.view(dtype)
+            yield torch.frombuffer(bytearray(self.read(min(n * dtype.itemsize, end - offset))), dtype=dtype)
 
     def read_nf4(self, key: str, dtype=None, device="cpu") -> NF4Tensor:
         """quantize_nf4 of the weight `key` read a slice at a time, each cast to `dtype` first (None:
@@ -455,8 +439,7 @@ def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, 
         part = lambda name, key=key: tensors.pop(key + name)
         try:
             state, _ = json.loads(bytes(part("." + BNB_STATE).tolist())), part(".quant_map")
-            shape, blocksize = torch.Size(state["shape"]), state["blocksize"]
-            q = NF4Tensor(part("").view(-1), part(".absmax"), shape, dtype, blocksize)
+            q = NF4Tensor(part("").view(-1), part(".absmax"), state["shape"], dtype, state["blocksize"])
             if "nested_offset" in state:
                 q.nested_absmax, _ = part(".nested_absmax"), part(".nested_quant_map")
                 q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
