@@ -133,7 +133,7 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
                   use_rslora=False, use_dora=False, modules_to_save=None, inference_mode=True,
                   base_model_name_or_path=base_model_name_or_path)
     os.makedirs(out_dir, exist_ok=True)
-    write = lambda t: write_safetensors(t, adapter_tensors(model), fetch=fetch)
+    write = lambda tmp: write_safetensors(tmp, adapter_tensors(model), fetch=fetch)
     atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), write)
     write_json(os.path.join(out_dir, ADAPTER_CONFIG), config)  # last: a config means its weights are complete
 

@@ -327,8 +327,7 @@ class PagedAdamW(torch.optim.Optimizer):
             torch.cuda.synchronize(device)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else torch.enable_grad()(closure)()
+    def step(self):
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 if self.device_budget_bytes is None:  # automatic: fixed now, after a forward and backward
@@ -343,7 +342,6 @@ class PagedAdamW(torch.optim.Optimizer):
                     m, v = self._page_in(m_j, p.device), self._page_in(v_j, p.device)
                     adamw_update(p_j, g_j, m, v, state["step"].item(), group["lr"], *group["betas"],
                                  group["eps"], group["weight_decay"])
-        return loss
 
     def state_dict(self):
         """torch.optim.AdamW's format, in which the state is kept: each resumes the other."""
