@@ -164,7 +164,7 @@ def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant:
     packed, absmax, done, nf4 = [], [], 0, code_books(device)[0]
     for s in slices:
         assert done % (2 * blocksize) == 0, "only the last slice may be shorter"  # else it cut a block
-        codes, scales = quantize_blockwise(s.to(device, torch.float32).reshape(-1), nf4, blocksize)
+        codes, scales = quantize_blockwise(s.to(device).float().reshape(-1), nf4, blocksize)
         packed.append(pack_nibbles(codes))
         absmax.append(scales)
         done += s.numel()
@@ -390,7 +390,7 @@ class SafetensorsSlices(io.FileIO):
         """quantize_nf4 of the weight `key` read a slice at a time, each cast to `dtype` first (None:
         the file's), as transformers quantizes what it loaded: no whole weight is in memory."""
         dtype = dtype or SAFE_DTYPES.get(self.header[key]["dtype"])  # None: slices raises
-        slices = (s.to(dtype) for s in self.slices(key, SLICE))
+        slices = (s.to(device=device, dtype=dtype) for s in self.slices(key, SLICE))
         return quantize_nf4_slices(slices, self.header[key]["shape"], dtype, device=device)
 
 
