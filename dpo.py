@@ -1,15 +1,13 @@
 """Chapter 4: Direct Preference Optimization, as Tulu 2 DPO and Tulu 2.5 were aligned.
 
-What this file teaches: how a language model learns from pairs "this answer is
-better than that one" with neither a reward model nor RL (DPO, Rafailov et al.
-2023, arXiv 2305.18290): an answer's log-probability sums its tokens', β·log(policy
-/ reference) is an implicit reward, and a logistic loss lifts the chosen answer's
-reward above the rejected one's. Variants: conservative DPO, IPO (2310.12036),
-and Tulu 3's length-normalized DPO (2411.15124). tulu.py supplies the reference
+What this file teaches: how a language model learns from pairs "this answer is better than that
+one" with neither a reward model nor RL (DPO, Rafailov et al. 2023, arXiv 2305.18290): an answer's
+log-probability sums its tokens', β·log(policy / reference) is an implicit reward, and a logistic
+loss lifts the chosen answer's reward above the rejected one's. Variants: conservative DPO, IPO
+(2310.12036), and Tulu 3's length-normalized DPO (2411.15124). tulu.py supplies the reference
 log-probs (LoRA adapters switched off, or cached before the first update).
 
-Shapes: B pairs, T tokens, V vocabulary; a concatenated batch has 2B rows, the
-B chosen answers first.  Read top to bottom.
+Shapes: B pairs, T tokens, V vocabulary; a concatenated batch has 2B rows, B chosen first. Read top to bottom.
 """
 from __future__ import annotations
 

@@ -90,10 +90,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
              targets=TARGETS) -> tuple[int, int]:
-    """Wrap each linear layer whose name ends in one of `targets` in a LoRALinear and freeze
-    everything else (defaults: Tulu 2 QLoRA's). Prints and returns the (trainable, all) parameter
-    counts as PEFT's print_trainable_parameters: an NF4 weight counts as its O*D values (PEFT
-    doubles bitsandbytes' packed bytes), its block scales not at all; a tied embedding once."""
+    """Wrap each linear layer whose name ends in one of `targets` in a LoRALinear, freeze the rest
+    (defaults: Tulu 2 QLoRA's). Prints and returns (trainable, all) as PEFT's print_trainable_parameters:
+    an NF4 weight counts O*D (PEFT doubles the packed bytes), its scales 0; a tied embedding once."""
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Linear, Linear4bit)) and n.rpartition(".")[2] in targets]
     if not names:
