@@ -159,16 +159,18 @@ def double_quantize(absmax: torch.Tensor):
 def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True,
                         device="cpu") -> NF4Tensor:
     """quantize_nf4 on `device` of a weight of `shape` given as its flat values in slices of whole
-    blocks (the last may be shorter), each quantized at once: temporaries are one slice's, and
-    with slices read from a file (SafetensorsSlices) no float weight is ever whole."""
-    packed, absmax, done, nf4 = [], [], 0, code_books(device)[0]
+    blocks (the last may be shorter), each quantized into place at once: temporaries are one
+    slice's, and with slices read from a file (SafetensorsSlices) no float weight is ever whole."""
+    n, nf4, done = math.prod(shape), code_books(device)[0], 0
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
     for s in slices:
         assert done % (2 * blocksize) == 0, "only the last slice may be shorter"  # else it cut a block
-        codes, scales = quantize_blockwise(s.to(device).float().reshape(-1), nf4, blocksize)
-        packed.append(pack_nibbles(codes))
-        absmax.append(scales)
+        codes, scales = quantize_blockwise(s.float().reshape(-1), nf4, blocksize)
+        packed[done // 2:done // 2 + (len(codes) + 1) // 2] = pack_nibbles(codes)
+        absmax[done // blocksize:done // blocksize + len(scales)] = scales
         done += s.numel()
-    q = NF4Tensor(torch.cat(packed), torch.cat(absmax), torch.Size(shape), dtype, blocksize)
+    q = NF4Tensor(packed, absmax, torch.Size(shape), dtype, blocksize)
     if double_quant:
         q.absmax, q.nested_absmax, q.nested_offset = double_quantize(q.absmax)
     return q

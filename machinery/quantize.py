@@ -17,7 +17,7 @@ import torch
 
 import nf4
 from llama import (LlamaConfig, SAFE_INDEX, SAFE_NAMES, TuluError, atomic_write, checkpoint_files,
-                   decoder_linear, read_json, write_json, write_safetensors)
+                   decoder_linear, read_json, write_json)
 from machinery.checks import check_output
 from machinery.outputs import TOKENIZER_FILES, copy_tokenizer
 
@@ -40,25 +40,32 @@ def bnb_tensors(key: str, q: nf4.NF4Tensor) -> dict[str, torch.Tensor]:
 
 
 def save_file_streamed(fname: str, tensors) -> dict[str, int]:
-    """Write the (key, tensor) pairs of an iterable as safetensors' save_file would (widest dtype first,
-    each then at a multiple of its width, and by name): each to a scratch file as it comes, then read
-    back in that order by llama.write_safetensors. Returns each key's bytes."""
-    entries = {}  # key -> (a meta tensor of its dtype and shape, its offset in the scratch file)
+    """Write the (key, tensor) pairs of an iterable, each to a scratch file as it comes; then the
+    file, as safetensors' save_file writes the same tensors: the header, and the tensors widest
+    dtype first (each then starts at a multiple of its width) and by name, copied 16 MiB at a
+    time. Each key's bytes."""
+    entries = []  # (place of the dtype in SAFE_ORDER, key, shape, offset in the scratch file, bytes)
     with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(fname))) as scratch:
         for key, t in tensors:
-            entries[key] = (t.to("meta"), scratch.tell())
+            rank = SAFE_ORDER.index(SAFE_NAMES[t.dtype])
+            entries.append((rank, key, list(t.shape), scratch.tell(), t.nbytes))
             scratch.write(t.contiguous().view(-1).view(torch.uint8).numpy())
-        order = sorted(entries, key=lambda k: (SAFE_ORDER.index(SAFE_NAMES[entries[k][0].dtype]), k))
+        header, end = {"__metadata__": {"format": "pt"}}, 0
+        for rank, key, shape, _, n in sorted(entries):
+            header[key] = {"dtype": SAFE_ORDER[rank], "shape": shape, "data_offsets": [end, end + n]}
+            end += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts at a multiple of 8 bytes
 
-        def read_back(meta, at):
-            buf = torch.empty(meta.nbytes, dtype=torch.uint8)
-            scratch.seek(at)
-            scratch.readinto(buf.numpy())
-            return buf.view(meta.dtype).view(meta.shape)
-        stored = (read_back(*entries[k]) for k in order)  # fetched in the order written
-        metas = {k: entries[k][0] for k in order}
-        atomic_write(fname, lambda tmp: write_safetensors(tmp, metas, fetch=lambda meta: next(stored)))
-    return {key: meta.nbytes for key, (meta, _) in entries.items()}
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(len(text).to_bytes(8, "little") + text)
+                for *_, at, n in sorted(entries):
+                    scratch.seek(at)
+                    while n:
+                        n -= f.write(scratch.read(min(n, 1 << 24)))
+        atomic_write(fname, write)
+    return {key: n for _, key, _, _, n in entries}
 
 
 def quantized_tensors(fname: str):
