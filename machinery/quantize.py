@@ -1,14 +1,10 @@
 """`tulu.py quantize`: an HF Llama folder written, file for file and byte for byte, as transformers
-saves a model it loaded with bitsandbytes' load_in_4bit (NF4, double quantization), so that
-transformers loads it as its own and llama.load_model without quantizing (nf4.py's last section).
-
-Streamed: decoder weights are read a slice at a time and quantized, the other tensors one at a
-time, and neither the model nor a whole weight is ever in memory. A safetensors file opens with
-every tensor's offsets, yet a quant_state (JSON holding the mean of the scales) has its length only
-once its weight is quantized: tensors go to a scratch file first, the file is written at the end.
+saves a model it loaded with bitsandbytes' load_in_4bit (NF4, double quantization): transformers
+loads it as its own, llama.load_model without quantizing. Streamed: neither the model nor a whole
+weight is ever in memory. A safetensors file opens with every tensor's offsets, yet a quant_state
+(JSON holding the mean of the scales) has its length only once its weight is quantized: tensors go
+to a scratch file first, the file is written at the end.
 """
-from __future__ import annotations
-
 import json
 import os
 import tempfile
@@ -33,17 +29,14 @@ def bnb_tensors(key: str, q: nf4.NF4Tensor) -> dict[str, torch.Tensor]:
     state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
              "shape": list(q.shape), "nested_blocksize": nf4.DQ_BLOCKSIZE, "nested_dtype": "float32",
              "nested_offset": q.nested_offset.item()}
-    nf4_code, _, dynamic = nf4.code_books()
-    return {key: q.packed.view(-1, 1), f"{key}.absmax": q.absmax, f"{key}.quant_map": nf4_code,
-            f"{key}.nested_absmax": q.nested_absmax, f"{key}.nested_quant_map": dynamic,
+    return {key: q.packed.view(-1, 1), f"{key}.absmax": q.absmax, f"{key}.quant_map": nf4.code_books()[0],
+            f"{key}.nested_absmax": q.nested_absmax, f"{key}.nested_quant_map": nf4.code_books()[2],
             f"{key}.{nf4.BNB_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
 
 
 def save_file_streamed(fname: str, tensors) -> dict[str, int]:
-    """Write the (key, tensor) pairs of an iterable, each to a scratch file as it comes; then the
-    file, as safetensors' save_file writes the same tensors: the header, and the tensors widest
-    dtype first (each then starts at a multiple of its width) and by name, copied 16 MiB at a
-    time. Each key's bytes."""
+    """Write the (key, tensor) pairs of an iterable as safetensors' save_file does (widest dtype first,
+    each then at a multiple of its width, and by name), through a scratch file. Each key's bytes."""
     entries = []  # (place of the dtype in SAFE_ORDER, key, shape, offset in the scratch file, bytes)
     with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(fname))) as scratch:
         for key, t in tensors:
