@@ -16,9 +16,9 @@ import math
 import os
 import re
 import unicodedata
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from functools import lru_cache, partial
+from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
@@ -78,11 +78,10 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, path: str) -> "LlamaConfig":
         d = read_json(path, "a JSON model config")
-        rp = d.pop("rope_parameters", None) or {}  # where transformers >= 5 writes theta and scaling
-        if "rope_theta" in rp:
-            d.setdefault("rope_theta", rp["rope_theta"])
+        rp = dict(d.pop("rope_parameters", None) or {})  # where transformers >= 5 writes theta and scaling
+        d.setdefault("rope_theta", rp.pop("rope_theta", cls.rope_theta))
         if rp.get("rope_type", "default") != "default":
-            d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
+            d.setdefault("rope_scaling", rp)
         names = {f.name for f in fields(cls)} - {"extra"}
         cfg = cls(**{k: d[k] for k in d if k in names}, extra={k: d[k] for k in d if k not in names})
         mt, rs = cfg.extra.get("model_type", "llama"), cfg.rope_scaling or {}
@@ -185,12 +184,10 @@ def attention_mask_4d(attention_mask, T, S, device):
 
 
 def gqa_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(Dh)) v over the keys that `mask` allows, for each query
-    head; each group of H/Hkv query heads shares one key/value head, query head h
-    reading head h // (H/Hkv) (GQA, arXiv 2305.13245 Sec. 2.2; Hkv = H is plain
-    multi-head attention). q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh); mask: bool
-    (B or 1, 1, T, S), True = may attend, or None for plain causal attention
-    (attention_mask_4d) -> (B, H, T, Dh)."""
+    """softmax(q k^T / sqrt(Dh)) v for each query head over the keys `mask` allows (as
+    attention_mask_4d makes it; None: causal). Query head h reads key/value head h // (H/Hkv)
+    (GQA, arXiv 2305.13245 Sec. 2.2; Hkv = H is multi-head attention).
+    q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh) -> (B, H, T, Dh)."""
     # exercise: gqa_attention
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # (repeat_interleave copies even when groups is 1)
@@ -208,8 +205,7 @@ class KVCache:
     def __init__(self, size: int):
         self.size, self.len, self.k, self.v = size, 0, None, None
 
-    def update(self, k, v):
-        """Append (B, Hkv, T, Dh) keys and values; return those of all positions so far."""
+    def update(self, k, v):  # (B, Hkv, T, Dh) each -> those of all positions so far
         if self.k is None:
             self.k, self.v = (t.new_empty(*t.shape[:2], self.size, t.shape[3]) for t in (k, v))
         n = self.len + k.shape[2]
@@ -272,14 +268,11 @@ class DecoderLayer(nn.Module):
 # and log_softmax's output). LabelLogps takes the learned rows alone, a chunk at a time;
 # reference_label_logps is the plain version the tests hold it to.
 
-# Logits computed at once: on a CPU 2**22 (16 MiB in float32) keeps a chunk's buffers
-# near the caches; on a GPU 2**26 gives each kernel enough work to be worth its launch.
-CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**26}
-
 
 def chunk_rows(device, vocab: int) -> int:
-    """Rows of logits label_logps computes at a time on `device` (at least one)."""
-    return max(1, CHUNK_LOGITS.get(torch.device(device).type, CHUNK_LOGITS["cpu"]) // vocab)
+    """Rows of logits LabelLogps computes at once: 2**22 logits (16 MiB in float32) keep a chunk
+    near a CPU's caches; 2**26 give each GPU kernel enough work to be worth its launch."""
+    return max(1, (2**26 if torch.device(device).type == "cuda" else 2**22) // vocab)
 
 
 def reference_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -295,28 +288,26 @@ class LabelLogps(torch.autograd.Function):
     log softmax(h W^T)[target], `rows` rows at a time. The gradient by the logits,
     onehot - softmax, is known in forward: kept (negated) times W, (N, D), if W is
     frozen (LoRA), else as (N, V) in the compute dtype (a fifth of the plain path's
-    float32 logits and log-softmax)."""
+    float32 logits and log-softmax). Under autocast the products run in its dtype."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):
         dev = h.device.type
-        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # the product's
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         (N, D), V, w, frozen = h.shape, weight.shape[0], weight.to(cd), not ctx.needs_input_grad[1]
         out = torch.empty(N, dtype=torch.float32, device=h.device)
         kept = h.new_empty(N, D if frozen else V, dtype=cd) if any(ctx.needs_input_grad[:2]) else None
         with torch.autocast(dev, enabled=False):
             for s in range(0, N, rows):
                 t = targets[s:s + rows]
-                z = h[s:s + rows].to(cd) @ w.t()  # (n, V) logits, rounded as the model's are
-                logp = torch.log_softmax(z.float(), dim=-1)
+                logp = torch.log_softmax((h[s:s + rows].to(cd) @ w.t()).float(), dim=-1)  # (n, V)
                 out[s:s + rows] = logp.gather(1, t[:, None]).squeeze(1)
                 if kept is not None:
                     p = logp.exp_()  # softmax
                     p[torch.arange(len(t), device=p.device), t] -= 1  # softmax - onehot, in float32
                     kept[s:s + rows] = p.to(cd) @ w if frozen else p  # (n, D), or (n, V)
         ctx.dtype, ctx.h_dtype = cd, h.dtype
-        if kept is not None:
-            ctx.save_for_backward(kept, *(() if frozen else (h, weight)))
+        ctx.save_for_backward(kept, *(() if frozen else (h, weight)))
         return out
 
     @staticmethod
@@ -375,8 +366,7 @@ class Llama(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=x.device)
         cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions, x.dtype)  # (T, Dh) each
         mask = attention_mask_4d(attention_mask, T, start_pos + T, x.device)
-        for i, layer in enumerate(self.model.layers):
-            c = cache[i] if cache is not None else None
+        for layer, c in zip(self.model.layers, cache or [None] * len(self.model.layers)):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # recompute the layer's activations in backward instead of keeping them
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, c, use_reentrant=False)
@@ -387,9 +377,9 @@ class Llama(nn.Module):
 
 
 def pad_batch(rows, pad_id) -> dict:
-    """(input_ids, labels) pairs of int lists or tensors -> {"input_ids", "labels",
-    "attention_mask"}, each (N, T) long, right-padded to the longest row: ids with
-    pad_id (an existing token: no vocabulary resize), labels -100, mask 0."""
+    """(input_ids, labels) pairs -> {"input_ids", "labels", "attention_mask"}, (N, T) long,
+    right-padded: ids with pad_id (an existing token: no vocabulary resize), labels -100, mask 0."""
+
     shape = (len(rows), max(len(x) for x, _ in rows))  # (N, T)
     ids, labels, mask = (torch.full(shape, v, dtype=torch.long) for v in (pad_id, -100, 0))
     for i, (x, y) in enumerate(rows):
@@ -439,8 +429,7 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def checkpoint_dtype(path: str) -> torch.dtype:
-    """The dtype an HF folder's weights are stored in (its first tensor's): what a
-    fine-tuned copy is written in, whatever it trained in."""
+    """The dtype of an HF folder's (first) weight: what a fine-tuned copy is written in."""
     from safetensors import safe_open
     with safe_open(checkpoint_files(path)[0], framework="pt") as f:
         keys = [k for k in f.keys() if not k.endswith("rotary_emb.inv_freq")]
@@ -479,22 +468,22 @@ def read_checkpoint_file(model: Llama, fname: str, expected, dtype, device, quan
                 elif quantize and decoder_linear(key):
                     nf4.load_nf4_linear(model, key, raw, dtype, device)
                 else:
+                    new = f.get_tensor(key).to(device=device, dtype=dtype)
+                    check_shape(key, new.shape, model.get_parameter(key).shape)
                     module, _, name = key.rpartition(".")
-                    old, new = model.get_parameter(key), f.get_tensor(key).to(device=device, dtype=dtype)
-                    check_shape(key, new.shape, old.shape)
-                    new = nn.Parameter(new, requires_grad=old.requires_grad)
-                    setattr(model.get_submodule(module), name, new)
+                    setattr(model.get_submodule(module), name, nn.Parameter(new))
                 yield key
+
     except SafetensorError as e:  # a truncated or corrupt file, e.g. an interrupted download
         raise TuluError(f"{fname}: not a valid safetensors file ({e})") from None
 
 
 def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
-    """Load an HF Llama folder. The model is built on the `meta` device (no memory) and
-    filled one tensor at a time, so peak memory is the model plus one tensor. quantize="nf4"
-    turns each decoder linear weight into 4-bit as it is read, a slice at a time (QLoRA;
-    nf4.load_nf4_linear); embeddings, norms and lm_head stay in `dtype`, as in bitsandbytes.
-    A bitsandbytes 4-bit folder (its config.json has a quantization_config) loads in 4-bit as it is."""
+    """Load an HF Llama folder: the model built on the `meta` device (no memory), then filled a
+    tensor at a time (peak memory: the model plus one tensor). quantize="nf4": each decoder linear
+    weight to 4-bit as it is read, a slice at a time (QLoRA; nf4.load_nf4_linear), the rest in
+    `dtype`, as bitsandbytes does. A bitsandbytes 4-bit folder (config.json's quantization_config)
+    loads in 4-bit as it is."""
     files = checkpoint_files(path)
     cfg = LlamaConfig.from_json(os.path.join(path, "config.json"))
     if quantize not in (None, "nf4"):
@@ -551,10 +540,9 @@ def model_tensors(model: Llama) -> dict:
 
 
 def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dtype=None, fetch=lambda t: t):
-    """Write `model` as an HF folder: config.json plus model.safetensors, or shards
-    model-0000k-of-0000n.safetensors and their index past max_shard_bytes, a tensor at
-    a time (write_safetensors). The weights keep their dtype, or are cast to `dtype`
-    (float32 master weights written as the bf16 checkpoint they came from)."""
+    """Write `model` as an HF folder: config.json, and model.safetensors or, past max_shard_bytes,
+    shards model-0000k-of-0000n.safetensors and their index. The weights keep their dtype, or are
+    cast to `dtype` (float32 master weights written as the bf16 checkpoint they came from)."""
     for name, m in model.named_modules():
         if type(m).__name__ in ("Linear4bit", "LoRALinear"):
             raise TuluError(f"save_model: {name} is a {type(m).__name__}; merge it first (lora.merge_lora)")
@@ -571,7 +559,8 @@ def save_model(model: Llama, out_dir: str, max_shard_bytes: int = 5 * 2**30, dty
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
         tensors = {k: sd[k] for k in keys}
-        atomic_write(os.path.join(out_dir, name), lambda t: write_safetensors(t, tensors, dtype, fetch))
+        atomic_write(os.path.join(out_dir, name), lambda tmp: write_safetensors(tmp, tensors, dtype, fetch))
+
     if len(shards) > 1:
         weight_map = {k: n for n, ks in zip(names, shards) for k in ks}
         index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
@@ -604,44 +593,6 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-# A decoding step multiplies one row by every weight: its speed is that of reading the
-# weights. On a CPU torch sends a float32 one-row product to the BLAS's matrix-vector
-# routine, which on some machines reads far below the memory's speed (MKL on an AMD
-# EPYC: 16 GB/s, where summing the weights reads 50); the weight's two halves as one
-# batch (bmm) take the batched routine, 40-55 GB/s there. bench/generate_speed.py.
-
-
-def one_row_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x (..., K) of one row in all -> (..., N), as a batch
-    of two products, each of half the weight's rows: the same sums in another order."""
-    N, K = weight.shape
-    column = x.reshape(1, 1, K).transpose(1, 2)  # (1, K, 1), strides (K, 1, K): the BLAS reads
-    halves = torch.bmm(weight.view(2, N // 2, K), column.expand(2, K, 1))  # it as a column; (2, N/2, 1)
-    y = halves.view(*x.shape[:-1], N)
-    return y if bias is None else y + bias
-
-
-@contextmanager
-def one_row_products(model: nn.Module):
-    """Inside, every plain nn.Linear of `model` computes one float32 row on a CPU outside
-    autocast (a decoding step) by one_row_linear, anything else by F.linear: an instance
-    attribute `forward` hides the class's until it is deleted."""
-    def forward(layer, x):
-        w = layer.weight
-        one_row = x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-        if one_row and w.shape[0] % 2 == 0 and w.is_contiguous() and not torch.is_autocast_enabled("cpu"):
-            return one_row_linear(x, w, layer.bias)
-        return F.linear(x, w, layer.bias)
-    layers = [m for m in model.modules() if type(m) is nn.Linear]
-    for m in layers:
-        m.forward = partial(forward, m)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
              eos_id=None, on_token=None, generator=None) -> list[int]:
@@ -652,13 +603,12 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
     cache, out = [KVCache(ids.shape[1] + max_new_tokens) for _ in model.model.layers], []
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id} - {None}
-    with one_row_products(model):
-        while len(out) < max_new_tokens and not (out and out[-1] in eos):
-            logits = model(ids, cache=cache, start_pos=cache[0].len, last_only=True)[:, -1]  # (1, V)
-            out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
-            if on_token:
-                on_token(out[-1])
-            ids = torch.tensor([[out[-1]]], device=device)
+    while len(out) < max_new_tokens and not (out and out[-1] in eos):
+        logits = model(ids, cache=cache, start_pos=cache[0].len, last_only=True)[:, -1]  # (1, V)
+        out.append(int(sample_next(logits, temperature, top_k, top_p, generator)[0]))
+        if on_token:
+            on_token(out[-1])
+        ids = torch.tensor([[out[-1]]], device=device)
     return out
 
 
@@ -944,21 +894,21 @@ class BPETokenizer(SpecialSplitting):
         template, e.g. [[128000], []] for Llama 3: BOS added, no EOS."""
         ids, side = [[], []], 0
         for step in sequence(post, "processors"):
-            kind = (step or {}).get("type")  # ByteLevel only adjusts offsets
-            if kind not in (None, "ByteLevel", "TemplateProcessing"):
-                self.unsupported("post_processor", kind, "only TemplateProcessing and ByteLevel")
-            for item in (step or {}).get("single", []):  # a SpecialToken, or the text ("Sequence")
+            step = step or {}
+            if step.get("type") not in (None, "ByteLevel", "TemplateProcessing"):  # ByteLevel: offsets only
+                self.unsupported("post_processor", step["type"], "only TemplateProcessing and ByteLevel")
+            for item in step.get("single", []):  # a SpecialToken, or the text ("Sequence")
+
                 side = side or "Sequence" in item
                 if "SpecialToken" in item:
                     ids[side] += step["special_tokens"][item["SpecialToken"]["id"]]["ids"]
         return ids
 
     def token_id(self, text):
-        found = self.specials.get(text, self.vocab.get(text))
-        if found is None:
+        if text not in self.specials and text not in self.vocab:
             raise TuluError(f"{self.file}: token {text!r} (from tokenizer_config.json) is not in the "
                             "vocabulary")
-        return found
+        return self.specials.get(text, self.vocab.get(text))
 
     def words(self, text: str) -> list[str]:
         """Cut text into words with each Split regex in turn, then GPT-2's; as HF's
@@ -966,16 +916,12 @@ class BPETokenizer(SpecialSplitting):
         words = [" " + text if self.prefix_space and not text.startswith(" ") else text]
         full = BEYOND_BMP.search(text) is not None
         for pattern in (pair[full] for pair in self.split_patterns):
-            out = []
-            for w in words:  # findall is faster; split (the regex is a group) also keeps what matches nothing
-                found = pattern.findall(w)
-                out += found if sum(map(len, found)) == len(w) else list(filter(None, pattern.split(w)))
-            words = out
+            words = [part for w in words for part in pattern.split(w) if part]  # matches (a group), the rest
+
         return words
 
     def encode_word(self, word: str) -> list[int]:
-        """One word -> ids: spell its UTF-8 bytes in the byte alphabet, then merge."""
-        spelled = word.encode("utf-8").decode("latin-1").translate(self.byte_table)
+        spelled = word.encode("utf-8").decode("latin-1").translate(self.byte_table)  # in byte_alphabet()
         if self.ignore_merges and spelled in self.vocab:
             return [self.vocab[spelled]]
         return [self.vocab[s] for s in bpe_merge(list(spelled), self.ranks)]
@@ -983,6 +929,9 @@ class BPETokenizer(SpecialSplitting):
     def encode_piece(self, piece: str, first: bool = True) -> list[int]:
         """Ids of text without added tokens (`first` changes nothing here)."""
         return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
+
+
+
 
     def decode(self, ids) -> str:
         """Each token's stand-ins back to bytes (a token with other characters, as an added one

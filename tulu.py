@@ -1,11 +1,10 @@
 """Chapter 5: the Tulu 2 recipe -- supervised fine-tuning, DPO, merging, chat.
 
-What this file teaches: how the earlier chapters become the training runs of
-Tulu 2 (Ivison et al. 2023, arXiv 2311.10702): the chat format and which tokens
-are learned, the model cards' recipes as a typed config, QLoRA (arXiv 2305.14314)
-and DPO (arXiv 2305.18290) as tasks, and a loop that weighs every token equally.
-What a run needs besides the recipe (checkpoints, torchrun, data at scale, checks,
-evaluation, the demo, the other commands) is in machinery/, which a reader may skip.
+How the earlier chapters become the training runs of Tulu 2 (Ivison et al. 2023, arXiv
+2311.10702): the chat format and which tokens are learned, the model cards' recipes as a typed
+config, QLoRA (arXiv 2305.14314) and DPO (arXiv 2305.18290) as tasks, and a loop that weighs
+every token equally. What a run needs besides the recipe (checkpoints, torchrun, data at scale,
+checks, evaluation, the demo, the other commands) is in machinery/, which a reader may skip.
 
 Shapes: B batch, T time (tokens), V vocabulary. Read top to bottom; the command line is last.
 """
@@ -21,8 +20,8 @@ import dpo
 import llama
 from llama import TuluError
 from machinery.cli import count, positive_int  # argparse's types of TrainConfig's flags
-from machinery import (checks, cli, data, demo, distributed as dist, evaluate, fast, outputs, plan, quantize,
-                       runs)
+from machinery import checks, cli, data, demo, distributed as dist, evaluate, exercises, fast, outputs, plan
+from machinery import quantize, runs
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -43,8 +42,7 @@ def chat_text(messages, eos: str = "</s>") -> str:
     for m in messages:
         if m["role"] not in ROLE_HEADERS:
             raise ValueError(f"unknown role {m['role']!r} (expected system, user or assistant)")
-        end = eos if m["role"] == "assistant" else ""
-        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + end + "\n"
+        text += ROLE_HEADERS[m["role"]] + m["content"].strip() + eos * (m["role"] == "assistant") + "\n"
     return text
 
 
@@ -56,20 +54,18 @@ def eos_text(tokenizer) -> str:
 
 
 def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation, as open-instruct's
-    encode_with_messages_format (Tulu 2) makes them: the chat text (with the
-    tokenizer's EOS text), stripped, tokenized with BOS where the tokenizer adds
-    one, and cut on the right to max_seq_length; labels are the
-    ids with -100 on every system and user turn and on the "<|assistant|>\n"
-    that follows one. So the model learns the replies, their EOS and, after
-    a non-final EOS, the newline (Llama 2 with legacy=True: "▁", "\n").
+    """(input_ids, labels) of one conversation, as open-instruct's encode_with_messages_format
+    (Tulu 2) makes them: the chat text (with the tokenizer's EOS text), stripped, tokenized with
+    BOS where the tokenizer adds one, cut on the right to max_seq_length; labels are the ids with
+    -100 on every system and user turn and on the "<|assistant|>\n" that follows one. So the model
+    learns the replies, their EOS and, after a non-final EOS, the newline (Llama 2 with
+    legacy=True: "▁", "\n").
 
-    Where a turn ends is found as open-instruct finds it: by tokenizing the
-    conversation up to that turn on its own. Kept on purpose, as there: BOS is
-    learned when a conversation starts with an assistant turn, and so is the
-    header of an assistant turn that follows another one."""
+    Where a turn ends is found as open-instruct finds it: by tokenizing the conversation up to
+    that turn on its own. Kept on purpose, as there: BOS is learned when a conversation starts
+    with an assistant turn, and so is the header of an assistant turn that follows another one."""
     if not messages:
-        raise ValueError("no messages")
+        raise ValueError("no messages")  # as open-instruct's
     # exercise: encode_messages
     eos = eos_text(tokenizer)
     prefix_len = lambda text: len(tokenizer.encode(text, bos=True)[:max_seq_length])
@@ -89,24 +85,17 @@ def encode_messages(messages, tokenizer, max_seq_length: int) -> tuple[list[int]
     # end exercise
 
 
-def final_answer_start(labels):
-    """Index where the last run of learned labels begins: the final assistant
-    answer, since encode_messages masks the "<|assistant|>\n" header before it."""
-    i = len(labels)
-    while i > 0 and labels[i - 1] != -100:
-        i -= 1
-    return i
-
-
 def encode_pair(chosen, rejected, tok, max_seq_length, encode=encode_messages):
-    """Encode both conversations with the SFT chat format and learn only the final
-    assistant answer (the shared turns cancel in DPO's margin anyway). None when
-    truncation would cut an answer away entirely. `encode`: encode_messages or
-    encode_messages_fast, the same ids and labels."""
+    """Both conversations in the SFT chat format, learning only the final assistant answer (the
+    shared turns cancel in DPO's margin anyway): the last run of learned labels, as encode_messages
+    masks the "<|assistant|>\n" before it. None when truncation would cut an answer away entirely.
+    `encode`: encode_messages or data.encode_messages_fast, the same ids and labels."""
     out = ()
     for msgs in (chosen, rejected):
         ids, labels = encode(msgs, tok, max_seq_length=10**9)
-        start = final_answer_start(labels)
+        start = len(labels)
+        while start > 0 and labels[start - 1] != -100:
+            start -= 1
         if start >= max_seq_length:
             return None
         out += (ids[:max_seq_length], ([-100] * start + labels[start:])[:max_seq_length])
@@ -170,15 +159,13 @@ def chat_template(tokenizer, chat_format: str = "tulu") -> str:
     return outputs.jinja_chat_template(tokenizer, turns, ROLE_HEADERS["assistant"], strip=True)
 
 
-
 # The data files as training examples: machinery/data.py reads them, encodes them with this chat
 # format (a fast path with the same ids and labels) by worker processes, and caches them.
 CHAT = data.ChatFormat(chat_text, eos_text, ROLE_HEADERS, encode_pair, encode_instruction)
 
 
 def load_sft_data(path, tok, max_seq_length, workers=1, cache=None, rows=None):
-    """Every conversation (or QLoRA row: encode_instruction, with the keywords `rows`) of a
-    JSONL file as (ids, labels), in order (data.load_examples)."""
+    """Every conversation (or QLoRA row: encode_instruction, keywords `rows`) as (ids, labels)."""
     chat = CHAT._replace(row=functools.partial(encode_instruction, **(rows or {})))
     return data.load_examples(path, "sft", tok, max_seq_length, chat, workers, cache)
 
@@ -220,8 +207,7 @@ class TrainConfig:
     """What a training run (sft, dpo, the demo's pre-training) needs to know: the flags are made from
     these fields (training_flags), the model cards' recipes fill what is None (resolve)."""
     command: str = "sft"
-    model: str | None = flag("HF Llama folder (default: the tiny demo model, built once and cached under "
-                             "$XDG_CACHE_HOME/tulu)")
+    model: str | None = flag("HF Llama folder (default: the tiny demo model, built once and cached)")
     output: str | None = flag("output folder (default: out/{command}-METHOD, or the --resume folder)")
     method: str = flag("qlora: NF4 base + LoRA + paged AdamW (QLoRA, arXiv 2305.14314); lora: LoRA on a "
                        "bf16/fp32 base; full: every weight (default: %(default)s)", "qlora",
@@ -236,8 +222,7 @@ class TrainConfig:
     grad_accum: int | None = flag("micro-batches per optimiser step; batch-size x grad-accum = {batch}, the "
                                   "model cards' batch", recipe=True, type=positive_int)
     max_seq_length: int | None = flag("truncate longer examples", recipe=True, type=positive_int)
-    warmup_ratio: float | None = flag("linear warmup over this fraction of the steps, then linear decay to 0",
-                                      recipe=True, type=float)
+    warmup_ratio: float | None = flag("warmup over this fraction of the steps", recipe=True, type=float)
     max_grad_norm: float | None = flag("gradient clipping, 0 = off", recipe="QLoRA, arXiv 2305.14314",
                                        type=float)
     weight_decay: float = flag("AdamW weight decay (default 0, Tulu 2)", 0.0, type=float)
@@ -250,29 +235,25 @@ class TrainConfig:
                                       "so that policy = reference at step 0, as TRL)", type=float)
     gradient_checkpointing: bool = flag("recompute activations in backward (QLoRA)", False,
                                         action="store_true")
-    compile: bool = flag("torch.compile each decoder layer (default: off): fused kernels for the elementwise "
-                         "work, meant for CUDA; the first step compiles for tens of seconds, and on a CPU "
-                         "the step is no faster (README)", False, action="store_true")
-    group_by_length: bool = flag(
-        "cut each step's examples into micro-batches longest first, so that little is padded: faster on data "
-        "of mixed lengths; the step's examples and summed gradient stay the same, only dropout masks and "
-        "float rounding differ (default: off, shuffled order, as transformers' group_by_length)", False,
-        action="store_true")
+    compile: bool = flag("torch.compile each decoder layer (default: off): fused elementwise kernels for "
+                         "CUDA; the first step compiles for tens of seconds; no faster on a CPU (README)",
+                         False, action="store_true")
+    group_by_length: bool = flag("cut each step's examples into micro-batches longest first, so that little "
+                                 "is padded (same examples and summed gradient; dropout masks and rounding "
+                                 "differ) (default: off, as transformers' group_by_length)", False,
+                                 action="store_true")
     seed: int = flag("random seed (default 42, open-instruct's)", 42, type=int)
     save_every: int = flag("also checkpoint every N steps (default 0: by time only, --save-minutes)", 0,
                            type=count, metavar="N")
-    save_minutes: float = flag(
-        "checkpoint once M minutes have passed since the last checkpoint (default %(default)g: a crash or "
-        "SIGKILL loses at most that much, while writing a checkpoint, seconds for an adapter, about 80 s "
-        "at 1 GB/s for a 7B full fine-tune's 75 GiB of float32 weights and AdamW state, costs a few percent "
-        "of the time; the demo ends sooner; 0: off). Ctrl-C and SIGTERM always checkpoint, after the step in "
-        "progress", 30.0, type=float, metavar="M")
+    save_minutes: float = flag("checkpoint once M minutes have passed since the last one (default "
+                               "%(default)g: a crash loses at most that much, while a 7B full fine-tune's "
+                               "75 GiB checkpoint takes ~80 s; 0: off); Ctrl-C and SIGTERM always "
+                               "checkpoint, after the step in progress", 30.0, type=float, metavar="M")
     resume: str | None = flag("continue the run in this output folder from its checkpoint, with the same "
                               "settings, model and data; a finished run exits at once")
-    fsdp: bool = flag("under torchrun, lora and qlora too shard the frozen base, the adapters and AdamW's "
-                      "state over the ranks (FSDP2, a decoder layer gathered at a time; qlora's AdamW then "
-                      "unpaged), as Answer.AI's FSDP+QLoRA trained 70B on two 24 GB GPUs (default: DDP, "
-                      "each rank holding the whole base: faster where it fits; full always shards)", False,
+    fsdp: bool = flag("under torchrun, lora and qlora too shard the frozen base, adapters and AdamW state "
+                      "(FSDP2, a layer gathered at a time; qlora's AdamW unpaged), as Answer.AI's FSDP+QLoRA "
+                      "(default: DDP, each rank holding the whole base; full always shards)", False,
                       action="store_true")
     device: str = flag("default: cuda if available", "auto", choices=["auto", "cpu", "cuda"])
     dtype: str = flag("compute dtype (default: bf16 on CUDA, as QLoRA; fp32 on CPU); what trains keeps "
@@ -464,12 +445,13 @@ def step_batches(n, step, steps_per_epoch, batch_size, grad_accum, seed, lengths
     return [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
 
 
-def train(cfg, model, examples, task, out, save=False):
+def train(cfg, model, examples, task, out, template=None):
     """Tulu 2's loop: AdamW (paged for QLoRA), linear warmup and decay, gradient accumulation
     that sums the token losses of the whole step and divides once by its learned tokens
     (open-instruct's reduce_loss="sum": every token weighs the same however the step is split),
-    clipping. The rest (metrics, checkpoints, signals, the non-finite stop) is run's, once a
-    step. save: write the adapter or model to `out` at the end. Returns the metrics' rows."""
+    clipping. The rest (metrics, checkpoints, signals, the non-finite stop) is run's, once a step.
+    template: the outputs' chat template; with one, the adapter or model is written to `out` at
+    the end. Returns the metrics' rows."""
     d = dist.dist_of(cfg)
     per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum * d.world))  # the global batch
     total = cfg.max_steps or cfg.epochs * per_epoch
@@ -502,11 +484,8 @@ def train(cfg, model, examples, task, out, save=False):
                 opt.step()
             opt.zero_grad(set_to_none=True)
             run.end_step(step + 1, model, opt, lr)
-        # the outputs' chat template is the format of the data they learned: Tulu's, or QLoRA's rows'
-        qlora = save and data.row_keys(next(data.read_objects(cfg.data))[1])
-        template = functools.partial(chat_template, chat_format="qlora" if qlora else "tulu")
-        return run.finish(model, (lambda: outputs.save_outputs(cfg, model, cfg.model, out, template))
-                          if save else None)
+        save = template and functools.partial(outputs.save_outputs, cfg, model, cfg.model, out, template)
+        return run.finish(model, save)
 
 
 # -----------------------------------------------------------------------------
@@ -520,8 +499,15 @@ def tiny_default() -> str:
 
 
 def tiny_sft() -> str:
-    """Where dpo, chat and eval start without --model: the tiny default after the demo's full SFT."""
-    return demo.tiny_sft_model(tiny_default, main)
+    """Where dpo, chat and eval start without --model: the tiny default after the demo's full SFT,
+    run once and cached beside it."""
+    path = tiny_default().replace("tiny-llama-", "tiny-sft-")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
+        tmp = f"{path}.tmp{os.getpid()}"
+        main(["sft", "--method", "full", "--output", tmp])
+        os.replace(tmp, path)
+    return path
 
 
 def start_run(args):
@@ -559,7 +545,9 @@ def demo_answers(model, tok, model_dir):
 
 def cmd_sft(args):
     cfg, is_demo, tok, examples, model = start_run(args)
-    train(cfg, model, examples, SFTTask(tok.eos_id), cfg.output, save=True)
+    rows = data.row_keys(next(data.read_objects(cfg.data))[1])  # QLoRA's rows: their chat format
+    template = chat_template(tok, "qlora" if rows else "tulu")
+    train(cfg, model, examples, SFTTask(tok.eos_id), cfg.output, template)
     if is_demo:
         prompts, answers = demo_answers(model, tok, cfg.model)
         demo.print_answers(demo.DEMO_HELDOUT, prompts, {"SFT": answers})
@@ -568,21 +556,21 @@ def cmd_sft(args):
 def cmd_dpo(args):
     cfg, is_demo, tok, pairs, model = start_run(args)
     task = DPOTask(cfg, pad_id=tok.eos_id)
-    # The reference is the model as it starts: for full fine-tuning the SFT weights, with --adapter
-    # base + SFT adapter (the adapter itself trains on, so switching adapters off would give the bare
-    # base, the wrong reference). Score every pair once now; no second model is ever held in memory.
+    # The reference is the model as it starts: for full fine-tuning the SFT weights, with --adapter base
+    # + SFT adapter (switching the training adapter off would give the bare base, the wrong reference).
+    # Score every pair once now; no second model is ever held in memory.
     cached = cfg.method == "full" or bool(cfg.adapter)
     reference = (lambda pairs: cache_reference(model, pairs, task, cfg)) if cached else (lambda pairs: pairs)
     pairs, heldout = reference(pairs), os.path.join(DATA, "prefs_heldout.jsonl")
     if is_demo:  # held-out numbers at step 0, where the policy is the SFT model
         held = reference(load_pref_data(heldout, tok, cfg.max_seq_length))
-        before = evaluate.preference_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
+        before = evaluate.held_out_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
         prompts, sft_answers = demo_answers(model, tok, cfg.model)
-    train(cfg, model, pairs, task, cfg.output, save=True)
+    train(cfg, model, pairs, task, cfg.output, chat_template(tok))
     if is_demo:
         dpo_answers = demo_answers(model, tok, cfg.model)[1]
         demo.print_answers(demo.DEMO_HELDOUT, prompts, {"SFT": sft_answers, "DPO": dpo_answers})
-        after = evaluate.preference_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
+        after = evaluate.held_out_metrics(model, held, task, cfg, cli.eval_batches, cli.autocast)
         print(f"held-out pairs ({heldout}): rewards/accuracy {before['rewards/accuracy']:.2f} -> "
               f"{after['rewards/accuracy']:.2f}, rewards/margin {before['rewards/margin']:.3f} -> "
               f"{after['rewards/margin']:.3f} (at step 0 the policy is the reference: every reward is 0)")
@@ -616,7 +604,7 @@ def build_parser():
                          "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy"),
                 "plan": (plan.print_plan, plan.plan_flags,
                          "each device's peak memory in a training run, from config.json alone"),
-                "exercises": (cli.write_exercises, cli.exercises_flags, "write a student copy in which key "
+                "exercises": (exercises.command, exercises.flags, "write a student copy in which key "
                               "functions are left to implement, graded by the tests (see its EXERCISES.md)")}
     for name, (func, flags, help) in commands.items():
         p = sub.add_parser(name, help=help)

@@ -160,7 +160,8 @@ def main():
     ex_tokens = sum(len(e[0]) for e in examples)
     slice_ = convs[:300]
     lists = list_bytes_per_token(lambda: [encode_reference(m, hf, L) for m in slice_])
-    print(f"resident bytes per token: Examples {examples.nbytes() / ex_tokens:.2f} (ids and labels int32, "
+    nbytes = examples.tokens.nbytes + examples.offsets.nbytes
+    print(f"resident bytes per token: Examples {nbytes / ex_tokens:.2f} (ids and labels int32, "
           f"offsets int64), two lists of Python ints {lists:.1f}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

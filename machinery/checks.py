@@ -1,9 +1,6 @@
-"""Failing loudly and early: mistakes that would otherwise cost a GPU-day.
-
-A run reads a model folder, a tokenizer and a data file, then trains for hours; most
-mistakes in them would surface deep inside it, as a traceback from F.embedding ("index
-out of range") or NaN weights written over good ones. Each check here runs before the
-first step (or before a file is written) and ends the run with a one-line TuluError that
+"""Failing early, before the first step or before a file is written, on mistakes that would
+otherwise surface hours into a run: as a traceback from F.embedding ("index out of range")
+or as NaN weights written over good ones. Each ends the run with a one-line TuluError that
 names the file and says what to do; examples longer than the model's context only warn.
 """
 import contextlib
@@ -15,11 +12,11 @@ import torch
 
 import llama
 from llama import Tokenizer, TuluError
+from machinery.data import example_lengths
 
 
 def check_vocab(tok, model_dir):
-    """Every id the tokenizer can produce needs a row of the embedding (config.json's
-    vocab_size, which load_model holds the weights to); more rows (padded) are fine."""
+    """Every id the tokenizer can produce needs a row of the embedding (more rows are fine)."""
     config = os.path.join(model_dir, "config.json")
     if tok is not None and tok.vocab_size > (rows := llama.LlamaConfig.from_json(config).vocab_size):
         raise TuluError(f"{tok.file}: the tokenizer has {tok.vocab_size} ids "
@@ -29,8 +26,7 @@ def check_vocab(tok, model_dir):
 
 
 def tokenizer_source(adapter, model_dir):
-    """The folder whose tokenizer a run uses: the adapter's when it has one (sft and
-    dpo write the tokenizer beside the adapter), else the model's."""
+    """The adapter's folder where it has a tokenizer (sft and dpo write one), else the model's."""
     files = ("tokenizer.model", "tokenizer.json")
     return adapter if adapter and any(os.path.exists(os.path.join(adapter, n)) for n in files) else model_dir
 
@@ -42,7 +38,6 @@ def folder_tokenizer(adapter, model_dir):
 
 
 def check_output(output, model, adapter=None):
-    """Refuse an --output that is the folder read from: it would be written over."""
     for flag, src in (("--model", model), ("--adapter", adapter)):
         if src and os.path.realpath(output) == os.path.realpath(src):
             raise TuluError(f"--output {output} is the {flag} folder: writing there would overwrite what "
@@ -50,8 +45,7 @@ def check_output(output, model, adapter=None):
 
 
 def check_batch_size(args, examples, what):
-    n = len(examples)
-    if args.batch_size > n:
+    if args.batch_size > (n := len(examples)):
         raise TuluError(f"--batch-size {args.batch_size} is larger than the data set ({n} {what}"
                         f"{'s' * (n != 1)} in {args.data}): use --batch-size {n} or fewer, or more data")
 
@@ -59,8 +53,7 @@ def check_batch_size(args, examples, what):
 def warn_beyond_context(args, examples):
     """RoPE runs past max_position_embeddings, but quality usually drops: warn, not stop."""
     config = os.path.join(args.model, "config.json")
-    ctx = llama.LlamaConfig.from_json(config).max_position_embeddings
-    longest = max(len(x) for e in examples for x in e[:4:2])  # (ids, labels) or (c_ids, c_labels, r_ids, ...)
+    ctx, longest = llama.LlamaConfig.from_json(config).max_position_embeddings, max(example_lengths(examples))
     if longest > ctx:
         print(f"tulu {args.command}: warning: examples of up to {longest} tokens (--max-seq-length "
               f"{args.max_seq_length}) are longer than the model's context (max_position_embeddings {ctx} "
@@ -76,7 +69,6 @@ def json_safe(row):
 
 def check_finite_weights(named, what):
     """Never write non-finite weights (a step can overflow a weight with a finite loss)."""
-    for n, p in named:
-        if not torch.isfinite(p).all():
-            raise TuluError(f"{n} holds non-finite values: {what} not written; "
-                            f"try a lower --lr or --max-grad-norm")
+    if bad := next((n for n, p in named if not torch.isfinite(p).all()), None):
+        raise TuluError(f"{bad} holds non-finite values: {what} not written; "
+                        f"try a lower --lr or --max-grad-norm")

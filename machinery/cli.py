@@ -1,14 +1,10 @@
-"""The command line around the recipe: what tulu.py's commands share, and the commands
-that only use the recipe (merge, chat, eval, exercises) with their flags.
-
-Each command resolves --device and --dtype once (device_and_dtype), and autocast computes
-in bf16 where asked, on a CPU too. merge, chat and eval load a model with its adapter
-(tuned_model) and the tokenizer it was trained with (the adapter's, where sft or dpo
-wrote one beside it). What a command needs of the recipe (the chat format, the tasks)
-comes from tulu.py as parameters: this folder never imports it. run() ends a command
-that meets bad input with one line and an exit status, never a traceback.
+"""The command line around the recipe: what tulu.py's commands share, and the commands that
+only use the recipe (merge, chat, eval) with their flags. What they need of the recipe (the
+chat format, the tasks) comes from tulu.py as parameters: this folder never imports it.
+run() ends a command that meets bad input with one line and an exit status, never a traceback.
 """
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -19,9 +15,7 @@ from tqdm import tqdm
 import dpo
 import llama
 from llama import Tokenizer, TuluError, load_model, save_model
-from machinery import checks, data, distributed as dist, evaluate, exercises as student_copy, outputs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from machinery import checks, data, distributed as dist, evaluate, outputs
 
 
 def count(s, least=0):
@@ -31,8 +25,7 @@ def count(s, least=0):
     return int(s)
 
 
-def positive_int(s):
-    return count(s, least=1)
+positive_int = functools.partial(count, least=1)
 
 
 def cache_dir():
@@ -47,27 +40,23 @@ def device_and_dtype(device, dtype):
     if device == "cuda" and not torch.cuda.is_available():
         raise TuluError("--device cuda: no CUDA device is available")
     bf16 = device != "cuda" or torch.cuda.is_bf16_supported()
+    no_bf16 = "this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() is False)"
     if dtype == "bf16" and not bf16:
-        raise TuluError("--dtype bf16: this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() "
-                        "is False); use --dtype fp32")
-    if dtype == "auto":
-        if not bf16:
-            print("note: this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() is False): "
-                  "computing in fp32 (--dtype fp32)")
-        dtype = "bf16" if device == "cuda" and bf16 else "fp32"
+        raise TuluError(f"--dtype bf16: {no_bf16}; use --dtype fp32")
+    if dtype == "auto" and not bf16:
+        print(f"note: {no_bf16}: computing in fp32 (--dtype fp32)")
+    dtype = ("bf16" if device == "cuda" and bf16 else "fp32") if dtype == "auto" else dtype
     return device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
 def autocast(cfg):
-    """bf16 autocast when --dtype is bf16 (QLoRA's bf16 compute), on the CPU too, so that
-    a CPU run does the arithmetic a GPU run does: matrix products in bf16, float32
-    master weights cast for each one, reductions (softmax, norms) in float32."""
-    device_type = torch.device(cfg.device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == torch.bfloat16)
+    """bf16 autocast when --dtype is bf16 (QLoRA's bf16 compute), on the CPU too, so that a CPU run
+    does a GPU run's arithmetic: matrix products in bf16, float32 master weights cast for each one."""
+    enabled = cfg.dtype == torch.bfloat16
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def on(batch, device):
-    """A collated batch on the device."""
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -106,10 +95,9 @@ def tuned_model(path, adapter, dtype, device="cpu", qlora=False, merged=False):
 
 
 def merge(args, chat_template):
-    """`tulu.py merge`: the adapter folded into its base, written as an HF folder with the tokenizer.
-    --qlora: the base quantised to NF4 exactly as for training, then dequantised: the adapter was
-    trained against those weights (open-instruct merge_lora.py --qlora); read in the output dtype.
-    The output's chat template: the adapter's, else chat_template(tokenizer), Tulu's."""
+    """`tulu.py merge`: the adapter folded into its base, written as an HF folder with the tokenizer
+    and its chat template (the adapter's, else Tulu's). --qlora: the base quantised to NF4 and back,
+    as the adapter was trained (open-instruct merge_lora.py --qlora), read in the output dtype."""
     checks.check_output(args.output, args.model)
     tok = checks.check_vocab(checks.folder_tokenizer(args.adapter, args.model), args.model)
     dtype = device_and_dtype("cpu", args.dtype)[1]
@@ -117,10 +105,38 @@ def merge(args, chat_template):
     outputs.copy_tokenizer(args.model, args.output, ("generation_config.json",))
     src = checks.tokenizer_source(args.adapter, args.model)
     outputs.copy_tokenizer(src, args.output)
-    own = src == args.adapter and "chat_template" in llama.tokenizer_config(src)  # an adapter's own stays
-    if tok and not own:
-        outputs.write_chat_template(args.output, chat_template(tok))
+    if tok and not (src == args.adapter and "chat_template" in llama.tokenizer_config(src)):
+        outputs.write_chat_template(args.output, chat_template(tok))  # an adapter's own template stays
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
+
+
+def read_prompt():
+    try:
+        line = input("\n<|user|>\n")
+    except EOFError:
+        return None
+    return None if line.strip() in ("/exit", "/quit") else line
+
+
+def stream_reply(model, tok, prompt_ids, args, g, stop):
+    """The assistant's answer, printed as it comes, decoded whole each time so that a character
+    of several bytes shows once its last byte is there; it ends at an id in `stop`."""
+    new, shown = [], ""
+    print("<|assistant|>")
+
+    def on_token(i):
+        nonlocal shown
+        new.append(i)
+        text = tok.decode([t for t in new if t not in stop])
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    llama.generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, eos_id=stop, on_token=on_token, generator=g)
+    final = tok.decode([t for t in new if t not in stop])
+    print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
+    return final
 
 
 def chat(args, default_model, encode_prompt):
@@ -134,20 +150,19 @@ def chat(args, default_model, encode_prompt):
     stop = outputs.stop_ids(model_dir, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for prompt in [args.prompt] if args.prompt is not None else iter(outputs.read_prompt, None):
+    for prompt in [args.prompt] if args.prompt is not None else iter(read_prompt, None):
         history.append({"role": "user", "content": prompt})
-        reply = outputs.stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
+        reply = stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
         history.append({"role": "assistant", "content": reply})
 
 
 def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
-    """`tulu.py eval`: by the keys of --data's first object (one read), held-out loss, DPO's
-    rewards (the reference: --reference, else --model without --adapter) or multiple-choice
-    accuracy, by tulu.py's tasks (tasks(eos_id): by kind), chat format and reference scoring.
-    as_row: conversations scored as the QLoRA row it makes of each (--chat-format qlora)."""
+    """`tulu.py eval`: by the keys of --data's first object (one read), held-out loss, DPO's rewards
+    (the reference: --reference, else --model without --adapter) or multiple-choice accuracy, by
+    tulu.py's tasks (tasks(eos_id), by kind), chat format and reference scoring; as_row: the QLoRA
+    row scored in place of each conversation (--chat-format qlora)."""
     first, objects = itertools.tee(data.read_objects(cfg.data))
-    kind = evaluate.data_kind(cfg.data, first)
-    evaluate.check_eval_args(args, kind)
+    kind = evaluate.data_kind(args, first)
     tok = tokenizer(cfg.model, cfg.adapter)
     task = tasks(tok.eos_id)[kind]
     load = lambda path, adapter=None: tuned_model(path, adapter, cfg.dtype, cfg.device, args.qlora)
@@ -160,33 +175,20 @@ def evaluate_model(args, cfg, tasks, chat_format, cache_reference, as_row=None):
         metrics = evaluate.choice_metrics(items, dev, shots, tok, cfg, score)
         return evaluate.report(cfg, kind, len(items), metrics, shots)
     if kind == "sft" and as_row:
-        rows = (o if "messages" not in o else as_row(o) for _, o in objects)
-        examples = [chat_format.row(row, tok) for row in rows]
+        examples = [chat_format.row(as_row(o) if "messages" in o else o, tok) for _, o in objects]
     else:
         examples = data.load_examples(cfg.data, kind, tok, cfg.max_seq_length, chat_format)
     if kind == "prefs" and args.reference:  # scored first, then freed: one model in memory at a time
         checks.check_vocab(tok, args.reference)
         examples = cache_reference(load(args.reference), examples, task, cfg)
-    metrics = evaluate.sft_metrics if kind == "sft" else evaluate.preference_metrics
     model = load(cfg.model, cfg.adapter)
-    evaluate.report(cfg, kind, len(examples), metrics(model, examples, task, cfg, eval_batches, autocast))
-
-
-def write_exercises(args):
-    """`tulu.py exercises`: a student copy of tulu with the key bodies blanked, graded by the tests."""
-    out = args.out_dir
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
-        raise TuluError(f"{out}: is not empty (--force writes the student copy over it)")
-    names = student_copy.make_exercises(ROOT, out)
-    file, function, _, selector = student_copy.EXERCISES[names[0]]
-    print(f"wrote a student copy of tulu with {len(names)} exercises to {out}; read {out}/EXERCISES.md and "
-          f"start with {names[0]} ({file}: {function}):\n  cd {out} && python -m pytest {selector}")
+    metrics = evaluate.held_out_metrics(model, examples, task, cfg, eval_batches, autocast)
+    evaluate.report(cfg, kind, len(examples), metrics)
 
 
 def run(args):
-    """Run the parsed command: a TuluError or OSError (a missing file, an --output that is a file,
-    a full disk...) ends it with one line and status 1; Ctrl-C outside the training loop (which
-    saves a checkpoint itself) with status 130."""
+    """Run the parsed command: a TuluError or OSError (a missing file, a full disk...) ends it with
+    one line and status 1; Ctrl-C outside the training loop (which checkpoints itself) with 130."""
     try:
         args.func(args)
     except (TuluError, OSError) as e:
@@ -199,14 +201,7 @@ def run(args):
 
 
 # -----------------------------------------------------------------------------
-# The flags of the commands besides sft and dpo
-
-
-def device_flags(p):
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="default: bf16 on CUDA, fp32 on CPU")
+# The flags of merge, chat and eval
 
 
 def merge_flags(p):
@@ -215,60 +210,52 @@ def merge_flags(p):
     p.add_argument("--output", required=True)
     p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 and back first, as the "
                    "adapter was trained (open-instruct merge_lora.py --qlora)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="output dtype (default %(default)s); with --qlora also the dtype the base is "
-                        "quantized from, as in training: bf16 on a GPU (open-instruct), fp32 for CPU runs")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default "
+                   "%(default)s); with --qlora also the dtype the base is quantized from, as in training: "
+                   "bf16 on a GPU (open-instruct), fp32 for CPU runs")
 
 
-def chat_format_flag(p):
+def model_flags(p, model, adapter):  # what chat and eval share
+    p.add_argument("--model", help=f"HF Llama folder (default: the tiny demo model after its SFT{model})")
+    p.add_argument("--adapter", help=adapter)
     p.add_argument("--chat-format", choices=["tulu", "qlora"], default="tulu", help="tulu: the Tulu 2 format "
                    "(default); qlora: the QLoRA card's, for its Guanaco and OpenOrca adapters")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if any")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="default: bf16 on CUDA, "
+                   "fp32 on CPU")
 
 
 def chat_flags(p):
-    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT, which the "
-                                   "demo `tulu.py dpo` starts from; built once and cached)")
-    p.add_argument("--adapter", help="PEFT adapter to apply (merged in memory)")
+    model_flags(p, ", which the demo `tulu.py dpo` starts from; built once and cached",
+                "PEFT adapter to apply (merged in memory)")
     p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
     p.add_argument("--system", help="system message")
-    chat_format_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="default %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default %(default)s)")
-    device_flags(p)
 
 
 def eval_flags(p):
-    p.add_argument("--model", help="HF Llama folder (default: the tiny demo model after its SFT)")
-    p.add_argument("--adapter", help="PEFT adapter to evaluate on --model; for preference pairs the model "
-                                     "without it is the reference")
+    model_flags(p, "", "PEFT adapter to evaluate on --model; for preference pairs the model without it is "
+                "the reference")
     p.add_argument("--qlora", action="store_true", help="quantise the base to NF4 first, as a qlora adapter "
-                                                        "was trained (default: the base as stored)")
+                   "was trained (default: the base as stored)")
     p.add_argument("--data", required=True, help="JSONL of conversations ({\"messages\"}, or QLoRA's rows: "
-                   "loss, perplexity), "
-                   "preference pairs ({\"chosen\", \"rejected\"}: DPO's rewards/*) or multiple choice "
-                   "({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
+                   "loss, perplexity), preference pairs ({\"chosen\", \"rejected\"}: DPO's rewards/*) or "
+                   "multiple choice ({\"question\", \"choices\", \"answer\", \"subject\"}: accuracy)")
     p.add_argument("--reference", help="reference model folder for preference pairs (default with --adapter: "
-                                       "--model without the adapter)")
-    chat_format_flag(p)
+                   "--model without the adapter)")
     p.add_argument("--dev", help="multiple choice: JSONL of solved examples, taken in file order by subject")
     p.add_argument("--shots", type=count, help="multiple choice: solved examples before each question "
-                                               "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")
-    p.add_argument("--max-seq-length", type=positive_int, default=2048, help=(
-        "truncate conversations and pairs; multiple-choice prompts drop solved examples until they fit, "
-        "as MMLU's evaluate.py (default %(default)s, MMLU's)"))
+                   "(default 5 with --dev, MMLU 5-shot as in QLoRA; 0 without)")
+    p.add_argument("--max-seq-length", type=positive_int, default=2048, help="truncate conversations and "
+                   "pairs; multiple-choice prompts drop solved examples until they fit, as MMLU's "
+                   "evaluate.py (default %(default)s, MMLU's)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default "
-                                                                      "%(default)s)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, "
-                                                           "Tulu 2 DPO)")
+                   "%(default)s)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default 0.1, Tulu 2)")
     p.add_argument("--loss", default="sigmoid", choices=list(dpo.LOSS_TYPES),
                    help="DPO loss for the loss metric (default %(default)s)")
     p.add_argument("--output", help="also write the results to this JSON file")
-    device_flags(p)
-
-
-def exercises_flags(p):
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")
-    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")

@@ -1,30 +1,27 @@
-"""Data at scale: JSONL files read with file:line errors, encoded fast by worker
-processes into flat storage, and cached. The Tulu v2 SFT mixture is ~326k conversations
-and hundreds of millions of tokens, and tulu.py's encode_messages tokenizes each one
-again up to the end of every turn, as open-instruct does. Four things make it cheap:
+"""Data at scale. The Tulu v2 SFT mixture is ~326k conversations and hundreds of millions
+of tokens, and tulu.py's encode_messages tokenizes each one again up to the end of every
+turn, as open-instruct does. Four things make it cheap:
 
-- encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts a
-  text at its special tokens and encodes the pieces between them on their own, so the
-  encoding of any prefix is read off the spans of the whole text (Prefixes);
-- worker processes encode a batch of whole lines at a time; they start fresh
-  (forkserver, or spawn), never as forks of this process, whose other threads (a compile
-  pool, tqdm's monitor) may hold a lock that a fork would copy held forever;
-- the examples are one flat int32 tensor (Examples: 8 bytes a token with its label,
-  where two lists of Python ints take about 43);
-- they are cached under a hash of everything they depend on, so the next run and every
-  --resume read them back; under torchrun rank 0 encodes and caches the file while the
-  other ranks wait, then they read the cache (rank0_first).
+- encode_messages_fast gives the same ids and labels from one pass: a tokenizer cuts a text
+  at its special tokens and encodes the pieces between them on their own, so the encoding
+  of any prefix is read off the spans of the whole text (Prefixes);
+- worker processes encode a batch of whole lines at a time; they start fresh (forkserver,
+  or spawn), never as forks of this process, whose other threads (a compile pool, tqdm's
+  monitor) may hold a lock that a fork would copy held forever;
+- the examples are one flat int32 tensor (Examples: 8 bytes a token with its label, where
+  two lists of Python ints take about 43);
+- they are cached under a hash of everything they depend on, for the next run and --resume.
 
-tulu.py hands its chat format in as a ChatFormat (this folder never imports the
-chapters); its role headers are the roles a data file may use. `sft` also reads QLoRA's
-rows ({"input", "output"} or {"text"}), which the ChatFormat's `row` encodes.
+Each line is checked once, by read_jsonl, with file:line errors. tulu.py hands its chat
+format in as a ChatFormat (machinery never imports tulu.py), whose `row` encodes QLoRA's
+rows ({"input", "output"} or {"text"}), which `sft` reads beside conversations.
 """
-
 import array
 import bisect
 import contextlib
 import functools
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -48,7 +45,6 @@ from llama import TuluError, atomic_write
 KIND_KEYS = {"sft": ("messages",), "prefs": ("chosen", "rejected")}  # a file's kind -> its rows' keys
 ROW_OF = {"sft": ("a conversation", "sft"), "prefs": ("a preference pair", "dpo")}  # -> (a row, its command)
 ROW_KEYS = (("input", "output"), ("text",))  # QLoRA's rows, which sft reads beside conversations
-WIDTH = {"sft": 2, "prefs": 4}  # -> sequences an example: ids, labels (a pair's chosen, then rejected)
 
 
 def row_keys(obj):
@@ -57,23 +53,23 @@ def row_keys(obj):
 
 
 def check_row(where: str, obj: dict, kind: str, roles=None):
-    """TuluError("where: ...") unless obj is a row of `kind`: lists of messages, each
-    with a string role (one of `roles`; None: any) and content."""
-    keys = lambda k: " and ".join(map(repr, KIND_KEYS[k]))
-    row = kind == "sft" and "messages" not in obj and row_keys(obj)
-    if row:  # a QLoRA row
-        if not all(isinstance(obj[k], str) for k in row):
-            raise TuluError(f"{where}: {' and '.join(map(repr, row))} must be strings")
+    """TuluError("where: ...") unless obj is a row of `kind`: lists of messages with a string
+    role (one of `roles`; None: any) and content, a preference pair (dpo.check_pair), or for
+    sft a QLoRA row of strings. The one check of a row: encoding trusts it."""
+    keys = row_keys(obj)
+    if kind == "sft" and "messages" not in obj and keys:
+        if not all(isinstance(obj[k], str) for k in keys):
+            raise TuluError(f"{where}: {' and '.join(map(repr, keys))} must be strings")
         return
-    other = next((k for k in KIND_KEYS if all(key in obj for key in KIND_KEYS[k])), kind)
-    if not any(key in obj for key in KIND_KEYS[kind]) and other != kind:
-        (row, command), reader = ROW_OF[other], ROW_OF[kind][1]
-        raise TuluError(f"{where}: {row} ({keys(other)}): this file is for `tulu.py {command}` "
-                        f"({reader} reads {keys(kind)})")
+    names = lambda k: " and ".join(map(repr, KIND_KEYS[k]))
+    other = "prefs" if kind == "sft" else "sft"
+    if all(k in obj for k in KIND_KEYS[other]) and not any(k in obj for k in KIND_KEYS[kind]):
+        raise TuluError(f"{where}: {ROW_OF[other][0]} ({names(other)}): this file is for `tulu.py "
+                        f"{ROW_OF[other][1]}` ({ROW_OF[kind][1]} reads {names(kind)})")
     for key in KIND_KEYS[kind]:
+        messages, at = obj.get(key), f"{where}: {key!r}"
         if key not in obj:
             raise TuluError(f"{where}: missing key {key!r}")
-        messages, at = obj[key], f"{where}: {key!r}"
         if not isinstance(messages, list) or not messages:
             raise TuluError(f"{at} must be a non-empty list of messages")
         for j, m in enumerate(messages):
@@ -82,36 +78,35 @@ def check_row(where: str, obj: dict, kind: str, roles=None):
             if roles is not None and m["role"] not in roles:
                 expected = " or ".join(", ".join(roles).rsplit(", ", 1))  # "system, user or assistant"
                 raise TuluError(f"{at} message {j}: unknown role {m['role']!r} (expected {expected})")
+    if kind == "prefs" and (problem := dpo.check_pair(obj["chosen"], obj["rejected"])):
+        raise TuluError(f"{where}: {problem}")
 
 
-def parse_line(path: str, n: int, raw: bytes, kind=None, roles=None):
-    """The JSON object on line n of a file, None for a blank line; a row of `kind`
-    ("sft", "prefs": check_row) or, with no kind, any object."""
-    try:
-        line = raw.decode("utf-8").strip()
-        obj = json.loads(line) if line else None
-    except UnicodeDecodeError:
-        raise TuluError(f"{path}:{n}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if line and not isinstance(obj, dict):
-        raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-    if obj is not None and kind is not None:
-        check_row(f"{path}:{n}", obj, kind, roles)
-    return obj
-
-
-def read_jsonl(path: str, kind=None, roles=None):
-    """Yield (line number, object) for each non-blank line of a JSONL file (parse_line)."""
+def read_jsonl(path: str, kind=None, roles=None, batch=None):
+    """Yield (line number, object) for each non-blank line of a JSONL file, or of its `batch`
+    of whole lines (offset, size, first line number): a row of `kind` (check_row) or, with no
+    kind, any object."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
+    offset, size, first = batch or (0, -1, 1)
     seen = False
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if (obj := parse_line(path, n, raw, kind, roles)) is not None:
+        f.seek(offset)
+        for n, raw in enumerate(io.BytesIO(f.read(size)) if batch else f, start=first):
+            try:
+                obj = json.loads(line) if (line := raw.decode("utf-8").strip()) else None
+            except UnicodeDecodeError:
+                raise TuluError(f"{path}:{n}: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise TuluError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if line and not isinstance(obj, dict):
+                raise TuluError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            if obj is not None and kind is not None:
+                check_row(f"{path}:{n}", obj, kind, roles)
+            if obj is not None:
                 seen = True
                 yield n, obj
-    if not seen:
+    if not seen and not batch:
         raise TuluError(f"{path}: empty")
 
 
@@ -167,8 +162,6 @@ def encode_messages_fast(messages, tokenizer, max_seq_length: int, chat: ChatFor
     """tulu.py's encode_messages, the same ids and labels, with every prefix's length
     read off one encoding (Prefixes). Each answer ends with the EOS token, a special
     token, so a prefix re-encodes at most the turns since the last answer."""
-    if not messages:
-        raise ValueError("no messages")
     turns = [chat.text([m], chat.eos(tokenizer)) for m in messages]
     text, at = "".join(turns), [0, *itertools.accumulate(map(len, turns))]  # at[i]: where turn i starts
     prefix = Prefixes(tokenizer, text, max_seq_length)
@@ -205,25 +198,20 @@ class Examples:
     def __getitem__(self, i):  # iterating calls it with 0, 1, ... up to the IndexError
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
+        if not 0 <= i < len(self):
             raise IndexError(f"example {i} of {len(self)}")
-        first = (i % len(self)) * self.width
-        o = self.offsets[first:first + self.width + 1].tolist()
+        o = self.offsets[i * self.width:(i + 1) * self.width + 1].tolist()
         return tuple(self.tokens[a:b] for a, b in zip(o, o[1:]))
 
     def tolist(self):
         return [tuple(s.tolist() for s in e) for e in self]
 
-    def nbytes(self) -> int:
-        return self.tokens.nbytes + self.offsets.nbytes
-
 
 def example_lengths(examples) -> list[int]:
     """Each example's padded length in a batch: its longest sequence (a pair's too)."""
     if isinstance(examples, Examples):
-        lengths = (examples.offsets[1:] - examples.offsets[:-1]).view(-1, examples.width)
-        return lengths.max(1).values.tolist()
-    return [max(len(s) for s in e if not isinstance(s, float)) for e in examples]
+        return (examples.offsets[1:] - examples.offsets[:-1]).view(-1, examples.width).max(1).values.tolist()
+    return [max(map(len, e[:4:2])) for e in examples]  # ids, or chosen and rejected ids
 
 
 # -----------------------------------------------------------------------------
@@ -232,66 +220,53 @@ def example_lengths(examples) -> list[int]:
 BATCH_BYTES = 1 << 20  # of the data file a worker encodes at a time
 
 
-def scan_file(path: str, batch_bytes: int):
-    """One pass over a data file: (its sha256, [(offset, size, first line number)] of
-    batches of whole lines of about batch_bytes, its number of lines)."""
+def scan_file(path: str):
+    """One pass over a data file: its sha256, and [(offset, size, first line number)] of
+    batches of whole lines of about BATCH_BYTES (at least one)."""
     h, batches, offset, line = hashlib.sha256(), [], 0, 1
     with open(path, "rb") as f:
-        while block := f.read(batch_bytes) + f.readline():  # to the end of a line
+        while block := f.read(BATCH_BYTES) + f.readline():  # to the end of a line
             h.update(block)
             batches.append((offset, len(block), line))
             offset, line = offset + len(block), line + block.count(b"\n")
-    return h.hexdigest(), batches, line - 1
+    return h.hexdigest(), batches or [(0, 0, 1)]
 
 
 class BatchEncoder:
     """What a worker runs: a batch of lines -> (its examples' sequences end to end and their
-    lengths, int32 arrays; the number of non-blank lines), or TuluError("path:line: ...")."""
+    lengths, int32 arrays; the number of non-blank lines), or TuluError("path:line: ...").
+    An example with nothing left to learn is dropped (open-instruct drops those too)."""
+    worker = None  # in a worker process, its BatchEncoder: unpickled once (with its word cache)
 
     def __init__(self, path, kind, tok, max_seq_length, chat: ChatFormat):
         self.path, self.kind, self.tok, self.max_seq_length, self.chat = path, kind, tok, max_seq_length, chat
 
-    def encode(self, obj):
-        """The example of a line; None if nothing is left to learn (open-instruct drops those too)."""
-        encode = functools.partial(encode_messages_fast, chat=self.chat)
-        if self.kind == "sft":
-            ids, labels = (encode(obj["messages"], self.tok, self.max_seq_length) if "messages" in obj
-                           else self.chat.row(obj, self.tok))
-            return (ids, labels) if any(label != -100 for label in labels[1:]) else None
-        if problem := dpo.check_pair(obj["chosen"], obj["rejected"]):
-            raise ValueError(problem)
-        return self.chat.pair(obj["chosen"], obj["rejected"], self.tok, self.max_seq_length, encode)
+    def example(self, obj):
+        encode, tok = functools.partial(encode_messages_fast, chat=self.chat), self.tok
+        if self.kind == "prefs":
+            return self.chat.pair(obj["chosen"], obj["rejected"], tok, self.max_seq_length, encode)
+        ids, labels = (encode(obj["messages"], tok, self.max_seq_length) if "messages" in obj
+                       else self.chat.row(obj, tok))
+        return (ids, labels) if any(label != -100 for label in labels[1:]) else None
 
     def __call__(self, batch):
-        offset, size, first_line = batch
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            lines = f.read(size).split(b"\n")
         tokens, lengths, read = array.array("i"), array.array("i"), 0
-        for n, raw in enumerate(lines, start=first_line):
-            if (obj := parse_line(self.path, n, raw, self.kind, self.chat.headers)) is None:
-                continue
+        for n, obj in read_jsonl(self.path, self.kind, self.chat.headers, batch):
             read += 1
             try:
-                example = self.encode(obj)
-            except ValueError as e:
+                example = self.example(obj) or ()
+            except ValueError as e:  # the tokenizer names no EOS token
                 raise TuluError(f"{self.path}:{n}: {e}") from None
-            for seq in example or ():
-                tokens.extend(seq)
-                lengths.append(len(seq))
+            tokens.extend(itertools.chain(*example))
+            lengths.extend(map(len, example))
         return tokens, lengths, read
 
+    def start(self):  # a worker process's first call
+        BatchEncoder.worker = self
 
-_encoder = None  # a worker process's BatchEncoder, unpickled once when it starts (with its word cache)
-
-
-def _start_worker(encoder):
-    global _encoder
-    _encoder = encoder
-
-
-def _encode_in_worker(batch):
-    return _encoder(batch)
+    @staticmethod
+    def run(batch):
+        return BatchEncoder.worker(batch)
 
 
 def default_workers() -> int:
@@ -308,35 +283,29 @@ def worker_context():
     return context
 
 
-def encode_file(encoder: BatchEncoder, batches, lines: int, workers: int):
-    """(Examples, non-blank lines read) of the encoder's file: its batches encoded in file
-    order by up to `workers` worker processes (or this one), with a progress bar; the
-    pool ends when the last is read, or at an error."""
+def encode_file(encoder: BatchEncoder, batches, workers: int):
+    """(Examples, non-blank lines read): the batches encoded in file order by up to `workers`
+    worker processes (or this one); the pool ends when the last is read, or at an error."""
     workers = min(workers, len(batches))
-    start = lambda: worker_context().Pool(workers, _start_worker, (encoder,))
-    bar = tqdm(total=lines, unit=" conv" if encoder.kind == "sft" else " pair", leave=False,
-               dynamic_ncols=True, desc=f"encoding {os.path.basename(encoder.path)}")
-    tokens, lengths, read = array.array("i"), array.array("i"), 0
-    with bar, (start() if workers > 1 else contextlib.nullcontext()) as pool:
-        for t, n, r in pool.imap(_encode_in_worker, batches) if pool else map(encoder, batches):
-            tokens.extend(t)
-            lengths.extend(n)
-            read += r
-            bar.update(r)
-    flat = lambda a: torch.from_numpy(np.frombuffer(a, np.int32))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(lengths).cumsum(0, dtype=torch.int64)])
-    return Examples(flat(tokens), offsets, WIDTH[encoder.kind]), read
+    pool = worker_context().Pool(workers, encoder.start) if workers > 1 else None
+    with pool or contextlib.nullcontext():
+        done = pool.imap(BatchEncoder.run, batches) if pool else map(encoder, batches)
+        tokens, lengths, read = zip(*tqdm(done, total=len(batches), leave=False, unit=" MiB",
+                                          desc=f"encoding {os.path.basename(encoder.path)}"))
+    flat = lambda arrays: torch.from_numpy(np.concatenate([np.frombuffer(a, np.int32) for a in arrays]))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), flat(lengths).cumsum(0)])
+    return Examples(flat(tokens), offsets, 2 * len(KIND_KEYS[encoder.kind])), sum(read)
 
 
 # -----------------------------------------------------------------------------
 # A cache of the encoding, named by a hash of everything it depends on
 
 
-def data_cache_file(folder, digest, encoder: BatchEncoder) -> str:
-    """The cache file of a data file's encoding. Its name hashes everything the examples
-    depend on, so a change to any of them misses: the file's sha256, its kind,
-    --max-seq-length (and QLoRA rows' lengths), the tokenizer's files and settings, and the code that encodes
-    (llama.py, this file, the chat format's tulu.py, sentencepiece's and Unicode's versions)."""
+def cache_file(folder, digest, encoder: BatchEncoder) -> str:
+    """The cache file of a data file's encoding, named by a hash of everything the examples
+    depend on: the file's sha256, its kind, --max-seq-length (and QLoRA rows' lengths), the
+    tokenizer's files and settings, and the code that encodes (llama.py, this file, the chat
+    format's tulu.py, sentencepiece's and Unicode's versions); a change to any of them misses."""
     import sentencepiece
     tok, rows = encoder.tok, getattr(encoder.chat.row, "keywords", None)  # QLoRA rows' lengths
     settings = [digest, encoder.kind, encoder.max_seq_length, getattr(tok, "legacy", None),
@@ -349,39 +318,38 @@ def data_cache_file(folder, digest, encoder: BatchEncoder) -> str:
     return os.path.join(folder, name)
 
 
-def read_cache(file, width: int):
-    """(Examples, lines read) from a cache file, or None: missing or unreadable, it is encoded again."""
+def cached(file, encode) -> tuple:
+    """(Examples, lines read, whether they were cached) from `file`, else from encode(), then
+    written to `file` by rename. A file missing or damaged is encoded again; one that cannot
+    be written (a read-only folder, a full disk) costs the next run the encoding."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
+    if file:
+        with contextlib.suppress(SafetensorError, OSError):
+            t = load_file(file)
+            return Examples(t["tokens"], t["offsets"], int(t["width"])), int(t["read"]), True
+    examples, read = encode()
+    tensors = {"tokens": examples.tokens, "offsets": examples.offsets, "width": torch.tensor(examples.width),
+               "read": torch.tensor(read)}
     try:
-        t = load_file(file)
-        return Examples(t["tokens"], t["offsets"], width), int(t["read"])
-    except (SafetensorError, OSError, KeyError):
-        return None
-
-
-def write_cache(file, examples: Examples, read: int):
-    """Atomically; a cache that cannot be written (read-only, full) costs the next run the encoding."""
-    from safetensors.torch import save_file
-    tensors = {"tokens": examples.tokens, "offsets": examples.offsets, "read": torch.tensor(read)}
-    try:
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        atomic_write(file, lambda tmp: save_file(tensors, tmp))
+        if file and len(examples):
+            os.makedirs(os.path.dirname(file), exist_ok=True)
+            atomic_write(file, lambda tmp: save_file(tensors, tmp))
     except OSError as e:
         print(f"tulu: could not cache the encoded data in {file} ({e.strerror or e})", file=sys.stderr)
+    return examples, read, False
 
 
 def load_examples(path, kind, tok, max_seq_length, chat: ChatFormat, workers=1, cache=None) -> Examples:
     """The examples of a data file of `kind` ("sft" or "prefs"), encoded by `workers`
-    processes, or read back from the folder `cache` (None: no cache) when encoded
-    before with the same everything (data_cache_file), and written there otherwise."""
+    processes, or read back from the folder `cache` (None: no cache) when encoded before
+    with the same everything (cache_file)."""
     if not os.path.isfile(path):
         raise TuluError(f"{path}: no such file")
-    digest, batches, lines = scan_file(path, BATCH_BYTES)
+    digest, batches = scan_file(path)
     encoder = BatchEncoder(path, kind, tok, max_seq_length, chat)
-    file = cache and data_cache_file(cache, digest, encoder)
-    found = file and read_cache(file, WIDTH[kind])
-    examples, read = found or encode_file(encoder, batches, lines, workers)
+    file = cache and cache_file(cache, digest, encoder)
+    examples, read, found = cached(file, lambda: encode_file(encoder, batches, workers))
     what, why, none = {"sft": ("conversations", "nothing left to learn",
                                "no conversation with an assistant turn to learn from"),
                        "prefs": ("preference pairs", "answer truncated away", "no pair left: every answer "
@@ -392,6 +360,4 @@ def load_examples(path, kind, tok, max_seq_length, chat: ChatFormat, workers=1, 
     print(f"{path}: {len(examples)} {what}{dropped}" + (f", encoded before ({file})" if found else ""))
     if not len(examples):
         raise TuluError(f"{path}: {none}")
-    if file and not found:
-        write_cache(file, examples, read)
     return examples

@@ -1,14 +1,10 @@
-"""The demo builder: the models `python tulu.py sft` and `dpo` start from without
---model, so that the whole recipe runs on a laptop CPU in minutes.
-
-A real run starts from a pretrained base model; the demo makes one. tiny_default_model
-trains a sentencepiece tokenizer on the chat text of data/sft_train.jsonl, initialises a
-4-layer Llama as Hugging Face does, and "pretrains" it for about a minute and a half on
-plain text (the conversations without chat markers, and data/pretrain.jsonl's reference
-pages), so that, as with a real base model, it knows the content and SFT only teaches it
-to chat. tiny_sft_model runs the demo's full SFT on top once: DPO, chat and eval start
-from it. Both are cached under ~/.cache/tulu (or $XDG_CACHE_HOME), named by a hash of
-what they are built from (data/, the settings below); tulu.py's parts come as parameters.
+"""The demo builder: the models `python tulu.py sft` and `dpo` start from without --model, so
+that the whole recipe runs on a laptop CPU in minutes. tiny_default_model makes the base model a
+real run downloads: a sentencepiece tokenizer trained on data/sft_train.jsonl's chat text, and a
+4-layer Llama "pretrained" for about a minute and a half on plain text (the conversations without
+chat markers, and data/pretrain.jsonl's reference pages), so that SFT only teaches it to chat.
+It is cached under $XDG_CACHE_HOME/tulu (or ~/.cache/tulu), named by a hash of its sources;
+tulu.py's parts (chat_text, the loop, the SFT task, the config) come as parameters.
 """
 import hashlib
 import io
@@ -61,12 +57,12 @@ def train_tiny_tokenizer(out_dir: str, chats, vocab_size: int = 768):
 
 
 def tiny_default_model(folder, chat_text, train, task, config) -> str:
-    """The path of the demo's base model (a HF folder) in `folder`, built there once, the same
-    on a given machine. The rest are tulu.py's: chat_text, the loop, the SFT task, the config."""
+    """The path of the demo's base model (an HF folder) in `folder`, built there once, the same
+    on a given machine."""
     source, pages = os.path.join(DATA, "sft_train.jsonl"), os.path.join(DATA, "pretrain.jsonl")
-    h = hashlib.sha256(pathlib.Path(source).read_bytes() + pathlib.Path(pages).read_bytes())
-    h.update(repr((TINY, PRETRAIN, PAGE_COPIES)).encode())
-    path = os.path.join(folder, f"tiny-llama-{h.hexdigest()[:10]}")
+    sources = pathlib.Path(source).read_bytes() + pathlib.Path(pages).read_bytes()
+    h = hashlib.sha256(sources + repr((TINY, PRETRAIN, PAGE_COPIES)).encode()).hexdigest()
+    path = os.path.join(folder, f"tiny-llama-{h[:10]}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     print(f"building the tiny default model in {path} (once, about a minute and a half)")
@@ -87,17 +83,6 @@ def tiny_default_model(folder, chat_text, train, task, config) -> str:
     save_model(model, tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-    return path
-
-
-def tiny_sft_model(base, main) -> str:
-    """The tiny default (`base()`) after the demo's full SFT by `main`, tulu.py's command line, once."""
-    path = base().replace("tiny-llama-", "tiny-sft-")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"DPO starts from an SFT model: running the demo SFT once (cached in {path})")
-        tmp = f"{path}.tmp{os.getpid()}"
-        main(["sft", "--method", "full", "--output", tmp])
-        os.replace(tmp, path)
     return path
 
 

@@ -1,16 +1,12 @@
-"""The evaluation harness: what the model cards report -- held-out loss, preference
-accuracy, multiple-choice accuracy (MMLU 5-shot, QLoRA Sec. 5) -- and the demo's exact
-answers. `tulu.py eval` tells a data file's kind by the keys of its first object:
-messages (SFT), chosen/rejected (preferences), question/choices/answer (multiple choice).
-Every number comes from the model in eval mode, in batches of --batch-size, by the code
-that trains: tulu.py's task (SFTTask, DPOTask), eval_batches and autocast, handed in as
-parameters (this folder never imports tulu.py), as are the files' objects (read with
-file:line errors by machinery/data.py's readers).
-
-Multiple choice follows Hendrycks et al.'s evaluate.py: a header, solved examples of
-the same subject, the question ending in "Answer:", and each letter scored by the
-summed log-probability of the tokens " A" adds to the prompt.
+"""The evaluation harness: held-out loss, preference accuracy and multiple-choice accuracy
+(MMLU 5-shot, QLoRA Sec. 5), as the model cards report them, and the demo's exact answers.
+Every number comes from the model in eval mode by the code that trains: tulu.py's tasks,
+eval_batches and autocast, handed in (this folder never imports tulu.py). Multiple choice
+follows Hendrycks et al.'s evaluate.py: a header, solved examples of the same subject, the
+question ending in "Answer:", and each letter scored by the summed log-probability of the
+tokens " A" adds to the prompt.
 """
+import itertools
 import math
 
 import torch
@@ -24,50 +20,38 @@ EVAL_KINDS = {**KIND_KEYS, "choice": ("question", "choices", "answer")}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def data_kind(path, objects) -> str:
-    """sft (QLoRA's rows too), prefs or choice, from the keys of the first of `objects`
-    ((line, object) pairs)."""
+def data_kind(args, objects) -> str:
+    """sft (QLoRA's rows too), prefs or choice, by the keys of the first of `objects` ((line,
+    object) pairs); and the flags that kind needs: a reference for pairs, --dev for --shots."""
     n, obj = next(objects)
     found = (k for k, keys in EVAL_KINDS.items() if all(key in obj for key in keys))
     kind = next(found, "sft" if row_keys(obj) else None)
     if kind is None:
-        raise TuluError(f"{path}:{n}: expected the keys of SFT conversations ('messages') or QLoRA's rows "
-                        f"('input', 'output' or 'text'), preference pairs ('chosen', 'rejected') or multiple "
-                        f"choice ('question', 'choices', 'answer')")
-    return kind
-
-
-def check_eval_args(args, kind):
-    """The flags a kind of data needs: a reference for preference pairs, --dev for --shots."""
+        raise TuluError(f"{args.data}:{n}: expected the keys of SFT conversations ('messages') or QLoRA's "
+                        f"rows ('input', 'output' or 'text'), preference pairs ('chosen', 'rejected') or "
+                        f"multiple choice ('question', 'choices', 'answer')")
     if kind == "prefs" and not (args.adapter or args.reference):
         raise TuluError(f"{args.data}: preference pairs need a reference model: --adapter (the model "
                         f"without it is the reference) or --reference DIR")
     if kind == "choice" and args.shots and not args.dev:
         raise TuluError("--shots needs --dev, the file the solved examples come from")
+    return kind
 
 
 @torch.no_grad()
-def sft_metrics(model, examples, task, args, eval_batches, autocast) -> dict:
-    """loss: the mean negative log-likelihood of the learned tokens (the assistant answers
-    and their EOS), every token weighing the same; perplexity: exp(loss)."""
-    nll, tokens = 0.0, 0
-    for _, batch in eval_batches(model, examples, task, args, "loss"):
+def held_out_metrics(model, examples, task, args, eval_batches, autocast) -> dict:
+    """The task's numbers summed over the batches, over its count: for SFT the loss, the mean
+    negative log-likelihood of the learned tokens (each weighing the same), and perplexity
+    = exp(loss); for pairs DPO's metrics (dpo.dpo_metrics) averaged, rewards/accuracy the
+    fraction whose chosen answer gains more over the reference than the rejected one."""
+    sums, count = {}, 0
+    for _, batch in eval_batches(model, examples, task, args, "held-out"):
         with autocast(args):
-            total, _ = task.loss(model, batch, 1)  # summed over the batch's learned tokens
-        nll, tokens = nll + float(total), tokens + task.count(batch)
-    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens)}
-
-
-@torch.no_grad()
-def preference_metrics(model, pairs, task, args, eval_batches, autocast) -> dict:
-    """DPO's metrics (dpo.dpo_metrics) averaged over pairs: rewards/accuracy is the fraction
-    whose chosen answer gains more over the reference than the rejected one."""
-    sums = {}
-    for _, batch in eval_batches(model, pairs, task, args, desc="pairs"):
-        with autocast(args):
-            _, m = task.loss(model, batch, 1)
-        sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
-    return {k: v / len(pairs) for k, v in sums.items()}
+            total, metrics = task.loss(model, batch, 1)  # summed over the batch
+        sums = {k: sums.get(k, 0.0) + v for k, v in {"loss": float(total), **metrics}.items()}
+        count += task.count(batch)  # learned tokens, or pairs
+    mean = {k: v / count for k, v in sums.items()}
+    return mean if metrics else {**mean, "perplexity": math.exp(mean["loss"])}  # SFT's task has no metrics
 
 
 # -----------------------------------------------------------------------------
@@ -75,18 +59,16 @@ def preference_metrics(model, pairs, task, args, eval_batches, autocast) -> dict
 
 
 def read_choices(path, objects) -> list[dict]:
-    """The multiple-choice items of a file's `objects` ((line, object) pairs), checked."""
+    """The multiple-choice items of `objects` ((line, object) pairs), checked."""
     items = []
     for n, obj in objects:
-        q, c, a, s = obj.get("question"), obj.get("choices"), obj.get("answer"), obj.get("subject")
-        if not isinstance(q, str) or not isinstance(c, list) or not all(isinstance(x, str) for x in c):
-            raise TuluError(f"{path}:{n}: expected 'question' (a string) and 'choices' (a list of strings)")
-        if not 2 <= len(c) <= len(LETTERS):
-            raise TuluError(f"{path}:{n}: 'choices' must hold 2 to {len(LETTERS)} answers, not {len(c)}")
+        c, a, s = obj.get("choices"), obj.get("answer"), obj.get("subject")
+        strings = isinstance(c, list) and 2 <= len(c) <= len(LETTERS) and all(isinstance(x, str) for x in c)
+        if not (strings and isinstance(obj.get("question"), str) and isinstance(s, (str, type(None)))):
+            raise TuluError(f"{path}:{n}: expected 'question' (a string) and 'choices' (a list of 2 to "
+                            f"{len(LETTERS)} strings), and 'subject' a string if given")
         if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < len(c):
             raise TuluError(f"{path}:{n}: 'answer' must be the index of the right choice, 0 to {len(c) - 1}")
-        if s is not None and not isinstance(s, str):
-            raise TuluError(f"{path}:{n}: 'subject' must be a string")
         items.append(obj)
     return items
 
@@ -103,19 +85,16 @@ def choice_prompt(item, shots) -> str:
     return head + "".join(question(s, True) for s in shots) + question(item, False)
 
 
-def fitting_prompt(item, shots, tok, max_seq_length) -> str:
-    """choice_prompt with as many of `shots` as fit (MMLU's evaluate.py drops them from the end)."""
+def choice_rows(item, shots, tok, max_seq_length) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) for each letter: ids = encode(prompt + " " + letter) with BOS, labels on the
+    tokens beyond encode(prompt), the letter's (one or more). The prompt holds as many of `shots`
+    as fit (MMLU's evaluate.py drops them from the end)."""
     k = len(shots)
     while k and len(tok.encode(choice_prompt(item, shots[:k]), bos=True)) + 2 > max_seq_length:
         k -= 1
-    return choice_prompt(item, shots[:k])
-
-
-def choice_rows(prompt, n_choices, tok) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) for each letter: ids = encode(prompt + " " + letter) with BOS,
-    labels only on the tokens beyond encode(prompt), the letter's (one or more)."""
+    prompt = choice_prompt(item, shots[:k])
     cut = len(tok.encode(prompt, bos=True))
-    rows = [tok.encode(f"{prompt} {letter}", bos=True) for letter in LETTERS[:n_choices]]
+    rows = [tok.encode(f"{prompt} {letter}", bos=True) for letter in LETTERS[:len(item["choices"])]]
     return [(ids, [-100] * cut + ids[cut:]) for ids in rows]
 
 
@@ -133,26 +112,24 @@ def choice_scores(model, rows, task, args, eval_batches, autocast) -> list[float
 def choice_metrics(items, dev, shots, tok, args, score) -> dict:
     """accuracy: the fraction of questions whose right letter has the highest summed
     log-probability (`score`: rows -> choice_scores); accuracy/SUBJECT the same per subject."""
-    rows, spans = [], []
+    rows = []
     for item in items:
         same = [d for d in dev if d.get("subject") == item.get("subject")][:shots]
-        prompt = fitting_prompt(item, same, tok, args.max_seq_length)
-        spans.append((len(rows), len(item["choices"])))
-        rows += choice_rows(prompt, len(item["choices"]), tok)
-    scores, right = score(rows), {}  # subject -> [right or not, for each of its questions]
-    for item, (start, n) in zip(items, spans):
-        ok = max(range(n), key=lambda i: scores[start + i]) == item["answer"]
-        right.setdefault(item.get("subject"), []).append(ok)
-    per = {f"accuracy/{s}": sum(r) / len(r) for s, r in sorted(i for i in right.items() if i[0] is not None)}
-    return {"accuracy": sum(map(sum, right.values())) / len(items), **per}
+        rows += choice_rows(item, same, tok, args.max_seq_length)
+    scores, right = iter(score(rows)), {}  # subject -> [right or not, for each of its questions]
+    for item in items:
+        letters = [next(scores) for _ in item["choices"]]
+        right.setdefault(item.get("subject"), []).append(letters.index(max(letters)) == item["answer"])
+    named = sorted(k for k in right if k is not None)
+    return {"accuracy": sum(map(sum, right.values())) / len(items),
+            **{f"accuracy/{k}": sum(right[k]) / len(right[k]) for k in named}}
 
 
 def report(args, kind, n, result, shots=0):
     """One line (multiple choice: overall accuracy only), and --output as JSON."""
-    what = {"sft": f"{n} conversations", "prefs": f"{n} pairs",
-            "choice": f"{n} questions, {shots}-shot"}[kind]
+    what = {"sft": f"{n} conversations", "prefs": f"{n} pairs", "choice": f"{n} questions, {shots}-shot"}
     shown = {k: v for k, v in result.items() if kind != "choice" or k == "accuracy"}
-    print(f"{args.data} ({what}): " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    print(f"{args.data} ({what[kind]}): " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     if args.output:
         llama.write_json(args.output, result)
         print(f"wrote {args.output}")
@@ -162,20 +139,12 @@ def report(args, kind, n, result, shots=0):
 # The demo's exact answers
 
 
-def answer_prompts(conversations, n=None) -> list[tuple[list[dict], str]]:
-    """(prompt, reference) for the first n `conversations` ((line, object) pairs): every
-    turn before the last assistant answer (earlier answers as written), and that answer."""
-    out = []
-    for _, obj in conversations:
-        last = max((i for i, m in enumerate(obj["messages"]) if m["role"] == "assistant"), default=None)
-        if last is not None and obj["messages"][last - 1]["role"] == "user":
-            out.append((obj["messages"][:last], obj["messages"][last]["content"]))
-        if n and len(out) == n:
-            break
-    return out
+def answer_prompts(conversations, n) -> list[tuple[list[dict], str]]:
+    """(prompt, reference) for the first n `conversations` ((line, object) pairs), each ending
+    in an assistant's answer as the demo's do: the turns before that answer, and the answer."""
+    return [(o["messages"][:-1], o["messages"][-1]["content"]) for _, o in itertools.islice(conversations, n)]
 
 
-@torch.no_grad()
 def greedy_answers(model, tok, prompts, stop, max_new_tokens=48, show=True) -> list[str]:
     """The model's greedy answer to each prompt's ids (tulu.py's encode_prompt), stripped."""
     model.eval()

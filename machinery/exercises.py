@@ -1,14 +1,9 @@
-"""Exercise mode: `python tulu.py exercises OUT_DIR` (make_exercises) writes a student
-copy of tulu in which key function bodies are left to write, each graded by the tests
-whose names contain the exercise's name. In the five chapter files, a teachable body
-sits between two comment lines at its indentation,
-
-    # exercise: <name>
-    ...body...
-    # end exercise
-
-and the student copy has `raise NotImplementedError("exercise <name>: see EXERCISES.md")`
-in its place; the docstring above it is the contract.
+"""Exercise mode: `python tulu.py exercises OUT_DIR` writes a student copy of tulu in which
+key function bodies are left to write, each graded by the tests whose names contain the
+exercise's name. In the chapters a teachable body sits between `# exercise: <name>` and
+`# end exercise`, two comment lines at its indentation; the copy has `raise
+NotImplementedError("exercise <name>: see EXERCISES.md")` in its place, and the docstring
+above it is the contract.
 """
 import ast
 import inspect
@@ -19,6 +14,8 @@ import shutil
 import textwrap
 
 from llama import TuluError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXERCISES = {  # name -> (file, function, what to read first[, pytest selector]), in reading order
     "rms_norm": ("llama.py", "rms_norm", "RMSNorm (arXiv 1910.07467) Sec. 3, Eq. 4; llama.py: class RMSNorm"),
@@ -61,50 +58,42 @@ BLOCK = re.compile(r"^( *)# exercise: (\w+)\n(?:.*\n)*?\1# end exercise\n", re.M
 MARKER = re.compile(r"^ *# (end )?exercise\b", re.M)  # a line meant as a marker, well spelt or not
 
 
-def find_exercises(path: str) -> dict[str, re.Match]:
-    """{name: its block} in a file, each from `# exercise: name` to the first `# end exercise`
-    at the same indentation. A marker outside such a pair (misspelt, nested, left open,
-    closed twice), or a name marked twice: TuluError."""
-    text, blocks, paired = pathlib.Path(path).read_text(), {}, set()
-    line = lambda at: text.count("\n", 0, at) + 1
-    for block in BLOCK.finditer(text):
-        if block[2] in blocks:
-            raise TuluError(f"{path}:{line(block.start())}: a second exercise {block[2]!r}")
-        blocks[block[2]] = block
-        paired |= {line(block.start()), line(block.end() - 1)}
-    unpaired = sorted({line(m.start()) for m in MARKER.finditer(text)} - paired)
-    if unpaired:
-        raise TuluError(f"{path}:{unpaired[0]}: an exercise marker outside a pair ('# exercise: NAME' above "
-                        "'# end exercise' at the same indentation)")
-    return blocks
-
-
 def find_function(tree: ast.Module, qualname: str):
     """The def of `name` or `Class.name` at the top of a module, or None."""
-    node = tree
     for part in qualname.split("."):
-        defs = (n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
-        if (node := next((n for n in defs if n.name == part), None)) is None:
-            return None
-    return node
+        tree = next((n for n in getattr(tree, "body", []) if getattr(n, "name", None) == part), None)
+    return tree
 
 
 def exercise_blocks(src_root: str) -> dict[str, dict[str, re.Match]]:
-    """{file: find_exercises(file)}, checked against EXERCISES: each exercise marked once,
-    inside its function, in its file, and no marker EXERCISES does not list."""
-    found = {f: find_exercises(os.path.join(src_root, f)) for f in EXERCISE_FILES}
-    for name, (file, function, _, _) in EXERCISES.items():
-        if name not in found[file]:
-            raise TuluError(f"{os.path.join(src_root, file)}: no '# exercise: {name}' marker "
-                            f"(machinery/exercises.py puts it in {function})")
-    for file, blocks in found.items():
-        path = os.path.join(src_root, file)
+    """{file: {name: its block}}, each block from `# exercise: name` to the first `# end exercise`
+    at its indentation, checked against EXERCISES: each exercise marked once, inside its function,
+    in its file. A marker outside a pair (misspelt, nested, left open, closed twice): TuluError."""
+    found = {}
+    for file in EXERCISE_FILES:
+        path, blocks = os.path.join(src_root, file), found.setdefault(file, {})
+        text = pathlib.Path(path).read_text()
+        line = lambda at: text.count("\n", 0, at) + 1
+        for block in BLOCK.finditer(text):
+            if block[2] in blocks:
+                raise TuluError(f"{path}:{line(block.start())}: a second exercise {block[2]!r}")
+            blocks[block[2]] = block
+        paired = {line(b.start()) for b in blocks.values()} | {line(b.end() - 1) for b in blocks.values()}
+        unpaired = sorted({line(m.start()) for m in MARKER.finditer(text)} - paired)
+        if unpaired:
+            raise TuluError(f"{path}:{unpaired[0]}: an exercise marker outside a pair ('# exercise: NAME' "
+                            "above '# end exercise' at the same indentation)")
+        missing = [name for name, e in EXERCISES.items() if e[0] == file and name not in blocks]
+        if missing:
+            raise TuluError(f"{path}: no '# exercise: {missing[0]}' marker (machinery/exercises.py puts it "
+                            f"in {EXERCISES[missing[0]][1]})")
+        tree = ast.parse(text)
         for name, block in blocks.items():
-            begin = block.string.count("\n", 0, block.start()) + 1
-            if name not in EXERCISES or EXERCISES[name][0] != file:
+            begin = line(block.start())
+            if EXERCISES.get(name, ("",))[0] != file:
                 raise TuluError(f"{path}:{begin}: exercise {name!r} is not in machinery/exercises.py's "
                                 "EXERCISES")
-            fn = find_function(ast.parse(block.string, path), EXERCISES[name][1])
+            fn = find_function(tree, EXERCISES[name][1])
             if fn is None or not fn.lineno < begin <= fn.end_lineno:  # its indentation keeps it there
                 raise TuluError(f"{path}:{begin}: exercise {name!r} is not inside {EXERCISES[name][1]}")
     return found
@@ -117,32 +106,29 @@ def exercises_md(src_root: str) -> str:
         source = pathlib.Path(src_root, file).read_text()
         # the docstring as written (in triple quotes), so that an escape such as "\n" stays two characters
         doc = ast.get_source_segment(source, find_function(ast.parse(source), function).body[0])[3:-3]
-        command = f"python -m pytest {selector}"
-        rows.append(f"| {k} | `{name}` | {file}: `{function}` | `{command}` |")
+        grading = f"python -m pytest {selector}"
+        rows.append(f"| {k} | `{name}` | {file}: `{function}` | `{grading}` |")
         parts.append(f"## {k}. {name}\n\nImplement `{function}` in {file}; its docstring is the contract:\n\n"
                      f"{textwrap.indent(inspect.cleandoc(doc), '    ')}\n\n"
-                     f"Read first: {read}.\n\nGraded by: `{command}`\n")
+                     f"Read first: {read}.\n\nGraded by: `{grading}`\n")
     return "\n".join([
         "# Exercises", "",
         f"This is a student copy of tulu: the bodies of {len(EXERCISES)} key functions are replaced by",
-        '`raise NotImplementedError("exercise <name>: see EXERCISES.md")`. For each one, read the',
-        "docstring above the `raise`: it is the contract (formula, shapes, and the details the",
-        "reference libraries' numbers depend on). Write the body in place of the `raise` and run the",
-        "grading command until it passes. Work in this order: an exercise's tests may use the",
-        "exercises before it, never one after it. `python -m pytest` runs every test: it fails exactly",
-        "the grading tests of unfinished exercises, and skips the other tests that reach one",
-        "(\"waits on exercise NAME\", see conftest.py) until it is done.", "",
+        '`raise NotImplementedError("exercise <name>: see EXERCISES.md")`. Write each body in place of its',
+        "`raise`, the docstring above it the contract (formula, shapes, the details the reference libraries'",
+        "numbers depend on), and run its grading command until it passes. Work in order: an exercise's tests",
+        "may use the exercises before it, never one after it. `python -m pytest` fails exactly the grading",
+        "tests of unfinished exercises and skips the other tests that reach one (\"waits on exercise NAME\",",
+        "see conftest.py).", "",
         "| # | exercise | where | graded by |", "| --- | --- | --- | --- |", *rows, "", *parts])
 
 
-def make_exercises(src_root: str, out_dir: str) -> list[str]:
-    """Copy the project at src_root (its files, data/, machinery/ and tests/, no caches) to
-    out_dir, with every exercise's block replaced by one `raise` line at its indentation
-    (the function still parses, and fails only when called), and EXERCISES.md. Returns
-    the exercise names, in order. The markers are checked before anything is written."""
+def make_exercises(src_root: str, out_dir: str):
+    """Copy the project at src_root (its files, data/, machinery/ and tests/, no caches) to out_dir,
+    each exercise's block replaced by one `raise` line at its indentation (the function still parses
+    and fails only when called), and EXERCISES.md. The markers are checked before anything is written."""
     src, out = os.path.realpath(src_root), os.path.realpath(out_dir)
-    copied = [os.path.join(src, d) for d in STUDENT_COPY if os.path.isdir(os.path.join(src, d))]
-    if out == src or any((out + os.sep).startswith(d + os.sep) for d in copied):
+    if out == src or any((out + os.sep).startswith(os.path.join(src, d, "")) for d in STUDENT_COPY):
         raise TuluError(f"{out_dir}: is the project, or inside a folder of it that the copy takes; "
                         "choose another")
     found = exercise_blocks(src_root)
@@ -151,10 +137,25 @@ def make_exercises(src_root: str, out_dir: str) -> list[str]:
         src, dst = os.path.join(src_root, name), os.path.join(out_dir, name)
         if os.path.isdir(src):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*NOT_COPIED), dirs_exist_ok=True)
-        elif os.path.exists(src):  # README.md may not exist yet
+        else:
             shutil.copy2(src, dst)
     blank = lambda b: f'{b[1]}raise NotImplementedError("exercise {b[2]}: see EXERCISES.md")\n'
     for file in found:
         pathlib.Path(out_dir, file).write_text(BLOCK.sub(blank, pathlib.Path(src_root, file).read_text()))
     pathlib.Path(out_dir, "EXERCISES.md").write_text(exercises_md(src_root))
-    return list(EXERCISES)
+
+
+def command(args):
+    """`tulu.py exercises OUT_DIR`: the student copy of this project, and where to start."""
+    out = args.out_dir
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
+        raise TuluError(f"{out}: is not empty (--force writes the student copy over it)")
+    make_exercises(ROOT, out)
+    name, (file, function, _, selector) = next(iter(EXERCISES.items()))
+    print(f"wrote a student copy of tulu with {len(EXERCISES)} exercises to {out}; read {out}/EXERCISES.md "
+          f"and start with {name} ({file}: {function}):\n  cd {out} && python -m pytest {selector}")
+
+
+def flags(p):
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the copy: new or empty, unless --force")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")

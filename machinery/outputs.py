@@ -1,24 +1,12 @@
-"""What a run leaves behind, and the terminal's side of `chat`.
+"""What a run leaves behind.
 
-Outputs: lora and qlora runs write a PEFT adapter (lora.save_adapter), full runs an HF
-model folder in the base checkpoint's dtype (float32 master weights rounded once, as
-open-instruct and transformers' Trainer write them); under torchrun rank 0 alone writes,
-gathering FSDP's shards a tensor at a time. Every output gets the tokenizer files it was trained
-with (the adapter's own, where --adapter brought one), and a full model the base's
-generation_config.json. Weights that are not finite are never written.
-
-The chat template: tokenizer_config.json's "chat_template" (Jinja), which vLLM, TGI and
-transformers' apply_chat_template format a conversation with, is made to give the ids of
-the format the output was trained in (tulu.py's chat_template), replacing the base's.
-apply_chat_template renders the text, BOS included, and tokenizes it adding nothing, so the
-BOS written as text must leave the text after it encoded as training encoded it (template_bos).
-
-Chat: the reply streams as the tokens come, decoded whole each time, so that a
-character of several bytes shows once its last byte is there; generation stops at
-every EOS id the model folder names (stop_ids).
+lora and qlora runs write a PEFT adapter, full runs an HF model folder in the base checkpoint's
+dtype (float32 master weights rounded once, as open-instruct and transformers' Trainer write them);
+under torchrun rank 0 alone writes, gathering FSDP's shards a tensor at a time. Weights that are
+not finite are never written. Every output gets the tokenizer files it was trained with and, in
+tokenizer_config.json, a "chat_template": the Jinja with which vLLM, TGI and apply_chat_template
+format a conversation, made to give the ids of the format the output learned.
 """
-from __future__ import annotations
-
 import json
 import os
 import shutil
@@ -36,12 +24,9 @@ def stop_ids(model_dir, tok) -> list[int]:
     and generation_config.json's eos_token_id, an id or a list of them (Llama 3.1
     Instruct stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>)."""
     ids = [tok.eos_id]
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(model_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                value = json.load(f).get("eos_token_id")
-            ids += value if isinstance(value, list) else [value]
+    for path in (os.path.join(model_dir, name) for name in ("config.json", "generation_config.json")):
+        value = llama.read_json(path, "a JSON object").get("eos_token_id") if os.path.exists(path) else None
+        ids += value if isinstance(value, list) else [value]
     return sorted({i for i in ids if i is not None})
 
 
@@ -64,21 +49,18 @@ JINJA_CHAT = (
     '{%- elif chat.strip -%}{{- ns.text|trim -}}{%- else -%}{{- ns.text -}}{%- endif -%}')
 
 
-def template_bos(tok) -> str:
-    """The BOS text a chat template starts with: what the tokenizer adds itself. Written as
-    text, it leaves the text after it no longer at the start, which Llama 2's sentencepiece
-    tokenizer with legacy=False encodes without the "▁" that training gave it ("<|user|>"
-    unlike "▁<|user|>"): there a space follows the BOS, which becomes that "▁"."""
+def jinja_chat_template(tok, turns, generation, strip=False, system=None) -> str:
+    """A Jinja chat_template for tokenizer `tok` (JINJA_CHAT): turns {role: (header, end)}, the
+    generation prompt, the default system turn's content (a JSON object is a Jinja literal). It
+    starts with the BOS the tokenizer adds, as text: apply_chat_template renders the text and
+    tokenizes it adding nothing. Llama 2's sentencepiece tokenizer with legacy=False encodes the
+    text after a BOS written as text without the "▁" training gave it ("<|user|>", not
+    "▁<|user|>"): there a space follows the BOS."""
     names = {i: text for text, i in tok.specials.items()}
     bos = "".join(names[i] for i in tok.bos_ids)
-    return bos + " " if bos and isinstance(tok, llama.SentencePieceTokenizer) and not tok.legacy else bos
-
-
-def jinja_chat_template(tok, turns, generation, strip=False, system=None) -> str:
-    """A Jinja chat_template for tokenizer `tok` (see JINJA_CHAT): turns {role: (header, end)},
-    the generation prompt, the default system turn's content. A JSON object is a Jinja literal."""
+    bos += " " * bool(bos and isinstance(tok, llama.SentencePieceTokenizer) and not tok.legacy)
     system = turns["system"][0] + system + turns["system"][1] if system is not None else ""
-    chat = dict(bos=template_bos(tok), turns=turns, generation=generation, strip=strip, system=system)
+    chat = dict(bos=bos, turns=turns, generation=generation, strip=strip, system=system)
     return "{%- set chat = " + json.dumps(chat, ensure_ascii=False) + " -%}" + JINJA_CHAT
 
 
@@ -90,7 +72,7 @@ def write_chat_template(out, template):
 
 def save_outputs(args, model, model_dir, out, template=None):
     """lora/qlora: a PEFT adapter; full: a Hugging Face model folder. Both get the tokenizer,
-    with template(tokenizer) as its chat template."""
+    with `template` as its chat template."""
     from lora import adapter_tensors, save_adapter
     full = args.method == "full"
     # on every rank: FSDP's shards are checked where they are, one verdict for all
@@ -106,33 +88,5 @@ def save_outputs(args, model, model_dir, out, template=None):
         save_adapter(model, out, base_model_name_or_path=model_dir, fetch=whole)
     copy_tokenizer(tokenizer_source(getattr(args, "adapter", None), model_dir), out)
     if template:
-        write_chat_template(out, template(llama.Tokenizer(out)))
+        write_chat_template(out, template)
     print(f"wrote {'model' if full else 'adapter'}, tokenizer and metrics.jsonl to {out}")
-
-
-def read_prompt():
-    try:
-        line = input("\n<|user|>\n")
-    except EOFError:
-        return None
-    return None if line.strip() in ("/exit", "/quit") else line
-
-
-def stream_reply(model, tok, prompt_ids, args, g, stop):
-    """Generate the assistant's answer and print it as it comes; it ends at an id in `stop`."""
-    new, shown = [], ""
-    print("<|assistant|>")
-
-    def on_token(i):
-        nonlocal shown
-        new.append(i)
-        text = tok.decode([t for t in new if t not in stop])
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-
-    llama.generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, eos_id=stop, on_token=on_token, generator=g)
-    final = tok.decode([t for t in new if t not in stop])
-    print(final[len(shown):])  # a character cut off by --max-new-tokens shows as it stays in the history
-    return final

@@ -7,18 +7,10 @@ base: only the adapters (~1% of the parameters) get gradients and Adam states. N
 the frozen base in 4.127 bits a weight (nf4.py); gradient checkpointing keeps each layer's
 input alone and rebuilds the rest in backward, a layer at a time; paged AdamW keeps its
 states in CPU memory. Together 65B fits one 48 GB GPU: 39 GiB at batch 1 x 512 (45 GiB
-with Adam's states on the GPU).
-
-Each part is counted as this code holds it (tests/test_plan.py holds the sum to measured
-runs): weights as stored; adapters, gradients and AdamW states in float32; activations,
-what each layer's forward saves for backward; the logits' buffers; weights held twice while
-in use. Backward frees each layer's activations as it writes its gradients, so the peak
-takes the larger of the two, not their sum. FSDP (full on several ranks, or --fsdp) splits
-weights, adapters, gradients and AdamW states over the ranks; DDP keeps all on each.
-
-Shapes: D hidden, I intermediate, A = H x Dh attention width, V vocabulary, L layers, R LoRA
-rank, n learned tokens; c bytes of a compute-dtype value (2 in bf16, 4 in float32). Read
-top to bottom.
+with Adam's states on the GPU). Each part is counted as this code holds it: tests/test_plan.py
+holds the parts to the model and to autograd, and their peak to measured runs.
+Shapes: D hidden, I intermediate, A = H x Dh attention width, V vocabulary, L layers; c bytes
+of a compute-dtype value (2 in bf16, 4 in float32).
 """
 import argparse
 import json
@@ -32,8 +24,6 @@ from llama import LlamaConfig, chunk_rows
 from machinery.cli import positive_int
 
 GIB = 2**30
-LLAMA_65B = LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-                        num_attention_heads=64)  # the QLoRA paper's largest model (LLaMA 1)
 
 
 def projections(cfg) -> list[tuple[int, int]]:
@@ -47,21 +37,6 @@ def nf4_bytes(n: int) -> int:
     """An NF4 weight of n values: 4 bits each, an 8-bit scale per block of 64, a float32
     scale per 256 blocks and the scales' mean: 4 + 8/64 + 32/(64*256) = 4.127 bits a value."""
     return n // 2 + n // 64 + 4 * math.ceil(n / (64 * 256)) + 4
-
-
-def weight_bytes(cfg, method, c) -> tuple[int, int]:
-    """(parameters, their bytes as stored: float32 masters for full, the compute dtype for
-    lora; qlora's decoder weights in NF4, its embeddings, norms and lm_head in the compute dtype)."""
-    L, D, layer = cfg.num_hidden_layers, cfg.hidden_size, sum(i * o for i, o in projections(cfg))
-    rest = cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2) + (2 * L + 1) * D  # embeddings, norms
-    if method == "qlora":
-        return L * layer + rest, L * sum(nf4_bytes(i * o) for i, o in projections(cfg)) + rest * c
-    return L * layer + rest, (L * layer + rest) * (4 if method == "full" else c)
-
-
-def lora_params(cfg, r) -> int:
-    """A (R, in) and B (out, R) on each of the seven Linears of every layer."""
-    return cfg.num_hidden_layers * sum(r * (i + o) for i, o in projections(cfg))
 
 
 def layer_activations(cfg, method, c, r, dropout, shared) -> int:
@@ -93,41 +68,45 @@ def logits_bytes(cfg, method, c, n, device) -> int:
     return kept + max(min(n, chunk_rows(device, V)) * V * (c + 8), kept)
 
 
-def weight_copies(cfg, method, c, fsdp) -> int:
-    """Weights held twice while in use. qlora: the largest weight dequantized (int64 pairs of
-    float32 values, then cast to c). FSDP: the root unit (embeddings, lm_head) and two decoder
-    layers gathered, and for full the whole gradients of lm_head and of a layer before their
-    reduce-scatter. Full without FSDP, under bf16 autocast: every decoder weight's bf16 cast."""
-    layer, head = sum(i * o for i, o in projections(cfg)), cfg.vocab_size * cfg.hidden_size
-    largest = max(i * o for i, o in projections(cfg))
-    dequantized = largest * (4 if c == 4 else 4 + c) if method == "qlora" else 0
-    if fsdp:
-        stored = sum(nf4_bytes(i * o) for i, o in projections(cfg)) if method == "qlora" else layer * c
-        return dequantized + 2 * head * c + 2 * stored + ((head + layer) * c if method == "full" else 0)
-    return dequantized + (cfg.num_hidden_layers * layer * c if method == "full" and c < 4 else 0)
+def optimizer_bytes(method, trained, device, split) -> int:
+    """AdamW's two float32 states a trained parameter, over `split` FSDP ranks. qlora on one
+    GPU pages them (PagedAdamW): they wait in CPU memory, the GPU holds what room is left
+    (counted as none); sharded, they stay on the GPU."""
+    return 0 if method == "qlora" and device == "cuda" and split == 1 else 8 * trained // split
 
 
 def plan(cfg, method, rows, seq, lora_r=64, dropout=0.1, checkpointing=False, c=2, device="cuda", world=1,
          fsdp=False) -> dict:
-    """One device's parts, in bytes, for micro-batches of `rows` sequences of `seq` tokens,
-    every label learned, on `world` ranks, sharded (fsdp) or each holding the model (DDP).
-    qlora on a GPU pages AdamW's states (PagedAdamW) unless sharded: they wait in CPU
-    memory, and the GPU holds what room is left (counted as none)."""
-    split, tokens, D = world if fsdp else 1, rows * seq, cfg.hidden_size
-    n, stored = weight_bytes(cfg, method, c)
-    trained = n if method == "full" else lora_params(cfg, lora_r)
-    shared = method == "full" and (c == 4 or fsdp)
-    layer = tokens * layer_activations(cfg, method, c, lora_r, dropout, shared)
-    residual = 4 if method == "full" and not shared else c  # full's residual stream is float32 under autocast
-    saved = tokens * residual * D if checkpointing else layer  # checkpointing keeps a layer's input alone
-    final_norm = tokens * D * (8 if method == "full" else 4)  # its float32 input (and x/rms, where it trains)
-    paged = method == "qlora" and device == "cuda" and not fsdp
-    return dict(weights=stored // split, adapters=0 if method == "full" else 4 * trained // split,
-                gradients=4 * trained // split, optimizer=0 if paged else 8 * trained // split,
-                activations=cfg.num_hidden_layers * saved + final_norm,
-                recomputed=layer if checkpointing else 0,  # in backward, under checkpointing
-                logits=logits_bytes(cfg, method, c, rows * (seq - 1), device),
-                weight_copies=weight_copies(cfg, method, c, fsdp))
+    """One device's parts, in bytes, for micro-batches of `rows` sequences of `seq` tokens, every
+    label learned, on `world` ranks: FSDP (fsdp) splits the weights, adapters, gradients and AdamW
+    states over them, DDP keeps all on each."""
+    L, D, full = cfg.num_hidden_layers, cfg.hidden_size, method == "full"
+    head, layer = cfg.vocab_size * D, sum(i * o for i, o in projections(cfg))  # lm_head's, a layer's weights
+    split, tokens = world if fsdp else 1, rows * seq
+    rest = head * (1 if cfg.tie_word_embeddings else 2) + (2 * L + 1) * D  # embeddings, lm_head, norms
+    in_use = sum(nf4_bytes(i * o) for i, o in projections(cfg)) if method == "qlora" else layer * c  # a layer
+    # weights as stored: full's float32 masters; else the compute dtype, qlora's decoder layers in NF4
+    weights = (L * layer + rest) * 4 if full else L * in_use + rest * c
+    # trained: every weight, or LoRA's A (r, in) and B (out, r) on each Linear of each layer
+    trained = L * layer + rest if full else L * sum(lora_r * (i + o) for i, o in projections(cfg))
+    # activations: what each layer's forward saves for backward (checkpointing: its input alone)
+    shared = full and (c == 4 or fsdp)
+    one_layer = tokens * layer_activations(cfg, method, c, lora_r, dropout, shared)
+    residual = 4 if full and not shared else c  # full's residual stream is float32 under autocast
+    saved = tokens * residual * D if checkpointing else one_layer
+    final_norm = tokens * D * (8 if full else 4)  # its float32 input (and x/rms, where it trains)
+    # weights held twice while in use: qlora's largest weight dequantized (int64 pairs of float32
+    # values, then cast to c); FSDP's root unit (embeddings, lm_head) and two layers gathered, full's
+    # gradients of lm_head and a layer before their reduce-scatter; full's bf16 casts under autocast
+    copies = max(i * o for i, o in projections(cfg)) * (4 if c == 4 else 4 + c) if method == "qlora" else 0
+    if fsdp:
+        copies += 2 * head * c + 2 * in_use + (head + layer) * c * full
+    elif full and c < 4:
+        copies += L * layer * c
+    return dict(weights=weights // split, adapters=0 if full else 4 * trained // split,
+                gradients=4 * trained // split, optimizer=optimizer_bytes(method, trained, device, split),
+                activations=L * saved + final_norm, recomputed=one_layer if checkpointing else 0,
+                logits=logits_bytes(cfg, method, c, rows * (seq - 1), device), weight_copies=copies)
 
 
 def peak(p: dict) -> int:
@@ -141,15 +120,13 @@ def peak(p: dict) -> int:
 # -----------------------------------------------------------------------------
 # `tulu.py plan` (its flags, print_plan), and the line sft and dpo print at the start
 
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
 
 def size(text: str) -> int:
     """Bytes of "24GiB" (2**30 each) or "48GB" (10**9 each), for --device-memory."""
-    m = re.fullmatch(r"([0-9.]+) *([a-z]+)", text.strip().lower())
-    if not m or m[2] not in UNITS:
+    m = re.fullmatch(r"([0-9.]+) *([kmg]?)(i?)b", text.strip().lower())
+    if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 24GiB or 48GB")
-    return int(float(m[1]) * UNITS[m[2]])
+    return int(float(m[1]) * (1024 if m[3] else 1000) ** "_kmg".index(m[2] or "_"))
 
 
 def plan_flags(p):
@@ -164,44 +141,40 @@ def plan_flags(p):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default %(default)s")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--nproc", type=positive_int, default=1, help="torchrun's --nproc_per_node (default 1)")
-    p.add_argument("--fsdp", action="store_true", help="sft's --fsdp: shard lora/qlora too (full on several "
-                                                       "ranks always is)")
+    p.add_argument("--fsdp", action="store_true", help="sft's --fsdp: shard lora/qlora (full on 2+ ranks is)")
     p.add_argument("--device-memory", type=size,
-                   help="e.g. 24GiB or 48GB: does the run fit? else the largest batch that does")
+                   help="e.g. 24GiB or 48GB: does it fit? else the largest batch that does")
     p.add_argument("--json", action="store_true", help="print one JSON object: total_bytes and the parts")
 
 
-def settings(args, world, fsdp=False) -> dict:
+def settings(args, world) -> dict:
     """plan()'s arguments for a run's TrainConfig (sft; dpo: two sequences a pair) or plan's flags.
     --method full on several ranks is always sharded (FSDP2)."""
     return dict(cfg=LlamaConfig.from_json(os.path.join(args.model, "config.json")), method=args.method,
                 rows=args.batch_size * (2 if args.command == "dpo" else 1), seq=args.max_seq_length,
                 lora_r=args.lora_r, dropout=args.lora_dropout, checkpointing=args.gradient_checkpointing,
                 c=args.dtype.itemsize, device=args.device, world=world,
-                fsdp=world > 1 and (fsdp or args.method == "full"))
+                fsdp=world > 1 and (args.fsdp or args.method == "full"))
 
 
 def run_line(args) -> str:
-    total = peak(plan(**settings(args, args.dist.world, args.fsdp)))
+    total = peak(plan(**settings(args, args.dist.world)))
     return f"memory plan: {total / GIB:.2f} GiB per device at batch {args.batch_size} x " \
            f"{args.max_seq_length} (tulu.py plan: its parts)"
 
 
-def largest_batch(s: dict, memory: int) -> int:
-    """The largest micro-batch whose peak fits in `memory` bytes (0: none)."""
-    return next((b for b in range(s["rows"], 0, -1) if peak(plan(**{**s, "rows": b})) <= memory), 0)
-
-
 def print_plan(args):
     """`tulu.py plan`: each part and the peak; with --device-memory whether it fits, or else
-    the largest batch that does; --json: one object."""
-    default = "bf16" if args.device == "cuda" else "fp32"  # as --dtype auto
-    args.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or default]
-    s = settings(args, args.nproc, args.fsdp)
-    parts, memory = plan(**s), args.device_memory
-    total, best = peak(parts), None if memory is None else largest_batch(s, memory)
+    the largest batch that does (0: none); --json: one object."""
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")  # as --dtype auto
+    args.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    s, memory = settings(args, args.nproc), args.device_memory
+    parts = plan(**s)
+    total = peak(parts)
+    fits = None if memory is None else total <= memory
+    best = None if memory is None else next(
+        (b for b in range(s["rows"], 0, -1) if peak(plan(**{**s, "rows": b})) <= memory), 0)
     if args.json:
-        fits = None if memory is None else total <= memory
         return print(json.dumps(dict(total_bytes=total, parts=parts, fits=fits, largest_batch=best)))
     other = plan(**{**s, "checkpointing": not s["checkpointing"]})["activations"]
     flip = "without" if s["checkpointing"] else "with"
@@ -212,8 +185,8 @@ def print_plan(args):
     print("peak = weights + adapters + optimizer + weight_copies\n"
           "       + max(activations + max(logits, recomputed), gradients + recomputed)\n"
           f"activations {flip} --gradient-checkpointing: {other / GIB:.2f} GiB")
-    if s["method"] == "qlora" and args.device == "cuda" and not s["fsdp"]:
+    if not parts["optimizer"]:
         print(f"AdamW's states are paged to CPU memory: {2 * parts['gradients'] / GIB:.2f} GiB there")
     if memory is not None:
-        verdict = "yes" if total <= memory else f"no; batch {best} does" if best else "no, not even batch 1"
+        verdict = "yes" if fits else f"no; batch {best} does" if best else "no, not even batch 1"
         print(f"fits in {memory / GIB:.2f} GiB: {verdict}")

@@ -1,17 +1,14 @@
-"""Runs that survive: checkpoints that resume exactly, Ctrl-C and SIGTERM, metrics.jsonl
-and loss.svg, kept by the Run object that tulu.py's training loop calls once a step.
+"""Runs that survive: checkpoints that resume exactly, Ctrl-C and SIGTERM, metrics.jsonl and
+loss.svg, kept by the Run object that tulu.py's training loop calls once a step.
 
-out/checkpoint/ holds, after a completed step, the trainable weights, the optimiser state
-and the random state (safetensors and a JSON skeleton: no pickle), and trainer_state.json:
-the step, the file of those tensors, and the run's record (the config and the data's
-sha256). trainer_state.json is written last and by rename, so a kill at any point leaves
-a whole checkpoint. --resume refuses a record that differs, in one line naming the
-difference, before the model loads; a finished run leaves finished.json instead.
-
-Why both periodic (--save-minutes) and preemption checkpoints: a scheduler's SIGTERM
-(Slurm, Kubernetes, torchrun passing it on) is followed by a kill after a grace period
-(often 30 s): where the step in progress and a checkpoint fit in it, nothing is lost;
-where not, and after a SIGKILL or a lost machine, the last periodic checkpoint remains.
+After a completed step, out/checkpoint/ holds state-STEP.safetensors (the trainable weights,
+the optimiser and random states; their nesting as JSON: no pickle) and, written last and by
+rename, trainer_state.json naming it, with the step and the run's record (the config and
+the data's sha256): a kill at any point leaves a whole checkpoint. --resume refuses a record
+that differs, naming the difference, before the model loads; a finished run leaves
+finished.json instead. Periodic checkpoints (--save-minutes) as well as SIGTERM's: a
+scheduler kills after a grace period (often 30 s) that the step in progress and a
+checkpoint may not fit in, and a lost machine sends nothing.
 """
 import hashlib
 import html
@@ -31,8 +28,8 @@ from tqdm import tqdm
 
 from llama import TuluError, atomic_write, write_json
 from machinery.checks import check_finite_weights, json_safe
-from machinery.distributed import (all_sum, any_rank, dist_of, placed, placed_state, rank0, write_gathered,
-                                   together, whole)
+from machinery.distributed import (all_sum, any_rank, dist_of, placed, placed_state, rank0, together, whole,
+                                   write_gathered)
 
 CHECKPOINT, FINISHED, STATE = "checkpoint", "finished.json", "trainer_state.json"
 # what a resumed run may change: where it writes, how often it saves, what it runs on,
@@ -42,8 +39,7 @@ MAY_CHANGE = {"output", "resume", "save_every", "save_minutes", "device", "dtype
 
 
 def pack(obj, tensors, path="s"):
-    """A nested state (dicts, lists, tensors, numbers) as a JSON skeleton, its tensors put
-    in `tensors` for safetensors (unpack reverses it)."""
+    """A nested state as a JSON skeleton, its tensors put in `tensors` (unpack reverses it)."""
     if torch.is_tensor(obj):
         tensors[path] = obj.detach().cpu().contiguous()
         return {"tensor": path}
@@ -88,8 +84,7 @@ def run_record(args) -> dict:
     return json.loads(json.dumps(run))  # as trainer_state.json holds it: tuples are lists
 
 
-def read_state(path):
-    """The JSON object in `path`, or None where there is none."""
+def read_state(path):  # the JSON object in path, or None
     try:
         with open(path) as f:
             return json.load(f)
@@ -97,9 +92,7 @@ def read_state(path):
         return None
 
 
-def sync(path):
-    """Flush a file or a folder's entries to disk: after a crash of the machine, not only
-    of the process, the checkpoint is whole too."""
+def sync(path):  # to disk, a file or a folder's entries: a checkpoint outlives a crash of the machine
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
@@ -107,23 +100,20 @@ def sync(path):
 
 def save_checkpoint(out, step, model, opt, rng, run):
     """out/checkpoint/: the tensors after `step` steps in state-STEP.safetensors, then the
-    trainer_state.json that names them, replacing the last one by rename; then the last
-    one's tensors go. A kill at any point leaves a trainer_state.json naming a whole file."""
+    trainer_state.json that names them, by rename; then the last one's tensors go."""
     weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
     check_finite_weights(weights.items(), "checkpoint")  # every rank: FSDP's shards where they are
     folder, name, tensors = os.path.join(out, CHECKPOINT), f"state-{step}.safetensors", {}
     skeleton = pack({"weights": weights, "optimizer": opt.state_dict(), "rng": rng}, tensors)
     if rank0():
         os.makedirs(folder, exist_ok=True)
-    # under torchrun rank 0 writes each tensor as the ranks gather it from FSDP's shards
-    write_gathered(os.path.join(folder, name), tensors)
-    if not rank0():
-        return
-    sync(os.path.join(folder, name))
-    write_json(os.path.join(folder, STATE), {"step": step, "file": name, "run": run, "state": skeleton})
-    sync(folder)
-    for old in set(os.listdir(folder)) - {name, STATE}:  # the last one's, or what a kill left
-        os.remove(os.path.join(folder, old))
+    write_gathered(os.path.join(folder, name), tensors)  # rank 0 writes what the ranks gather from FSDP
+    if rank0():
+        sync(os.path.join(folder, name))
+        write_json(os.path.join(folder, STATE), {"step": step, "file": name, "run": run, "state": skeleton})
+        sync(folder)
+        for old in set(os.listdir(folder)) - {name, STATE}:  # the last one's, or what a kill left
+            os.remove(os.path.join(folder, old))
 
 
 def resume_root(args) -> str:
@@ -140,16 +130,15 @@ def check_resume(args):
     ckpt, done = os.path.join(root, CHECKPOINT), os.path.join(root, FINISHED)
     finished = read_state(done)
     saved = finished or read_state(os.path.join(ckpt, STATE))
+    if not args.resume and saved and not finished:
+        raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step {saved['step']}"
+                        f"): continue it with --resume {args.output}, or choose another --output")
     if not args.resume:
-        if saved and not finished:
-            raise TuluError(f"{ckpt}: {args.output} holds an unfinished run (checkpoint of step "
-                            f"{saved['step']}): continue it with --resume {args.output}, or choose another "
-                            f"--output")
         return
     if not saved:
         raise TuluError(f"{args.resume}: no checkpoint to resume from ({CHECKPOINT}/{STATE} missing)")
-    then = saved["run"]
-    changed = "; ".join(f"{k}: {then.get(k)} -> {v}" for k, v in run_record(args).items() if then.get(k) != v)
+    changed = "; ".join(f"{k}: {saved['run'].get(k)} -> {v}" for k, v in run_record(args).items()
+                        if saved["run"].get(k) != v)
     if changed:
         raise TuluError(f"{done}: that run finished, with other settings ({changed}); start a new run with "
                         f"another --output" if finished else
@@ -161,18 +150,15 @@ def check_resume(args):
 
 
 def load_checkpoint(args, model, opt) -> int:
-    """Restore what save_checkpoint wrote (check_resume compared its record) into model and
-    opt; return its step."""
+    """Restore what save_checkpoint wrote (check_resume compared its record); return its step."""
     from safetensors.torch import load_file
     ckpt = os.path.join(resume_root(args), CHECKPOINT)
     meta = read_state(os.path.join(ckpt, STATE))
     state = unpack(meta["state"], load_file(os.path.join(ckpt, meta["file"])))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if state["weights"].keys() != params.keys():
-        raise TuluError(f"{ckpt}: its trainable weights do not match this model and --method")
     with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(placed(state["weights"][n], p))
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(placed(state["weights"][n], p))
     opt.load_state_dict(placed_state(state["optimizer"], opt))
     set_rng_state(state["rng"])
     print(f"resumed from {ckpt} after step {meta['step']}")
@@ -221,8 +207,8 @@ class Run:
         self.title = f"tulu {args.command} --method {args.method}: {os.path.basename(args.model or out)}"
 
     def resume(self, model, opt):
-        """Restore the --resume checkpoint into model and opt, and metrics.jsonl's rows up to its
-        step (a kill may have cut one short); a new run removes what an earlier one left."""
+        """Restore the --resume checkpoint, and metrics.jsonl's rows up to its step (a kill may
+        have left more, or one cut short); a new run removes what an earlier one left."""
         self.start = together(self.d, load_checkpoint, self.args, model, opt) if self.args.resume else 0
         self.rows = []
         if rank0() and self.start:
@@ -268,21 +254,10 @@ class Run:
         state = read_state(os.path.join(self.out, CHECKPOINT, STATE))
         return f"the checkpoint of step {state['step']} stays in {self.out}/{CHECKPOINT}" if state else ""
 
-    def diverged(self, row):
-        """A non-finite loss or gradient norm ends the run at its step (the loop did not apply
-        it): nothing more is saved, the last checkpoint stays, and the chart shows the step."""
-        bad = [f"the {name} is {row[k]}" for k, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
-               if not math.isfinite(row[k])]
-        if bad:
-            self.plot()
-            a, kept = self.args, self.kept()
-            raise TuluError(f"step {row['step']}: {' and '.join(bad)}; stopped without applying this step, "
-                            f"nothing saved{kept and '; ' + kept}; try a lower --lr (this run: {a.lr:g}) or "
-                            f"--max-grad-norm (this run: {a.max_grad_norm:g}; 0: off)")
-
     def end_step(self, step, model, opt, lr):
-        """After `step` steps: log the row, stop on a non-finite one, then checkpoint when due
-        or asked to stop (not after the last step: the outputs come next, and a signal waits)."""
+        """After `step` steps: log the row; stop at a non-finite one (the loop did not apply it:
+        nothing more is saved, the last checkpoint stays, the chart shows the step); then a
+        checkpoint when due or asked to stop (not after the last step: the outputs come next)."""
         a, row = self.args, {"step": step, "epoch": round(step / self.per_epoch, 3), "lr": lr, **self.row}
         row["tokens_per_s"] = round(row["tokens"] / (time.time() - self.t0), 1)
         self.rows.append(json_safe(row))
@@ -290,7 +265,12 @@ class Run:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(self.rows[-1]) + "\n")
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        self.diverged(row)
+        names = {"loss": "loss", "grad_norm": "gradient norm"}
+        if bad := [f"the {names[k]} is {row[k]}" for k in names if not math.isfinite(row[k])]:
+            self.plot()
+            raise TuluError(f"step {step}: {' and '.join(bad)}; stopped without applying this step, "
+                            f"nothing saved{self.kept() and '; ' + self.kept()}; try a lower --lr (this run: "
+                            f"{a.lr:g}) or --max-grad-norm (this run: {a.max_grad_norm:g}; 0: off)")
         if step == self.total:
             return
         minutes = a.save_minutes and time.monotonic() - self.since >= 60 * a.save_minutes

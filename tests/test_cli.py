@@ -1053,8 +1053,8 @@ def test_dpo_demo_raises_heldout_accuracy(tmp_path, monkeypatch, capsys, tiny_de
     main = tulu.main
     monkeypatch.setattr(tulu, "main", lambda argv: main(argv + ["--max-steps", str(DEMO_SFT_STEPS)]
                                                         if argv[0] == "sft" else argv))
-    held, f = [], evaluate.preference_metrics
-    monkeypatch.setattr(evaluate, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], evaluate.held_out_metrics
+    monkeypatch.setattr(evaluate, "held_out_metrics", lambda *a: held.append(f(*a)) or held[-1])
     out = tmp_path / "out"
     main(["dpo", "--max-steps", "20", "--output", str(out)])
     sft = tiny_default.replace("tiny-llama-", "tiny-sft-")
@@ -1131,8 +1131,8 @@ def test_dpo_demo_with_an_sft_adapter_starts_with_zero_rewards(tmp_path, monkeyp
     """The demo (no --model) with --adapter: the reference is base + SFT adapter on
     the held-out pairs too, so at step 0 every held-out reward is 0."""
     monkeypatch.setattr(tulu, "tiny_sft", lambda: tiny_default)  # the base tiny_adapter was trained on
-    held, f = [], evaluate.preference_metrics
-    monkeypatch.setattr(evaluate, "preference_metrics", lambda *a: held.append(f(*a)) or held[-1])
+    held, f = [], evaluate.held_out_metrics
+    monkeypatch.setattr(evaluate, "held_out_metrics", lambda *a: held.append(f(*a)) or held[-1])
     cli("dpo", "--adapter", tiny_adapter, "--method", "lora", "--max-steps", 1, "--output", tmp_path / "out")
     assert held[0]["rewards/accuracy"] == 0 and held[0]["rewards/margin"] == 0, held[0]
 

@@ -183,11 +183,12 @@ def test_examples_are_views_of_one_flat_tensor():
     offsets = torch.tensor([0, 3, 6, 7, 8, 10, 12])
     ex = data.Examples(tokens, offsets, width=2)
     assert len(ex) == 3 and ex.tolist() == rows
-    assert ex[1][0].tolist() == [4] and ex[-1][1].tolist() == [-100, -100]
+    assert ex[1][0].tolist() == [4] and ex[2][1].tolist() == [-100, -100]
     assert ex[0][0].data_ptr() == tokens.data_ptr()  # a view: no copy
     assert [e[0].tolist() for e in ex[1:]] == [[4], [5, 6]] and ex[5:] == []
-    with pytest.raises(IndexError):
-        ex[3]
+    for i in (3, -1):
+        with pytest.raises(IndexError):
+            ex[i]
     batch = tulu.SFTTask(pad_id=0).collate(ex[0:2])  # what the training loop does with them
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]] and batch["labels"][1].tolist() == [4, -100, -100]
 
@@ -196,8 +197,8 @@ def test_examples_take_at_most_16_bytes_a_token():
     tok = llama.Tokenizer(TINY)
     ex = tulu.load_sft_data(os.path.join(DATA, "sft_train.jsonl"), tok, 256)
     tokens = sum(len(e[0]) for e in ex)
-    assert ex.tokens.dtype == torch.int32 and ex.nbytes() / tokens <= 16
-    assert ex.nbytes() / tokens <= 8.5  # ids and labels, 4 bytes each, and the offsets
+    nbytes = ex.tokens.nbytes + ex.offsets.nbytes
+    assert ex.tokens.dtype == torch.int32 and nbytes / tokens <= 8.5  # ids and labels, 4 bytes each; offsets
 
 
 # -----------------------------------------------------------------------------
@@ -295,6 +296,8 @@ def test_a_malformed_line_found_by_a_worker_names_file_and_line(tmp_path, monkey
     path.write_text(ok * 80 + json.dumps(pair) + "\n" + ok * 20)  # line 81: two different prompts
     with pytest.raises(TuluError, match=rf"^{path}:81: .*differ at turn 1"):
         tulu.load_pref_data(str(path), llama.Tokenizer(TINY), 64, workers=2)
+    with pytest.raises(TuluError, match=rf"^{path}:81: .*differ at turn 1"):  # the one check of a row
+        list(data.read_jsonl(str(path), "prefs"))
 
 
 def test_num_workers_flag_and_a_malformed_line_from_the_command_line(tmp_path, monkeypatch, capsys):

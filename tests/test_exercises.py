@@ -211,7 +211,7 @@ def grade(root, name=None):
 
 def put_back(root, name):
     file = ex.EXERCISES[name][0]
-    body = ex.find_exercises(os.path.join(ROOT, file))[name][0]
+    body = ex.exercise_blocks(ROOT)[file][name][0]
     student = read(os.path.join(root, file))
     with open(os.path.join(root, file), "w") as f:
         f.write(re.sub(rf"^ *{re.escape(raise_line(name))}\n", lambda m: body, student, count=1, flags=re.M))

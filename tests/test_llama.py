@@ -1,6 +1,5 @@
 """llama.py against transformers (golden files from tests/make_fixtures.py),
 plus the invariants a student can check by hand."""
-import contextlib
 import json
 import math
 import os
@@ -68,63 +67,6 @@ def test_kv_cache_token_by_token_equals_full_recompute_and_writes_in_place():
             buffers.add(cache[0].k.data_ptr())
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
     assert cache[0].len == 12 and cache[0].k.shape[2] == 12 and len(buffers) == 1
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 96), (1, 96), (96,)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_one_row_linear_equals_f_linear(shape, bias):
-    """The generation fast path: the same products as F.linear, summed in another
-    order (tolerance: a few float32 roundings of the largest output), and gradients too."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).requires_grad_()
-    w = torch.randn(40, 96, generator=g).requires_grad_()
-    b = torch.randn(40, generator=g).requires_grad_() if bias else None
-    y = llama.one_row_linear(x, w, b)
-    ref = torch.nn.functional.linear(x, w, b)
-    assert y.shape == ref.shape
-    torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
-    dy, inputs = torch.randn(ref.shape, generator=g), [x, w] + ([b] if bias else [])
-    got, want = torch.autograd.grad(y, inputs, dy), torch.autograd.grad(ref, inputs, dy)
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, atol=1e-5 * e.abs().max().item(), rtol=0)
-
-
-@pytest.fixture
-def one_row_calls(monkeypatch):
-    """A list that gains an item at each call of llama.one_row_linear (which still runs)."""
-    calls, plain = [], llama.one_row_linear
-    monkeypatch.setattr(llama, "one_row_linear", lambda *a: calls.append(1) or plain(*a))
-    return calls
-
-
-def test_one_row_products_take_the_one_row_path_only_for_one_float32_cpu_row(one_row_calls):
-    calls = one_row_calls
-    torch.manual_seed(0)
-    lin, odd = torch.nn.Linear(32, 48), torch.nn.Linear(32, 47)
-    x = torch.randn(1, 1, 32)
-    with torch.no_grad(), llama.one_row_products(lin), llama.one_row_products(odd):
-        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
-        assert len(calls) == 1
-        lin(torch.randn(1, 2, 32)), odd(x), lin.to(torch.bfloat16), lin(x.bfloat16())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lin.float(), lin(x)
-    assert len(calls) == 1  # two rows, an odd number of outputs, bf16, autocast: plain F.linear
-
-
-def test_generate_decodes_through_one_row_linear_with_the_same_tokens(monkeypatch, one_row_calls):
-    """Every projection of a decoding step (7 per layer) and the head of every step
-    take the fast path, and only inside generate; switching it off gives the same tokens."""
-    model = load_model(os.path.join(FIX, "gqa"), dtype=torch.float32)
-    prompt = expected("gqa")["input_ids"][0, :5].tolist()
-    fast = llama.generate(model, prompt, max_new_tokens=6)
-    assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
-    assert all("forward" not in vars(m) for m in model.modules())  # the plain layers again
-    with torch.no_grad():
-        model(torch.tensor([prompt[:1]]))
-    assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
-    monkeypatch.setattr(llama, "one_row_products", lambda model: contextlib.nullcontext())
-    assert llama.generate(model, prompt, max_new_tokens=6) == fast
-    assert len(one_row_calls) == 6 + 5 * 7 * model.config.num_hidden_layers
 
 
 def test_last_only_is_the_last_positions_logits():

@@ -1,6 +1,6 @@
 """machinery/plan.py: a run's memory as arithmetic, held to the run itself.
 
-- Parts counted exactly: weight_bytes and lora_params against the model tulu.build_policy
+- Parts counted exactly: the weights and what trains against the model tulu.build_policy
   builds (NF4 buffers included); layer_activations against the bytes autograd saves in a
   decoder layer (counted with saved_tensors_hooks) for each method, in float32 and under bf16
   autocast, with and without LoRA dropout and gradient checkpointing.
@@ -48,6 +48,8 @@ MEASURED = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hid
                 num_attention_heads=4, num_key_value_heads=2)  # 13.7M parameters
 SHAPES = {"qlora": (2, 128), "lora": (2, 128), "full": (1, 64)}  # (batch, length): what weighs most differs
 R = 8
+LLAMA_65B = llama.LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                              num_attention_heads=64)  # the QLoRA paper's largest model (LLaMA 1)
 LINUX = os.path.exists("/proc/self/clear_refs")
 GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 
@@ -71,14 +73,16 @@ def policy(tmp_path, method, dtype, dropout=0.1, checkpointing=False, layers=3):
 
 @pytest.mark.parametrize("method", ["qlora", "lora", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weight_bytes_and_lora_params_are_the_model_s(tmp_path, method, dtype):
-    """NF4's packed codes and scales (4.127 bits a weight) included, LoRA's A and B not."""
+def test_weights_and_what_trains_are_the_model_s(tmp_path, method, dtype):
+    """NF4's packed codes and scales (4.127 bits a weight) included, LoRA's A and B not; AdamW's
+    gradients and two states a trained parameter in float32."""
     model, _, cfg = policy(tmp_path, method, dtype)
-    n, stored = plan.weight_bytes(cfg, method, dtype.itemsize)
+    parts = plan.plan(cfg, method, 1, 16, R, c=dtype.itemsize, device="cpu")
     base = [t for t in [*model.parameters(), *model.buffers()] if method == "full" or not t.requires_grad]
-    assert stored == sum(t.nbytes for t in base)
+    assert parts["weights"] == sum(t.nbytes for t in base)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trained == (n if method == "full" else plan.lora_params(cfg, R))
+    assert parts["gradients"] == 4 * trained and parts["optimizer"] == 8 * trained
+    assert parts["adapters"] == (0 if method == "full" else 4 * trained)
 
 
 def saved_bytes(model, args, ids):
@@ -237,9 +241,9 @@ def test_65b_qlora_fits_one_48gb_gpu_on_paper():
     """QLoRA (arXiv 2305.14314, Sec. 1): finetuning LLaMA-65B needs "more than 780 GB" of GPU
     memory in 16 bits, and under 48 GB with QLoRA (r=64 on every linear layer, gradient
     checkpointing, paged AdamW). Here full fine-tuning keeps float32 master weights: more still."""
-    qlora = plan.plan(plan.LLAMA_65B, "qlora", rows=1, seq=512, lora_r=64, checkpointing=True)
+    qlora = plan.plan(LLAMA_65B, "qlora", rows=1, seq=512, lora_r=64, checkpointing=True)
     assert plan.peak(qlora) < 48 * 10**9
-    assert plan.peak(plan.plan(plan.LLAMA_65B, "full", rows=1, seq=512, checkpointing=True)) > 780 * 10**9
+    assert plan.peak(plan.plan(LLAMA_65B, "full", rows=1, seq=512, checkpointing=True)) > 780 * 10**9
 
 
 def test_plan_json_and_the_largest_batch_that_fits(capsys):

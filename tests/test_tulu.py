@@ -124,6 +124,13 @@ def test_encode_messages_learns_answers_and_eos_only():
     assert ids == [tok.bos_id] + tok.encode(tulu.chat_text(msgs).strip())
 
 
+def test_an_empty_conversation_is_refused():
+    """open-instruct's encode_with_messages_format raises on an empty messages field; without the
+    check the BOS alone would come back as a learned label."""
+    with pytest.raises(ValueError, match="no messages"):
+        tulu.encode_messages([], llama.Tokenizer(TINY), 64)
+
+
 def test_encode_messages_strips_contents_and_text():
     tok = llama.Tokenizer(TINY)
     clean = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
