@@ -323,10 +323,10 @@ def build_policy(cfg, path):
     than ~6e-5: at Tulu 2's lr of 2e-5 most would never change); lora: LoRA adapters on a frozen
     base in the compute dtype; qlora: an NF4 base, LoRA on top, paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
-    fsdp = dist.dist_of(cfg).world > 1 and (cfg.method == "full" or cfg.fsdp)  # read to the CPU, then shard
-    model = llama.load_model(path, dtype=torch.float32 if cfg.method == "full" else cfg.dtype,
-                             device="cpu" if fsdp else cfg.device,
-                             quantize="nf4" if cfg.method == "qlora" else None)
+    fsdp = dist.dist_of(cfg).world > 1 and (cfg.method == "full" or cfg.fsdp)  # empty, sharded, then read
+    model = (dist.empty_model if fsdp else llama.load_model)(
+        path, dtype=torch.float32 if cfg.method == "full" else cfg.dtype, device=cfg.device,
+        quantize="nf4" if cfg.method == "qlora" else None)
     if cfg.method == "full":
         if cfg.adapter:
             raise TuluError("--adapter needs --method lora or qlora (merge it first for full fine-tuning)")
@@ -339,7 +339,7 @@ def build_policy(cfg, path):
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.compile:
         fast.compile_layers(model)
-    return dist.shard(model, dist.dist_of(cfg), cfg.dtype) if fsdp else model
+    return dist.shard(model, dist.dist_of(cfg), cfg.dtype, path) if fsdp else model
 
 
 def build_optimizer(cfg, model):

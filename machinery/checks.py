@@ -13,6 +13,7 @@ import torch
 import llama
 from llama import Tokenizer, TuluError
 from machinery.data import example_lengths
+from machinery.distributed import whole
 
 
 def check_vocab(tok, model_dir):
@@ -69,6 +70,7 @@ def json_safe(row):
 
 def check_finite_weights(named, what):
     """Never write non-finite weights (a step can overflow a weight with a finite loss)."""
-    if bad := next((n for n, p in named if not torch.isfinite(p).all()), None):
+    # under FSDP each rank checks its shards, the verdicts all-reduced (whole): all raise or none
+    if bad := next((n for n, p in named if not whole(torch.isfinite(p).all())), None):
         raise TuluError(f"{bad} holds non-finite values: {what} not written; "
                         f"try a lower --lr or --max-grad-norm")

@@ -1,26 +1,12 @@
 """More than one GPU: torchrun, DDP for LoRA/QLoRA, FSDP2 for full fine-tuning and --fsdp.
 
 `torchrun --nproc_per_node N tulu.py sft ...` starts N copies of the program, each told its
-RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches,
-batch-size x grad-accum x N examples, are dealt to the ranks in turn (deal); where N does not
-divide them (an epoch's short last step), the first are dealt again, as DistributedSampler
-pads, since FSDP's ranks must run as many. Every rank divides by the learned tokens (or pairs)
-of the whole step, summed over the ranks (all_sum), so the summed gradient and the loss are
-one process's over those micro-batches.
-
-lora/qlora: DDP over the adapters, each rank holding the frozen base (data_parallel), or
-with --fsdp FSDP2 as for full (Answer.AI's FSDP+QLoRA): it shards every weight, frozen (NF4
-too: shardable_nf4) or trained, its gradient and AdamW state over the ranks (shard). Saving
-writes a tensor at a time, each gathered to rank 0 as it is written (write_gathered);
-resuming cuts a whole checkpoint to each rank's shards (placed).
-Rank 0 alone prints and writes: rank0() is the one way code asks. An error on one rank
-ends every rank with its one-line message (together), where the others would wait for
-it forever. Without torchrun all of this reduces to a Dist of one rank and costs nothing.
-
-Checkpoints hold whole tensors, so --resume works on another number of ranks as long as
-the global batch (in the run's record) stays the same; dropout masks, drawn from (seed,
-step, rank), repeat only on the same number. The price is host memory under FSDP: every
-rank reads the whole model to its CPU before shard, and a checkpoint whole on --resume.
+RANK, WORLD_SIZE and LOCAL_RANK (as nanoGPT's train.py reads them). A step's micro-batches are
+dealt to the ranks (deal); each divides by the learned tokens of the whole step (all_sum): the
+summed gradient and the loss are one process's. lora/qlora: DDP over the adapters, each rank
+holding the frozen base; with --fsdp, and for full, FSDP2 shards every weight (NF4 too, as
+Answer.AI's FSDP+QLoRA), its gradient and AdamW state, and no rank ever holds the whole model:
+it reads only its rows of the checkpoint, and rank 0 saves a gathered tensor at a time.
 """
 import atexit
 import contextlib
@@ -34,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import llama
+import nf4
 from llama import TuluError
 
 
@@ -54,8 +41,7 @@ def dist_of(args) -> Dist:
 
 
 def rank_device(local_rank: int) -> torch.device:
-    """This rank's GPU: LOCAL_RANK modulo the visible GPUs, where a scheduler shows each task
-    only its own (Slurm's per-task binding: one device, LOCAL_RANK 0..7)."""
+    """LOCAL_RANK modulo the visible GPUs, where a scheduler shows each task only its own."""
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -64,7 +50,6 @@ def distributed() -> bool:
 
 
 def rank0() -> bool:
-    """Whether this process prints and writes: rank 0 of torchrun's, or the only one."""
     return not distributed() or torch.distributed.get_rank() == 0
 
 
@@ -74,9 +59,7 @@ def is_sharded(model) -> bool:
 
 
 def setup_distributed(device: str) -> Dist:
-    """Join torchrun's process group: NCCL on the GPU LOCAL_RANK names, or gloo on CPU; without
-    torchrun, or inside a run (the demo SFT that rank 0 builds), a Dist of one. Ranks but 0
-    print nothing and draw no bars (errors still show)."""
+    """torchrun's process group, NCCL or gloo; without torchrun, or inside a run, a Dist of one."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), device == "cuda"
     if world == 1 or torch.distributed.is_initialized():
         return Dist()
@@ -84,13 +67,13 @@ def setup_distributed(device: str) -> Dist:
     if cuda:
         torch.cuda.set_device(dev)  # from here on, "cuda" is this rank's GPU
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
-    # waits for one rank (rank 0 encoding a large data file, writing a 70B checkpoint) get a gloo
-    # group with a long timeout; NCCL's 10 minutes stay a step's limit, where a hung rank should fail
+    # waits for one rank (encoding the data, writing a 70B checkpoint): gloo, a long timeout; NCCL's
+    # 10 minutes stay a step's limit, where a hung rank should fail
     waits = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=3))
     # a gloo group alive at Python's shutdown can abort it: destroy it at exit, once the error
     # that ended the run and the model are gone (FSDP's modules sit in reference cycles)
     atexit.register(lambda: (gc.collect(), torch.distributed.destroy_process_group()))
-    if not rank0():
+    if not rank0():  # ranks but 0 print nothing and draw no bars (errors still show)
         sys.stdout = open(os.devnull, "w")
         init = tqdm.__init__
         tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
@@ -106,9 +89,7 @@ def error_text(e) -> str:
 
 
 def together(d: Dist, fn, *args):
-    """fn(*args) on every rank. A TuluError or OSError on any rank (a data file missing on
-    one node) ends every rank with its one-line error, where the others would wait for
-    the failed rank in their next collective."""
+    """fn(*args) on every rank. A TuluError or OSError on any rank ends every rank with its line."""
     if d.world == 1:
         return fn(*args)
     try:
@@ -124,86 +105,130 @@ def together(d: Dist, fn, *args):
 
 
 def rank0_first(d: Dist, fn, *args):
-    """fn(*args) on rank 0, then on the others, which find cached what it made: the demo model,
-    the encoded data (a node that does not share rank 0's cache folder encodes it again)."""
+    """fn(*args) on rank 0, then on the others, which find cached what it made (the encoded data)."""
     out = together(d, lambda: fn(*args) if rank0() else None)
     return together(d, lambda: out if rank0() else fn(*args))
 
 
-def shardable_nf4(model):
-    """FSDP2 shards parameters, not buffers, each in N equal pieces of its first dimension.
-    So each Linear4bit's packed codes become a frozen (blocks, 32) parameter, a row per block of
-    64 weights, and its scales' 8-bit codes a (blocks,) one: a rank's rows of the two cover the
-    same blocks. Both are uint8, which FSDP's mixed precision never casts (Answer.AI's fsdp_qlora
-    stored them as bf16 instead, its compute dtype). The scales' scales and offset, 1/16384 of
-    the weight, stay buffers that every rank holds whole."""
-    from nf4 import Linear4bit
-    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):
-        if m.absmax.dtype != torch.uint8 or m.packed.numel() * 2 != m.absmax.numel() * m.blocksize:
-            raise TuluError("--fsdp: a 4-bit weight needs double-quantized scales and whole blocks")
-        for name, rows in (("packed", (-1, m.blocksize // 2)), ("absmax", (-1,))):
-            setattr(m, name, torch.nn.Parameter(m._buffers.pop(name).view(rows), requires_grad=False))
+def empty_model(path: str, dtype, device, quantize=None) -> llama.Llama:
+    """load_model's model, no weight read: each is one zero expanded to its shape (no memory) on
+    `device`, where add_lora puts the adapters; shard makes them meta tensors, then its rows."""
+    cfg = llama.LlamaConfig.from_json(os.path.join(path, "config.json"))
+    if "quantization_config" in cfg.extra:
+        raise TuluError(f"{path}: a bitsandbytes 4-bit folder does not shard (--fsdp): give its base model")
+    empty = lambda shape, dt=dtype: torch.zeros((), dtype=dt, device=device).expand(shape)
+    with torch.device("meta"):
+        model = llama.Llama(cfg)
+    for p in model.parameters():  # in place: tied weights stay tied
+        torch.utils.swap_tensors(p, torch.nn.Parameter(empty(p.shape)))
+    for name, m in list(model.named_modules()):
+        if quantize and llama.decoder_linear(name + ".weight"):
+            blocks, (parent, _, child) = m.weight.numel() // 64, name.rpartition(".")
+            q = nf4.NF4Tensor(empty((blocks, 32), torch.uint8), empty((blocks,), torch.uint8), m.weight.shape,
+                              dtype, 64, torch.zeros(-(-blocks // 256)), torch.zeros(()))
+            setattr(model.get_submodule(parent), child, nf4.Linear4bit(q, None, dtype))
+    return model.eval()
 
 
-def shard(model, d: Dist, compute_dtype=torch.float32):
-    """FSDP2 (--method full, or --fsdp, under torchrun): one unit per decoder layer, then the
-    root (embeddings, final norm, lm_head). A rank keeps 1/N of each weight, gradient and
-    AdamW state, and gathers a unit's weights only while it computes with them. With
-    bf16 compute the shards stay float32 (master weights) and are gathered in bf16,
-    half the bytes sent; gradients are reduced in float32 (torchtune's policy). A frozen
-    base (lora, qlora) is sharded as it is stored: bf16, or NF4 (shardable_nf4)."""
+def rows(p) -> slice:
+    """The rows of FSDP's sharded parameter p that this rank keeps: torch.chunk's pieces."""
+    start = -(-p.shape[0] // p.device_mesh.size()) * p.device_mesh.get_local_rank()
+    return slice(start, start + p.to_local().shape[0])
+
+
+def read_nf4_rows(m, weight, d: Dist):
+    """This rank's blocks of a 4-bit weight, quantized from their part of the weight (a slice). The
+    block scales, gathered (1/64 of the weights), are double-quantized whole, as by quantize_nf4."""
+    r, n = rows(m.absmax), m.in_features  # blocks start..stop: the weights 64 start..64 stop
+    w = weight[r.start * 64 // n:-(-r.stop * 64 // n)].reshape(-1)  # the rows that hold them
+    w = w[r.start * 64 % n:][:(r.stop - r.start) * 64]
+    w = w.to(m.absmax.device, m.weight_dtype)  # as load_nf4_linear quantizes it: in that dtype
+    q = nf4.quantize_nf4_slices([w], w.shape, m.weight_dtype, double_quant=False, device=w.device)
+    piece = -(-m.absmax.shape[0] // d.world)  # the last rank's may be shorter
+    scales = [torch.empty(piece, device=w.device) for _ in range(d.world)]
+    torch.distributed.all_gather(scales, torch.nn.functional.pad(q.absmax, (0, piece - len(q.absmax))))
+    codes, m.nested_absmax, m.nested_offset = nf4.double_quantize(torch.cat(scales)[:m.absmax.shape[0]])
+    m.packed.to_local().copy_(q.packed.view(-1, 32))
+    m.absmax.to_local().copy_(codes[r])
+
+
+@torch.no_grad()
+def read_shards(model, path: str, d: Dist):
+    """Each rank's rows of every weight (get_slice), each file opened anew: its mapped pages go."""
+    from safetensors import safe_open
+    where = {k: f for f in llama.checkpoint_files(path) for k in safe_open(f, framework="pt").keys()}
+    for name, p in model.named_parameters():
+        key = name.replace(".base_layer", "").replace(".packed", ".weight")  # HF's: LoRA's base, NF4's codes
+        if ".lora_" in key or key.endswith(".absmax"):
+            continue
+        if key not in where:
+            raise TuluError(f"{path}: checkpoint lacks {key}")
+        m = model.get_submodule(name.rpartition(".")[0])
+        with safe_open(where[key], framework="pt") as f:
+            if isinstance(m, nf4.Linear4bit):
+                llama.check_shape(key, f.get_slice(key).get_shape(), (m.out_features, m.in_features))
+                read_nf4_rows(m, f.get_slice(key), d)
+            else:
+                llama.check_shape(key, f.get_slice(key).get_shape(), p.shape)
+                p.to_local().copy_(f.get_slice(key)[rows(p)])
+
+
+def shard(model, d: Dist, compute_dtype, path: str):
+    """FSDP2 of an empty_model, a unit per decoder layer, then the root; then each rank reads its
+    rows from `path`. bf16 compute: float32 shards (master weights) gathered in bf16, gradients
+    reduced in float32 (torchtune's). FSDP shards parameters in N pieces of their first dimension:
+    NF4's codes become a (blocks, 32) parameter, a row per block of 64 weights, its scales' codes a
+    (blocks,) one (uint8, which mixed precision never casts; Answer.AI's fsdp_qlora stored bf16)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    shardable_nf4(model)
+    for m in (m for m in model.modules() if isinstance(m, nf4.Linear4bit)):
+        for part in ("packed", "absmax"):
+            setattr(m, part, torch.nn.Parameter(m._buffers.pop(part), requires_grad=False))
+    for p in (p for p in model.parameters() if 0 in p.stride()):  # empty_model's, made meta: fully_shard
+        torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    # the root reshards after forward too (as torchtune's): after a no-grad forward (DPO's reference)
-    # it would hold whole weights, which the optimiser built next would take. It moves shards to the device
-    return fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    # the root reshards after forward too (torchtune's), or after DPO's reference it would hold whole weights
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # then their rows
+    read_shards(model, path, d)
+    return model
 
 
 def data_parallel(args, model):
-    """The model the loop runs: under torchrun with lora/qlora, DDP, which averages the adapters'
-    gradients over the ranks in a step's last backward, in its buckets (the gradients are views
-    of them: no second copy). The frozen (NF4) base is never sent; rank 0's adapters are (DDP's
-    init_sync would send the base too, and broadcast_buffers its NF4 buffers)."""
+    """Under torchrun with lora/qlora, DDP of the adapters: rank 0's are sent, never the frozen base
+    (as DDP's init_sync and broadcast_buffers would); gradients are views of its buckets."""
     d = dist_of(args)
-    if d.world == 1:
+    if d.world > 1:
+        print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = "
+              f"batch-size x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
+              f"{args.batch_size * args.grad_accum * d.world} examples a step")
+    if d.world == 1 or is_sharded(model):
         return model
-    print(f"torchrun: {d.world} ranks, {'FSDP2' if is_sharded(model) else 'DDP'}; global batch = "
-          f"batch-size x grad-accum x ranks = {args.batch_size} x {args.grad_accum} x {d.world} = "
-          f"{args.batch_size * args.grad_accum * d.world} examples a step")
-    if is_sharded(model):
-        return model
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.distributed.broadcast(p.detach(), src=0)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        torch.distributed.broadcast(p.detach(), src=0)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[d.device] if d.device.type == "cuda" else None, init_sync=False,
         broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def grad_sync(model, last: bool):
-    """DDP: gradients stay on each rank until a step's last micro-batch, then one
-    all-reduce. FSDP reduce-scatters after every micro-batch: waiting would keep whole
-    gradients on every rank, the memory that sharding saves."""
+    """DDP all-reduces after a step's last micro-batch; FSDP reduce-scatters after each (or whole
+    gradients would wait on every rank)."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return model.no_sync() if ddp and not last else contextlib.nullcontext()
 
 
 def deal(items: list, d: Dist) -> list:
-    """This rank's share of a list (a step's micro-batches, batches to score): every N-th
-    item, from its own. A list that N does not divide is first padded with its first
-    items (DistributedSampler's padding), so that every rank takes as many."""
+    """Every N-th item from this rank's, the list padded with its first (as DistributedSampler)."""
     padded = items + (items * d.world)[:-len(items) % d.world]
     return padded[d.rank::d.world]
 
 
 def undeal(results: list, n: int, d: Dist) -> list:
-    """Every rank's results for its deal of n items, one per item, in the items' order
-    (the padding's results dropped)."""
+    """Every rank's results for its deal of n items, in the items' order (padding dropped)."""
     if d.world == 1:
         return results
     shares = [None] * d.world
@@ -221,7 +246,7 @@ def all_sum(d: Dist, *values) -> list:
 
 
 def any_rank(d: Dist, *flags) -> list[bool]:
-    """Each flag True on every rank if it is on any (one all-reduce): all stop, or save, alike."""
+    """Each flag True on every rank if it is on any: all stop, or save, alike."""
     return [v > 0 for v in all_sum(d, *map(float, flags))]
 
 
@@ -231,26 +256,24 @@ def whole(t):
 
 
 def write_gathered(fname: str, tensors: dict):
-    """Rank 0 writes `tensors` to a safetensors file, each gathered whole (FSDP's shards) just
-    before it is written and freed after, so it never holds them all; the other ranks take
-    part in each gather, in the same order."""
+    """Rank 0 writes `tensors`, each gathered whole just before it is written; the others help."""
     if rank0():
         return llama.write_safetensors(fname, tensors, fetch=whole)
     for t in tensors.values():
         whole(t)
 
 
-def placed(value, like):
-    """A whole tensor cut to this rank's shard where `like` is sharded (FSDP); else value."""
+def placed(stored, like):
+    """A checkpoint's tensor (a safetensors slice), whole or the rows this rank keeps of `like`."""
     if not hasattr(like, "device_mesh"):
-        return value
-    from torch.distributed.tensor import distribute_tensor  # each rank cuts its own shard: no messages
-    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
-                             src_data_rank=None)
+        return stored[...]
+    out = torch.empty_like(like)
+    out.to_local().copy_(stored[rows(like)])
+    return out
 
 
 def placed_state(state, opt):
-    """A whole optimiser state (one process's) cut to this rank's shards."""
+    """An optimiser's state in a checkpoint, each rank reading its rows (placed)."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    return {**state, "state": {i: {k: placed(v, params[int(i)]) if v.dim() else v for k, v in s.items()}
-                               for i, s in state["state"].items()}}
+    return {**state, "state": {i: {k: placed(v, params[int(i)] if v.get_shape() else None)
+                                   for k, v in s.items()} for i, s in state["state"].items()}}

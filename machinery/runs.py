@@ -151,16 +151,17 @@ def check_resume(args):
 
 def load_checkpoint(args, model, opt) -> int:
     """Restore what save_checkpoint wrote (check_resume compared its record); return its step."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     ckpt = os.path.join(resume_root(args), CHECKPOINT)
     meta = read_state(os.path.join(ckpt, STATE))
-    state = unpack(meta["state"], load_file(os.path.join(ckpt, meta["file"])))
+    f = safe_open(os.path.join(ckpt, meta["file"]), framework="pt")  # each rank reads its rows (placed)
+    state = unpack(meta["state"], {k: f.get_slice(k) for k in f.keys()})
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(placed(state["weights"][n], p))
     opt.load_state_dict(placed_state(state["optimizer"], opt))
-    set_rng_state(state["rng"])
+    set_rng_state({"cpu": state["rng"]["cpu"][...], "cuda": [t[...] for t in state["rng"]["cuda"]]})
     print(f"resumed from {ckpt} after step {meta['step']}")
     return meta["step"]
 

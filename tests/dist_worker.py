@@ -10,11 +10,13 @@ environment, on the rank TULU_TEST_RANK only (without torchrun: the one process)
                               node that lacks it
     TULU_TEST_LOSS_INF_AT=N   the rank's N-th micro-batch loss is +inf (its gradient stays
                               finite: inf is added, not multiplied)
+    TULU_TEST_NAN_WEIGHT=1    after each optimiser step, lm_head.weight[0, 0] is NaN where the
+                              rank holds it (under FSDP: its shard alone)
 
 and, on every rank, TULU_TEST_ENCODES=FILE appends the rank to FILE each time it encodes
 a data file (rather than reading the encoded-data cache), TULU_TEST_STEPS=FILE each
-time its optimiser applies a step, and TULU_TEST_HELD=FILE the bytes of the model's
-parameters and buffers that the rank holds (of FSDP's, its shards) once it is built.
+time its optimiser applies a step, and TULU_TEST_SHARDS=DIR the model's parameters and
+buffers that the rank holds (of FSDP's, its shards) once it is built, in DIR/rank{RANK}.safetensors.
 """
 import os
 import signal
@@ -44,6 +46,18 @@ if os.environ.get("RANK", "0") == os.environ.get("TULU_TEST_RANK", "0"):
             loss, metrics = _loss(self, *a, **kw)
             return (loss + float("inf"), metrics) if len(calls) == at else (loss, metrics)
         tulu.SFTTask.loss = inf_loss
+    if os.environ.get("TULU_TEST_NAN_WEIGHT"):
+        def nan_build(*a, _build=tulu.build_optimizer, **kw):
+            opt = _build(*a, **kw)
+
+            def step(*x, _step=opt.step, **k):
+                out = _step(*x, **k)
+                weight = opt.param_groups[0]["params"][-1]  # lm_head's
+                (weight.to_local() if hasattr(weight, "to_local") else weight).data[0, 0] = float("nan")
+                return out
+            opt.step = step
+            return opt
+        tulu.build_optimizer = nan_build
     if os.environ.get("TULU_TEST_NO_DATA"):
         argv = sys.argv[1:]
         argv[argv.index("--data") + 1] += ".missing"
@@ -68,12 +82,14 @@ if os.environ.get("TULU_TEST_STEPS"):
         return opt
     tulu.build_optimizer = build_optimizer
 
-if os.environ.get("TULU_TEST_HELD"):
+if os.environ.get("TULU_TEST_SHARDS"):
     def build_policy(*a, _build=tulu.build_policy, **kw):
+        from safetensors.torch import save_file
         model = _build(*a, **kw)
-        local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-        with open(os.environ["TULU_TEST_HELD"], "a") as f:
-            f.write(f"{sum(local(t).nbytes for t in [*model.parameters(), *model.buffers()])}\n")
+        local = lambda t: (t.to_local() if hasattr(t, "to_local") else t).detach().contiguous()
+        held = {n: local(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        rank = os.environ.get("RANK", "0")
+        save_file(held, os.path.join(os.environ["TULU_TEST_SHARDS"], f"rank{rank}.safetensors"))
         return model
     tulu.build_policy = build_policy
 

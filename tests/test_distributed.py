@@ -104,6 +104,22 @@ def assert_same_run(two, one, steps, short=None):
         assert ((a[k].float() - b[k].float()).abs() <= 1e-4 * b[k].float().abs().max() + ulp).all(), k
 
 
+def assert_shards_are_rows(shards, model):
+    """Each rank held (tests/dist_worker.py's TULU_TEST_SHARDS) of every weight of `model` (one
+    process's, loaded whole) the rows torch.chunk gives it, as FSDP cuts them: NF4's codes by
+    blocks of 64 weights (a row of 32 bytes) and their scales' codes, the same bytes; the scales'
+    own scales whole. The adapters, drawn from the run's seed, its losses check."""
+    held = [load_file(shards / f"rank{rank}.safetensors") for rank in range(2)]
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if ".lora_" in name:
+            continue
+        t = t.view(-1, 32) if name.endswith(".packed") else t
+        for rank in range(2):
+            want = t if name.endswith(("nested_absmax", "nested_offset")) else t.chunk(2)[rank]
+            assert held[rank][name].dtype == want.dtype and torch.equal(held[rank][name], want), (name, rank)
+    return [sum(t.nbytes for t in h.values()) for h in held]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
@@ -142,10 +158,13 @@ def test_sft_under_torchrun_is_the_one_process_run(tmp_path, data, method):
              "--lr", 1e-2 if method == "qlora" else 1e-3, "--max-grad-norm", 1.0]
     one, two = tmp_path / "one", tmp_path / "two"
     one_process(*flags, "--grad-accum", 4, "--output", one)
-    encodes = tmp_path / "encodes"
+    encodes, shards = tmp_path / "encodes", tmp_path / "shards"
+    shards.mkdir()
     p = torchrun(*flags, "--grad-accum", 2, "--output", two, XDG_CACHE_HOME=tmp_path / "cache",
-                 TULU_TEST_ENCODES=encodes)
+                 TULU_TEST_ENCODES=encodes, TULU_TEST_SHARDS=shards)
     assert p.returncode == 0, p.stderr
+    if method == "full":  # FSDP2: each rank read its rows of the bf16 checkpoint, as float32
+        assert_shards_are_rows(shards, llama.load_model(HF_TINY, torch.float32))
     assert encodes.read_text() == "0\n"  # rank 0 encodes the data; rank 1 reads what it cached
     assert_same_run(two, one, steps=3, short=2)  # 8 examples, then the epoch's last 2
     assert all(r["grad_norm"] > 1.0 for r in metrics(one))
