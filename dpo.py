@@ -1,15 +1,13 @@
 """Chapter 4: Direct Preference Optimization, as Tulu 2 DPO and Tulu 2.5 were aligned.
 
-What this file teaches: how a language model learns from pairs "this answer is
-better than that one" with neither a reward model nor RL (DPO, Rafailov et al.
-2023, arXiv 2305.18290): an answer's log-probability sums its tokens', β·log(policy
-/ reference) is an implicit reward, and a logistic loss lifts the chosen answer's
-reward above the rejected one's. Variants: conservative DPO, IPO (2310.12036),
-and Tulu 3's length-normalized DPO (2411.15124). tulu.py supplies the reference
+What this file teaches: how a language model learns from pairs "this answer is better than that
+one" with neither a reward model nor RL (DPO, Rafailov et al. 2023, arXiv 2305.18290): an answer's
+log-probability sums its tokens', β·log(policy / reference) is an implicit reward, and a logistic
+loss lifts the chosen answer's reward above the rejected one's. Variants: conservative DPO, IPO
+(2310.12036), and Tulu 3's length-normalized DPO (2411.15124). tulu.py supplies the reference
 log-probs (LoRA adapters switched off, or cached before the first update).
 
-Shapes: B pairs, T tokens, V vocabulary; a concatenated batch has 2B rows, the
-B chosen answers first.  Read top to bottom.
+Shapes: B pairs, T tokens, V vocabulary; a concatenated batch has 2B rows, B chosen first. Read top to bottom.
 """
 from __future__ import annotations
 
@@ -23,10 +21,9 @@ from llama import pad_batch  # rows padded into a batch: the model's inputs (cha
 
 
 def check_pair(chosen, rejected) -> str | None:
-    """None if the message lists `chosen` and `rejected` form a preference pair,
-    else what is wrong (the caller adds file and line). Both must end with an
-    assistant turn and share every turn before it (compared stripped, as the chat
-    format strips them): otherwise the two answers reply to different prompts."""
+    """None if the message lists `chosen` and `rejected` form a preference pair, else what is
+    wrong (the caller adds file and line). Both must end with an assistant turn and share every
+    turn before it (stripped, as the chat format strips them): else they answer different prompts."""
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(msgs, list) or not msgs:
             return f"'{name}' is missing or is not a non-empty list of messages"
@@ -48,16 +45,10 @@ def check_pair(chosen, rejected) -> str | None:
 
 
 def collate_pairs(pairs, pad_id) -> dict:
-    """pairs: B tuples (chosen_ids, chosen_labels, rejected_ids, rejected_labels, ...)
-    -> a pad_batch of 2B rows: rows :B chosen, rows B: rejected, padded to the longest
-    of all 2B. One forward pass over both halves is faster than two, and pads once
-    (open-instruct's concatenated_forward)."""
+    """pairs: B tuples (chosen_ids, chosen_labels, rejected_ids, rejected_labels, ...) -> a
+    pad_batch of 2B rows: rows :B chosen, rows B: rejected, padded to the longest of all 2B. One
+    forward pass over both halves is faster than two (open-instruct's concatenated_forward)."""
     return pad_batch([(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs], pad_id)
-
-
-def split_pairs(x):
-    """(2B, ...) laid out by collate_pairs -> (chosen (B, ...), rejected (B, ...))."""
-    return x[:len(x) // 2], x[len(x) // 2:]
 
 
 # -----------------------------------------------------------------------------
@@ -65,13 +56,12 @@ def split_pairs(x):
 
 
 def answer_logps(token_logps, keep, average=False):
-    """token_logps (N, T-1), the log-probability of each token given those before it, and
-    keep (N, T-1), which tokens are the answer's (labels[:, 1:] != -100) -> (N,): the sum
-    over the answer, log π(y|x); average=True divides by its length (an answer with no
-    tokens gives 0, not open-instruct's NaN). Sums by default: π(y|x) in DPO Eq. 7 is the
-    whole answer's probability; averages with DPO's β shrink every margin by the answer's
-    length and collapse training (TRL issue #789); losses made for averages (larger β) say
-    so in uses_average."""
+    """token_logps (N, T-1), the log-probability of each token given those before it, and keep
+    (N, T-1), which tokens are the answer's (labels[:, 1:] != -100) -> (N,): the sum over the
+    answer, log π(y|x); average=True divides by its length (0 tokens give 0, not open-instruct's
+    NaN). Sums by default: π(y|x) in DPO Eq. 7 is the whole answer's probability; averages with
+    DPO's β shrink every margin by the answer's length and collapse training (TRL issue #789);
+    losses made for averages (larger β) say so in uses_average."""
     total = (token_logps * keep).sum(-1)  # (N,)
     return total / keep.sum(-1).clamp(min=1) if average else total
 
@@ -90,11 +80,10 @@ def sequence_logps(logits, labels, average=False):
 
 
 def concatenated_logps(model, batch, average=False):
-    """One forward pass over a collate_pairs batch -> (chosen (B,), rejected (B,)):
-    sequence_logps of each answer, without the (2B, T, V) logits: the model gives the
-    log-probability of each learned token (llama.label_logps)."""
+    """One forward pass over a collate_pairs batch -> (chosen (B,), rejected (B,)): sequence_logps
+    of each answer, without the (2B, T, V) logits: the model gives each learned token's log-prob."""
     logp = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return split_pairs(answer_logps(logp, batch["labels"][:, 1:] != -100, average))
+    return answer_logps(logp, batch["labels"][:, 1:] != -100, average).chunk(2)  # rows :B, rows B:
 
 
 # -----------------------------------------------------------------------------
@@ -139,9 +128,8 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
 
 
 def dpo_metrics(losses, chosen_rewards, rejected_rewards, pi_chosen, pi_rejected, reduction="mean") -> dict:
-    """(B,) tensors -> floats under open-instruct's names. accuracy is per pair and
-    strict, so 0 at step 0, where all rewards are 0. reduction="sum": sums over the
-    B pairs, for a loop that adds micro-batches and divides by the step's pairs."""
+    """(B,) tensors -> floats under open-instruct's names; accuracy is strict (0 at step 0, where all
+    rewards are 0). reduction="sum": for a loop that adds micro-batches, then divides by the step's pairs."""
     per_pair = {"loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                 "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
                 "rewards/margin": chosen_rewards - rejected_rewards,

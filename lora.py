@@ -1,12 +1,11 @@
 """Chapter 3: LoRA adapters that speak PEFT's file format, and merging them.
 
-What this file teaches: low-rank adaptation (LoRA, Hu et al. 2021, arXiv 2106.09685).
-The pretrained weight W (O, D) stays frozen; each adapted layer learns an update
-(alpha/r) * B A of rank R << D, so a 7B model trains ~1% of its parameters. With
-QLoRA (arXiv 2305.14314) W is chapter 2's 4-bit NF4 weight and only A and B, in
-float32, get gradients. Tulu 2 QLoRA 70B (arXiv 2311.10702) was released as such an
-adapter, to be merged into Llama 2 after dequantizing the base. Our adapter files
-are PEFT's, and merge_lora gives the weights open-instruct's `merge_lora.py --qlora` gives.
+What this file teaches: low-rank adaptation (LoRA, Hu et al. 2021, arXiv 2106.09685). The
+pretrained weight W (O, D) stays frozen; each adapted layer learns an update (alpha/r) * B A of
+rank R << D, so a 7B model trains ~1% of its parameters. With QLoRA (arXiv 2305.14314) W is
+chapter 2's 4-bit NF4 weight and only A and B, in float32, get gradients. Tulu 2 QLoRA 70B (arXiv
+2311.10702) was released as such an adapter, to be merged into Llama 2 after dequantizing the
+base. Our adapter files are PEFT's; merge_lora gives open-instruct's `merge_lora.py --qlora` weights.
 
 Shapes: B batch, T time, D in features, O out features, R rank. Read top to bottom.
 """
@@ -26,7 +25,7 @@ from nf4 import Linear4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"  # PEFT's weights before safetensors, a pickle (read_adapter_file)
+ADAPTER_BIN = "adapter_model.bin"  # PEFT's weights before safetensors, a pickle (read_weights_only)
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model: its keys gain this prefix
 
 # -----------------------------------------------------------------------------
@@ -49,11 +48,11 @@ class LoRALinear(nn.Module):
 
         y = base(x) + (alpha / r) * B(A(dropout(x)))      (LoRA Eq. 3 and Sec. 4.1)
 
-    A starts Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B at zero, so a fresh adapter
-    changes nothing. A and B stay float32; as PEFT, over nn.Linear the sum is taken in float32 and
-    cast back, over a 4-bit base the LoRA term is first rounded to the compute dtype (PEFT scales
-    before rounding, we after: the same numbers when alpha / r is a power of two, as QLoRA's 16 / 64).
-    state_dict keys: the base's (q_proj.weight), and PEFT's q_proj.lora_A.weight, q_proj.lora_B.weight."""
+    A starts Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B at zero: a fresh adapter changes
+    nothing. A and B stay float32; as PEFT, over nn.Linear the sum is taken in float32 and cast back,
+    over a 4-bit base the LoRA term is first rounded to the compute dtype (PEFT scales before
+    rounding, we after: the same when alpha / r is a power of two, as QLoRA's 16 / 64). state_dict
+    keys: the base's (q_proj.weight), and PEFT's (q_proj.lora_A.weight, q_proj.lora_B.weight)."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -89,24 +88,18 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
              targets=TARGETS) -> tuple[int, int]:
-    """Wrap each linear layer whose name ends in one of `targets` in a LoRALinear and freeze
-    everything else (defaults: Tulu 2 QLoRA's). Prints and returns the (trainable, all) parameter
-    counts as PEFT's print_trainable_parameters: an NF4 weight counts as its O*D values (PEFT
-    doubles bitsandbytes' packed bytes), its block scales not at all; a tied embedding once."""
+    """Wrap each linear layer whose name ends in one of `targets` in a LoRALinear, freeze the rest
+    (defaults: Tulu 2 QLoRA's). Prints and returns (trainable, all) as PEFT's print_trainable_parameters:
+    an NF4 weight counts O*D (PEFT doubles the packed bytes), its scales 0; a tied embedding once."""
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Linear, Linear4bit)) and n.rpartition(".")[2] in targets]
     if not names:
         raise TuluError(f"add_lora: no linear layer is named like {list(targets)}")
     model.requires_grad_(False)
     for n in names:
-        replace_module(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout))
+        model.set_submodule(n, LoRALinear(model.get_submodule(n), r, alpha, dropout))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     nf4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
     total = sum(p.numel() for p in model.parameters()) + nf4
@@ -126,23 +119,20 @@ def adapter_tensors(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None,
                  fetch=lambda t: t):
-    """adapter_model.safetensors (keys base_model.model.<layer>.lora_A.weight) and
-    an adapter_config.json that peft.PeftModel.from_pretrained accepts; fetch: as llama.save_model's."""
+    """adapter_model.safetensors (keys base_model.model.<layer>.lora_A.weight) and an adapter_config.json
+    that peft.PeftModel.from_pretrained accepts; fetch: as llama.save_model's."""
     layers = lora_layers(model)
     if not layers:
         raise TuluError("save_adapter: the model has no LoRA layers (add_lora or load_adapter first)")
     first = next(iter(layers.values()))
     r, alpha = first.r, int(first.alpha) if first.alpha == int(first.alpha) else first.alpha
-    if any((m.r, m.alpha) != (r, alpha) for m in layers.values()):
-        raise TuluError("save_adapter: LoRA layers with different r or alpha cannot share one "
-                        "adapter_config.json")
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha,
                   lora_dropout=getattr(first.dropout, "p", 0.0), bias="none",
                   target_modules=sorted({n.rpartition(".")[2] for n in layers}), fan_in_fan_out=False,
                   use_rslora=False, use_dora=False, modules_to_save=None, inference_mode=True,
                   base_model_name_or_path=base_model_name_or_path)
     os.makedirs(out_dir, exist_ok=True)
-    write = lambda t: write_safetensors(t, adapter_tensors(model), fetch=fetch)
+    write = lambda tmp: write_safetensors(tmp, adapter_tensors(model), fetch=fetch)
     atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), write)
     write_json(os.path.join(out_dir, ADAPTER_CONFIG), config)  # last: a config means its weights are complete
 
@@ -188,26 +178,23 @@ def read_weights_only(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_adapter_file(adapter_dir: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """(the file read, its tensors by PEFT key): adapter_model.safetensors, or else the pickle
-    adapter_model.bin PEFT <= 0.5 wrote (the released Tulu 2 QLoRA adapters), by read_weights_only."""
+def read_adapter_weights(adapter_dir: str) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """(the file read, {layer: {"lora_A": (R, D), "lora_B": (O, R)}}) of adapter_model.safetensors, or
+    else of the adapter_model.bin PEFT <= 0.5 wrote (the released Tulu 2 QLoRA adapters). PEFT's keys,
+    with or without the adapter name some versions kept (q_proj.lora_A.default.weight)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path, bin_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_BIN)
-    if not os.path.exists(path) and os.path.exists(bin_path):
-        return bin_path, read_weights_only(bin_path)
-    if not os.path.exists(path):
-        raise TuluError(f"{path}: not found")
     try:
-        return path, load_file(path)
+        if not os.path.exists(path) and os.path.exists(bin_path):
+            path, tensors = bin_path, read_weights_only(bin_path)
+        else:
+            tensors = load_file(path)
+    except FileNotFoundError:
+        raise TuluError(f"{path}: not found") from None
     except SafetensorError as e:
         raise TuluError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def read_adapter_weights(adapter_dir: str) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
-    """(the file read, {layer name: {"lora_A": (R, D), "lora_B": (O, R)}}) from PEFT's keys,
-    with or without the adapter name some versions kept (q_proj.lora_A.default.weight)."""
-    (path, tensors), out = read_adapter_file(adapter_dir), {}
+    out = {}
     for key, t in tensors.items():
         name = key.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight")
         layer, _, ab = name.removesuffix(".weight").rpartition(".")
@@ -218,8 +205,8 @@ def read_adapter_weights(adapter_dir: str) -> tuple[str, dict[str, dict[str, tor
 
 
 def check_adapter(path, model, cfg, weights):
-    """Raise unless `weights` hold a rank-r adapter for layers of this model: one
-    for each of its LoRA layers and for each linear layer target_modules names."""
+    """Raise unless `weights` hold a rank-r adapter for layers of this model: one for each of its
+    LoRA layers and for each linear layer target_modules names."""
     modules, r, alpha = dict(model.named_modules()), cfg["r"], cfg["lora_alpha"]
     targets = cfg.get("target_modules") if cfg.get("layers_to_transform") is None else None
     for n, m in modules.items():
@@ -242,19 +229,18 @@ def check_adapter(path, model, cfg, weights):
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, trainable=False, dropout: float | None = None) -> dict:
-    """Load a PEFT LoRA adapter (PEFT's own, ours, the released Tulu 2 QLoRA ones)
-    into `model`, adding LoRALinear layers where it has none yet. The base stays frozen,
-    and so do A and B unless `trainable`. dropout=None: the config's lora_dropout."""
+    """Load a PEFT LoRA adapter (PEFT's, ours, the released Tulu 2 QLoRA ones) into `model`, adding
+    LoRALinear layers where it has none yet. The base stays frozen, and A and B unless `trainable`."""
     cfg, (path, weights) = read_adapter_config(adapter_dir), read_adapter_weights(adapter_dir)
     check_adapter(path, model, cfg, weights)
-    p = (cfg.get("lora_dropout") or 0.0) if dropout is None else dropout
+    p = (cfg.get("lora_dropout") or 0.0) if dropout is None else dropout  # None: the config's
     model.requires_grad_(False)
     with torch.no_grad():
         for name, t in weights.items():
             layer = model.get_submodule(name)
             if not isinstance(layer, LoRALinear):
                 layer = LoRALinear(layer, cfg["r"], cfg["lora_alpha"], p)
-                replace_module(model, name, layer)
+                model.set_submodule(name, layer)
             for ab in ("lora_A", "lora_B"):
                 getattr(layer, ab).weight.copy_(t[ab])
                 getattr(layer, ab).requires_grad_(trainable)
@@ -274,22 +260,16 @@ def lora_delta(layer: LoRALinear) -> torch.Tensor:
 
 
 def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
-    """A plain linear layer (nn.Linear) computing what `layer` computes (LoRA Sec. 4.1):
+    """An nn.Linear computing what `layer` computes (LoRA Sec. 4.1):  W' = W + (alpha / r) * B A
 
-        W' = W + (alpha / r) * B A
-
-    W is the weight the base multiplies by in forward: an NF4 weight dequantized
-    to its compute dtype, as open-instruct's merge_lora.py --qlora dequantizes to
-    bf16 first. The sum is taken in float32 and rounded once to `dtype`
-    (default: the base weight's dtype; for NF4, its compute dtype)."""
+    W is the weight the base multiplies by in forward: an NF4 weight dequantized to its compute
+    dtype, as open-instruct's merge_lora.py --qlora dequantizes to bf16 first. The sum is taken in
+    float32 and rounded once to `dtype` (default: the base's weight dtype, for NF4 its compute dtype)."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    if isinstance(base, Linear4bit):
-        w, dtype = base.dequantize(base.compute_dtype), dtype or base.compute_dtype
-    else:
-        w, dtype = base.weight.detach(), dtype or base.weight.dtype
+    w = base.dequantize(base.compute_dtype) if isinstance(base, Linear4bit) else base.weight.detach()
+    dtype = dtype or w.dtype
     w = w.float() + lora_delta(layer) if isinstance(layer, LoRALinear) else w
-    with torch.device("meta"):  # no time spent initialising weights we overwrite
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")  # no init
     out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     if base.bias is not None:
         out.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
@@ -297,18 +277,18 @@ def merged_linear(layer: nn.Module, dtype=None) -> nn.Linear:
 
 
 def merge_lora(model: nn.Module, dtype=None) -> nn.Module:
-    """Fold every LoRALinear into a plain Linear (merged_linear), then dequantize every
-    NF4 layer left, so save_model can write the result. Merging a merged model changes nothing."""
+    """Fold every LoRALinear into a plain Linear (merged_linear), then dequantize every NF4 layer
+    left, so save_model can write the result. Merging a merged model changes nothing."""
     for kind in (LoRALinear, Linear4bit):  # LoRA layers first: they hold NF4 bases
         for name in [n for n, m in model.named_modules() if isinstance(m, kind)]:
-            replace_module(model, name, merged_linear(model.get_submodule(name), dtype))
+            model.set_submodule(name, merged_linear(model.get_submodule(name), dtype))
     return model
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module):
-    """Within this block every LoRALinear is its base layer, so the model is its
-    frozen base: DPO's reference model without a second copy in memory."""
+    """Within this block every LoRALinear is its base layer, so the model is its frozen base: DPO's
+    reference model without a second copy in memory."""
     before = {m: m.disabled for m in lora_layers(model).values()}
     for m in before:
         m.disabled = True

@@ -1,21 +1,17 @@
 """Chapter 2: 4-bit NormalFloat weights and paged optimizer state.
 
-What this file teaches: the three ideas of QLoRA (Dettmers et al. 2023, arXiv
-2305.14314) that let a 70B model be fine-tuned on one GPU, byte for byte as
-bitsandbytes stores them:
-1. 4-bit NormalFloat (NF4): trained weights are close to normal, so the 16 code
-   values are quantiles of N(0, 1); each block of 64 weights is scaled by its
-   absolute maximum into [-1, 1] and each weight kept as the 4-bit index of its
-   nearest code value.
-2. Double quantization: a float32 scale per block costs 32/64 = 0.5 bit a
-   weight; quantizing the scales to 8 bits in blocks of 256 brings the total to
-   4 + 8/64 + 32/(64*256) = 4.127 bits a weight.
-3. Paged optimizers: AdamW's state lives in CPU pages; a step brings what it
-   needs to the accelerator, never more than a fixed budget of it at once.
-`Linear4bit` keeps a frozen 4-bit weight and rebuilds it in bf16 inside forward
-and again in backward: gradients reach the input (and chapter 3's LoRA
-adapters), never the weight. The last section quantizes each decoder weight as
-llama.load_model reads it, a slice at a time: no full-precision weight is ever whole.
+What this file teaches: the three ideas of QLoRA (Dettmers et al. 2023, arXiv 2305.14314)
+that let a 70B model be fine-tuned on one GPU, byte for byte as bitsandbytes stores them:
+1. 4-bit NormalFloat (NF4): trained weights are close to normal, so the 16 code values are
+   quantiles of N(0, 1); each block of 64 weights is scaled by its absolute maximum into
+   [-1, 1] and each weight kept as the 4-bit index of its nearest code value.
+2. Double quantization: a float32 scale per block costs 32/64 = 0.5 bit a weight; quantizing
+   the scales to 8 bits in blocks of 256 brings the total to 4 + 8/64 + 32/(64*256) = 4.127.
+3. Paged optimizers: AdamW's state lives in CPU pages; a step brings what it needs to the
+   accelerator, never more than a fixed budget of it at once.
+`Linear4bit` rebuilds its frozen 4-bit weight in bf16 inside forward and again in backward:
+gradients reach the input (and chapter 3's LoRA adapters), never the weight. Then checkpoints:
+quantized as they are read, a slice at a time, and bitsandbytes' 4-bit folders.
 
 Shapes: N weights, Bk = N/64 blocks, D in and O out features. Read top to bottom.
 """
@@ -38,19 +34,14 @@ from llama import TuluError, check_shape
 
 
 def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
-    """The 16 NF4 values, sorted, float32 (QLoRA section 3, "4-bit NormalFloat").
-
+    """The 16 NF4 values, sorted, float32 (QLoRA section 3, "4-bit NormalFloat"):
         q = Phi^-1(p) for evenly spaced probabilities p, then q / max(q)
-
-    Phi^-1 is the inverse CDF of N(0, 1): each code value is a quantile, so a normal
-    weight is equally likely to fall near any of them. Three details:
-    - exact zero: zero weights and padding must survive, so 0 is a code value;
-    - asymmetric halves: 8 positive quantiles (9 points from `offset` down to 0.5,
-      0.5 dropped) and 7 negative ones (8 points): 8 + 7 + zero = 16;
-    - Phi^-1(1) is infinite: the outermost point is offset = 0.9677083, the mean of
-      1 - 1/30 and 1 - 1/32 (the centre of the last of 15 or of 16 equal-probability bins).
-    Points are spaced and quantiles rounded in float32, as bitsandbytes built its table.
-    """
+    Phi^-1 is N(0, 1)'s inverse CDF: each code value is a quantile, so a normal weight is equally
+    likely to fall near any of them. 0 is a code value (zero weights and padding survive), with
+    8 positive quantiles (9 points from `offset` down to 0.5, 0.5 dropped) and 7 negative ones (8
+    points). Phi^-1(1) is infinite: the outermost point is offset = 0.9677083, the mean of 1 - 1/30
+    and 1 - 1/32 (the centre of the last of 15 or of 16 equal-probability bins). Points are spaced
+    and quantiles rounded in float32, as bitsandbytes built its table."""
     # exercise: nf4_code_book
     pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()
     neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()
@@ -60,13 +51,11 @@ def nf4_code_book(offset: float = 0.9677083) -> torch.Tensor:
 
 
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015, arXiv 1511.04561) for
-    the double-quantized scales: 256 sorted float32 values in [-1, 1]. For e = 0..6,
-    2^e magnitudes 10^(e-6) * m, m the midpoints of 2^e equal steps from 0.1 to 1, with
-    both signs; then 0 and 1. Each decade has its own exponent, so small values keep
-    relative precision. Its bits decide codes: steps are spaced as torch.linspace did for
-    bitsandbytes, with vector instructions (one fused multiply-add each), on any CPU.
-    """
+    """bitsandbytes' signed 8-bit "dynamic" code (arXiv 1511.04561) for the double-quantized
+    scales, 256 sorted float32 values in [-1, 1]: for e = 0..6, 2^e magnitudes 10^(e-6) * m, m the
+    midpoints of 2^e equal steps from 0.1 to 1, both signs; then 0 and 1. Each decade has its own
+    exponent: small values keep relative precision. Steps are spaced as torch.linspace did for
+    bitsandbytes, with vector instructions (one fused multiply-add each), on any CPU."""
     vals, start = [torch.tensor([0.0, 1.0])], torch.tensor(0.1)
     for e in range(7):
         n = 2**e + 1
@@ -83,8 +72,7 @@ CODE_BOOKS: dict[torch.device, tuple] = {}  # code_books' (a dict, not lru_cache
 def code_books(device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(NF4, NF4 pairs, DYNAMIC) on `device`, made at first use (so a student copy whose
     nf4_code_book is an exercise imports) and kept: 4-bit layers read them in every forward
-    and backward, and a copy each time would be a blocking host-to-device transfer.
-    NF4 pairs, (256,) int64: for each byte, its two NF4 values (high nibble first) in one word."""
+    and backward. NF4 pairs, (256,) int64: each byte's two NF4 values (high nibble first)."""
     device = torch.device(device)
     if device not in CODE_BOOKS:
         nf4 = nf4_code_book()
@@ -102,9 +90,9 @@ SLICE = 2**16       # weights quantized at a time: 0.25 MB temporaries; whole bl
 
 
 def nearest_code(x: torch.Tensor, code: torch.Tensor, even_ties: bool = False) -> torch.Tensor:
-    """Index (uint8) of the nearest value of the sorted `code` for each x. A tie goes to the
-    lower code, as in bitsandbytes' NF4 kernels; with even_ties to the even index, where
-    its CUDA kernel's binary search for 8-bit codes (from 127 in steps 64, .., 1) ends."""
+    """Index (uint8) of the nearest value of the sorted `code` for each x. A tie goes to the lower
+    code, as in bitsandbytes' NF4 kernels; with even_ties to the even index, where its CUDA
+    kernel's binary search for 8-bit codes (from 127 in steps 64, .., 1) ends."""
     mids = (code[:-1] + code[1:]) / 2
     idx = torch.bucketize(x, mids, out_int32=True)  # mids[idx - 1] < x <= mids[idx]
     if even_ties:
@@ -114,14 +102,10 @@ def nearest_code(x: torch.Tensor, code: torch.Tensor, even_ties: bool = False) -
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, even_ties: bool = False):
     """Absmax quantization per block (QLoRA Eq. 1 with one constant per block):
-
         absmax_b = max |x_i| over block b;   c_i = nearest_code(x_i * (1 / absmax_b))
-
-    x: (N,) float32 -> codes (N,) uint8, absmax (ceil(N/blocksize),) float32. A last,
-    shorter block takes its own absmax. As bitsandbytes, x is multiplied by the reciprocal
-    (a division can differ in the last bit and cross a midpoint), and an all-zero block
-    keeps the code of 0.0 (scaled by 1/1e-38).
-    """
+    x: (N,) float32 -> codes (N,) uint8, absmax (ceil(N/blocksize),) float32. A last, shorter
+    block takes its own absmax. As bitsandbytes, x is multiplied by the reciprocal (a division
+    can differ in the last bit and cross a midpoint); an all-zero block is scaled by 1/1e-38."""
     # exercise: quantize_blockwise
     n = x.numel()
     blocks = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # zero padding never raises an absmax
@@ -142,8 +126,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes a byte, the earlier one in the high nibble, as bitsandbytes
-    packs them; an odd count is padded with ZERO_CODE. (N,) -> (ceil(N/2),) uint8."""
+    """(N,) -> (ceil(N/2),) uint8: two codes a byte, the first in the high nibble (bitsandbytes')."""
     codes = F.pad(codes, (0, codes.numel() % 2), value=ZERO_CODE)
     return codes[0::2] << 4 | codes[1::2]
 
@@ -161,13 +144,10 @@ class NF4Tensor:
 
 
 def double_quantize(absmax: torch.Tensor):
-    """The block scales quantized once more, to 8 bits in blocks of 256 (QLoRA
-    section 3, "Double Quantization"):
-
+    """The block scales quantized once more, to 8 bits in blocks of 256 (QLoRA section 3):
         offset = mean(absmax);  c2, nested_absmax = quantize_blockwise(absmax - offset, DYNAMIC, 256)
-
-    Scales are all positive: taking their mean out uses both signs of the 8-bit code. Ties
-    go to even, as in bitsandbytes' CUDA kernel. (Bk,) -> c2 (Bk,) uint8, nested_absmax, offset."""
+    Scales are positive: taking their mean out uses both signs of the 8-bit code. Ties go to even,
+    as in bitsandbytes' CUDA kernel. (Bk,) -> c2 (Bk,) uint8, nested_absmax, offset."""
     dynamic = code_books(absmax.device)[2]
     # exercise: double_quant
     offset = absmax.mean()
@@ -178,14 +158,12 @@ def double_quantize(absmax: torch.Tensor):
 
 def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant: bool = True,
                         device="cpu") -> NF4Tensor:
-    """quantize_nf4 of a weight of `shape` given as its flat values in order, in slices
-    of whole bytes of whole blocks (the last may be shorter), bit for bit. Each slice is
-    quantized and written into place at once: temporaries are one slice's, and with slices
-    read one at a time from a file (load_nf4_linear) no float weight is ever whole."""
-    n = math.prod(shape)
+    """quantize_nf4 on `device` of a weight of `shape` given as its flat values in slices of whole
+    blocks (the last may be shorter), each quantized into place at once: temporaries are one
+    slice's, and with slices read from a file (SafetensorsSlices) no float weight is ever whole."""
+    n, nf4, done = math.prod(shape), code_books(device)[0], 0
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
-    nf4, done = code_books(device)[0], 0
     for s in slices:
         assert done % (2 * blocksize) == 0, "only the last slice may be shorter"  # else it cut a block
         codes, scales = quantize_blockwise(s.float().reshape(-1), nf4, blocksize)
@@ -194,27 +172,25 @@ def quantize_nf4_slices(slices, shape, dtype, blocksize: int = 64, double_quant:
         done += s.numel()
     q = NF4Tensor(packed, absmax, torch.Size(shape), dtype, blocksize)
     if double_quant:
-        q.absmax, q.nested_absmax, q.nested_offset = double_quantize(absmax)
+        q.absmax, q.nested_absmax, q.nested_offset = double_quantize(q.absmax)
     return q
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """QLoRA's storage of a weight (section 3): NF4 codes in blocks of `blocksize`, and
-    with double_quant the block scales quantized once more. The bytes of bitsandbytes'
+    """QLoRA's storage of a weight (section 3): the bytes of bitsandbytes'
     quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type="nf4")."""
     slices = w.detach().reshape(-1).split(SLICE)
     return quantize_nf4_slices(slices, w.shape, w.dtype, blocksize, double_quant, w.device)
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    """w ~= NF4[c] * absmax_b in float32, cast to q.dtype, after double-quantized scales
-    are rebuilt: absmax = DYNAMIC[c2] * nested_absmax + offset (QLoRA Eq. 6). It runs in
-    every forward and backward of a 4-bit layer, so each byte's two values are looked up at
-    once: dequantize_blockwise of the unpacked codes, bit for bit, in a quarter of the time."""
+    """w ~= NF4[c] * absmax_b in float32, cast to q.dtype, after double-quantized scales are
+    rebuilt: absmax = DYNAMIC[c2] * nested_absmax + offset (QLoRA Eq. 6). It runs in every
+    forward and backward of a 4-bit layer, so a byte's two values are looked up at once:
+    dequantize_blockwise of the unpacked codes, bit for bit, in a quarter of the time."""
     _, pairs, dynamic = code_books(q.packed.device)
-    absmax = q.absmax
-    if q.nested_absmax is not None:
-        absmax = dequantize_blockwise(q.absmax, q.nested_absmax, dynamic, DQ_BLOCKSIZE) + q.nested_offset
+    absmax = q.absmax if q.nested_absmax is None else (
+        dequantize_blockwise(q.absmax, q.nested_absmax, dynamic, DQ_BLOCKSIZE) + q.nested_offset)
     n, codes = math.prod(q.shape), q.packed.view(-1)
     vals = torch.empty(codes.shape, dtype=torch.int64, device=codes.device)
     for part, out in zip(codes.chunk(8), vals.chunk(8)):  # int32 codes (for index_select) an eighth at a time
@@ -231,9 +207,8 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
 
 
 class NF4Matmul(torch.autograd.Function):
-    """y = x W^T and dx = dy W for W = dequantize_nf4(q) in `dtype` (QLoRA Eq. 5
-    without its LoRA term). W is frozen, so it gets no gradient, and is rebuilt in
-    backward rather than saved: between the two only the 4-bit weight is kept."""
+    """y = x W^T and dx = dy W for W = dequantize_nf4(q) in `dtype` (QLoRA Eq. 5 without its
+    LoRA term). W is frozen and rebuilt in backward, not saved: only the 4-bit weight is kept."""
 
     @staticmethod
     def forward(ctx, x, q, dtype):
@@ -246,9 +221,8 @@ class NF4Matmul(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """A frozen nn.Linear whose weight is held in NF4 as buffers (packed, absmax,
-    nested_absmax, nested_offset), so `.to(device)` moves it. forward casts x to
-    compute_dtype, returns x W^T + b cast back to x's dtype (as bitsandbytes)."""
+    """A frozen nn.Linear whose weight is held in NF4 as buffers, so `.to(device)` moves it.
+    forward computes x W^T + b in compute_dtype, cast back to x's dtype (as bitsandbytes)."""
 
     def __init__(self, q: NF4Tensor, bias=None, compute_dtype=torch.bfloat16):
         super().__init__()
@@ -263,7 +237,7 @@ class Linear4bit(nn.Module):
         return cls(quantize_nf4(linear.weight), linear.bias, compute_dtype)
 
     def quant_state(self) -> NF4Tensor:
-        # packed is (blocks, 32) under FSDP (machinery.distributed.shardable_nf4)
+        # packed is (blocks, 32) under FSDP (machinery/distributed.py)
         return NF4Tensor(self.packed.view(-1), self.absmax, torch.Size((self.out_features, self.in_features)),
                          self.weight_dtype, self.blocksize, self.nested_absmax, self.nested_offset)
 
@@ -290,13 +264,10 @@ class Linear4bit(nn.Module):
 
 
 def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step in place (Loshchilov & Hutter, arXiv 1711.05101, Algorithm 2),
-    in torch.optim.AdamW's order of operations so results agree to the bit:
-
+    """One AdamW step in place (arXiv 1711.05101, Algorithm 2), in torch.optim.AdamW's order:
         p = p * (1 - lr*wd);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
         p = p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-
-    All operations are elementwise, so any slice of p, g, m, v may be updated on its own."""
+    Elementwise, bit for bit AdamW's: any slice of p, g, m, v may be updated on its own."""
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
@@ -306,10 +277,8 @@ def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
 
 
 def device_budget(device: torch.device, page_bytes: int) -> float:
-    """PagedAdamW's automatic budget, taken at its first step: unlimited but on a GPU,
-    and there the bytes free less a margin of 10% of the device or 1 GiB, at least two
-    pages. After a forward and backward the caching allocator still holds what their
-    activations took, so the state gets only memory the step did not need."""
+    """PagedAdamW's budget, taken at its first step (so the state gets memory that a forward and
+    backward did not need): unlimited but on a GPU; there free bytes less 10% of it or 1 GiB."""
     if device.type != "cuda":
         return math.inf
     free, total = torch.cuda.mem_get_info(device)
@@ -317,14 +286,10 @@ def device_budget(device: torch.device, page_bytes: int) -> float:
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW whose state (exp_avg, exp_avg_sq) lives on the CPU, in pages of at most
-    `page_bytes`. step() brings the pages it needs to the parameters' device, at most
-    `device_budget_bytes` of them at once (None: device_budget), the least recently used
-    going back first; pages stay between steps, so a state within the budget never moves.
-    A budget given holds on a CPU too (pages copied and counted: `resident_bytes`). Copies
-    are queued on the GPU's stream without stalling the host. (bitsandbytes' paged
-    optimizers let the driver page CUDA unified memory; here we decide what moves.)"""
-    MOMENTS = ("exp_avg", "exp_avg_sq")
+    """AdamW whose state lives on the CPU in pages of at most `page_bytes`. step() brings the pages
+    it needs to the parameters' device, at most `device_budget_bytes` at once (None: device_budget),
+    the least recently used going back first, the copies queued without stalling the host; pages
+    stay between steps. (bitsandbytes lets the driver page CUDA unified memory; we decide what moves.)"""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  page_bytes=1 << 20, device_budget_bytes=None):
@@ -336,9 +301,9 @@ class PagedAdamW(torch.optim.Optimizer):
         self.resident_bytes = self.peak_resident_bytes = 0
 
     @staticmethod
-    def _home(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # pinned for a GPU parameter (asynchronous copies); pinning starts a CUDA context
-        return torch.empty(values.shape, dtype=values.dtype, pin_memory=device.type == "cuda").copy_(values)
+    def _home(p: torch.Tensor) -> torch.Tensor:
+        # zeros like p on the CPU, pinned for a GPU parameter (asynchronous copies; pinning starts CUDA)
+        return torch.zeros(p.shape, dtype=p.dtype, pin_memory=p.device.type == "cuda")
 
     def _page_out(self, limit: float):
         """Send the least recently used pages home until at most `limit` bytes stay."""
@@ -348,12 +313,12 @@ class PagedAdamW(torch.optim.Optimizer):
                 home.copy_(dev, non_blocking=True)  # hands dev's memory only to work queued later
             self.resident_bytes -= dev.numel() * dev.element_size()
 
-    def _page_in(self, key, page: torch.Tensor, device) -> torch.Tensor:
+    def _page_in(self, page: torch.Tensor, device) -> torch.Tensor:
+        key = page.data_ptr()  # where the page lives at home: one key for it at every step
         if key not in self.resident:
             nbytes = page.numel() * page.element_size()
             self._page_out(self.device_budget_bytes - nbytes)
-            # no limit and already there (a CPU): the page itself; else a copy queued after its write-backs
-            same = self.device_budget_bytes == math.inf and page.device == torch.device(device)
+            same = self.device_budget_bytes == math.inf and page.device == torch.device(device)  # a CPU
             self.resident[key] = (page, page if same else page.to(device, non_blocking=True, copy=True))
             self.resident_bytes += nbytes
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
@@ -367,26 +332,21 @@ class PagedAdamW(torch.optim.Optimizer):
             torch.cuda.synchronize(device)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else torch.enable_grad()(closure)()
+    def step(self):
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 if self.device_budget_bytes is None:  # automatic: fixed now, after a forward and backward
                     self.device_budget_bytes = device_budget(p.device, self.page_bytes)
                 state = self.state[p]
                 if not state:
-                    zeros = torch.zeros_like(p, device="cpu")
-                    state.update(step=torch.tensor(0.0), exp_avg=self._home(zeros, p.device),
-                                 exp_avg_sq=self._home(zeros, p.device))
+                    state.update(step=torch.tensor(0.0), exp_avg=self._home(p), exp_avg_sq=self._home(p))
                 state["step"] += 1  # float32 on the CPU, as AdamW keeps it
                 n = max(1, self.page_bytes // p.element_size())  # values a page
-                flat = [p.view(-1), p.grad.reshape(-1)] + [state[k].view(-1) for k in self.MOMENTS]
-                for j, (p_j, g_j, m_j, v_j) in enumerate(zip(*(t.split(n) for t in flat))):
-                    m = self._page_in((id(p), "exp_avg", j), m_j, p.device)
-                    v = self._page_in((id(p), "exp_avg_sq", j), v_j, p.device)
+                flat = [t.view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                for p_j, g_j, m_j, v_j in zip(*(t.split(n) for t in flat)):
+                    m, v = self._page_in(m_j, p.device), self._page_in(v_j, p.device)
                     adamw_update(p_j, g_j, m, v, state["step"].item(), group["lr"], *group["betas"],
                                  group["eps"], group["weight_decay"])
-        return loss
 
     def state_dict(self):
         """torch.optim.AdamW's format, in which the state is kept: each resumes the other."""
@@ -399,24 +359,22 @@ class PagedAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, s in state_dict["state"].items():
             p = params[int(i)]
-            moments = {k: self._home(s[k].reshape(p.shape).to(p.dtype), p.device) for k in self.MOMENTS}
+            moments = {k: self._home(p).copy_(s[k].reshape(p.shape)) for k in ("exp_avg", "exp_avg_sq")}
             self.state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32).cpu().clone(), **moments}
 
 
 # -----------------------------------------------------------------------------
 # Quantizing while a checkpoint is read (llama.load_model(..., quantize="nf4"))
 #
-# A safetensors file: 8 bytes, the length of a JSON header (little-endian); the header, each
-# tensor's dtype, shape and data_offsets (begin, end) into the bytes that follow; then those
-# bytes, row-major. So a weight can be read a slice at a time into memory of its own (safetensors
-# reads a tensor whole even for a slice, and through mmap pages stay in our RSS) and quantized.
+# A safetensors file: 8 bytes, the length of a JSON header; the header, each tensor's dtype, shape
+# and data_offsets into the bytes that follow; those bytes, row-major. So a weight can be read a
+# slice at a time into memory of its own (safetensors reads a tensor whole even for a slice).
 
 SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class SafetensorsSlices(io.FileIO):
-    """A safetensors file open for reading, its header parsed. (load_model opens it with
-    safetensors first, which checks the header and the file's size.)"""
+    """A safetensors file open for reading, its header parsed (safetensors checked it first)."""
 
     def __init__(self, fname: str):
         super().__init__(fname, "rb")
@@ -430,34 +388,37 @@ class SafetensorsSlices(io.FileIO):
             raise TuluError(f"{self.name}: {key} is {info['dtype']}, not one of {', '.join(SAFE_DTYPES)}")
         dtype, (begin, end) = SAFE_DTYPES[info["dtype"]], info["data_offsets"]
         for offset in range(begin, end, n * dtype.itemsize):
-            buf = torch.empty(min(n * dtype.itemsize, end - offset), dtype=torch.uint8)
             self.seek(self.data_start + offset)
-            self.readinto(buf.numpy())
-            yield buf.view(dtype)
+            yield torch.frombuffer(bytearray(self.read(min(n * dtype.itemsize, end - offset))), dtype=dtype)
+
+    def read_nf4(self, key: str, dtype=None, device="cpu") -> NF4Tensor:
+        """quantize_nf4 of the weight `key` read a slice at a time, each cast to `dtype` first (None:
+        the file's), as transformers quantizes what it loaded: no whole weight is in memory."""
+        dtype = dtype or SAFE_DTYPES.get(self.header[key]["dtype"])  # None: slices raises
+        slices = (s.to(device=device, dtype=dtype) for s in self.slices(key, SLICE))
+        return quantize_nf4_slices(slices, self.header[key]["shape"], dtype, device=device)
+
+
+def set_linear4bit(model: nn.Module, key: str, q: NF4Tensor, dtype):
+    """A Linear4bit of q computing in `dtype` in place of the model's linear layer of weight `key`."""
+    linear = model.get_submodule(key.removesuffix(".weight"))
+    check_shape(key, q.shape, linear.weight.shape)
+    model.set_submodule(key.removesuffix(".weight"), Linear4bit(q, linear.bias, compute_dtype=dtype))
 
 
 def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, device):
-    """Read the decoder weight `key` from `raw` a slice at a time into a Linear4bit, in
-    place of the model's meta nn.Linear: neither the weight (86 MiB in bf16 for one of
-    Llama-2-7B's MLP) nor whole-weight temporaries are ever in memory. Each slice is cast
-    to `dtype` first, as transformers quantizes the weight it loaded in that dtype."""
-    parent_name, _, child = key.rpartition(".")[0].rpartition(".")
-    parent = model.get_submodule(parent_name)
-    linear = getattr(parent, child)
-    check_shape(key, raw.header[key]["shape"], linear.weight.shape)
-    slices = (s.to(device=device, dtype=dtype) for s in raw.slices(key, SLICE))
-    q = quantize_nf4_slices(slices, linear.weight.shape, dtype, device=device)
-    setattr(parent, child, Linear4bit(q, linear.bias, compute_dtype=dtype))
+    """The decoder weight `key` of `raw` into the model as a Linear4bit, quantized as it is read."""
+    set_linear4bit(model, key, raw.read_nf4(key, dtype, device), dtype)
 
 
 # -----------------------------------------------------------------------------
 # bitsandbytes 4-bit folders (transformers' load_in_4bit, then save_pretrained)
 #
 # transformers saves a bitsandbytes Linear4bit as the fields of an NF4Tensor: WEIGHT (the packed
-# codes, uint8 (N/2, 1)), WEIGHT.absmax (with double quantization their 8-bit codes, and
-# WEIGHT.nested_absmax), the code books as WEIGHT.quant_map (NF4) and WEIGHT.nested_quant_map
-# (DYNAMIC), the rest as JSON in the bytes of WEIGHT.quant_state.bitsandbytes__nf4 (shape, dtype,
-# blocksize, nested_offset); and config.json's quantization_config says so.
+# codes, uint8 (N/2, 1)), WEIGHT.absmax (double-quantized: their codes, and WEIGHT.nested_absmax),
+# the code books (WEIGHT.quant_map, WEIGHT.nested_quant_map), the rest as JSON in the bytes of
+# WEIGHT.quant_state.bitsandbytes__nf4; config.json has a quantization_config. (machinery/quantize.py
+# writes such folders.)
 
 BNB_STATE = "quant_state.bitsandbytes__nf4"
 BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + BNB_STATE)
@@ -473,43 +434,20 @@ def check_bnb_config(config: dict, source: str):
                             f"bitsandbytes 4-bit NF4: {field} {json.dumps(want)})")
 
 
-def bnb_tensors(key: str, q: NF4Tensor) -> dict[str, torch.Tensor]:
-    """The tensors transformers saves for the 4-bit weight `key` (bitsandbytes' QuantState.as_dict)."""
-    state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
-             "shape": list(q.shape)}
-    nf4, _, dynamic = code_books()
-    out = {key: q.packed.view(-1, 1), f"{key}.absmax": q.absmax, f"{key}.quant_map": nf4}
-    if q.nested_absmax is not None:
-        state |= {"nested_blocksize": DQ_BLOCKSIZE, "nested_dtype": "float32",
-                  "nested_offset": q.nested_offset.item()}
-        out |= {f"{key}.nested_absmax": q.nested_absmax, f"{key}.nested_quant_map": dynamic}
-    return out | {f"{key}.{BNB_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
-
-
-def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype) -> NF4Tensor:
-    """bnb_tensors backwards, taking them out of `tensors`. The weight dequantizes to `dtype` (the
-    JSON's is the one it was quantized from): bitsandbytes 0.50 too dequantizes into its compute dtype."""
-    part = lambda name: tensors.pop(key + name)
-    state = json.loads(bytes(part("." + BNB_STATE).tolist()))
-    q = NF4Tensor(part("").view(-1), part(".absmax"), torch.Size(state["shape"]), dtype, state["blocksize"])
-    part(".quant_map")
-    if "nested_offset" in state:
-        q.nested_absmax, _ = part(".nested_absmax"), part(".nested_quant_map")
-        q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
-    return q
-
-
 def load_bnb_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype, source: str):
     """Each 4-bit weight in `tensors` (what was read of the bitsandbytes folder `source` besides the
-    model's own parameters) into the model as a Linear4bit: the same bytes, not quantized again."""
+    model's parameters), its parts taken out, into the model as a Linear4bit: the same bytes. It
+    dequantizes to `dtype`, as bitsandbytes 0.50 does (the JSON's dtype is the original's)."""
     for key in [k for k in tensors if not k.endswith(BNB_PARTS)]:
+        part = lambda name, key=key: tensors.pop(key + name)
         try:
-            q = from_bnb(tensors, key, dtype)
+            state, _ = json.loads(bytes(part("." + BNB_STATE).tolist())), part(".quant_map")
+            q = NF4Tensor(part("").view(-1), part(".absmax"), state["shape"], dtype, state["blocksize"])
+            if "nested_offset" in state:
+                q.nested_absmax, _ = part(".nested_absmax"), part(".nested_quant_map")
+                q.nested_offset = torch.tensor(state["nested_offset"], device=q.packed.device)
         except KeyError as e:
             raise TuluError(f"{source}: checkpoint lacks {e.args[0]} (a part of the 4-bit {key})") from None
-        parent_name, _, child = key.rpartition(".")[0].rpartition(".")
-        parent = model.get_submodule(parent_name)
-        check_shape(key, q.shape, getattr(parent, child).weight.shape)
-        setattr(parent, child, Linear4bit(q, getattr(parent, child).bias, compute_dtype=dtype))
+        set_linear4bit(model, key, q, dtype)
     if tensors:  # a part of no weight
         raise TuluError(f"{source}: unexpected tensor {next(iter(tensors))} (not a Llama checkpoint?)")

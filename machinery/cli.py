@@ -110,9 +110,12 @@ def merge(args, chat_template):
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
-def read_prompt():
+SCREEN_HEADERS = {"tulu": ("<|user|>", "<|assistant|>"), "qlora": ("### Human:", "### Assistant:")}
+
+
+def read_prompt(header):
     try:
-        line = input("\n<|user|>\n")
+        line = input(f"\n{header}\n")
     except EOFError:
         return None
     return None if line.strip() in ("/exit", "/quit") else line
@@ -122,7 +125,7 @@ def stream_reply(model, tok, prompt_ids, args, g, stop):
     """The assistant's answer, printed as it comes, decoded whole each time so that a character
     of several bytes shows once its last byte is there; it ends at an id in `stop`."""
     new, shown = [], ""
-    print("<|assistant|>")
+    print(SCREEN_HEADERS[args.chat_format][1])
 
     def on_token(i):
         nonlocal shown
@@ -150,7 +153,8 @@ def chat(args, default_model, encode_prompt):
     stop = outputs.stop_ids(model_dir, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for prompt in [args.prompt] if args.prompt is not None else iter(read_prompt, None):
+    ask = lambda: read_prompt(SCREEN_HEADERS[args.chat_format][0])
+    for prompt in [args.prompt] if args.prompt is not None else iter(ask, None):
         history.append({"role": "user", "content": prompt})
         reply = stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
         history.append({"role": "assistant", "content": reply})

@@ -1,16 +1,10 @@
-"""`tulu.py quantize`: an HF Llama folder written as transformers saves a model it loaded with
-bitsandbytes' load_in_4bit (NF4, double quantization; nf4.bnb_tensors has one weight's tensors),
-file for file and byte for byte, so that transformers + bitsandbytes load it as their own and
-llama.load_model reads it next time without quantizing.
-
-Streamed: a decoder weight is read a slice at a time and quantized, the other tensors are read
-one at a time, and each goes to disk at once: neither the model nor a whole weight is ever in
-memory. A safetensors file opens with a header of every tensor's offsets, yet a 4-bit weight's
-quant_state (JSON holding the mean of its scales) has its length only once the weight is
-quantized: tensors go to a scratch file first, and the header and the data follow at the end.
+"""`tulu.py quantize`: an HF Llama folder written, file for file and byte for byte, as transformers
+saves a model it loaded with bitsandbytes' load_in_4bit (NF4, double quantization): transformers
+loads it as its own, llama.load_model without quantizing. Streamed: neither the model nor a whole
+weight is ever in memory. A safetensors file opens with every tensor's offsets, yet a quant_state
+(JSON holding the mean of the scales) has its length only once its weight is quantized: tensors go
+to a scratch file first, the file is written at the end.
 """
-from __future__ import annotations
-
 import json
 import os
 import tempfile
@@ -19,23 +13,30 @@ import torch
 
 import nf4
 from llama import (LlamaConfig, SAFE_INDEX, SAFE_NAMES, TuluError, atomic_write, checkpoint_files,
-                   decoder_linear, write_json)
+                   decoder_linear, read_json, write_json)
 from machinery.checks import check_output
-from machinery.outputs import copy_tokenizer
+from machinery.outputs import TOKENIZER_FILES, copy_tokenizer
 
-# what transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-# bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), QLoRA's settings
+# transformers' BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, bf16 compute): QLoRA's settings
 BNB_WRITTEN = {**nf4.BNB_CONFIG, "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16",
                "_load_in_4bit": True, "_load_in_8bit": False, "llm_int8_enable_fp32_cpu_offload": False,
                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0}
 SAFE_ORDER = ("F64", "F32", "BF16", "F16", "U8")  # safetensors' order of tensors in a file: dtype, then name
 
 
+def bnb_tensors(key: str, q: nf4.NF4Tensor) -> dict[str, torch.Tensor]:
+    """The tensors transformers saves for the 4-bit weight `key` (bitsandbytes' QuantState.as_dict)."""
+    state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
+             "shape": list(q.shape), "nested_blocksize": nf4.DQ_BLOCKSIZE, "nested_dtype": "float32",
+             "nested_offset": q.nested_offset.item()}
+    return {key: q.packed.view(-1, 1), f"{key}.absmax": q.absmax, f"{key}.quant_map": nf4.code_books()[0],
+            f"{key}.nested_absmax": q.nested_absmax, f"{key}.nested_quant_map": nf4.code_books()[2],
+            f"{key}.{nf4.BNB_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
+
+
 def save_file_streamed(fname: str, tensors) -> dict[str, int]:
-    """Write the (key, tensor) pairs of an iterable, each to a scratch file as it comes; then the
-    file, as safetensors' save_file writes the same tensors: the header, and the tensors widest
-    dtype first (each then starts at a multiple of its width) and by name, copied 16 MiB at a
-    time. Each key's bytes."""
+    """Write the (key, tensor) pairs of an iterable as safetensors' save_file does (widest dtype first,
+    each then at a multiple of its width, and by name), through a scratch file. Each key's bytes."""
     entries = []  # (place of the dtype in SAFE_ORDER, key, shape, offset in the scratch file, bytes)
     with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(fname))) as scratch:
         for key, t in tensors:
@@ -67,9 +68,7 @@ def quantized_tensors(fname: str):
         with safe_open(fname, framework="pt", backend="pread") as f, nf4.SafetensorsSlices(fname) as raw:
             for key in (k for k in f.keys() if not k.endswith("rotary_emb.inv_freq")):  # old files' RoPE
                 if decoder_linear(key):  # quantized from its stored dtype, as transformers loads it
-                    dtype = nf4.SAFE_DTYPES.get(raw.header[key]["dtype"])
-                    q = nf4.quantize_nf4_slices(raw.slices(key, nf4.SLICE), raw.header[key]["shape"], dtype)
-                    yield from nf4.bnb_tensors(key, q).items()
+                    yield from bnb_tensors(key, raw.read_nf4(key)).items()
                 else:
                     yield key, f.get_tensor(key)
     except SafetensorError as e:
@@ -90,11 +89,9 @@ def quantize_folder(path: str, out_dir: str):
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_json(os.path.join(out_dir, SAFE_INDEX), index)
-    with open(config_file) as f:
-        config = json.load(f)
-    write_json(os.path.join(out_dir, "config.json"), {**config, "quantization_config": BNB_WRITTEN})
-    copy_tokenizer(path, out_dir, ("generation_config.json",))
-    copy_tokenizer(path, out_dir)
+    config = {**read_json(config_file, "a config"), "quantization_config": BNB_WRITTEN}
+    write_json(os.path.join(out_dir, "config.json"), config)
+    copy_tokenizer(path, out_dir, (*TOKENIZER_FILES, "generation_config.json"))
 
 
 def flags(p):

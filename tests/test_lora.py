@@ -300,10 +300,11 @@ def test_load_adapter_bin_gives_peft_logits():
     ref = load_file(os.path.join(PEFT_BIN, "expected.safetensors"))
     model = with_adapter(os.path.join(PEFT_BIN, "adapter"))
     torch.testing.assert_close(logits(model, ref["input_ids"]), ref["peft_logits"], atol=1e-4, rtol=0)
-    path, tensors = lora.read_adapter_file(os.path.join(PEFT_BIN, "adapter"))
+    path, weights = lora.read_adapter_weights(os.path.join(PEFT_BIN, "adapter"))
     plain = torch.load(path, weights_only=False)  # the fixture is ours: trusted here, never in lora.py
-    assert path.endswith("adapter_model.bin") and tensors.keys() == plain.keys()
-    assert all(torch.equal(tensors[k], plain[k]) for k in plain)
+    got = {f"{lora.PEFT_PREFIX}{layer}.{ab}.weight": t for layer, ts in weights.items() for ab, t in ts.items()}
+    assert path.endswith("adapter_model.bin") and got.keys() == plain.keys()
+    assert all(torch.equal(got[k], plain[k]) for k in plain)
 
 
 class Trap:

@@ -2,6 +2,7 @@
 tests/make_fixtures.py), plus the invariants a student can check by hand."""
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -552,13 +553,13 @@ def test_paged_adamw_default_budget_is_automatic(monkeypatch):
 def test_paged_adamw_pins_pages_only_for_cuda_params(monkeypatch):
     """Pinning host memory starts a CUDA context on GPU 0: a --device cpu run on a machine
     with a GPU must not pin, whatever torch.cuda.is_available() says."""
-    pins, empty = [], torch.empty
+    pins, zeros = [], torch.zeros
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: (
-        pins.append(pin_memory) or empty(*a, **k)))  # asked for, not done: this machine may have no GPU
+    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: (
+        pins.append(pin_memory) or zeros(*a, **k)))  # asked for, not done: this machine may have no GPU
     _, opt = train(paged, steps=3, resume_at=1)  # pages made at the first step and by load_state_dict
     assert pins and not any(pins)
-    opt._home(torch.zeros(300), torch.device("cuda"))  # the pages of a parameter on a GPU
+    opt._home(SimpleNamespace(shape=(300,), dtype=torch.float32, device=torch.device("cuda")))  # a GPU's
     assert pins[-1] is True
 
 
