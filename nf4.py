@@ -191,9 +191,8 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     _, pairs, dynamic = code_books(q.packed.device)
     absmax = q.absmax if q.nested_absmax is None else (
         dequantize_blockwise(q.absmax, q.nested_absmax, dynamic, DQ_BLOCKSIZE) + q.nested_offset)
-    n, codes = math.prod(q.shape), q.packed.view(-1)
-    vals = torch.empty(codes.shape, dtype=torch.int64, device=codes.device)
-    for part, out in zip(codes.chunk(8), vals.chunk(8)):  # int32 codes (for index_select) an eighth at a time
+    n, vals = math.prod(q.shape), torch.empty(q.packed.numel(), dtype=torch.int64, device=q.packed.device)
+    for part, out in zip(q.packed.view(-1).chunk(8), vals.chunk(8)):  # int32 codes an eighth at a time
         out.copy_(pairs.index_select(0, part.int()))
     vals = vals.view(torch.float32)[:n]  # (N,) NF4 values in order
     if n % q.blocksize:  # a shorter last block, padded to a whole one
