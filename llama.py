@@ -466,7 +466,7 @@ def read_checkpoint_file(model: Llama, fname: str, expected, dtype, device, quan
                 if four_bit is not None and f.get_slice(key).get_dtype() == "U8":  # 4-bit codes
                     four_bit[key] = f.get_tensor(key).to(device)
                 elif quantize and decoder_linear(key):
-                    nf4.load_nf4_linear(model, key, raw, dtype, device)
+                    nf4.set_linear4bit(model, key, raw.read_nf4(key, dtype, device), dtype)
                 else:
                     new = f.get_tensor(key).to(device=device, dtype=dtype)
                     check_shape(key, new.shape, model.get_parameter(key).shape)
@@ -481,7 +481,7 @@ def read_checkpoint_file(model: Llama, fname: str, expected, dtype, device, quan
 def load_model(path: str, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
     """Load an HF Llama folder: the model built on the `meta` device (no memory), then filled a
     tensor at a time (peak memory: the model plus one tensor). quantize="nf4": each decoder linear
-    weight to 4-bit as it is read, a slice at a time (QLoRA; nf4.load_nf4_linear), the rest in
+    weight to 4-bit as it is read, a slice at a time (QLoRA; SafetensorsSlices.read_nf4), the rest in
     `dtype`, as bitsandbytes does. A bitsandbytes 4-bit folder (config.json's quantization_config)
     loads in 4-bit as it is."""
     files = checkpoint_files(path)

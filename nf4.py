@@ -405,11 +405,6 @@ def set_linear4bit(model: nn.Module, key: str, q: NF4Tensor, dtype):
     model.set_submodule(key.removesuffix(".weight"), Linear4bit(q, linear.bias, compute_dtype=dtype))
 
 
-def load_nf4_linear(model: nn.Module, key: str, raw: SafetensorsSlices, dtype, device):
-    """The decoder weight `key` of `raw` into the model as a Linear4bit, quantized as it is read."""
-    set_linear4bit(model, key, raw.read_nf4(key, dtype, device), dtype)
-
-
 # -----------------------------------------------------------------------------
 # bitsandbytes 4-bit folders (transformers' load_in_4bit, then save_pretrained)
 #

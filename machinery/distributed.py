@@ -142,7 +142,7 @@ def read_nf4_rows(m, weight, d: Dist):
     r, n = rows(m.absmax), m.in_features  # blocks start..stop: the weights 64 start..64 stop
     w = weight[r.start * 64 // n:-(-r.stop * 64 // n)].reshape(-1)  # the rows that hold them
     w = w[r.start * 64 % n:][:(r.stop - r.start) * 64]
-    w = w.to(m.absmax.device, m.weight_dtype)  # as load_nf4_linear quantizes it: in that dtype
+    w = w.to(m.absmax.device, m.weight_dtype)  # as load_model's read_nf4 quantizes it: in that dtype
     q = nf4.quantize_nf4_slices([w], w.shape, m.weight_dtype, double_quant=False, device=w.device)
     piece = -(-m.absmax.shape[0] // d.world)  # the last rank's may be shorter
     scales = [torch.empty(piece, device=w.device) for _ in range(d.world)]
