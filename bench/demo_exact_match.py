@@ -75,7 +75,7 @@ if __name__ == "__main__":
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"`python tulu.py sft` from an empty cache: {t_sft:.0f} s; then `python tulu.py dpo` "
           f"(demo full SFT + DPO): {t_dpo:.0f} s")
-    print(f"\n| model | exact match (first 40) | held-out loss | perplexity | pairs: rewards/accuracy | margin |")
+    print("\n| model | exact match (first 40) | held-out loss | perplexity | pairs: rewards/accuracy | margin |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, model_dir, adapter, qlora in rows:
         em = exact_match(model_dir, adapter, qlora)
