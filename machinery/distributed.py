@@ -123,9 +123,11 @@ def empty_model(path: str, dtype, device, quantize=None) -> llama.Llama:
         torch.utils.swap_tensors(p, torch.nn.Parameter(empty(p.shape)))
     for name, m in list(model.named_modules()):
         if quantize and llama.decoder_linear(name + ".weight"):
-            blocks, (parent, _, child) = m.weight.numel() // 64, name.rpartition(".")
+            (blocks, rest), (parent, _, child) = divmod(m.weight.numel(), 64), name.rpartition(".")
+            if rest:  # a rank's rows of codes must be whole blocks
+                raise TuluError(f"--fsdp: {name} is not made of whole 64-weight blocks")
             q = nf4.NF4Tensor(empty((blocks, 32), torch.uint8), empty((blocks,), torch.uint8), m.weight.shape,
-                              dtype, 64, torch.zeros(-(-blocks // 256)), torch.zeros(()))
+                              dtype, 64, torch.zeros(-(-blocks // nf4.DQ_BLOCKSIZE)), torch.zeros(()))
             setattr(model.get_submodule(parent), child, nf4.Linear4bit(q, None, dtype))
     return model.eval()
 
@@ -139,9 +141,9 @@ def rows(p) -> slice:
 def read_nf4_rows(m, weight, d: Dist):
     """This rank's blocks of a 4-bit weight, quantized from their part of the weight (a slice). The
     block scales, gathered (1/64 of the weights), are double-quantized whole, as by quantize_nf4."""
-    r, n = rows(m.absmax), m.in_features  # blocks start..stop: the weights 64 start..64 stop
-    w = weight[r.start * 64 // n:-(-r.stop * 64 // n)].reshape(-1)  # the rows that hold them
-    w = w[r.start * 64 % n:][:(r.stop - r.start) * 64]
+    r, n, b = rows(m.absmax), m.in_features, m.blocksize  # blocks start..stop: weights b start..b stop
+    w = weight[r.start * b // n:-(-r.stop * b // n)].reshape(-1)  # the rows that hold them
+    w = w[r.start * b % n:][:(r.stop - r.start) * b]
     w = w.to(m.absmax.device, m.weight_dtype)  # as load_model's read_nf4 quantizes it: in that dtype
     q = nf4.quantize_nf4_slices([w], w.shape, m.weight_dtype, double_quant=False, device=w.device)
     piece = -(-m.absmax.shape[0] // d.world)  # the last rank's may be shorter
