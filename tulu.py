@@ -107,6 +107,7 @@ def encode_pair(chosen, rejected, tok, max_seq_length, encode=encode_messages):
 QLORA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
                 "gives helpful, detailed, and polite answers to the user's questions.")
 QLORA_HEADERS = {"system": "", "user": "### Human: ", "assistant": "### Assistant: "}
+CHAT_HEADERS = {"tulu": ROLE_HEADERS, "qlora": QLORA_HEADERS}  # --chat-format's
 QLORA_PROMPT = " ### Assistant:"  # the card's prompt ends "### Human: {prompt} ### Assistant:"
 
 
@@ -598,8 +599,8 @@ def build_parser():
                           "fold a LoRA adapter into its base and write an HF folder"),
                 "quantize": (quantize.command, quantize.flags,
                              "write a model as a bitsandbytes 4-bit folder (NF4, double quantization)"),
-                "chat": (lambda args: cli.chat(args, tiny_sft, encode_prompt), cli.chat_flags,
-                         "talk to a model in the Tulu chat format"),
+                "chat": (lambda args: cli.chat(args, tiny_sft, encode_prompt, CHAT_HEADERS[args.chat_format]),
+                         cli.chat_flags, "talk to a model in the Tulu chat format"),
                 "eval": (cmd_eval, cli.eval_flags,
                          "held-out loss, preference accuracy or multiple-choice (MMLU-style) accuracy"),
                 "plan": (plan.print_plan, plan.plan_flags,

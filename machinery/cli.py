@@ -110,9 +110,6 @@ def merge(args, chat_template):
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
 
 
-SCREEN_HEADERS = {"tulu": ("<|user|>", "<|assistant|>"), "qlora": ("### Human:", "### Assistant:")}
-
-
 def read_prompt(header):
     try:
         line = input(f"\n{header}\n")
@@ -121,11 +118,11 @@ def read_prompt(header):
     return None if line.strip() in ("/exit", "/quit") else line
 
 
-def stream_reply(model, tok, prompt_ids, args, g, stop):
-    """The assistant's answer, printed as it comes, decoded whole each time so that a character
-    of several bytes shows once its last byte is there; it ends at an id in `stop`."""
+def stream_reply(model, tok, prompt_ids, args, g, stop, header):
+    """The assistant's answer after its header, printed as it comes, decoded whole each time so that
+    a character of several bytes shows once its last byte is there; it ends at an id in `stop`."""
     new, shown = [], ""
-    print(SCREEN_HEADERS[args.chat_format][1])
+    print(header)
 
     def on_token(i):
         nonlocal shown
@@ -142,10 +139,11 @@ def stream_reply(model, tok, prompt_ids, args, g, stop):
     return final
 
 
-def chat(args, default_model, encode_prompt):
+def chat(args, default_model, encode_prompt, headers):
     """`tulu.py chat`: the model (default_model() without --model) and adapter, merged in memory,
-    answer each prompt after the conversation so far, in the chat format (encode_prompt): --prompt
-    once, else line by line until EOF or /exit. Generation stops at every EOS id the model names."""
+    answer each prompt after the conversation so far, in the chat format (encode_prompt; its role
+    headers shown on screen): --prompt once, else line by line until EOF or /exit. Generation
+    stops at every EOS id the model names."""
     device, dtype = device_and_dtype(args.device, args.dtype)
     model_dir = args.model or default_model()
     tok = tokenizer(model_dir, args.adapter)
@@ -153,10 +151,11 @@ def chat(args, default_model, encode_prompt):
     stop = outputs.stop_ids(model_dir, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     g = torch.Generator(device=device).manual_seed(args.seed)
-    ask = lambda: read_prompt(SCREEN_HEADERS[args.chat_format][0])
+    ask = lambda: read_prompt(headers["user"].strip())
     for prompt in [args.prompt] if args.prompt is not None else iter(ask, None):
         history.append({"role": "user", "content": prompt})
-        reply = stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop)
+        reply = stream_reply(model, tok, encode_prompt(history, tok, args.chat_format), args, g, stop,
+                             headers["assistant"].strip())
         history.append({"role": "assistant", "content": reply})
 
 
