@@ -193,6 +193,8 @@ def shard(model, d: Dist, compute_dtype, path: str):
     units = [*model.model.layers] + [model.model.embed_tokens] * (not model.config.tie_word_embeddings)
     for unit in units:  # an untied embedding apart (torchtitan's): gathered for its lookup alone
         fully_shard(unit, mesh=mesh, mp_policy=mp)
+        if d.device.type == "cpu":  # gloo gathers in line, overlapping nothing: prefetching the next
+            unit.set_modules_to_backward_prefetch([unit])  # layer in backward would only hold it longer
     # the root reshards after forward too (torchtune's), or after DPO's reference it would hold whole weights
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     model._apply(lambda t: torch.empty_like(t, device=d.device) if t.is_meta else t)  # then their rows

@@ -96,11 +96,12 @@ def plan(cfg, method, rows, seq, lora_r=64, dropout=0.1, checkpointing=False, c=
     saved = tokens * residual * D if checkpointing else one_layer
     final_norm = tokens * D * (8 if full else 4)  # its float32 input (and x/rms, where it trains)
     # weights held twice while in use: qlora's largest weight dequantized (int64 pairs of float32
-    # values, then cast to c); FSDP's root unit (embeddings, lm_head) and two layers gathered, full's
+    # values, then cast to c); FSDP's root unit (embeddings, lm_head) and two layers gathered (one on
+    # the CPU, where backward does not prefetch the next: distributed.shard), full's
     # gradients of lm_head and a layer before their reduce-scatter; full's bf16 casts under autocast
     copies = max(i * o for i, o in projections(cfg)) * (4 if c == 4 else 4 + c) if method == "qlora" else 0
     if fsdp:
-        copies += 2 * head * c + 2 * in_use + (head + layer) * c * full
+        copies += 2 * head * c + (1 + (device == "cuda")) * in_use + (head + layer) * c * full
     elif full and c < 4:
         copies += L * layer * c
     return dict(weights=weights // split, adapters=0 if full else 4 * trained // split,

@@ -16,7 +16,9 @@ environment, on the rank TULU_TEST_RANK only (without torchrun: the one process)
 and, on every rank, TULU_TEST_ENCODES=FILE appends the rank to FILE each time it encodes
 a data file (rather than reading the encoded-data cache), TULU_TEST_STEPS=FILE each
 time its optimiser applies a step, and TULU_TEST_SHARDS=DIR the model's parameters and
-buffers that the rank holds (of FSDP's, its shards) once it is built, in DIR/rank{RANK}.safetensors.
+buffers that the rank holds (of FSDP's, its shards) once it is built, in DIR/rank{RANK}.safetensors,
+and TULU_TEST_GATHERED=FILE logs (in FILE{RANK}) G for each of FSDP's all-gathers, L when a backward begins and B
+in each decoder layer's backward.
 """
 import os
 import signal
@@ -90,6 +92,31 @@ if os.environ.get("TULU_TEST_SHARDS"):
         held = {n: local(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
         rank = os.environ.get("RANK", "0")
         save_file(held, os.path.join(os.environ["TULU_TEST_SHARDS"], f"rank{rank}.safetensors"))
+        return model
+    tulu.build_policy = build_policy
+
+if os.environ.get("TULU_TEST_GATHERED"):
+    import torch.distributed
+
+    def log(event: str):
+        with open(os.environ["TULU_TEST_GATHERED"] + os.environ.get("RANK", "0"), "a") as f:
+            f.write(event + "\n")
+
+    def all_gather_single(*a, _gather=torch.distributed.all_gather_single, **kw):  # FSDP2's gathers
+        log("G")
+        return _gather(*a, **kw)
+    torch.distributed.all_gather_single = all_gather_single
+
+    def sft_loss(self, *a, _loss=tulu.SFTTask.loss, **kw):
+        loss, metrics = _loss(self, *a, **kw)
+        loss.register_hook(lambda g: log("L"))  # backward begins
+        return loss, metrics
+    tulu.SFTTask.loss = sft_loss
+
+    def build_policy(*a, _build=tulu.build_policy, **kw):
+        model = _build(*a, **kw)
+        for layer in model.model.layers:  # inside each layer's backward
+            layer.mlp.register_full_backward_hook(lambda *_: log("B"))
         return model
     tulu.build_policy = build_policy
 

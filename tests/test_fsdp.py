@@ -23,16 +23,26 @@ pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is
 
 
 def test_sft_qlora_fsdp_is_the_one_process_run(tmp_path, data):
-    """2 ranks x 2 micro-batches of 2 = one process's 4 micro-batches of 2, clipping active."""
+    """2 ranks x 2 micro-batches of 2 = one process's 4 micro-batches of 2, clipping active; in
+    backward each rank holds one decoder layer gathered at a time."""
     flags = ["sft", *SMALL, "--data", data / "sft.jsonl", "--method", "qlora", "--max-steps", 3,
              "--lr", 1e-2, "--max-grad-norm", 1.0]
     one, two = tmp_path / "one", tmp_path / "two"
     one_process(*flags, "--grad-accum", 4, "--output", one)
     shards = tmp_path / "shards"
     shards.mkdir()
-    p = torchrun(*flags, "--grad-accum", 2, "--output", two, "--fsdp", TULU_TEST_SHARDS=shards)
+    p = torchrun(*flags, "--grad-accum", 2, "--output", two, "--fsdp", TULU_TEST_SHARDS=shards,
+                 TULU_TEST_GATHERED=tmp_path / "events")
     assert p.returncode == 0, p.stderr
     assert "torchrun: 2 ranks, FSDP2" in p.stdout
+    # on the CPU, backward gathers one layer at a time: FSDP's prefetching of the next would only
+    # hold it longer (gloo's all-gathers overlap nothing)
+    ahead, gathers, layers = [], 0, 0
+    for event in " ".join((tmp_path / f"events{rank}").read_text() for rank in (0, 1)).split():
+        gathers, layers = (0, 0) if event == "L" else (gathers + (event == "G"), layers + (event == "B"))
+        if event == "B":  # gathered since backward began: the root's lm_head, then one a layer
+            ahead.append(gathers - layers)
+    assert ahead and set(ahead) == {1}, ahead
     # each rank read and quantized its half of every weight: one process's NF4 bytes, half each
     model = llama.load_model(HF_TINY, torch.float32, quantize="nf4")
     lora.add_lora(model, r=8)
