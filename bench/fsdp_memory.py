@@ -14,7 +14,8 @@ Each run is a fresh process (or two) running tulu's command line; at exit each r
 peak resident memory (the kernel's VmHWM) above what it held once its imports were done and,
 as tests/test_plan.py measures, a warm-up run of the same command on the tiny model had paged
 in torch's code and one-time setup (~55 MiB a process, counted before as the run's own).
-Printed: one process's, each rank's, and their ratio (the issue's target: at most 0.65). Both
+Printed: one process's, each rank's, their ratio (the issue's target: at most 0.65), and what
+`tulu.py plan` says of both (it should be within 25%). Both
 run with MALLOC_MMAP_THRESHOLD_=65536 (as tests/test_plan.py measures): glibc's threshold
 otherwise rises to the largest block freed, and each all-gather's buffers, once freed, stay in
 the heap as RSS (measured: 1.08x and 1.10x one process's peak, from fragmentation alone).
@@ -104,8 +105,18 @@ def main():
                   "--save-minutes", "0", "--seed", "0", "--num-workers", "1", *flags]
         one = run(common + ["--grad-accum", "2", "--output", os.path.join(args.dir, f"out-{name}-1")], 1)[0]
         two = run(common + ["--grad-accum", "1", "--output", os.path.join(args.dir, f"out-{name}-2")], 2)
+        plans = [planned(folder, [f for f in flags if f != "--fsdp"]), planned(folder, flags + ["--nproc", "2"])]
         print(f"{name}: one process {one} MiB; 2 ranks " + ", ".join(f"{m} MiB" for m in two)
-              + f"; ratio {max(two) / one:.2f} (target <= 0.65)", flush=True)
+              + f"; ratio {max(two) / one:.2f} (target <= 0.65); tulu.py plan: {plans[0]} MiB, {plans[1]} MiB"
+              f" a rank", flush=True)
+
+
+def planned(folder: str, flags: list) -> int:
+    """`tulu.py plan`'s total for the same run, in MiB."""
+    argv = ["plan", "--model", folder, "--device", "cpu", "--dtype", "fp32", "--batch-size", "1",
+            "--max-seq-length", "128", "--json", *flags]
+    p = subprocess.run([sys.executable, "tulu.py", *argv], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(p.stdout)["total_bytes"] // 2**20
 
 
 def warm_up(main, argv: list):
