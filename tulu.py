@@ -519,11 +519,8 @@ def start_run(args):
     cfg.model = cfg.model or dist.rank0_first(d, tiny_sft if cfg.command == "dpo" else tiny_default)
     cli.print_config(cfg, fields(cfg))
     dist.together(d, llama.checkpoint_files, cfg.model)  # a missing or unusable folder: say so first
-    print(dist.together(d, plan.run_line, cfg))  # the peak memory each device will need
-    checks.check_output(cfg.output, cfg.model, cfg.adapter)
-    if cfg.method == "full" and "quantization_config" in llama.LlamaConfig.from_json(
-            os.path.join(cfg.model, "config.json")).extra:  # 4-bit: nothing for full fine-tuning to train
-        raise TuluError(f"{cfg.model}: a bitsandbytes 4-bit folder: --method full needs the 16-bit base")
+    print(dist.together(d, plan.run_line, cfg))  # the peak memory each device will need (or a 4-bit
+    checks.check_output(cfg.output, cfg.model, cfg.adapter)  # folder's refusal of full and --fsdp)
     dist.together(d, runs.check_resume, cfg)  # before the model loads
     torch.manual_seed(cfg.seed)
     tok = dist.together(d, cli.tokenizer, cfg.model)

@@ -113,9 +113,7 @@ def rank0_first(d: Dist, fn, *args):
 def empty_model(path: str, dtype, device, quantize=None) -> llama.Llama:
     """load_model's model, no weight read: each is one zero expanded to its shape (no memory) on
     `device`, where add_lora puts the adapters; shard makes them meta tensors, then its rows."""
-    cfg = llama.LlamaConfig.from_json(os.path.join(path, "config.json"))
-    if "quantization_config" in cfg.extra:
-        raise TuluError(f"{path}: a bitsandbytes 4-bit folder does not shard (--fsdp): give its base model")
+    cfg = llama.LlamaConfig.from_json(os.path.join(path, "config.json"))  # 4-bit: refused (plan.settings)
     empty = lambda shape, dt=dtype: torch.zeros((), dtype=dt, device=device).expand(shape)
     with torch.device("meta"):
         model = llama.Llama(cfg)

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from llama import LlamaConfig, chunk_rows
+from llama import LlamaConfig, TuluError, chunk_rows
 from machinery.cli import positive_int
 
 GIB = 2**30
@@ -79,12 +79,13 @@ def plan(cfg, method, rows, seq, lora_r=64, dropout=0.1, checkpointing=False, c=
          fsdp=False) -> dict:
     """One device's parts, in bytes, for micro-batches of `rows` sequences of `seq` tokens, every
     label learned, on `world` ranks: FSDP (fsdp) splits the weights, adapters, gradients and AdamW
-    states over them, DDP keeps all on each."""
+    states over them, DDP keeps all on each. A bitsandbytes 4-bit folder's layers load in NF4."""
     L, D, full = cfg.num_hidden_layers, cfg.hidden_size, method == "full"
+    nf4 = method == "qlora" or "quantization_config" in cfg.extra
     head, layer = cfg.vocab_size * D, sum(i * o for i, o in projections(cfg))  # lm_head's, a layer's weights
     split, tokens = world if fsdp else 1, rows * seq
     rest = head * (1 if cfg.tie_word_embeddings else 2) + (2 * L + 1) * D  # embeddings, lm_head, norms
-    in_use = sum(nf4_bytes(i * o) for i, o in projections(cfg)) if method == "qlora" else layer * c  # a layer
+    in_use = sum(nf4_bytes(i * o) for i, o in projections(cfg)) if nf4 else layer * c  # a layer
     # weights as stored: full's float32 masters; else the compute dtype, qlora's decoder layers in NF4
     weights = (L * layer + rest) * 4 if full else L * in_use + rest * c
     # trained: every weight, or LoRA's A (r, in) and B (out, r) on each Linear of each layer
@@ -99,7 +100,7 @@ def plan(cfg, method, rows, seq, lora_r=64, dropout=0.1, checkpointing=False, c=
     # values, then cast to c); FSDP's root unit (embeddings, lm_head) and two layers gathered (one on
     # the CPU, where backward does not prefetch the next: distributed.shard), full's
     # gradients of lm_head and a layer before their reduce-scatter; full's bf16 casts under autocast
-    copies = max(i * o for i, o in projections(cfg)) * (4 if c == 4 else 4 + c) if method == "qlora" else 0
+    copies = max(i * o for i, o in projections(cfg)) * (4 if c == 4 else 4 + c) if nf4 else 0
     if fsdp:
         copies += 2 * head * c + (1 + (device == "cuda")) * in_use + (head + layer) * c * full
     elif full and c < 4:
@@ -150,12 +151,16 @@ def plan_flags(p):
 
 def settings(args, world) -> dict:
     """plan()'s arguments for a run's TrainConfig (sft; dpo: two sequences a pair) or plan's flags.
-    --method full on several ranks is always sharded (FSDP2)."""
-    return dict(cfg=LlamaConfig.from_json(os.path.join(args.model, "config.json")), method=args.method,
+    --method full on several ranks is always sharded (FSDP2); a bitsandbytes 4-bit folder is neither."""
+    cfg = LlamaConfig.from_json(os.path.join(args.model, "config.json"))
+    full, fsdp = args.method == "full", world > 1 and (args.fsdp or args.method == "full")
+    if "quantization_config" in cfg.extra and fsdp | full:  # its weights are NF4 codes
+        need = "--method full needs the 16-bit base" if full else "--fsdp needs its base model"
+        raise TuluError(f"{args.model}: a bitsandbytes 4-bit folder: {need}")
+    return dict(cfg=cfg, method=args.method,
                 rows=args.batch_size * (2 if args.command == "dpo" else 1), seq=args.max_seq_length,
                 lora_r=args.lora_r, dropout=args.lora_dropout, checkpointing=args.gradient_checkpointing,
-                c=args.dtype.itemsize, device=args.device, world=world,
-                fsdp=world > 1 and (args.fsdp or args.method == "full"))
+                c=args.dtype.itemsize, device=args.device, world=world, fsdp=fsdp)
 
 
 def run_line(args) -> str:

@@ -85,6 +85,27 @@ def test_weights_and_what_trains_are_the_model_s(tmp_path, method, dtype):
     assert parts["adapters"] == (0 if method == "full" else 4 * trained)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_bnb_4bit_folder_plans_the_nf4_weights_it_loads(method, capsys):
+    """lora on a bitsandbytes 4-bit folder trains over the NF4 layers it loads, not bf16 ones (AdamW
+    unpaged: that is qlora's); full fine-tuning and --fsdp are one-line errors, as sft's."""
+    folder = os.path.join(HERE, "fixtures", "bnb", "tiny-bnb-4bit")
+    args = tulu.TrainConfig(method=method, device="cpu", lora_r=R, lora_dropout=0)
+    args.dtype = torch.bfloat16
+    model = tulu.build_policy(args, folder)
+    cfg = llama.LlamaConfig.from_json(os.path.join(folder, "config.json"))
+    parts = plan.plan(cfg, method, 1, 16, R, c=2, device="cpu")
+    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad]
+    assert parts["weights"] == sum(t.nbytes for t in frozen)
+    paged = plan.plan(cfg, method, 1, 16, R, device="cuda")["optimizer"] == 0
+    assert paged == (method == "qlora")
+    for flags in (["--method", "full"], ["--method", method, "--fsdp", "--nproc", "2"]):
+        with pytest.raises(SystemExit) as e:
+            tulu.main(["plan", "--model", folder, *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and "4-bit folder" in err[0], err
+
+
 def saved_bytes(model, args, ids):
     """Bytes autograd saves in one forward: each storage once, parameters and their casts
     (weights, not activations) left out."""
