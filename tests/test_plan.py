@@ -10,7 +10,7 @@
   ranks under torchrun (FSDP2). Measured: the peak resident memory (VmHWM) up to the writing
   of the outputs, above the resident memory before the run; a warm-up run on the tiny model
   first pages in torch's code and one-time setup (the meta device alone takes ~30 MB). Within
-  25%; where this was written qlora 1.07, lora 1.03, full 1.03, full on 2 ranks 1.15 (each
+  25%; where this was written qlora 1.04, lora 1.00, full 1.03, full on 2 ranks 1.14-1.16 (each
   rank holds ~18 MB more than the plan, the process group's and FSDP2's own; so did qlora
   and lora --fsdp, 1.16 and 1.12, measured once, not tests: their NF4 or frozen weights are too
   small here for the sharding to show). glibc keeps freed blocks under 32 MiB for reuse, which
