@@ -40,6 +40,7 @@ def use_fast_dropout(model: nn.Module) -> nn.Module:
 
 def compile_layers(model):
     """torch.compile each decoder layer in place (state_dict keys unchanged); the layers share the
-    compiled code. Another sequence length compiles again, up to torch._dynamo's recompile limit."""
+    compiled code, compiled once for any batch and length (dynamic shapes: SFT's lengths vary from
+    batch to batch, and a static first compile would be followed by a dynamic one)."""
     for layer in model.model.layers:
-        layer.compile()
+        layer.compile(dynamic=True)
