@@ -519,8 +519,8 @@ def start_run(args):
     cfg.model = cfg.model or dist.rank0_first(d, tiny_sft if cfg.command == "dpo" else tiny_default)
     cli.print_config(cfg, fields(cfg))
     dist.together(d, llama.checkpoint_files, cfg.model)  # a missing or unusable folder: say so first
-    print(dist.together(d, plan.run_line, cfg))  # the peak memory each device will need (or a 4-bit
-    checks.check_output(cfg.output, cfg.model, cfg.adapter)  # folder's refusal of full and --fsdp)
+    print(dist.together(d, plan.run_line, cfg))  # each device's peak memory (a 4-bit folder: no full, --fsdp)
+    checks.check_output(cfg.output, cfg.model, cfg.adapter)
     dist.together(d, runs.check_resume, cfg)  # before the model loads
     torch.manual_seed(cfg.seed)
     tok = dist.together(d, cli.tokenizer, cfg.model)

@@ -154,7 +154,7 @@ def settings(args, world) -> dict:
     --method full on several ranks is always sharded (FSDP2); a bitsandbytes 4-bit folder is neither."""
     cfg = LlamaConfig.from_json(os.path.join(args.model, "config.json"))
     full, fsdp = args.method == "full", world > 1 and (args.fsdp or args.method == "full")
-    if "quantization_config" in cfg.extra and fsdp | full:  # its weights are NF4 codes
+    if "quantization_config" in cfg.extra and (fsdp or full):  # its weights are NF4 codes
         need = "--method full needs the 16-bit base" if full else "--fsdp needs its base model"
         raise TuluError(f"{args.model}: a bitsandbytes 4-bit folder: {need}")
     return dict(cfg=cfg, method=args.method,
