@@ -17,6 +17,7 @@
  8. full SFT (lr 2e-5) and full DPO (lr 5e-7) in bf16, 5 steps: the fraction of weights that changed.
  9. bench/train_step.py and bench/generate_speed.py on the device, against transformers (+ PEFT +
     bitsandbytes) where installed: their last lines.
+10. `tulu.py plan` against the peak memory of sft (qlora, lora, full) on a random 0.3B Llama: within 25%.
 Each check runs on its own (one failing does not stop the rest); one table is printed at the end, and
 the exit status is 1 when any check failed or raised. Subprocesses (this Python, each with a timeout)
 write their logs and outputs to a temp folder, kept and named when something failed (or under --keep).
@@ -318,6 +319,42 @@ def bench_generate(ctx):
     quick = ["--repeats", "1", "--new-tokens", "32"] if ctx.quick or ctx.dry else []
     text = run(ctx, "9-generate_speed", ["bench/generate_speed.py", "--device", ctx.device, *quick], 600)
     return "identical tokens: False" not in text, tail(text, 2)
+
+
+PEAK = ("import sys, torch, tulu\n"
+        "rss = lambda k: next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(k))\n"
+        "before = rss('VmRSS:')\n"
+        "tulu.main(sys.argv[1:])\n"
+        "print('PEAK', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss('VmHWM:') - before)")
+
+
+@check("10 tulu.py plan = measured peak")
+def plan_peaks(ctx):
+    """sft with each method on a random 0.3B Llama (the tiny model's tokenizer), every row full and
+    learned: the peak the allocator saw (CUDA) against `tulu.py plan`'s total, within 25%. On the CPU
+    (dry run, a smaller model) the peak is resident memory, torch's own setup included: a figure."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from fsdp_memory import write_model  # a random bf16 Llama with the tiny model's tokenizer
+    shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6 if ctx.dry else 24,
+                 num_attention_heads=16, num_key_value_heads=16, head_dim=64)
+    model, data = os.path.join(ctx.tmp, "plan-model"), os.path.join(ctx.tmp, "plan-data.jsonl")
+    write_model(model, shape)
+    with open(data, "w") as f:  # answers longer than a row: each is cut, nearly all learned
+        for i in range(8):
+            answer = " ".join(["alpha", "river", "stone", "light"][(i + j) % 4] for j in range(900))
+            f.write(json.dumps({"messages": [{"role": "user", "content": "go"},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    ratios = []
+    for method in ("qlora", "lora", "full"):
+        flags = ["--model", model, "--method", method, "--batch-size", "2", "--max-seq-length", "512",
+                 "--gradient-checkpointing", "--lora-r", "16", "--device", ctx.device, "--dtype", "bf16"]
+        text = run(ctx, f"10-{method}", ["-c", PEAK, "sft", *flags, "--data", data, "--max-steps", "2",
+                                         "--output", os.path.join(ctx.tmp, f"plan-{method}")], 600)
+        measured = int(text.split("PEAK")[-1])
+        planned = json.loads(run(ctx, f"10-plan-{method}", ["tulu.py", "plan", *flags, "--json"], 60))
+        ratios.append((method, measured / planned["total_bytes"]))
+    figure = ", ".join(f"{m} {r:.2f}" for m, r in ratios) + " (measured / planned)"
+    return ("info" if ctx.dry else all(abs(r - 1) <= 0.25 for _, r in ratios)), figure
 
 
 def cuda_machine() -> bool:
