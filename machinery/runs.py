@@ -156,10 +156,12 @@ def load_checkpoint(args, model, opt) -> int:
     meta = read_state(os.path.join(ckpt, STATE))
     f = safe_open(os.path.join(ckpt, meta["file"]), framework="pt")  # each rank reads its rows (placed)
     state = unpack(meta["state"], {k: f.get_slice(k) for k in f.keys()})
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if state["weights"].keys() != trained.keys():  # another model at the path the record names
+        raise TuluError(f"{ckpt}: its trainable weights do not match this model and --method")
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(placed(state["weights"][n], p))
+        for n, p in trained.items():
+            p.copy_(placed(state["weights"][n], p))
     opt.load_state_dict(placed_state(state["optimizer"], opt))
     set_rng_state({"cpu": state["rng"]["cpu"][...], "cuda": [t[...] for t in state["rng"]["cuda"]]})
     print(f"resumed from {ckpt} after step {meta['step']}")

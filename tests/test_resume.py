@@ -390,6 +390,21 @@ def test_the_data_is_compared_by_content_the_model_by_path(tmp_path, capsys, dat
     assert "resumed from" in capsys.readouterr().out and [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_of_other_weights_is_one_line(tmp_path, capsys, data, unfinished):
+    """The record names the model by path: where another model now lies there (or the checkpoint
+    holds other weights), resuming stops at the first mismatch, in one line, before any step."""
+    out = tmp_path / "out"
+    shutil.copytree(unfinished["sft"], out)
+    state_file = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    weights = dict(state["state"]["dict"])["weights"]["dict"]  # pack's skeleton: [name, value] pairs
+    weights[0][0] = weights[0][0].replace("layers.0.", "layers.9.")  # a layer this model lacks
+    state_file.write_text(json.dumps(state))
+    line = one_line_error(capsys, sft_flags(data / "sft.jsonl", out, 4) + ["--resume", out])
+    assert line.endswith("checkpoint: its trainable weights do not match this model and --method"), line
+    assert checkpoint_step(out) == 2
+
+
 def test_resume_of_a_finished_run_with_other_settings_is_one_line(tmp_path, capsys, data, full):
     out = tmp_path / "out"
     shutil.copytree(full[6], out)
