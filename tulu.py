@@ -324,7 +324,7 @@ def build_policy(cfg, path):
     than ~6e-5: at Tulu 2's lr of 2e-5 most would never change); lora: LoRA adapters on a frozen
     base in the compute dtype; qlora: an NF4 base, LoRA on top, paged AdamW (QLoRA Sec. 3)."""
     from lora import add_lora, load_adapter
-    fsdp = dist.dist_of(cfg).world > 1 and (cfg.method == "full" or cfg.fsdp)  # empty, sharded, then read
+    fsdp = dist.uses_fsdp(cfg.method, cfg.fsdp, dist.dist_of(cfg).world)  # empty, sharded, then read
     model = (dist.empty_model if fsdp else llama.load_model)(
         path, dtype=torch.float32 if cfg.method == "full" else cfg.dtype, device=cfg.device,
         quantize="nf4" if cfg.method == "qlora" else None)

@@ -53,6 +53,11 @@ def rank0() -> bool:
     return not distributed() or torch.distributed.get_rank() == 0
 
 
+def uses_fsdp(method: str, fsdp: bool, world: int) -> bool:
+    """Whether a run shards with FSDP2: --method full on several ranks always, lora/qlora with --fsdp."""
+    return world > 1 and (method == "full" or fsdp)
+
+
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return distributed() and isinstance(model, FSDPModule)

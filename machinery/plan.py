@@ -22,6 +22,7 @@ import torch
 
 from llama import LlamaConfig, TuluError, chunk_rows
 from machinery.cli import positive_int
+from machinery.distributed import uses_fsdp
 
 GIB = 2**30
 
@@ -151,9 +152,9 @@ def plan_flags(p):
 
 def settings(args, world) -> dict:
     """plan()'s arguments for a run's TrainConfig (sft; dpo: two sequences a pair) or plan's flags.
-    --method full on several ranks is always sharded (FSDP2); a bitsandbytes 4-bit folder is neither."""
+    FSDP2 as the run has it (uses_fsdp); a bitsandbytes 4-bit folder allows neither it nor full."""
     cfg = LlamaConfig.from_json(os.path.join(args.model, "config.json"))
-    full, fsdp = args.method == "full", world > 1 and (args.fsdp or args.method == "full")
+    full, fsdp = args.method == "full", uses_fsdp(args.method, args.fsdp, world)
     if "quantization_config" in cfg.extra and (fsdp or full):  # its weights are NF4 codes
         need = "--method full needs the 16-bit base" if full else "--fsdp needs its base model"
         raise TuluError(f"{args.model}: a bitsandbytes 4-bit folder: {need}")
