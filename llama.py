@@ -917,7 +917,6 @@ class BPETokenizer(SpecialSplitting):
         full = BEYOND_BMP.search(text) is not None
         for pattern in (pair[full] for pair in self.split_patterns):
             words = [part for w in words for part in pattern.split(w) if part]  # matches (a group), the rest
-
         return words
 
     def encode_word(self, word: str) -> list[int]:
@@ -929,9 +928,6 @@ class BPETokenizer(SpecialSplitting):
     def encode_piece(self, piece: str, first: bool = True) -> list[int]:
         """Ids of text without added tokens (`first` changes nothing here)."""
         return list(chain.from_iterable(map(self.cache.__getitem__, self.words(piece))))
-
-
-
 
     def decode(self, ids) -> str:
         """Each token's stand-ins back to bytes (a token with other characters, as an added one
