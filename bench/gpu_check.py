@@ -325,7 +325,8 @@ PEAK = ("import sys, torch, tulu\n"
         "rss = lambda k: next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(k))\n"
         "before = rss('VmRSS:')\n"
         "tulu.main(sys.argv[1:])\n"
-        "print('PEAK', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss('VmHWM:') - before)")
+        "cuda = sys.argv[sys.argv.index('--device') + 1] == 'cuda'\n"
+        "print('PEAK', torch.cuda.max_memory_allocated() if cuda else rss('VmHWM:') - before)")
 
 
 @check("10 tulu.py plan = measured peak")
